@@ -1,1 +1,57 @@
-fn main() {}
+//! `btm-node`: the command-line front end of the btm network.
+//!
+//! This crate only parses arguments and prints; the work lives in the library crates.
+
+mod model_cmds;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// btm: train language models together with Branch-Train-Merge.
+#[derive(Debug, Parser)]
+#[command(name = "btm-node", version, about, long_about = None)]
+struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train an ELM (or a seed, with several domains) on the bundled corpus.
+    Train(model_cmds::TrainArgs),
+    /// Evaluate a model's perplexity and bits per byte on a domain.
+    Eval(model_cmds::EvalArgs),
+    /// Generate text from a model.
+    Generate(model_cmds::GenerateArgs),
+    /// Export a model as a Hugging Face GPT2LMHeadModel directory.
+    ExportHf(model_cmds::ExportArgs),
+    /// Train a byte-level BPE tokenizer on the seed mix.
+    Tokenizer(model_cmds::TokenizerArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BTM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => model_cmds::train(a, cli.json),
+        Command::Eval(a) => model_cmds::eval(a, cli.json),
+        Command::Generate(a) => model_cmds::generate(a, cli.json),
+        Command::ExportHf(a) => model_cmds::export_hf(a, cli.json),
+        Command::Tokenizer(a) => model_cmds::tokenizer(a, cli.json),
+    }
+}

@@ -1,0 +1,447 @@
+//! `train`, `eval`, `generate`, `export-hf` and `tokenizer`: single-model commands.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use btm_model::data::{self, Corpus, Mixture, Split};
+use btm_model::device::DeviceKind;
+use btm_model::eval::{self, EvalResult};
+use btm_model::generate::SampleConfig;
+use btm_model::tokenizer::{self, Tokenizer};
+use btm_model::train::{TrainConfig, Trainer};
+use btm_model::{Gpt, Preset, weights};
+use clap::Args;
+use serde::Serialize;
+
+/// Where a model lives: a directory with `model.safetensors` and `tokenizer.json`, or a
+/// weights file plus `--tokenizer`.
+fn resolve_model(path: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    let (w, t) = if path.is_dir() {
+        (path.join("model.safetensors"), path.join("tokenizer.json"))
+    } else {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        (path.to_path_buf(), dir.join("tokenizer.json"))
+    };
+    let t = tokenizer.map(Path::to_path_buf).unwrap_or(t);
+    if !w.exists() {
+        bail!("no weights at {} (expected a model directory or a .safetensors file)", w.display());
+    }
+    if !t.exists() {
+        bail!("no tokenizer at {} (pass --tokenizer)", t.display());
+    }
+    Ok((w, t))
+}
+
+fn corpus(arg: &Option<PathBuf>) -> Corpus {
+    arg.as_ref().map_or_else(Corpus::bundled, Corpus::new)
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Domain(s) to train on; several give a domain-balanced mix (as a seed LM uses).
+    #[arg(long, value_delimiter = ',', default_value = "novels_austen")]
+    domain: Vec<String>,
+    /// Train on the balanced mix of all eight training domains (a seed LM).
+    #[arg(long, conflicts_with = "domain")]
+    seed_mix: bool,
+    /// Architecture preset: tiny, small or gpt2-small.
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// Optimiser updates.
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+    /// Blocks per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per update.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (the paper uses 5e-4 at 125M; small models like more).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Fraction of updates spent warming up.
+    #[arg(long, default_value_t = 0.08)]
+    warmup_frac: f64,
+    /// Global gradient-norm clip.
+    #[arg(long, default_value_t = 0.1)]
+    grad_clip: f64,
+    /// Decoupled weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every this many updates (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Start from these weights (a model directory or .safetensors) instead of a fresh init.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Tokenizer to use (default: the run's, the init model's, or a new one trained on the seed mix).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Run directory (weights, tokenizer, checkpoint, summary). Rerunning resumes from its checkpoint.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Compute device: cpu, wgpu or cuda (the latter two need the matching cargo feature).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Tokens of the validation split to evaluate before and after training.
+    #[arg(long, default_value_t = 16384)]
+    eval_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct TrainSummary {
+    domains: Vec<String>,
+    preset: String,
+    params: usize,
+    steps: u64,
+    tokens: u64,
+    flops: f64,
+    seconds: f64,
+    tokens_per_s: f64,
+    first_loss: Option<f32>,
+    final_loss: Option<f64>,
+    valid_before: EvalResult,
+    valid_after: EvalResult,
+    weights: PathBuf,
+    weights_id: String,
+    tokenizer_id: String,
+}
+
+pub fn train(a: TrainArgs, json: bool) -> Result<()> {
+    let corpus = corpus(&a.corpus);
+    let domains: Vec<String> = if a.seed_mix {
+        data::TRAIN_DOMAINS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.domain.clone()
+    };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(if a.seed_mix { "seed".to_string() } else { domains.join("+") }));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let device = a.device.device()?;
+    let say = |m: &str| {
+        if !json {
+            eprintln!("{m}");
+        }
+    };
+
+    // Tokenizer: explicit, the run's own (resume), the init model's, or a fresh seed-mix one.
+    let run_tok = out.join("tokenizer.json");
+    let tok_path = a.tokenizer.clone().or_else(|| run_tok.exists().then(|| run_tok.clone())).or_else(|| {
+        a.init
+            .as_ref()
+            .and_then(|p| resolve_model(p, None).ok())
+            .map(|(_, t)| t)
+    });
+    let preset_cfg = a.preset.config();
+    let tok = match tok_path {
+        Some(p) => Tokenizer::load(&p)?,
+        None => {
+            say(&format!("training a {}-token byte-level BPE on the seed mix...", preset_cfg.vocab_size));
+            tokenizer::train_seed_mix(&corpus, preset_cfg.vocab_size, 256 << 10)?
+        }
+    };
+    tok.save(&run_tok)?;
+
+    let model_cfg = preset_cfg.with_vocab(tok.vocab_size());
+    let model = match &a.init {
+        Some(p) => {
+            let (w, _) = resolve_model(p, None)?;
+            say(&format!("branching from {}", w.display()));
+            weights::load(&w, Some(&model_cfg), &device)?
+        }
+        None => Gpt::init(&model_cfg, a.seed, &device),
+    };
+
+    say(&format!(
+        "tokenising {} ({} tokens of context)...",
+        domains.join(", "),
+        model_cfg.n_ctx
+    ));
+    let names: Vec<&str> = domains.iter().map(String::as_str).collect();
+    let streams = data::load_streams(&corpus, &tok, &names, Split::Train, model_cfg.n_ctx, None)?;
+    let mixture = Mixture::new(streams, a.seed)?;
+    let valid = valid_tokens(&corpus, &tok, &names, a.eval_tokens)?;
+    let before = eval::evaluate(&model, Some(&tok), &valid, 8, &device)?;
+
+    let lr = a.lr.unwrap_or(match a.preset {
+        Preset::Tiny => 2e-3,
+        Preset::Small => 1e-3,
+        Preset::Gpt2Small => 5e-4,
+    });
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr,
+        warmup_frac: a.warmup_frac,
+        grad_clip: a.grad_clip,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(model, cfg, &device, Some(&out))?;
+    if trainer.state.step > 0 {
+        say(&format!("resuming {} at update {}/{}", out.display(), trainer.state.step, a.steps));
+    }
+    say(&format!(
+        "training {} ({} parameters) on {} for {} updates of {} tokens on {}",
+        a.preset,
+        model_cfg.num_params(),
+        domains.join(", "),
+        a.steps,
+        trainer.state.config.tokens_per_step(model_cfg.n_ctx),
+        a.device
+    ));
+    trainer.progress = !json;
+    let started = Instant::now();
+    let start_tokens = trainer.state.tokens;
+    trainer.run(&mixture, |_| {})?;
+    let secs = started.elapsed().as_secs_f64();
+    let model = trainer.model();
+    let weights_path = out.join("model.safetensors");
+    weights::save(&model, &weights_path)?;
+    let after = eval::evaluate(&model, Some(&tok), &valid, 8, &device)?;
+    let weights_id = btm_model::content_id(&std::fs::read(&weights_path)?);
+    let summary = TrainSummary {
+        domains,
+        preset: a.preset.to_string(),
+        params: model_cfg.num_params(),
+        steps: trainer.state.step,
+        tokens: trainer.state.tokens,
+        flops: trainer.state.flops,
+        seconds: secs,
+        tokens_per_s: (trainer.state.tokens - start_tokens) as f64 / secs.max(1e-9),
+        first_loss: trainer.state.losses.first().copied(),
+        final_loss: trainer.state.last_loss,
+        valid_before: before,
+        valid_after: after,
+        weights: weights_path,
+        weights_id,
+        tokenizer_id: tok.id(),
+    };
+    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("\ntrained {} updates, {} tokens, {:.2e} FLOPs in {:.0}s ({:.0} tokens/s)", summary.steps, summary.tokens, summary.flops, secs, summary.tokens_per_s);
+        println!("{:<12} {:>10} {:>10} {:>8}", "valid", "loss", "ppl", "bpb");
+        println!("{:<12} {:>10.4} {:>10.2} {:>8.4}", "before", before.loss, before.perplexity, before.bits_per_byte);
+        println!("{:<12} {:>10.4} {:>10.2} {:>8.4}", "after", after.loss, after.perplexity, after.bits_per_byte);
+        println!("weights: {} (blake3 {})", summary.weights.display(), &summary.weights_id[..16]);
+    }
+    Ok(())
+}
+
+/// The first `max_tokens` tokens of each domain's validation split, concatenated per domain.
+fn valid_tokens(corpus: &Corpus, tok: &Tokenizer, domains: &[&str], max_tokens: usize) -> Result<Vec<u32>> {
+    let per = (max_tokens / domains.len().max(1)).max(2);
+    let mut out = Vec::new();
+    for d in domains {
+        let docs = corpus.documents(d, Split::Valid)?;
+        let (mut t, _) = data::tokenize_documents(tok, &docs, Some(per * 8))?;
+        t.truncate(per);
+        out.extend(t);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model directory (model.safetensors + tokenizer.json) or a .safetensors file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer, when not beside the weights.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Domains to evaluate (default: all twelve of the corpus).
+    #[arg(long, value_delimiter = ',')]
+    domain: Vec<String>,
+    /// Split.
+    #[arg(long, default_value = "valid")]
+    split: Split,
+    /// Tokens per domain at most (0: the whole split).
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+    /// Blocks per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct EvalRow {
+    domain: String,
+    split: Split,
+    #[serde(flatten)]
+    result: EvalResult,
+}
+
+pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
+    let corpus = corpus(&a.corpus);
+    let (w, t) = resolve_model(&a.model, a.tokenizer.as_deref())?;
+    let device = a.device.device()?;
+    let tok = Tokenizer::load(&t)?;
+    let model = weights::load(&w, None, &device)?;
+    if model.config().vocab_size != tok.vocab_size() {
+        bail!(
+            "the model has {} tokens but the tokenizer {}: they do not belong together",
+            model.config().vocab_size,
+            tok.vocab_size()
+        );
+    }
+    let domains: Vec<String> = if a.domain.is_empty() {
+        data::TRAIN_DOMAINS.iter().chain(data::EVAL_DOMAINS.iter()).map(|s| s.to_string()).collect()
+    } else {
+        a.domain.clone()
+    };
+    let mut rows = Vec::new();
+    for d in &domains {
+        let docs = corpus.documents(d, a.split)?;
+        let limit = (a.max_tokens > 0).then_some(a.max_tokens * 8);
+        let (mut tokens, _) = data::tokenize_documents(&tok, &docs, limit)?;
+        if a.max_tokens > 0 {
+            tokens.truncate(a.max_tokens + 1);
+        }
+        let result = eval::evaluate(&model, Some(&tok), &tokens, a.batch_size, &device)?;
+        if !json {
+            eprintln!("{d}: ppl {:.2}", result.perplexity);
+        }
+        rows.push(EvalRow {
+            domain: d.clone(),
+            split: a.split,
+            result,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<20} {:>8} {:>10} {:>10} {:>8}", "domain", "split", "tokens", "ppl", "bpb");
+        for r in &rows {
+            println!(
+                "{:<20} {:>8} {:>10} {:>10.2} {:>8.4}",
+                r.domain, r.split, r.result.tokens, r.result.perplexity, r.result.bits_per_byte
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory or .safetensors file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer, when not beside the weights.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+pub fn generate(a: GenerateArgs, json: bool) -> Result<()> {
+    let (w, t) = resolve_model(&a.model, a.tokenizer.as_deref())?;
+    let device = a.device.device()?;
+    let tok = Tokenizer::load(&t)?;
+    let model = weights::load(&w, None, &device)?;
+    let cfg = SampleConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: (a.top_k > 0).then_some(a.top_k),
+        seed: a.seed,
+    };
+    let text = btm_model::generate::generate(&model, &tok, &a.prompt, &cfg, &device)?;
+    if json {
+        println!("{}", serde_json::json!({"prompt": a.prompt, "completion": text, "settings": cfg}));
+    } else {
+        println!("{}{}", a.prompt, text);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Model directory or .safetensors file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer, when not beside the weights.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Output directory (model.safetensors, config.json, tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export_hf(a: ExportArgs, json: bool) -> Result<()> {
+    let (w, t) = resolve_model(&a.model, a.tokenizer.as_deref())?;
+    let device = DeviceKind::Cpu.device()?;
+    let tok = Tokenizer::load(&t)?;
+    let model = weights::load(&w, None, &device)?;
+    weights::export_hf(&model, Some(tok.json()), &a.out)?;
+    if json {
+        println!("{}", serde_json::json!({"out": a.out, "config": model.config().to_hf_config()}));
+    } else {
+        println!(
+            "wrote {} (load with transformers.GPT2LMHeadModel.from_pretrained)",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    /// Vocabulary size, the end-of-text token and the 256 byte tokens included.
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Bytes of each training domain's train split to learn from.
+    #[arg(long, default_value_t = 262144)]
+    bytes_per_domain: usize,
+    /// Output file.
+    #[arg(long, default_value = "tokenizer.json")]
+    out: PathBuf,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+}
+
+pub fn tokenizer(a: TokenizerArgs, json: bool) -> Result<()> {
+    let tok = tokenizer::train_seed_mix(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
+    tok.save(&a.out)?;
+    if json {
+        println!("{}", serde_json::json!({"out": a.out, "vocab_size": tok.vocab_size(), "id": tok.id()}));
+    } else {
+        println!("wrote {} ({} tokens, blake3 {})", a.out.display(), tok.vocab_size(), tok.id());
+    }
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! Training: AdamW with the paper's settings, a linear warm-up/decay schedule, gradient
+//! accumulation, global gradient-norm clipping, and checkpoints that survive SIGKILL.
+//!
+//! The optimiser is written here rather than taken from `burn-optim` for two reasons: the
+//! paper clips the *global* gradient norm (burn clips per parameter), and a checkpoint must
+//! hold the optimiser state in a plain, documented file (`checkpoint.safetensors`: the
+//! weights under their GPT-2 names, `adam.m.<name>` and `adam.v.<name>` moments, and the
+//! training state as JSON metadata) so that a killed run resumes bit-for-bit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::config::GptConfig;
+use crate::data::Mixture;
+use crate::gpt::Gpt;
+use crate::weights::{self, NamedTensor};
+use crate::{Error, fsutil};
+
+/// Name of the checkpoint file inside a run directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Optimisation settings. Defaults are the paper's (`../shared/BTM-NOTES.md`): Adam β
+/// (0.9, 0.95), ε 1e-7, weight decay 0.1, gradient-norm clip 0.1, peak LR 5e-4 with 8% linear
+/// warm-up then linear decay to 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimiser updates.
+    pub steps: u64,
+    /// Blocks per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per update.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Fraction of `schedule_steps` spent warming up.
+    pub warmup_frac: f64,
+    /// Length of the LR schedule; `None` means `steps`. A branch that continues the seed's
+    /// schedule (the released code's behaviour) sets this and `schedule_offset`.
+    #[serde(default)]
+    pub schedule_steps: Option<u64>,
+    /// Position in the schedule of this run's first update.
+    #[serde(default)]
+    pub schedule_offset: u64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f64,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Save a checkpoint every this many updates (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 5e-4,
+            warmup_frac: 0.08,
+            schedule_steps: None,
+            schedule_offset: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-7,
+            weight_decay: 0.1,
+            grad_clip: 0.1,
+            seed: 0,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch_size and grad_accum must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be positive");
+        }
+        if !(0.0..1.0).contains(&self.warmup_frac) {
+            return bad("warmup_frac must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("betas must be in [0, 1)");
+        }
+        if !(self.eps > 0.0 && self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
+            return bad("eps must be positive; weight_decay and grad_clip non-negative");
+        }
+        Ok(())
+    }
+
+    /// Learning rate of update `step` (0-based, counted within this run).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let total = self.schedule_steps.unwrap_or(self.steps).max(1);
+        let s = (step + self.schedule_offset).min(total);
+        let warmup = ((self.warmup_frac * total as f64).round() as u64).max(1);
+        if s < warmup {
+            self.lr * (s + 1) as f64 / warmup as f64
+        } else {
+            self.lr * (total - s) as f64 / (total - warmup).max(1) as f64
+        }
+    }
+
+    /// Tokens consumed per update for a model of context `n_ctx`.
+    pub fn tokens_per_step(&self, n_ctx: usize) -> u64 {
+        (self.batch_size * self.grad_accum * n_ctx) as u64
+    }
+}
+
+/// Resumable training state, stored in the checkpoint's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Updates done.
+    pub step: u64,
+    /// Position in the data stream (samples consumed).
+    pub data_position: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Training FLOPs spent (6·N·tokens convention, see [`GptConfig::train_flops_per_token`]).
+    pub flops: f64,
+    /// Mean training loss of the last update.
+    pub last_loss: Option<f64>,
+    /// Loss of each update so far (for curves).
+    pub losses: Vec<f32>,
+    /// The settings of the run (a resume must use the same).
+    pub config: TrainConfig,
+    /// The random state. Data order is a pure function of the seed and the position
+    /// (ChaCha8 keyed by seed, domain and epoch), so this records how to rebuild it.
+    pub rng: RngState,
+}
+
+/// How the run's randomness is reproduced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    /// The generator.
+    pub kind: String,
+    /// Its seed.
+    pub seed: u64,
+    /// Samples drawn so far.
+    pub position: u64,
+}
+
+/// One update's figures, passed to the progress callback.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// Update number (1-based).
+    pub step: u64,
+    /// Total updates of the run.
+    pub steps: u64,
+    /// Mean loss over the update's micro-batches (nats per token).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens per second of this update.
+    pub tokens_per_s: f64,
+}
+
+/// Adam moments, one flat tensor per parameter in visiting order.
+#[derive(Debug)]
+struct AdamState {
+    m: Vec<Tensor<1>>,
+    v: Vec<Tensor<1>>,
+}
+
+/// Collects flattened gradients in visiting order.
+struct GradCollector<'a> {
+    grads: &'a Gradients,
+    out: Vec<Tensor<1>>,
+    missing: usize,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        let n = t.shape().num_elements();
+        match t.grad(self.grads) {
+            Some(g) => self.out.push(g.reshape([n])),
+            None => {
+                self.missing += 1;
+                self.out.push(Tensor::zeros([n], &t.device().without_autodiff()));
+            }
+        }
+    }
+}
+
+/// Applies one AdamW update to every parameter.
+struct AdamStep<'a> {
+    grads: std::vec::IntoIter<Tensor<1>>,
+    state: &'a mut AdamState,
+    index: usize,
+    lr: f64,
+    clip_coef: f64,
+    bias1: f64,
+    bias2: f64,
+    cfg: &'a TrainConfig,
+}
+
+impl ModuleMapper for AdamStep<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let n = tensor.shape().num_elements();
+        let Some(g) = self.grads.next() else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let g = g.mul_scalar(self.clip_coef);
+        let i = self.index;
+        self.index += 1;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let m = self.state.m[i].clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+        let v = self.state.v[i].clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
+        let p = tensor.inner().reshape([n]);
+        let denom = v.clone().div_scalar(self.bias2).sqrt().add_scalar(self.cfg.eps);
+        let update = m.clone().div_scalar(self.bias1) / denom;
+        let p = p.mul_scalar(1.0 - self.lr * self.cfg.weight_decay) - update.mul_scalar(self.lr);
+        self.state.m[i] = m;
+        self.state.v[i] = v;
+        let p = Tensor::from_inner(p.reshape(dims)).require_grad();
+        Param::from_mapped_value(id, p, mapper)
+    }
+}
+
+/// Mean next-token cross-entropy of `logits [b, t, v]` against `targets [b, t]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * t, v]), 1);
+    logp.gather(1, targets.reshape([b * t, 1])).mean().neg()
+}
+
+/// Splits a flattened `[batch, n_ctx + 1]` block batch into inputs and targets on `device`.
+pub fn batch_tensors(flat: &[u32], batch: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let width = flat.len() / batch;
+    let t = width - 1;
+    let mut x = Vec::with_capacity(batch * t);
+    let mut y = Vec::with_capacity(batch * t);
+    for row in flat.chunks_exact(width) {
+        x.extend(row[..t].iter().map(|&v| v as i64));
+        y.extend(row[1..].iter().map(|&v| v as i64));
+    }
+    let x = Tensor::from_data(TensorData::new(x, [batch, t]), device);
+    let y = Tensor::from_data(TensorData::new(y, [batch, t]), device);
+    (x, y)
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// A training run: the model, its optimiser state and where it is in the data.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The model being trained (on an autodiff device).
+    pub model: Gpt,
+    /// Progress so far.
+    pub state: TrainState,
+    adam: AdamState,
+    device: Device,
+    run_dir: Option<PathBuf>,
+    /// Show an indicatif progress bar.
+    pub progress: bool,
+}
+
+impl Trainer {
+    /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
+    /// holds a checkpoint, the run resumes from it instead (its settings must equal `cfg`).
+    pub fn new(model: Gpt, cfg: TrainConfig, device: &Device, run_dir: Option<&Path>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let device = device.clone().autodiff();
+        if let Some(dir) = run_dir {
+            let ckpt = dir.join(CHECKPOINT_FILE);
+            if ckpt.exists() {
+                let t = Self::resume(&ckpt, &device, Some(&model.config()))?;
+                if t.state.config != cfg {
+                    return Err(Error::Checkpoint(format!(
+                        "{} was written with different settings ({:?}); use another run directory or the same settings",
+                        ckpt.display(),
+                        t.state.config
+                    )));
+                }
+                return Ok(Trainer {
+                    run_dir: Some(dir.to_path_buf()),
+                    ..t
+                });
+            }
+        }
+        let model = model.to_device(&device.clone().without_autodiff()).train();
+        let sizes: Vec<usize> = weights::expected_tensors(&model.config())
+            .iter()
+            .map(|(_, s)| s.iter().product())
+            .collect();
+        let zeros = |n: &usize| Tensor::<1>::zeros([*n], &device.clone().without_autodiff());
+        let adam = AdamState {
+            m: sizes.iter().map(zeros).collect(),
+            v: sizes.iter().map(zeros).collect(),
+        };
+        let state = TrainState {
+            step: 0,
+            data_position: 0,
+            tokens: 0,
+            flops: 0.0,
+            last_loss: None,
+            losses: Vec::new(),
+            rng: RngState {
+                kind: "chacha8(seed, domain, epoch) permutations".into(),
+                seed: cfg.seed,
+                position: 0,
+            },
+            config: cfg,
+        };
+        Ok(Trainer {
+            model,
+            state,
+            adam,
+            device,
+            run_dir: run_dir.map(Path::to_path_buf),
+            progress: false,
+        })
+    }
+
+    /// Loads a checkpoint file.
+    pub fn resume(path: &Path, device: &Device, expected: Option<&GptConfig>) -> Result<Self, Error> {
+        let device = device.clone().autodiff();
+        let bytes = fsutil::read_limited(path, 3 * weights::MAX_FILE_BYTES)?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::Checkpoint(format!("{}: not a checkpoint: {e}", path.display())))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let state: TrainState = serde_json::from_str(
+            meta.get("btm.train_state")
+                .ok_or_else(|| Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display())))?,
+        )?;
+        let config: GptConfig = serde_json::from_str(
+            meta.get("btm.config")
+                .ok_or_else(|| Error::Checkpoint(format!("{}: no btm.config metadata", path.display())))?,
+        )?;
+        if let Some(want) = expected {
+            if want != &config {
+                return Err(Error::Checkpoint(format!(
+                    "{}: architecture {config:?} differs from the model's {want:?}",
+                    path.display()
+                )));
+            }
+        }
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::Checkpoint(format!("{}: not a checkpoint: {e}", path.display())))?;
+        let mut model_tensors = Vec::new();
+        let mut moments: HashMap<String, Vec<f32>> = HashMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(Error::Checkpoint(format!("tensor {name} is not f32")));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(n) = name.strip_prefix(weights::PREFIX) {
+                model_tensors.push(NamedTensor {
+                    name: n.to_string(),
+                    shape: view.shape().to_vec(),
+                    values,
+                });
+            } else {
+                moments.insert(name, values);
+            }
+        }
+        let model = weights::from_named_tensors(&config, model_tensors, &device.clone().without_autodiff())
+            .map_err(|e| e.in_file(path))?
+            .train();
+        let plain = device.clone().without_autodiff();
+        let mut adam = AdamState {
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        for (name, shape) in weights::expected_tensors(&config) {
+            let n: usize = shape.iter().product();
+            for (kind, dst) in [("m", &mut adam.m), ("v", &mut adam.v)] {
+                let key = format!("adam.{kind}.{name}");
+                let values = moments
+                    .remove(&key)
+                    .ok_or_else(|| Error::Checkpoint(format!("{}: {key} is missing", path.display())))?;
+                if values.len() != n || values.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::Checkpoint(format!("{}: {key} is malformed", path.display())));
+                }
+                dst.push(Tensor::from_data(TensorData::new(values, [n]), &plain));
+            }
+        }
+        Ok(Trainer {
+            model,
+            state,
+            adam,
+            device,
+            run_dir: path.parent().map(Path::to_path_buf),
+            progress: false,
+        })
+    }
+
+    /// Writes `checkpoint.safetensors` into the run directory atomically.
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, Error> {
+        let Some(dir) = &self.run_dir else {
+            return Ok(None);
+        };
+        let config = self.model.config();
+        let mut tensors = weights::named_tensors(&self.model);
+        let names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
+        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for t in tensors.drain(..) {
+            entries.push((
+                format!("{}{}", weights::PREFIX, t.name),
+                t.shape,
+                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+        for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
+            for (name, tensor) in names.iter().zip(list) {
+                let values = tensor.to_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+                entries.push((
+                    format!("adam.{kind}.{name}"),
+                    vec![values.len()],
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ));
+            }
+        }
+        let views = entries
+            .iter()
+            .map(|(n, s, b)| {
+                TensorView::new(Dtype::F32, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Checkpoint(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert("btm.config".to_string(), serde_json::to_string(&config)?);
+        meta.insert("btm.train_state".to_string(), serde_json::to_string(&self.state)?);
+        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let path = dir.join(CHECKPOINT_FILE);
+        fsutil::write_atomic(&path, &bytes)?;
+        Ok(Some(path))
+    }
+
+    /// Whether every update has been done.
+    pub fn finished(&self) -> bool {
+        self.state.step >= self.state.config.steps
+    }
+
+    /// One optimiser update over `grad_accum` micro-batches.
+    pub fn step(&mut self, data: &Mixture) -> Result<StepStats, Error> {
+        let cfg = self.state.config.clone();
+        let started = Instant::now();
+        let n_ctx = data.n_ctx();
+        let model_cfg = self.model.config();
+        if n_ctx > model_cfg.n_ctx {
+            return Err(Error::Config(format!(
+                "data blocks of {n_ctx} tokens exceed the model's context {}",
+                model_cfg.n_ctx
+            )));
+        }
+        let mut acc: Option<Vec<Tensor<1>>> = None;
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.grad_accum {
+            let flat = data.batch(self.state.data_position, cfg.batch_size);
+            self.state.data_position += cfg.batch_size as u64;
+            let (x, y) = batch_tensors(&flat, cfg.batch_size, &self.device);
+            let loss = cross_entropy(self.model.forward(x), y);
+            let grads = loss.clone().div_scalar(cfg.grad_accum as f64).backward();
+            loss_sum += scalar(loss.inner());
+            let mut c = GradCollector {
+                grads: &grads,
+                out: Vec::new(),
+                missing: 0,
+            };
+            self.model.visit(&mut c);
+            acc = Some(match acc {
+                None => c.out,
+                Some(prev) => prev.into_iter().zip(c.out).map(|(a, b)| a + b).collect(),
+            });
+        }
+        let grads = acc.unwrap_or_default();
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(Error::Diverged(format!("loss is {loss} at update {}", self.state.step + 1)));
+        }
+        let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
+        let grad_norm = scalar(Tensor::cat(sq, 0).sum()).sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::Diverged(format!("gradient norm is {grad_norm} at update {}", self.state.step + 1)));
+        }
+        let clip_coef = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
+            cfg.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = cfg.lr_at(self.state.step);
+        let t = (self.state.step + 1) as i32;
+        let mut mapper = AdamStep {
+            grads: grads.into_iter(),
+            state: &mut self.adam,
+            index: 0,
+            lr,
+            clip_coef,
+            bias1: 1.0 - cfg.beta1.powi(t),
+            bias2: 1.0 - cfg.beta2.powi(t),
+            cfg: &cfg,
+        };
+        self.model = self.model.clone().map(&mut mapper);
+        let tokens = cfg.tokens_per_step(n_ctx);
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        self.state.flops += model_cfg.train_flops_per_token() * tokens as f64;
+        self.state.last_loss = Some(loss);
+        self.state.losses.push(loss as f32);
+        self.state.rng.position = self.state.data_position;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepStats {
+            step: self.state.step,
+            steps: cfg.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+        })
+    }
+
+    /// Trains until `steps` updates are done, checkpointing every `checkpoint_every` updates
+    /// and at the end. `on_step` sees every update.
+    pub fn run(&mut self, data: &Mixture, mut on_step: impl FnMut(&StepStats)) -> Result<(), Error> {
+        let cfg = self.state.config.clone();
+        let bar = if self.progress {
+            let bar = ProgressBar::new(cfg.steps);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_position(self.state.step);
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut ema_tps: Option<f64> = None;
+        while !self.finished() {
+            let stats = self.step(data)?;
+            let tps = ema_tps.map_or(stats.tokens_per_s, |e| 0.9 * e + 0.1 * stats.tokens_per_s);
+            ema_tps = Some(tps);
+            bar.set_position(stats.step);
+            bar.set_message(format!("loss {:.3} lr {:.2e} {:.0} tok/s", stats.loss, stats.lr, tps));
+            on_step(&stats);
+            if cfg.checkpoint_every > 0 && self.state.step % cfg.checkpoint_every == 0 && !self.finished() {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_checkpoint()?;
+        Ok(())
+    }
+
+    /// The trained model without autodiff (for evaluation and saving).
+    pub fn model(&self) -> Gpt {
+        self.model.valid()
+    }
+}

@@ -1,0 +1,299 @@
+//! ELM weights as safetensors, named like Hugging Face's `GPT2LMHeadModel`.
+//!
+//! A weights file holds one f32 tensor per parameter under its GPT-2 name
+//! (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`, ...; the output head is tied
+//! to `wte` and not stored) and two metadata entries: `format = "pt"` (what `transformers`
+//! expects) and `btm.config`, the [`GptConfig`] as JSON. Loading checks the whole file before
+//! building a model: every expected name present and nothing else, every shape and dtype as the
+//! configuration implies, every value finite. Errors name the tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::config::GptConfig;
+use crate::gpt::Gpt;
+use crate::{Error, fsutil};
+
+/// Prefix of every tensor name, as in `GPT2LMHeadModel.state_dict()`.
+pub const PREFIX: &str = "transformer.";
+
+/// Largest weights file we accept (the 124M preset is about 500 MB).
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// One parameter's name, shape and values, in the model's visiting order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// GPT-2 name without [`PREFIX`], e.g. `h.0.ln_1.weight`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major f32 values.
+    pub values: Vec<f32>,
+}
+
+/// Every parameter name the configuration implies (without [`PREFIX`]), in visiting order,
+/// with its shape.
+pub fn expected_tensors(config: &GptConfig) -> Vec<(String, Vec<usize>)> {
+    let d = config.d_model;
+    let mut out = vec![
+        ("wte.weight".to_string(), vec![config.vocab_size, d]),
+        ("wpe.weight".to_string(), vec![config.n_ctx, d]),
+    ];
+    for i in 0..config.n_layers {
+        let p = |s: &str| format!("h.{i}.{s}");
+        out.extend([
+            (p("ln_1.weight"), vec![d]),
+            (p("ln_1.bias"), vec![d]),
+            (p("attn.c_attn.weight"), vec![d, 3 * d]),
+            (p("attn.c_attn.bias"), vec![3 * d]),
+            (p("attn.c_proj.weight"), vec![d, d]),
+            (p("attn.c_proj.bias"), vec![d]),
+            (p("ln_2.weight"), vec![d]),
+            (p("ln_2.bias"), vec![d]),
+            (p("mlp.c_fc.weight"), vec![d, 4 * d]),
+            (p("mlp.c_fc.bias"), vec![4 * d]),
+            (p("mlp.c_proj.weight"), vec![4 * d, d]),
+            (p("mlp.c_proj.bias"), vec![d]),
+        ]);
+    }
+    out.push(("ln_f.weight".to_string(), vec![d]));
+    out.push(("ln_f.bias".to_string(), vec![d]));
+    out
+}
+
+/// Collects parameters with their dotted module path.
+#[derive(Default)]
+struct Collector {
+    path: Vec<String>,
+    out: Vec<NamedTensor>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let values = tensor
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_else(|e| unreachable!("converted to f32 above: {e:?}"));
+        self.out.push(NamedTensor {
+            name: self.path.join("."),
+            shape,
+            values,
+        });
+    }
+}
+
+/// The model's parameters, named, in visiting order (this order is stable: it is the order of
+/// [`expected_tensors`]).
+pub fn named_tensors(model: &Gpt) -> Vec<NamedTensor> {
+    let mut c = Collector::default();
+    model.visit(&mut c);
+    c.out
+}
+
+/// Replaces every parameter by the tensor of the same name.
+struct Loader {
+    path: Vec<String>,
+    tensors: HashMap<String, NamedTensor>,
+    device: Device,
+}
+
+impl ModuleMapper for Loader {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let (id, old, mapper) = param.consume();
+        let Some(t) = self.tensors.remove(&name) else {
+            // Checked exhaustively before mapping; keeping the old value is unreachable.
+            return Param::from_mapped_value(id, old, mapper);
+        };
+        let shape: [usize; D] = t
+            .shape
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("rank checked against the configuration"));
+        let tensor = Tensor::from_data(TensorData::new(t.values, shape), &self.device);
+        let tensor = if old.is_require_grad() { tensor.require_grad() } else { tensor };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// Builds a model of `config` from named tensors, which must match it exactly.
+pub fn from_named_tensors(
+    config: &GptConfig,
+    tensors: Vec<NamedTensor>,
+    device: &Device,
+) -> Result<Gpt, Error> {
+    config.validate()?;
+    let mut by_name: HashMap<String, NamedTensor> = HashMap::new();
+    for t in tensors {
+        if by_name.contains_key(&t.name) {
+            return Err(Error::Weights(format!("tensor {:?} appears twice", t.name)));
+        }
+        by_name.insert(t.name.clone(), t);
+    }
+    check_tensors(config, &by_name)?;
+    let skeleton = Gpt::init(config, 0, device);
+    let mut loader = Loader {
+        path: Vec::new(),
+        tensors: by_name,
+        device: device.clone(),
+    };
+    Ok(skeleton.map(&mut loader))
+}
+
+fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> Result<(), Error> {
+    let expected = expected_tensors(config);
+    for (name, shape) in &expected {
+        let Some(t) = by_name.get(name) else {
+            return Err(Error::Weights(format!("tensor {PREFIX}{name} is missing")));
+        };
+        if &t.shape != shape {
+            return Err(Error::Weights(format!(
+                "tensor {PREFIX}{name} has shape {:?}, expected {shape:?}",
+                t.shape
+            )));
+        }
+        if t.values.len() != shape.iter().product::<usize>() {
+            return Err(Error::Weights(format!("tensor {PREFIX}{name} has the wrong number of values")));
+        }
+        if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Weights(format!(
+                "tensor {PREFIX}{name} holds a non-finite value ({}) at flat index {i}",
+                t.values[i]
+            )));
+        }
+    }
+    if by_name.len() != expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&str> = by_name.keys().map(String::as_str).filter(|n| !known.contains(n)).collect();
+        extra.sort_unstable();
+        return Err(Error::Weights(format!("unexpected tensors: {}", extra.join(", "))));
+    }
+    Ok(())
+}
+
+/// Serialises named tensors with the `btm.config` metadata.
+pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let raw: Vec<u8> = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        bytes.push((format!("{PREFIX}{}", t.name), t.shape.clone(), raw));
+    }
+    let views = bytes
+        .iter()
+        .map(|(name, shape, raw)| {
+            TensorView::new(Dtype::F32, shape.clone(), raw)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("btm.config".to_string(), serde_json::to_string(config)?);
+    safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::Weights(e.to_string()))
+}
+
+/// Parses and checks a safetensors file's bytes. `expected`, when given, must equal the file's
+/// configuration (a forest member must have the forest's architecture).
+pub fn parse(bytes: &[u8], expected: Option<&GptConfig>) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+    let config_json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("btm.config"))
+        .ok_or_else(|| Error::Weights("metadata entry btm.config is missing".into()))?;
+    let config: GptConfig = serde_json::from_str(config_json)
+        .map_err(|e| Error::Weights(format!("metadata entry btm.config is not a configuration: {e}")))?;
+    config.validate()?;
+    if let Some(want) = expected {
+        if want != &config {
+            return Err(Error::Weights(format!(
+                "architecture mismatch: the file holds {config:?}, expected {want:?}"
+            )));
+        }
+    }
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let order: BTreeMap<String, usize> = expected_tensors(&config)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n, i))
+        .collect();
+    for full in names {
+        let view = st.tensor(&full).map_err(|e| Error::Weights(format!("tensor {full}: {e}")))?;
+        let Some(name) = full.strip_prefix(PREFIX) else {
+            return Err(Error::Weights(format!("unexpected tensor {full}")));
+        };
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::Weights(format!("tensor {full} has dtype {:?}, expected F32", view.dtype())));
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(NamedTensor {
+            name: name.to_string(),
+            shape: view.shape().to_vec(),
+            values,
+        });
+    }
+    out.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
+    let by_name: HashMap<String, NamedTensor> = out.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    check_tensors(&config, &by_name)?;
+    Ok((config, out))
+}
+
+/// Saves a model atomically (write to a temporary file, fsync, rename).
+pub fn save(model: &Gpt, path: &Path) -> Result<(), Error> {
+    let bytes = to_bytes(&model.config(), &named_tensors(model))?;
+    fsutil::write_atomic(path, &bytes)
+}
+
+/// Reads and checks a weights file without building a model.
+pub fn read(path: &Path, expected: Option<&GptConfig>) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
+    let bytes = fsutil::read_limited(path, MAX_FILE_BYTES)?;
+    parse(&bytes, expected).map_err(|e| e.in_file(path))
+}
+
+/// Loads a model, checking every name, shape, dtype and value.
+pub fn load(path: &Path, expected: Option<&GptConfig>, device: &Device) -> Result<Gpt, Error> {
+    let (config, tensors) = read(path, expected)?;
+    from_named_tensors(&config, tensors, device).map_err(|e| e.in_file(path))
+}
+
+/// Writes a Hugging Face `GPT2LMHeadModel` directory: `model.safetensors`, `config.json` and,
+/// when given, `tokenizer.json`.
+pub fn export_hf(model: &Gpt, tokenizer_json: Option<&[u8]>, dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    save(model, &dir.join("model.safetensors"))?;
+    let cfg = serde_json::to_vec_pretty(&model.config().to_hf_config())?;
+    fsutil::write_atomic(&dir.join("config.json"), &cfg)?;
+    if let Some(tok) = tokenizer_json {
+        fsutil::write_atomic(&dir.join("tokenizer.json"), tok)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Integration tests of btm-model (one binary: see STYLE.md).
+
+mod common;
+mod eval;
+mod gpt;
+mod tokenizer;
+mod train;
+mod weights;
+#[cfg(feature = "wgpu")]
+mod wgpu;

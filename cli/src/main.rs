@@ -30,6 +30,8 @@ enum Command {
     ExportHf(model_cmds::ExportArgs),
     /// Train a byte-level BPE tokenizer on the seed mix.
     Tokenizer(model_cmds::TokenizerArgs),
+    /// Measure training throughput and matrix-product peak (compare with torch_gpt.py).
+    Bench(model_cmds::BenchArgs),
 }
 
 fn main() {
@@ -53,5 +55,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => model_cmds::generate(a, cli.json),
         Command::ExportHf(a) => model_cmds::export_hf(a, cli.json),
         Command::Tokenizer(a) => model_cmds::tokenizer(a, cli.json),
+        Command::Bench(a) => model_cmds::bench(a, cli.json),
     }
 }

@@ -445,3 +445,51 @@ pub fn tokenizer(a: TokenizerArgs, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture preset.
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// Blocks per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Measured steps.
+    #[arg(long, default_value_t = 12)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Also measure an n×n f32 matrix product (0: skip).
+    #[arg(long, default_value_t = 2048)]
+    matmul: usize,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+pub fn bench(a: BenchArgs, json: bool) -> Result<()> {
+    let device = a.device.device()?;
+    let backend = match a.device {
+        DeviceKind::Cpu if cfg!(feature = "x86-v4") => "burn-flex+x86-v4".to_string(),
+        DeviceKind::Cpu => "burn-flex".to_string(),
+        other => format!("burn-{other}"),
+    };
+    let peak = (a.matmul > 0).then(|| btm_model::bench::matmul_gflops(a.matmul, 5, &device));
+    let r = btm_model::bench::train_throughput(&a.preset.config(), a.batch, a.steps, a.warmup, &device, &backend)?;
+    if json {
+        println!("{}", serde_json::json!({"train": r, "matmul_gflops": peak, "matmul_n": a.matmul}));
+    } else {
+        for (i, ms) in r.steps_ms.iter().enumerate() {
+            println!("step {i}: {ms:.1} ms");
+        }
+        if let Some(p) = peak {
+            println!("MATMUL n={} gflops={p:.1}", a.matmul);
+        }
+        println!(
+            "RESULT backend={} tokens_per_s={:.0} step_ms={:.1} gflops={:.1} params={}",
+            r.backend, r.tokens_per_s, r.step_ms, r.gflops, r.params
+        );
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@
 //! assert_eq!(model.config().n_layers, 3);
 //! ```
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;

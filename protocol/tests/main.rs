@@ -1,0 +1,7 @@
+//! Integration tests of btm-protocol, one binary.
+
+mod fixtures;
+mod malformed;
+mod roundtrip;
+mod signatures;
+mod vectors;

@@ -29,7 +29,7 @@ pub use ids::{ContentId, NodeId, ParseIdError, PublicKey};
 pub use record::{
     AcceptedElm, Architecture, Attestation, Claim, ClientVersion, Domain, ElmRecord, EvalSettings,
     Kind, MAX_DESCRIPTION_LEN, MAX_DOMAINS, MAX_ELMS, MAX_NAME_LEN, MAX_PARENTS, MAX_ROOT_KEYS,
-    PPM_ONE, Parent, Record, Registry, Root, SeedManifest, TrainingSummary, Verdict,
+    MAX_VERSION, PPM_ONE, Parent, Record, Registry, Root, SeedManifest, TrainingSummary, Verdict,
     check_domain_name, milli_to_ppl, ppl_to_milli,
 };
 pub use signed::{

@@ -21,6 +21,8 @@ pub const MAX_PARENTS: usize = 64;
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest domain description, in bytes of UTF-8.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Highest root or registry version (fits a signed 64-bit integer, as SQLite stores it).
+pub const MAX_VERSION: u64 = i64::MAX as u64;
 /// Parent weights are parts per million and sum to this.
 pub const PPM_ONE: u32 = 1_000_000;
 
@@ -190,10 +192,10 @@ impl Record for Root {
             .map(|v| cbor::as_key(v, "root.keys"))
             .collect::<Result<Vec<_>, _>>()?;
         strictly_ascending(&keys, "root.keys", |k| *k)?;
-        if version == 0 {
+        if version == 0 || version > MAX_VERSION {
             return Err(DecodeError::Invalid {
                 field: "root.version",
-                reason: "must be at least 1",
+                reason: "must be between 1 and 2^63-1",
             });
         }
         if threshold == 0 || threshold as usize > keys.len() {
@@ -449,10 +451,10 @@ impl Record for Registry {
             })
             .collect::<Result<Vec<_>, DecodeError>>()?;
         strictly_ascending(&elms, "registry.elms", |e| e.record)?;
-        if version == 0 {
+        if version == 0 || version > MAX_VERSION {
             return Err(DecodeError::Invalid {
                 field: "registry.version",
-                reason: "must be at least 1",
+                reason: "must be between 1 and 2^63-1",
             });
         }
         let registry = Registry {

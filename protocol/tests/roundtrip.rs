@@ -18,7 +18,7 @@ fn name() -> impl Strategy<Value = String> {
 
 fn root() -> impl Strategy<Value = Root> {
     (
-        1..=u64::MAX,
+        1..=MAX_VERSION,
         any::<u64>(),
         vec(public_key(), 1..=MAX_ROOT_KEYS),
         any::<prop::sample::Index>(),
@@ -102,7 +102,7 @@ fn domain() -> impl Strategy<Value = Domain> {
 
 fn registry() -> impl Strategy<Value = Registry> {
     (
-        1..=u64::MAX,
+        1..=MAX_VERSION,
         any::<u64>(),
         any::<[u32; 3]>(),
         vec(domain(), 0..6),

@@ -145,7 +145,7 @@ pub trait Record: Sized + Clone + std::fmt::Debug {
 pub fn ppl_to_milli(ppl: f64) -> Option<u64> {
     const LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
     let scaled = (ppl * 1000.0).round();
-    (scaled.is_finite() && scaled >= 0.0 && scaled < LIMIT).then_some(scaled as u64)
+    (scaled.is_finite() && (0.0..LIMIT).contains(&scaled)).then_some(scaled as u64)
 }
 
 /// Converts integer milli-units back to a perplexity.
@@ -526,7 +526,7 @@ impl Architecture {
         ]
         .iter()
         .all(|&n| n > 0);
-        if !positive || arch.d_model % arch.heads != 0 {
+        if !positive || !arch.d_model.is_multiple_of(arch.heads) {
             return Err(DecodeError::Invalid {
                 field: "architecture",
                 reason: "all sizes must be positive and d_model divisible by heads",

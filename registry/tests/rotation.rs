@@ -4,15 +4,18 @@ use btm_registry::{Decision, KeyRole, Reject};
 
 use crate::common::*;
 
+/// (name, new root, signers, the expected rejection or `None` for accept)
+type RotationCase = (
+    &'static str,
+    btm_protocol::Root,
+    Vec<u32>,
+    Option<fn(&Reject) -> bool>,
+);
+
 #[test]
 fn rotation_table() {
     // (name, new root, signers, expected rejection role or None for accept)
-    let cases: Vec<(
-        &str,
-        btm_protocol::Root,
-        Vec<u32>,
-        Option<fn(&Reject) -> bool>,
-    )> = vec![
+    let cases: Vec<RotationCase> = vec![
         (
             "old and new thresholds",
             root(2, &[1, 2, 3], 2),

@@ -1,1 +1,36 @@
-//! btm-registry
+//! btm-registry: the maintainers' signed registry. The acceptance rules ([`rules`], pure,
+//! after TUF), the node's SQLite store ([`store`]), and the file-based maintainer workflow
+//! behind `btm-node keys` and `btm-node registry` ([`maintainer`]).
+//!
+//! ```
+//! use btm_protocol::{ClientVersion, Registry, Root, PublicKey, Signed, test_key};
+//! use btm_registry::{Decision, Trusted, decide_registry};
+//!
+//! let (a, b) = (test_key("a"), test_key("b"));
+//! let mut keys = vec![PublicKey::of(&a), PublicKey::of(&b)];
+//! keys.sort();
+//! let mut root = Signed::new(Root { version: 1, expires: 2_000_000_000, threshold: 2, keys });
+//! root.sign(&a);
+//! root.sign(&b);
+//! let trusted = Trusted { root, registry: None };
+//!
+//! let registry = Registry {
+//!     version: 1, expires: 2_000_000_000, min_client_version: ClientVersion { major: 0, minor: 1, patch: 0 },
+//!     domains: vec![], seed: None, elms: vec![],
+//! };
+//! let mut envelope = Signed::new(registry);
+//! envelope.sign(&a);
+//! assert!(matches!(decide_registry(&trusted, &envelope.encode(), 1_800_000_000), Decision::Reject(_)));
+//! envelope.sign(&b);
+//! assert!(matches!(decide_registry(&trusted, &envelope.encode(), 1_800_000_000), Decision::Accept(_)));
+//! ```
+
+pub mod maintainer;
+pub mod rules;
+pub mod store;
+
+pub use rules::{
+    Decision, KeyRole, Reject, Tally, Trusted, decide_initial_root, decide_registry, decide_root,
+    tally,
+};
+pub use store::{Store, StoreError};

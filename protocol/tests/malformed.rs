@@ -1,0 +1,417 @@
+//! Table-driven: malformed, non-canonical, oversized, deeply nested, truncated and garbage
+//! inputs each give the expected typed error.
+
+use btm_protocol::*;
+
+use crate::fixtures;
+
+/// A CBOR head with the shortest argument encoding.
+pub fn head(major: u8, n: u64) -> Vec<u8> {
+    let m = major << 5;
+    match n {
+        0..=23 => vec![m | n as u8],
+        24..=0xff => vec![m | 24, n as u8],
+        0x100..=0xffff => [vec![m | 25], (n as u16).to_be_bytes().to_vec()].concat(),
+        0x1_0000..=0xffff_ffff => [vec![m | 26], (n as u32).to_be_bytes().to_vec()].concat(),
+        _ => [vec![m | 27], n.to_be_bytes().to_vec()].concat(),
+    }
+}
+
+/// A claim encoded by hand from its parts, so single parts can be made wrong.
+pub fn claim_bytes(version: Vec<u8>, domain: &str, node: &[u8], lease: Vec<u8>) -> Vec<u8> {
+    [
+        head(4, 4),
+        version,
+        head(3, domain.len() as u64),
+        domain.as_bytes().to_vec(),
+        head(2, node.len() as u64),
+        node.to_vec(),
+        lease,
+    ]
+    .concat()
+}
+
+fn good_claim() -> Vec<u8> {
+    let c = fixtures::claim();
+    claim_bytes(head(0, 1), &c.domain, &c.node.0, head(0, c.lease_expires))
+}
+
+fn kind_of(e: &DecodeError) -> String {
+    let s = format!("{e:?}");
+    s.split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn hand_built_claim_matches_encoder() {
+    assert_eq!(good_claim(), fixtures::claim().encode());
+}
+
+#[test]
+fn malformed_claims_table() {
+    let c = fixtures::claim();
+    let node = c.node.0;
+    let mut long_lease = vec![0x1b];
+    long_lease.extend_from_slice(&c.lease_expires.to_be_bytes());
+    let mut indefinite = vec![0x9f];
+    indefinite.extend_from_slice(&good_claim()[1..]);
+    indefinite.push(0xff);
+    let mut nested = vec![0x81; 200];
+    nested.push(0x00);
+    let mut map = good_claim();
+    map[0] = 0xa2; // a map of two pairs instead of an array of four
+    let mut tagged = vec![0xd8, 0x18];
+    tagged.extend(good_claim());
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty input", vec![], "Truncated"),
+        (
+            "truncated by one byte",
+            good_claim()[..good_claim().len() - 1].to_vec(),
+            "Truncated",
+        ),
+        ("truncated to the head", vec![0x84], "Truncated"),
+        (
+            "trailing byte",
+            [good_claim(), vec![0x00]].concat(),
+            "TrailingBytes",
+        ),
+        (
+            "non-shortest integer",
+            claim_bytes(head(0, 1), &c.domain, &node, long_lease),
+            "NonCanonical",
+        ),
+        ("indefinite-length array", indefinite, "NonCanonical"),
+        (
+            "format version 2",
+            claim_bytes(head(0, 2), &c.domain, &node, head(0, 1)),
+            "UnsupportedVersion",
+        ),
+        (
+            "version as text",
+            claim_bytes(vec![0x61, b'1'], &c.domain, &node, head(0, 1)),
+            "WrongType",
+        ),
+        (
+            "node of 31 bytes",
+            claim_bytes(head(0, 1), &c.domain, &node[..31], head(0, 1)),
+            "WrongLength",
+        ),
+        (
+            "negative lease",
+            claim_bytes(head(0, 1), &c.domain, &node, vec![0x20]),
+            "OutOfRange",
+        ),
+        (
+            "float lease",
+            claim_bytes(head(0, 1), &c.domain, &node, vec![0xf9, 0x3c, 0x00]),
+            "WrongType",
+        ),
+        (
+            "upper-case domain",
+            claim_bytes(head(0, 1), "Legal", &node, head(0, 1)),
+            "Invalid",
+        ),
+        (
+            "empty domain",
+            claim_bytes(head(0, 1), "", &node, head(0, 1)),
+            "Invalid",
+        ),
+        (
+            "domain of 65 bytes",
+            claim_bytes(head(0, 1), &"a".repeat(65), &node, head(0, 1)),
+            "TooLong",
+        ),
+        ("map instead of array", map, "WrongType"),
+        ("tagged record", tagged, "WrongType"),
+        ("deeply nested arrays", nested, "TooDeep"),
+        (
+            "oversized",
+            vec![0u8; Kind::Claim.max_size() + 1],
+            "TooLarge",
+        ),
+        (
+            "three fields",
+            [
+                head(4, 3),
+                head(0, 1),
+                head(3, 1),
+                b"a".to_vec(),
+                head(0, 1),
+            ]
+            .concat(),
+            "FieldCount",
+        ),
+        ("reserved simple value", vec![0xf8, 0x10], "Unsupported"),
+        ("break outside indefinite item", vec![0xff], "Unsupported"),
+        (
+            "invalid UTF-8 text",
+            [head(4, 4), head(0, 1), vec![0x62, 0xff, 0xfe]].concat(),
+            "Syntax",
+        ),
+        (
+            "byte string claiming 2^63 bytes",
+            vec![0x5b, 0x80, 0, 0, 0, 0, 0, 0, 0],
+            "Truncated",
+        ),
+        (
+            "array claiming 2^63 items",
+            vec![0x9b, 0x80, 0, 0, 0, 0, 0, 0, 0],
+            "Truncated",
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        match Claim::decode(&bytes) {
+            Ok(c) => panic!("{what}: decoded to {c:?}"),
+            Err(e) => assert_eq!(kind_of(&e), want, "{what}: got {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn record_rules_table() {
+    let mut unsorted = fixtures::root();
+    unsorted.keys.reverse();
+    let mut duplicated = fixtures::root();
+    duplicated.keys.push(duplicated.keys[2]);
+    let mut zero_threshold = fixtures::root();
+    zero_threshold.threshold = 0;
+    let mut high_threshold = fixtures::root();
+    high_threshold.threshold = 4;
+    let mut no_keys = fixtures::root();
+    no_keys.keys.clear();
+    no_keys.threshold = 1;
+    let mut version0 = fixtures::root();
+    version0.version = 0;
+    let roots = [
+        ("unsorted keys", unsorted, "NotSorted"),
+        ("duplicate keys", duplicated, "NotSorted"),
+        ("threshold 0", zero_threshold, "Invalid"),
+        ("threshold over the key count", high_threshold, "Invalid"),
+        ("no keys", no_keys, "Invalid"),
+        ("version 0", version0, "Invalid"),
+    ];
+    for (what, root, want) in roots {
+        let e = Root::decode(&root.encode()).expect_err(what);
+        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
+        assert_eq!(
+            root.validate().map_err(|e| kind_of(&e)),
+            Err(want.to_owned())
+        );
+    }
+
+    let mut unknown_domain = fixtures::registry();
+    unknown_domain.elms[0].domain = "medicine".into();
+    let mut unsorted_domains = fixtures::registry();
+    unsorted_domains.domains.reverse();
+    let mut bad_eval = fixtures::registry();
+    bad_eval.domains[0].eval.block_size = 0;
+    let mut bad_arch = fixtures::registry();
+    if let Some(seed) = bad_arch.seed.as_mut() {
+        seed.architecture.heads = 7;
+    }
+    let registries = [
+        ("ELM of an unknown domain", unknown_domain, "Invalid"),
+        ("domains not sorted", unsorted_domains, "NotSorted"),
+        ("block size 0", bad_eval, "Invalid"),
+        ("d_model not divisible by heads", bad_arch, "Invalid"),
+    ];
+    for (what, registry, want) in registries {
+        let e = Registry::decode(&registry.encode()).expect_err(what);
+        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
+    }
+
+    let mut weights = fixtures::elm();
+    weights.parents[0].weight_ppm += 1;
+    let mut orphan = fixtures::elm();
+    orphan.parents.clear();
+    for (what, elm) in [("weights sum to 1000001", weights), ("no parents", orphan)] {
+        let e = ElmRecord::decode(&elm.encode()).expect_err(what);
+        assert_eq!(kind_of(&e), "Invalid", "{what}: {e:?}");
+    }
+
+    let mut bad_verdict = fixtures::attestation().encode();
+    let last = bad_verdict.len() - 1;
+    bad_verdict[last] = 0x02;
+    assert_eq!(
+        Attestation::decode(&bad_verdict),
+        Err(DecodeError::OutOfRange {
+            field: "attestation.verdict"
+        })
+    );
+}
+
+#[test]
+fn size_limit_is_checked_before_parsing() {
+    // Garbage that would be a syntax error is reported as too large: nothing was parsed.
+    for kind in Kind::ALL {
+        let bytes = vec![0xffu8; kind.max_size() + 1];
+        let e = match kind {
+            Kind::Root => Root::decode(&bytes).err(),
+            Kind::Registry => Registry::decode(&bytes).err(),
+            Kind::Seed => SeedManifest::decode(&bytes).err(),
+            Kind::Claim => Claim::decode(&bytes).err(),
+            Kind::Elm => ElmRecord::decode(&bytes).err(),
+            Kind::Attestation => Attestation::decode(&bytes).err(),
+        };
+        assert_eq!(
+            e,
+            Some(DecodeError::TooLarge {
+                kind,
+                size: kind.max_size() + 1,
+                max: kind.max_size()
+            })
+        );
+    }
+    let env = vec![0xffu8; max_envelope_size(Kind::Claim) + 1];
+    assert!(matches!(
+        Signed::<Claim>::decode(&env),
+        Err(DecodeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn envelope_rules_table() {
+    let good = fixtures::signed(fixtures::claim(), &[3]);
+    let body = good.body().to_vec();
+    let sig = good.signatures()[0];
+    let env = |parts: Vec<Vec<u8>>| parts.concat();
+    let sigs = |n: u64| {
+        let mut out = head(4, n);
+        for _ in 0..n {
+            out.extend(head(4, 2));
+            out.extend(head(2, 32));
+            out.extend(sig.key.0);
+            out.extend(head(2, 64));
+            out.extend(sig.bytes);
+        }
+        out
+    };
+    let over = MAX_SIGNATURES as u64 + 1;
+    let short_sig = [
+        head(4, 1),
+        head(4, 2),
+        head(2, 32),
+        sig.key.0.to_vec(),
+        head(2, 63),
+        sig.bytes[..63].to_vec(),
+    ]
+    .concat();
+    let mut bad_body = body.clone();
+    bad_body[1] = 0x02; // format version 2 inside the body
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "envelope version 2",
+            env(vec![
+                head(4, 4),
+                head(0, 2),
+                head(0, 4),
+                head(2, body.len() as u64),
+                body.clone(),
+                sigs(1),
+            ]),
+            "UnsupportedVersion",
+        ),
+        (
+            "registry kind on a claim",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 2),
+                head(2, body.len() as u64),
+                body.clone(),
+                sigs(1),
+            ]),
+            "WrongKind",
+        ),
+        (
+            "unknown kind",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 99),
+                head(2, body.len() as u64),
+                body.clone(),
+                sigs(1),
+            ]),
+            "WrongKind",
+        ),
+        (
+            "too many signatures",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 4),
+                head(2, body.len() as u64),
+                body.clone(),
+                sigs(over),
+            ]),
+            "TooLong",
+        ),
+        (
+            "63-byte signature",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 4),
+                head(2, body.len() as u64),
+                body.clone(),
+                short_sig,
+            ]),
+            "WrongLength",
+        ),
+        (
+            "body not canonical",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 4),
+                head(2, body.len() as u64),
+                bad_body,
+                sigs(1),
+            ]),
+            "UnsupportedVersion",
+        ),
+        (
+            "body as text",
+            env(vec![
+                head(4, 4),
+                head(0, 1),
+                head(0, 4),
+                head(3, 1),
+                b"x".to_vec(),
+                sigs(1),
+            ]),
+            "WrongType",
+        ),
+        (
+            "three elements",
+            env(vec![
+                head(4, 3),
+                head(0, 1),
+                head(0, 4),
+                head(2, body.len() as u64),
+                body.clone(),
+            ]),
+            "FieldCount",
+        ),
+    ];
+    assert_eq!(
+        env(vec![
+            head(4, 4),
+            head(0, 1),
+            head(0, 4),
+            head(2, body.len() as u64),
+            body.clone(),
+            sigs(1)
+        ]),
+        good.encode(),
+        "the hand-built envelope matches the encoder"
+    );
+    for (what, bytes, want) in cases {
+        let e = Signed::<Claim>::decode(&bytes).expect_err(what);
+        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
+    }
+}

@@ -1,0 +1,295 @@
+//! The acceptance rules for roots and registries, after TUF: pure functions of
+//! (trusted state, offered bytes, now) to a [`Decision`]. No I/O, no clock.
+
+use std::collections::BTreeSet;
+
+use btm_protocol::{
+    ContentId, DecodeError, PublicKey, Record, Registry, Root, SignatureError, Signed,
+};
+use serde::Serialize;
+
+/// What the node trusts now: its root, and the registry it last accepted (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trusted {
+    pub root: Signed<Root>,
+    pub registry: Option<Signed<Registry>>,
+}
+
+/// The outcome of offering a record to the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Decision<T> {
+    /// Valid and newer: it becomes the trusted one.
+    Accept(T),
+    /// Byte-identical to the trusted one: nothing to do, nothing wrong.
+    Unchanged,
+    /// Refused; the trusted state stays as it was.
+    Reject(Reject),
+}
+
+impl<T> Decision<T> {
+    /// The rejection, if any.
+    pub fn rejection(&self) -> Option<&Reject> {
+        match self {
+            Decision::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Which key set a threshold was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyRole {
+    /// The trusted root's keys (registry updates, and the old half of a rotation).
+    Trusted,
+    /// The offered root's own keys (the new half of a rotation, or a first root).
+    Offered,
+}
+
+impl std::fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyRole::Trusted => "trusted",
+            KeyRole::Offered => "offered",
+        })
+    }
+}
+
+/// How an envelope's signatures counted against a key set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// Distinct listed keys with a valid signature: what counts toward the threshold.
+    pub valid: usize,
+    /// Signatures by listed keys that do not verify.
+    pub invalid: usize,
+    /// Signatures by keys not in the set (ignored).
+    pub unknown: usize,
+    /// Further signatures by a key that already counted (ignored: a key counts once).
+    pub duplicate: usize,
+}
+
+/// Counts the signatures of `envelope` against `keys`: each listed key at most once.
+pub fn tally<R: Record>(envelope: &Signed<R>, keys: &[PublicKey]) -> Tally {
+    let mut counted = BTreeSet::new();
+    let mut t = Tally::default();
+    for sig in envelope.signatures() {
+        if !keys.contains(&sig.key) {
+            t.unknown += 1;
+        } else if counted.contains(&sig.key) {
+            t.duplicate += 1;
+        } else if envelope.verifies(sig) {
+            counted.insert(sig.key);
+            t.valid += 1;
+        } else {
+            t.invalid += 1;
+        }
+    }
+    t
+}
+
+/// Why a record was refused. Each variant names what was wrong in the user's terms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Reject {
+    /// The bytes are not a valid record of the expected type.
+    #[error("malformed: {0}")]
+    Malformed(#[from] DecodeError),
+    /// Fewer distinct valid signatures than the threshold.
+    #[error(
+        "signed by {} distinct {role} keys, {threshold} needed ({} invalid, {} unknown, {} duplicate signatures ignored)",
+        tally.valid, tally.invalid, tally.unknown, tally.duplicate
+    )]
+    BelowThreshold {
+        role: KeyRole,
+        threshold: u32,
+        tally: Tally,
+    },
+    /// The offered registry's expiry has passed.
+    #[error("registry v{version} expired at {expires} (now {now}): cannot update, refusing it")]
+    Expired {
+        version: u64,
+        expires: u64,
+        now: u64,
+    },
+    /// The trusted root has expired: no registry can be accepted until a new root arrives.
+    #[error(
+        "trusted root v{version} expired at {expires} (now {now}): cannot update (freeze attack or stale maintainers)"
+    )]
+    RootExpired {
+        version: u64,
+        expires: u64,
+        now: u64,
+    },
+    /// Older than the trusted version.
+    #[error("rollback: offered version {offered} is older than trusted version {trusted}")]
+    Rollback { trusted: u64, offered: u64 },
+    /// Validly signed, same version as the trusted one, different content: the maintainers
+    /// signed two histories. The trusted one stays.
+    #[error("equivocation: version {version} is both {trusted} (trusted) and {offered} (offered)")]
+    Equivocation {
+        version: u64,
+        trusted: ContentId,
+        offered: ContentId,
+    },
+    /// A root may only advance one version at a time.
+    #[error("root v{offered} does not follow trusted root v{trusted}")]
+    RootNotNext { trusted: u64, offered: u64 },
+    /// A single-signer record (claim, ELM, attestation) without a valid signature by its signer.
+    #[error("{0}")]
+    Signature(#[from] SignatureError),
+    /// A claim whose lease has already ended.
+    #[error("lease ended at {lease_expires} (now {now})")]
+    LeaseExpired { lease_expires: u64, now: u64 },
+    /// A record naming a domain the trusted registry does not have.
+    #[error("unknown domain {0:?}")]
+    UnknownDomain(String),
+    /// An attestation of an ELM record this node does not hold.
+    #[error("unknown ELM record {0}")]
+    UnknownElm(ContentId),
+    /// A claim older than the one held for the same node and domain.
+    #[error("stale: a newer record from the same signer is held")]
+    Stale,
+    /// The signer already has as many records of this type stored as a peer may.
+    #[error("quota: at most {max} stored per signer")]
+    Quota { max: usize },
+    /// The trusted registry has no seed, or the record does not match it.
+    #[error("does not match the seed: {0}")]
+    SeedMismatch(&'static str),
+}
+
+fn threshold_met(tally: Tally, threshold: u32, role: KeyRole) -> Result<(), Reject> {
+    if tally.valid >= threshold as usize {
+        Ok(())
+    } else {
+        Err(Reject::BelowThreshold {
+            role,
+            threshold,
+            tally,
+        })
+    }
+}
+
+fn decided<T>(r: Result<Decision<T>, Reject>) -> Decision<T> {
+    r.unwrap_or_else(Decision::Reject)
+}
+
+/// A first root, trusted out of band (shipped with the client): it must at least be signed by
+/// a threshold of its own keys.
+pub fn decide_initial_root(bytes: &[u8]) -> Decision<Signed<Root>> {
+    decided(initial_root(bytes))
+}
+
+fn initial_root(bytes: &[u8]) -> Result<Decision<Signed<Root>>, Reject> {
+    {
+        let offered = Signed::<Root>::decode(bytes)?;
+        let root = offered.record();
+        threshold_met(
+            tally(&offered, &root.keys),
+            root.threshold,
+            KeyRole::Offered,
+        )?;
+        Ok(Decision::Accept(offered))
+    }
+}
+
+/// Root rotation N -> N+1 (TUF 5.3): the new root must be signed by a threshold of the trusted
+/// root's keys and by a threshold of its own keys. Expiry is not checked here (an expired
+/// intermediate root may still be a step in a chain); [`decide_registry`] refuses to work under
+/// an expired root.
+pub fn decide_root(trusted: &Signed<Root>, bytes: &[u8]) -> Decision<Signed<Root>> {
+    decided(root_update(trusted, bytes))
+}
+
+fn root_update(trusted: &Signed<Root>, bytes: &[u8]) -> Result<Decision<Signed<Root>>, Reject> {
+    {
+        let offered = Signed::<Root>::decode(bytes)?;
+        let (old, new) = (trusted.record(), offered.record());
+        if offered.id() == trusted.id() {
+            return Ok(Decision::Unchanged);
+        }
+        if new.version < old.version {
+            return Err(Reject::Rollback {
+                trusted: old.version,
+                offered: new.version,
+            });
+        }
+        threshold_met(tally(&offered, &old.keys), old.threshold, KeyRole::Trusted)?;
+        if new.version == old.version {
+            return Err(Reject::Equivocation {
+                version: new.version,
+                trusted: trusted.id(),
+                offered: offered.id(),
+            });
+        }
+        if new.version != old.version + 1 {
+            return Err(Reject::RootNotNext {
+                trusted: old.version,
+                offered: new.version,
+            });
+        }
+        threshold_met(tally(&offered, &new.keys), new.threshold, KeyRole::Offered)?;
+        Ok(Decision::Accept(offered))
+    }
+}
+
+/// A registry update (TUF 5.3/5.4 adapted): the trusted root must not have expired; the
+/// registry must be signed by a threshold of distinct trusted-root keys, be newer than the
+/// trusted registry (same version and different bytes is equivocation), and not be expired.
+/// "Expired" means `now >= expires`.
+pub fn decide_registry(trusted: &Trusted, bytes: &[u8], now: u64) -> Decision<Signed<Registry>> {
+    decided(registry_update(trusted, bytes, now))
+}
+
+fn registry_update(
+    trusted: &Trusted,
+    bytes: &[u8],
+    now: u64,
+) -> Result<Decision<Signed<Registry>>, Reject> {
+    {
+        let offered = Signed::<Registry>::decode(bytes)?;
+        let root = trusted.root.record();
+        if now >= root.expires {
+            return Err(Reject::RootExpired {
+                version: root.version,
+                expires: root.expires,
+                now,
+            });
+        }
+        if let Some(current) = &trusted.registry
+            && current.id() == offered.id()
+        {
+            return Ok(Decision::Unchanged);
+        }
+        threshold_met(
+            tally(&offered, &root.keys),
+            root.threshold,
+            KeyRole::Trusted,
+        )?;
+        let new = offered.record();
+        if let Some(current) = &trusted.registry {
+            let old = current.record();
+            if new.version < old.version {
+                return Err(Reject::Rollback {
+                    trusted: old.version,
+                    offered: new.version,
+                });
+            }
+            if new.version == old.version {
+                return Err(Reject::Equivocation {
+                    version: new.version,
+                    trusted: current.id(),
+                    offered: offered.id(),
+                });
+            }
+        }
+        if now >= new.expires {
+            return Err(Reject::Expired {
+                version: new.version,
+                expires: new.expires,
+                now,
+            });
+        }
+        Ok(Decision::Accept(offered))
+    }
+}

@@ -1,0 +1,339 @@
+//! One table per THREATS.md row that concerns records. Each case offers bytes to a store that
+//! trusts root v1 (keys 0-2, threshold 2) and registry v5, and checks the typed rejection and
+//! that the store did not change.
+
+use btm_protocol::*;
+use btm_registry::{Decision, KeyRole, Reject, Tally};
+
+use crate::common::*;
+
+struct Case {
+    name: &'static str,
+    bytes: Vec<u8>,
+    now: u64,
+    check: fn(&Reject) -> bool,
+}
+
+fn with_sigs(record: Registry, sigs: Vec<Signature>) -> Vec<u8> {
+    let mut env = Signed::new(record);
+    for s in sigs {
+        env.push_signature(s);
+    }
+    env.encode()
+}
+
+fn sig(i: u32, kind: Kind, body: &[u8]) -> Signature {
+    Signature::create(kind, body, &key(i))
+}
+
+fn below(
+    valid: usize,
+    invalid: usize,
+    unknown: usize,
+    duplicate: usize,
+) -> impl Fn(&Reject) -> bool {
+    move |r| {
+        *r == Reject::BelowThreshold {
+            role: KeyRole::Trusted,
+            threshold: 2,
+            tally: Tally {
+                valid,
+                invalid,
+                unknown,
+                duplicate,
+            },
+        }
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let v6 = registry(6, "v6");
+    let body = v6.encode();
+    let s = |i| sig(i, Kind::Registry, &body);
+    let mut flipped = s(1);
+    flipped.bytes[10] ^= 0x40;
+    let mut expired = registry(6, "expired");
+    expired.expires = NOW - 1;
+    let good = signed(v6.clone(), &[0, 1]).encode();
+    let mut oversized = good.clone();
+    oversized.resize(max_envelope_size(Kind::Registry) + 1, 0);
+    let mut nested = vec![0x81u8; 10_000];
+    nested.push(0);
+    let mut garbage = Vec::with_capacity(4096);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..4096 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        garbage.push(x as u8);
+    }
+
+    // Each check is a plain fn so the table stays a table.
+    vec![
+        Case {
+            name: "missing: no signatures",
+            bytes: with_sigs(v6.clone(), vec![]),
+            now: NOW,
+            check: |r| {
+                matches!(
+                    r,
+                    Reject::BelowThreshold {
+                        tally: Tally { valid: 0, .. },
+                        ..
+                    }
+                )
+            },
+        },
+        Case {
+            name: "below threshold: one of two",
+            bytes: with_sigs(v6.clone(), vec![s(0)]),
+            now: NOW,
+            check: |r| below(1, 0, 0, 0)(r),
+        },
+        Case {
+            name: "duplicate: one key three times",
+            bytes: with_sigs(v6.clone(), vec![s(0), s(0), s(0)]),
+            now: NOW,
+            check: |r| below(1, 0, 0, 2)(r),
+        },
+        Case {
+            name: "bad: a flipped signature",
+            bytes: with_sigs(v6.clone(), vec![s(0), flipped]),
+            now: NOW,
+            check: |r| below(1, 1, 0, 0)(r),
+        },
+        Case {
+            name: "bad: unknown keys are ignored",
+            bytes: with_sigs(v6.clone(), vec![s(0), s(5), s(6)]),
+            now: NOW,
+            check: |r| below(1, 0, 2, 0)(r),
+        },
+        Case {
+            name: "lifted: key 1's signature over the same bytes as an ELM record",
+            bytes: with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Elm, &body)]),
+            now: NOW,
+            check: |r| below(1, 1, 0, 0)(r),
+        },
+        Case {
+            name: "lifted: key 1's signature from a root",
+            bytes: with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Root, &body)]),
+            now: NOW,
+            check: |r| below(1, 1, 0, 0)(r),
+        },
+        Case {
+            name: "expired registry",
+            bytes: signed(expired, &[0, 1]).encode(),
+            now: NOW,
+            check: |r| matches!(r, Reject::Expired { version: 6, .. }),
+        },
+        Case {
+            name: "expired trusted root (freeze)",
+            bytes: good.clone(),
+            now: LATER,
+            check: |r| matches!(r, Reject::RootExpired { version: 1, .. }),
+        },
+        Case {
+            name: "rolled back to v4",
+            bytes: signed(registry(4, "v4"), &[0, 1]).encode(),
+            now: NOW,
+            check: |r| {
+                *r == Reject::Rollback {
+                    trusted: 5,
+                    offered: 4,
+                }
+            },
+        },
+        Case {
+            name: "equivocation: another v5",
+            bytes: signed(registry(5, "other v5"), &[1, 2]).encode(),
+            now: NOW,
+            check: |r| matches!(r, Reject::Equivocation { version: 5, .. }),
+        },
+        Case {
+            name: "oversized",
+            bytes: oversized,
+            now: NOW,
+            check: |r| matches!(r, Reject::Malformed(DecodeError::TooLarge { .. })),
+        },
+        Case {
+            name: "deeply nested",
+            bytes: nested,
+            now: NOW,
+            check: |r| matches!(r, Reject::Malformed(DecodeError::TooDeep { .. })),
+        },
+        Case {
+            name: "truncated",
+            bytes: good[..good.len() - 7].to_vec(),
+            now: NOW,
+            check: |r| matches!(r, Reject::Malformed(DecodeError::Truncated)),
+        },
+        Case {
+            name: "trailing bytes",
+            bytes: [good.clone(), vec![0]].concat(),
+            now: NOW,
+            check: |r| {
+                matches!(
+                    r,
+                    Reject::Malformed(DecodeError::TrailingBytes { count: 1 })
+                )
+            },
+        },
+        Case {
+            name: "random bytes",
+            bytes: garbage,
+            now: NOW,
+            check: |r| matches!(r, Reject::Malformed(_)),
+        },
+        Case {
+            name: "a root offered as a registry",
+            bytes: signed(root(2, &[0, 1, 2], 2), &[0, 1]).encode(),
+            now: NOW,
+            check: |r| {
+                matches!(
+                    r,
+                    Reject::Malformed(DecodeError::WrongKind {
+                        expected: Kind::Registry,
+                        found: 1
+                    })
+                )
+            },
+        },
+        Case {
+            name: "a claim offered as a registry",
+            bytes: signed(
+                Claim {
+                    domain: "legal".into(),
+                    node: pk(3),
+                    lease_expires: LATER,
+                },
+                &[3],
+            )
+            .encode(),
+            now: NOW,
+            check: |r| {
+                matches!(
+                    r,
+                    Reject::Malformed(DecodeError::WrongKind {
+                        expected: Kind::Registry,
+                        found: 4
+                    })
+                )
+            },
+        },
+    ]
+}
+
+#[test]
+fn registry_threats_are_rejected_and_change_nothing() {
+    for case in cases() {
+        let (_dir, mut store) = store();
+        let before = dump(&store);
+        let decision = store.update_registry(&case.bytes, case.now).unwrap();
+        match &decision {
+            Decision::Reject(r) => assert!((case.check)(r), "{}: wrong rejection {r:?}", case.name),
+            other => panic!("{}: not rejected: {other:?}", case.name),
+        }
+        assert_eq!(dump(&store), before, "{}: the store changed", case.name);
+        let trusted = store.trusted().unwrap().unwrap();
+        assert_eq!(
+            trusted.registry.unwrap().record().version,
+            5,
+            "{}",
+            case.name
+        );
+        let equivocations = store.equivocations().unwrap();
+        if case.name.starts_with("equivocation") {
+            assert_eq!(equivocations.len(), 1, "the conflict is reported");
+            assert_eq!(equivocations[0].version, 5);
+        } else {
+            assert!(equivocations.is_empty(), "{}", case.name);
+        }
+    }
+}
+
+#[test]
+fn the_valid_update_is_accepted() {
+    // The control for the table: the same store accepts a proper v6, then reports it unchanged.
+    let (_dir, mut store) = store();
+    let good = signed(registry(6, "v6"), &[2, 0]).encode();
+    assert!(matches!(
+        store.update_registry(&good, NOW).unwrap(),
+        Decision::Accept(_)
+    ));
+    assert_eq!(
+        store.update_registry(&good, NOW).unwrap(),
+        Decision::Unchanged
+    );
+    // A key counts once, but extra signatures by unknown keys do not spoil a valid threshold.
+    let mut padded = Signed::new(registry(7, "v7"));
+    for i in [5, 0, 0, 6, 1] {
+        padded.push_signature(sig(i, Kind::Registry, padded.body()));
+    }
+    assert!(matches!(
+        store.update_registry(&padded.encode(), NOW).unwrap(),
+        Decision::Accept(_)
+    ));
+    assert_eq!(
+        store
+            .trusted()
+            .unwrap()
+            .unwrap()
+            .registry
+            .unwrap()
+            .record()
+            .version,
+        7
+    );
+}
+
+#[test]
+fn single_signer_records_reject_bad_signatures_and_change_nothing() {
+    let (_dir, mut store) = store();
+    let claim = Claim {
+        domain: "legal".into(),
+        node: pk(3),
+        lease_expires: LATER,
+    };
+    let mut lifted = Signed::new(claim.clone());
+    lifted.push_signature(sig(3, Kind::Elm, lifted.body()));
+    let mut elm_lifted = Signed::new(elm(3, 10));
+    elm_lifted.push_signature(sig(3, Kind::Claim, elm_lifted.body()));
+    let before = dump(&store);
+    let cases: Vec<(&str, Result<Option<Reject>, btm_registry::StoreError>)> = vec![
+        (
+            "claim signed by someone else",
+            store
+                .put_claim(&signed(claim.clone(), &[4]).encode(), NOW)
+                .map(|d| d.rejection().cloned()),
+        ),
+        (
+            "claim unsigned",
+            store
+                .put_claim(&Signed::new(claim.clone()).encode(), NOW)
+                .map(|d| d.rejection().cloned()),
+        ),
+        (
+            "claim signature lifted from an ELM context",
+            store
+                .put_claim(&lifted.encode(), NOW)
+                .map(|d| d.rejection().cloned()),
+        ),
+        (
+            "ELM signature lifted from a claim context",
+            store
+                .put_elm(&elm_lifted.encode(), NOW)
+                .map(|d| d.rejection().cloned()),
+        ),
+        (
+            "ELM signed by another node",
+            store
+                .put_elm(&signed(elm(3, 10), &[4]).encode(), NOW)
+                .map(|d| d.rejection().cloned()),
+        ),
+    ];
+    for (name, got) in cases {
+        let r = got.unwrap().unwrap_or_else(|| panic!("{name}: accepted"));
+        assert!(matches!(r, Reject::Signature(_)), "{name}: {r:?}");
+    }
+    assert_eq!(dump(&store), before);
+}

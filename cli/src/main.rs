@@ -2,6 +2,7 @@
 //!
 //! This crate only parses arguments and prints; the work lives in the library crates.
 
+mod maintainer;
 mod model_cmds;
 
 use anyhow::Result;
@@ -30,6 +31,12 @@ enum Command {
     ExportHf(model_cmds::ExportArgs),
     /// Train a byte-level BPE tokenizer on the seed mix.
     Tokenizer(model_cmds::TokenizerArgs),
+    /// Maintainer and node keys.
+    #[command(subcommand)]
+    Keys(maintainer::KeysCmd),
+    /// The maintainers' signed domain registry (works on files; several maintainers sign one version).
+    #[command(subcommand)]
+    Registry(maintainer::RegistryCmd),
     /// Measure training throughput and matrix-product peak (compare with torch_gpt.py).
     Bench(model_cmds::BenchArgs),
 }
@@ -56,5 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExportHf(a) => model_cmds::export_hf(a, cli.json),
         Command::Tokenizer(a) => model_cmds::tokenizer(a, cli.json),
         Command::Bench(a) => model_cmds::bench(a, cli.json),
+        Command::Keys(c) => maintainer::run_keys(c, cli.json),
+        Command::Registry(c) => maintainer::run_registry(c, cli.json),
     }
 }

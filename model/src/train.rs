@@ -15,7 +15,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GptConfig;
@@ -426,39 +426,27 @@ impl Trainer {
             return Ok(None);
         };
         let config = self.model.config();
-        let mut tensors = weights::named_tensors(&self.model);
-        let names: Vec<String> = tensors.iter().map(|t| t.name.clone()).collect();
-        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for t in tensors.drain(..) {
-            entries.push((
-                format!("{}{}", weights::PREFIX, t.name),
-                t.shape,
-                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ));
-        }
+        let tensors = weights::named_tensors(&self.model);
+        let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
-            for (name, tensor) in names.iter().zip(list) {
-                let values = tensor.to_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-                entries.push((
-                    format!("adam.{kind}.{name}"),
-                    vec![values.len()],
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ));
+            for (t, tensor) in tensors.iter().zip(list) {
+                let values = tensor
+                    .to_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| Error::Checkpoint(format!("reading optimiser state: {e:?}")))?;
+                moments.push((format!("adam.{kind}.{}", t.name), vec![values.len()], values));
             }
         }
-        let views = entries
+        let entries = tensors
             .iter()
-            .map(|(n, s, b)| {
-                TensorView::new(Dtype::F32, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Checkpoint(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut meta = HashMap::new();
+            .map(|t| (format!("{}{}", weights::PREFIX, t.name), t.shape.clone(), t.values.as_slice()))
+            .chain(moments.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())));
+        let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("btm.config".to_string(), serde_json::to_string(&config)?);
         meta.insert("btm.train_state".to_string(), serde_json::to_string(&self.state)?);
-        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let bytes = weights::write_safetensors(entries, &meta)?;
         let path = dir.join(CHECKPOINT_FILE);
         fsutil::write_atomic(&path, &bytes)?;
         Ok(Some(path))

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::config::GptConfig;
 use crate::gpt::Gpt;
@@ -193,25 +193,61 @@ fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> 
     Ok(())
 }
 
-/// Serialises named tensors with the `btm.config` metadata.
-pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
-    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let raw: Vec<u8> = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        bytes.push((format!("{PREFIX}{}", t.name), t.shape.clone(), raw));
+/// Writes a safetensors file deterministically: tensors in name order, metadata keys sorted
+/// (the `safetensors` crate takes metadata as a `HashMap`, whose order varies from run to run,
+/// and a model's bytes are its identity). All tensors are F32.
+pub fn write_safetensors<'a>(
+    tensors: impl IntoIterator<Item = (String, Vec<usize>, &'a [f32])>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, Error> {
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
     }
-    let views = bytes
-        .iter()
-        .map(|(name, shape, raw)| {
-            TensorView::new(Dtype::F32, shape.clone(), raw)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut metadata = HashMap::new();
+    let mut offset = 0usize;
+    for (name, shape, values) in &tensors {
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(Error::Weights(format!("tensor {name}: shape {shape:?} does not match {} values", values.len())));
+        }
+        if name == "__metadata__" || header.contains_key(name) {
+            return Err(Error::Weights(format!("tensor name {name:?} is reserved or repeated")));
+        }
+        let end = offset + 4 * values.len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // The data section starts 8-aligned; safetensors pads the header with spaces.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, values) in &tensors {
+        for v in *values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// Serialises named tensors with the `btm.config` metadata (deterministically).
+pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
+    let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     metadata.insert("btm.config".to_string(), serde_json::to_string(config)?);
-    safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| Error::Weights(e.to_string()))
+    write_safetensors(
+        tensors
+            .iter()
+            .map(|t| (format!("{PREFIX}{}", t.name), t.shape.clone(), t.values.as_slice())),
+        &metadata,
+    )
 }
 
 /// Parses and checks a safetensors file's bytes. `expected`, when given, must equal the file's

@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod forest;
 pub mod fsutil;
 pub mod generate;
 pub mod gpt;

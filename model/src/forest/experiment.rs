@@ -1,0 +1,1 @@
+//! The compute-matched BTM experiment (filled in below).

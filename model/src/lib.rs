@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod demix;
 pub mod device;
 pub mod eval;
 pub mod forest;

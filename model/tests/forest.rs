@@ -312,3 +312,72 @@ fn a_posterior_average_branch_records_its_parents_and_weights() {
         }
     }
 }
+
+fn stream(domain: &str, n_ctx: usize) -> btm_model::data::DomainStream {
+    let s = btm_model::data::load_streams(&crate::common::corpus(), tokenizer(), &[domain], btm_model::data::Split::Train, n_ctx, Some(60_000)).unwrap();
+    s.into_iter().next().unwrap()
+}
+
+#[test]
+fn compute_accounting_sums_correctly() {
+    use btm_model::forest::experiment::{Config, Plan};
+    let a = arch();
+    // The paper's split: seed 50%, eight ELMs share the rest; seed + ELMs = dense exactly.
+    let cfg = Config { total_steps: 160, seed_share: 0.5, batch_size: 4, ..Config::quick() };
+    let p = Plan::new(&cfg, 8, &a).unwrap();
+    assert_eq!((p.seed_steps, p.elm_steps, p.no_seed_elm_steps), (80, 10, 20));
+    assert_eq!(p.tokens_per_step, 4 * a.n_ctx as u64);
+    assert_eq!(p.btm_flops(), p.dense_flops());
+    assert_close(p.dense_flops(), 160.0 * 4.0 * a.n_ctx as f64 * a.train_flops_per_token(), 1e-15, "dense FLOPs");
+    // When the ELMs' share does not divide, BTM gets at most E - 1 updates less, never more.
+    let odd = Plan::new(&Config { total_steps: 100, seed_share: 0.3, ..cfg.clone() }, 8, &a).unwrap();
+    assert_eq!((odd.seed_steps, odd.elm_steps), (30, 8));
+    assert!(odd.btm_flops() <= odd.dense_flops() && odd.btm_flops() > odd.dense_flops() - 8.0 * odd.flops(1));
+    assert!(Plan::new(&Config { total_steps: 10, ..cfg.clone() }, 8, &a).is_err(), "no updates left for the ELMs");
+
+    // The FLOPs the trainer records add up the same way: seed + ELMs = the plan.
+    let dir = tempfile::tempdir().unwrap();
+    let small = Config { total_steps: 8, seed_share: 0.5, batch_size: 2, ..Config::quick() };
+    let plan = Plan::new(&small, 2, &a).unwrap();
+    let tc = |steps| btm_model::train::TrainConfig { steps, batch_size: 2, checkpoint_every: 0, ..Default::default() };
+    let mix = btm_model::data::Mixture::new(vec![stream("bible_kjv", a.n_ctx), stream("python_code", a.n_ctx)], 0).unwrap();
+    let seed = forest::branch::train(Gpt::init(&a, 0, &cpu()), &mix, tc(plan.seed_steps), &dir.path().join("seed"), &cpu(), false, |_| {}).unwrap();
+    let mut total = seed.record.flops;
+    for d in ["bible_kjv", "python_code"] {
+        let m = weights::load(&seed.weights, Some(&a), &cpu()).unwrap();
+        let data = btm_model::data::Mixture::new(vec![stream(d, a.n_ctx)], 0).unwrap();
+        let elm = forest::branch::train(m, &data, tc(plan.elm_steps), &dir.path().join(d), &cpu(), false, |_| {}).unwrap();
+        assert_eq!(elm.record.steps, plan.elm_steps);
+        assert_close(elm.record.flops, plan.flops(plan.elm_steps), 1e-12, "ELM FLOPs");
+        total += elm.record.flops;
+    }
+    assert_close(total, plan.btm_flops(), 1e-12, "seed + ELMs");
+    assert_close(total, plan.dense_flops(), 1e-12, "= dense");
+}
+
+#[test]
+fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = arch();
+    let mix = btm_model::data::Mixture::new(vec![stream("bible_kjv", a.n_ctx)], 0).unwrap();
+    let base = btm_model::train::TrainConfig { batch_size: 2, checkpoint_every: 0, schedule_steps: Some(8), ..Default::default() };
+    let seed_cfg = btm_model::train::TrainConfig { steps: 4, ..base.clone() };
+    forest::branch::train(Gpt::init(&a, 0, &cpu()), &mix, seed_cfg, &dir.path().join("seed"), &cpu(), false, |_| {}).unwrap();
+    let elm_data = btm_model::data::Mixture::new(vec![stream("python_code", a.n_ctx)], 0).unwrap();
+    let cont = btm_model::train::TrainConfig { steps: 8, ..base.clone() };
+    let mut lrs = Vec::new();
+    let t = forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, cont.clone(), &dir.path().join("elm"), &cpu(), false, |s| lrs.push((s.step, s.lr))).unwrap();
+    // Updates 5..8 of one 8-update schedule: no new warm-up.
+    assert_eq!(lrs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+    for (k, (_, lr)) in lrs.iter().enumerate() {
+        assert!((lr - cont.lr_at(4 + k as u64)).abs() < 1e-15);
+    }
+    assert_eq!(t.record.steps, 4);
+    assert_eq!(t.record.tokens, 4 * 2 * a.n_ctx as u64, "only the branch's own tokens are counted");
+    // Asking again resumes the finished run and changes nothing.
+    let again = forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, cont, &dir.path().join("elm"), &cpu(), false, |_| {}).unwrap();
+    assert_eq!(again.id, t.id);
+    // steps must exceed the parent's.
+    let bad = btm_model::train::TrainConfig { steps: 4, ..base };
+    assert!(forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, bad, &dir.path().join("elm2"), &cpu(), false, |_| {}).is_err());
+}

@@ -381,3 +381,51 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
     let bad = btm_model::train::TrainConfig { steps: 4, ..base };
     assert!(forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, bad, &dir.path().join("elm2"), &cpu(), false, |_| {}).is_err());
 }
+
+/// Not a test on its own: the child process of `averaging_memory_stays_at_about_two_models`.
+#[test]
+fn average_rss_child() {
+    let (Ok(files), Ok(out)) = (std::env::var("BTM_AVG_FILES"), std::env::var("BTM_AVG_OUT")) else { return };
+    let inputs: Vec<Input> = files.split(',').map(|p| input(Path::new(p), 1.0)).collect();
+    let s = average::average_files(&inputs, None, Path::new(&out)).unwrap();
+    println!("PEAK_RSS={}", s.peak_rss_bytes.unwrap_or(0));
+}
+
+/// Measurement (run with `--ignored --nocapture`): peak RSS of averaging 2, 8 and 32 ELM files
+/// of a 46 MB model, each in a fresh process. Streaming keeps it at about two models.
+#[test]
+#[ignore]
+fn averaging_memory_stays_at_about_two_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = btm_model::GptConfig { vocab_size: 2048, n_ctx: 128, d_model: 384, n_heads: 6, n_layers: 6 };
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    weights::save(&Gpt::init(&cfg, 1, &cpu()), &a).unwrap();
+    weights::save(&Gpt::init(&cfg, 2, &cpu()), &b).unwrap();
+    let model_bytes = std::fs::metadata(&a).unwrap().len();
+    let mut paths = Vec::new();
+    for i in 0..32 {
+        let p = dir.path().join(format!("elm{i}.safetensors"));
+        std::fs::copy(if i % 2 == 0 { &a } else { &b }, &p).unwrap();
+        paths.push(p.to_string_lossy().into_owned());
+    }
+    let mut peaks = Vec::new();
+    for n in [2usize, 8, 32] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "forest::average_rss_child", "--nocapture", "--test-threads=1"])
+            .env("BTM_AVG_FILES", paths[..n].join(","))
+            .env("BTM_AVG_OUT", dir.path().join("avg.safetensors"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let peak: u64 = stdout
+            .lines()
+            .find_map(|l| l.split("PEAK_RSS=").nth(1))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("child said {stdout} / {}", String::from_utf8_lossy(&out.stderr)));
+        eprintln!("averaging {n:>2} files of {:.1} MB: peak RSS {:.1} MB ({:.2} models)", model_bytes as f64 / 1e6, peak as f64 / 1e6, peak as f64 / model_bytes as f64);
+        peaks.push(peak);
+    }
+    assert!(peaks[2] < peaks[0] + model_bytes / 2, "peak RSS grows with the number of files: {peaks:?}");
+    assert!(peaks[2] < 3 * model_bytes, "more than about two models: {peaks:?} for {model_bytes}-byte models");
+}

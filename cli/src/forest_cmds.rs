@@ -23,7 +23,11 @@ fn corpus(arg: &Option<PathBuf>) -> Corpus {
 }
 
 fn manifest_path(p: &Path) -> PathBuf {
-    if p.is_dir() { p.join(manifest::MANIFEST_FILE) } else { p.to_path_buf() }
+    if p.is_dir() {
+        p.join(manifest::MANIFEST_FILE)
+    } else {
+        p.to_path_buf()
+    }
 }
 
 fn open(p: &Path) -> Result<Forest> {
@@ -32,7 +36,13 @@ fn open(p: &Path) -> Result<Forest> {
 }
 
 /// Up to `max_tokens` tokens of a domain's split.
-fn domain_tokens(corpus: &Corpus, tok: &Tokenizer, domain: &str, split: Split, max_tokens: usize) -> Result<Vec<u32>> {
+fn domain_tokens(
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    domain: &str,
+    split: Split,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
     let docs = corpus.documents(domain, split)?;
     let (mut t, _) = data::tokenize_documents(tok, &docs, Some(max_tokens * 8))?;
     t.truncate(max_tokens + 1);
@@ -223,9 +233,24 @@ fn prior_of(forest: &Forest, o: &EnsembleOpts, tok: &Tokenizer) -> Result<Vec<f6
     match &o.prior_domain {
         None => Ok(vec![1.0 / e as f64; e]),
         Some(d) => {
-            let dev = domain_tokens(&corpus(&o.corpus), tok, d, Split::Valid, o.prior_blocks * forest.architecture.n_ctx)?;
-            let cfg = PriorConfig { max_blocks: o.prior_blocks, ..PriorConfig::default() };
-            Ok(ensemble::cached_prior(forest, &dev, &cfg, 8, &o.device.device()?)?)
+            let dev = domain_tokens(
+                &corpus(&o.corpus),
+                tok,
+                d,
+                Split::Valid,
+                o.prior_blocks * forest.architecture.n_ctx,
+            )?;
+            let cfg = PriorConfig {
+                max_blocks: o.prior_blocks,
+                ..PriorConfig::default()
+            };
+            Ok(ensemble::cached_prior(
+                forest,
+                &dev,
+                &cfg,
+                8,
+                &o.device.device()?,
+            )?)
         }
     }
 }
@@ -233,23 +258,49 @@ fn prior_of(forest: &Forest, o: &EnsembleOpts, tok: &Tokenizer) -> Result<Vec<f6
 pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
     match cmd {
         ForestCmd::Create(a) => {
-            let seed_w = if a.seed.is_dir() { a.seed.join("model.safetensors") } else { a.seed.clone() };
+            let seed_w = if a.seed.is_dir() {
+                a.seed.join("model.safetensors")
+            } else {
+                a.seed.clone()
+            };
             let (arch, _) = weights::read(&seed_w, None)?;
             let mut f = Forest::create(&a.dir, arch, &a.tokenizer)?;
             f.set_seed(&seed_w)?;
             let path = f.save()?;
-            print(json, &f, &format!("created {} ({} parameters per ELM)", path.display(), arch.num_params()))
+            print(
+                json,
+                &f,
+                &format!(
+                    "created {} ({} parameters per ELM)",
+                    path.display(),
+                    arch.num_params()
+                ),
+            )
         }
         ForestCmd::Add(a) => {
             let mut f = open(&a.forest)?;
             let (w, t) = if a.elm.is_dir() {
-                (a.elm.join("model.safetensors"), a.elm.join("tokenizer.json"))
+                (
+                    a.elm.join("model.safetensors"),
+                    a.elm.join("tokenizer.json"),
+                )
             } else {
-                (a.elm.clone(), a.elm.parent().unwrap_or(Path::new(".")).join("tokenizer.json"))
+                (
+                    a.elm.clone(),
+                    a.elm
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join("tokenizer.json"),
+                )
             };
-            let tok_id = btm_model::content_id(&std::fs::read(&t).with_context(|| format!("reading {}", t.display()))?);
+            let tok_id = btm_model::content_id(
+                &std::fs::read(&t).with_context(|| format!("reading {}", t.display()))?,
+            );
             let name = a.name.clone().unwrap_or_else(|| {
-                a.elm.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "elm".into())
+                a.elm
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "elm".into())
             });
             let init = match a.init.as_str() {
                 "seed" => InitKind::Seed,
@@ -259,29 +310,54 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             };
             let mut parents = Vec::new();
             for p in &a.parent {
-                let (n, w) = p.split_once(':').with_context(|| format!("--parent {p:?} is not NAME:WEIGHT"))?;
+                let (n, w) = p
+                    .split_once(':')
+                    .with_context(|| format!("--parent {p:?} is not NAME:WEIGHT"))?;
                 let id = if n == "seed" {
-                    f.seed.as_ref().map(|s| s.id.clone()).context("the forest has no seed")?
+                    f.seed
+                        .as_ref()
+                        .map(|s| s.id.clone())
+                        .context("the forest has no seed")?
                 } else {
                     f.elms[f.index(n)?].weights.id.clone()
                 };
-                parents.push(Parent { name: n.to_string(), id, weight: w.parse().with_context(|| format!("weight in {p:?}"))? });
+                parents.push(Parent {
+                    name: n.to_string(),
+                    id,
+                    weight: w.parse().with_context(|| format!("weight in {p:?}"))?,
+                });
             }
             if parents.is_empty() && init == InitKind::Seed {
                 if let Some(s) = &f.seed {
-                    parents.push(Parent { name: "seed".into(), id: s.id.clone(), weight: 1.0 });
+                    parents.push(Parent {
+                        name: "seed".into(),
+                        id: s.id.clone(),
+                        weight: 1.0,
+                    });
                 }
             }
-            let domains = if a.domain.is_empty() { vec![name.clone()] } else { a.domain.clone() };
+            let domains = if a.domain.is_empty() {
+                vec![name.clone()]
+            } else {
+                a.domain.clone()
+            };
             f.add(&name, domains, &w, &tok_id, init, parents, None)?;
             f.save()?;
-            print(json, &f, &format!("added {name}; the forest has {} ELMs", f.elms.len()))
+            print(
+                json,
+                &f,
+                &format!("added {name}; the forest has {} ELMs", f.elms.len()),
+            )
         }
         ForestCmd::Remove(a) => {
             let mut f = open(&a.forest)?;
             f.remove(&a.name)?;
             f.save()?;
-            print(json, &f, &format!("removed {}; the forest has {} ELMs", a.name, f.elms.len()))
+            print(
+                json,
+                &f,
+                &format!("removed {}; the forest has {} ELMs", a.name, f.elms.len()),
+            )
         }
         ForestCmd::Show(a) => {
             let f = open(&a.forest)?;
@@ -291,10 +367,25 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&f)?);
             } else {
-                println!("architecture {:?}, tokenizer {}", f.architecture, &f.tokenizer.id[..16]);
+                println!(
+                    "architecture {:?}, tokenizer {}",
+                    f.architecture,
+                    &f.tokenizer.id[..16]
+                );
                 for e in &f.elms {
-                    let parents: Vec<String> = e.parents.iter().map(|p| format!("{}:{:.3}", p.name, p.weight)).collect();
-                    println!("{:<20} {:<30} {:?} [{}] {}", e.name, e.domains.join(","), e.init, parents.join(" "), &e.weights.id[..16]);
+                    let parents: Vec<String> = e
+                        .parents
+                        .iter()
+                        .map(|p| format!("{}:{:.3}", p.name, p.weight))
+                        .collect();
+                    println!(
+                        "{:<20} {:<30} {:?} [{}] {}",
+                        e.name,
+                        e.domains.join(","),
+                        e.init,
+                        parents.join(" "),
+                        &e.weights.id[..16]
+                    );
                 }
                 if a.verify {
                     println!("every file matches its content id");
@@ -305,11 +396,26 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
         ForestCmd::Prior(a) => {
             let f = open(&a.forest)?;
             let tok = tokenizer_of(&f)?;
-            let dev = domain_tokens(&corpus(&a.corpus), &tok, &a.domain, Split::Valid, a.blocks * f.architecture.n_ctx)?;
-            let cfg = PriorConfig { batch_blocks: a.batch_blocks, max_blocks: a.blocks, alpha: a.alpha };
+            let dev = domain_tokens(
+                &corpus(&a.corpus),
+                &tok,
+                &a.domain,
+                Split::Valid,
+                a.blocks * f.architecture.n_ctx,
+            )?;
+            let cfg = PriorConfig {
+                batch_blocks: a.batch_blocks,
+                max_blocks: a.blocks,
+                alpha: a.alpha,
+            };
             let prior = ensemble::cached_prior(&f, &dev, &cfg, 8, &a.device.device()?)?;
             if json {
-                let m: serde_json::Map<String, serde_json::Value> = f.names().iter().zip(&prior).map(|(n, p)| (n.to_string(), (*p).into())).collect();
+                let m: serde_json::Map<String, serde_json::Value> = f
+                    .names()
+                    .iter()
+                    .zip(&prior)
+                    .map(|(n, p)| (n.to_string(), (*p).into()))
+                    .collect();
                 println!("{}", serde_json::json!({"domain": a.domain, "prior": m}));
             } else {
                 for (n, p) in f.names().iter().zip(&prior) {
@@ -331,7 +437,13 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
                 let r = eval::EvalResult::from_logprobs(&lp, &t[1..], Some(&tok));
                 rows.push(serde_json::json!({"domain": d, "split": a.split, "elms": sel.iter().map(|s| f.elms[s.0].name.clone()).collect::<Vec<_>>(), "result": r}));
                 if !json {
-                    println!("{d:<20} ppl {:>9.2} bpb {:.4} ({} ELMs, {})", r.perplexity, r.bits_per_byte, sel.len(), a.opts.weighting);
+                    println!(
+                        "{d:<20} ppl {:>9.2} bpb {:.4} ({} ELMs, {})",
+                        r.perplexity,
+                        r.bits_per_byte,
+                        sel.len(),
+                        a.opts.weighting
+                    );
                 }
             }
             if json {
@@ -344,7 +456,8 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             let tok = tokenizer_of(&f)?;
             let device = a.opts.device.device()?;
             let prior = prior_of(&f, &a.opts, &tok)?;
-            let (e, chosen) = Ensemble::from_forest(&f, Some(&prior), a.opts.top_k, a.opts.weighting, &device)?;
+            let (e, chosen) =
+                Ensemble::from_forest(&f, Some(&prior), a.opts.top_k, a.opts.weighting, &device)?;
             let cfg = SampleConfig {
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
@@ -354,7 +467,10 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             let text = e.generate(&tok, &a.prompt, &cfg)?;
             if json {
                 let names: Vec<&str> = chosen.iter().map(|&i| f.elms[i].name.as_str()).collect();
-                println!("{}", serde_json::json!({"prompt": a.prompt, "completion": text, "elms": names}));
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": a.prompt, "completion": text, "elms": names})
+                );
             } else {
                 println!("{}{}", a.prompt, text);
             }
@@ -367,7 +483,11 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
             let inputs: Vec<Input> = sel
                 .iter()
-                .map(|&(i, w)| Input { path: f.resolve(&f.elms[i].weights), weight: w, id: Some(f.elms[i].weights.id.clone()) })
+                .map(|&(i, w)| Input {
+                    path: f.resolve(&f.elms[i].weights),
+                    weight: w,
+                    id: Some(f.elms[i].weights.id.clone()),
+                })
                 .collect();
             let s = average::average_files(&inputs, Some(&f.architecture), &a.out)?;
             if json {
@@ -439,7 +559,11 @@ pub struct ExperimentArgs {
 }
 
 pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
-    let mut cfg = if a.quick { experiment::Config::quick() } else { experiment::Config::standard() };
+    let mut cfg = if a.quick {
+        experiment::Config::quick()
+    } else {
+        experiment::Config::standard()
+    };
     if let Some(s) = a.seed_share {
         cfg.seed_share = s;
     }
@@ -481,7 +605,12 @@ pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{}", experiment::markdown(&report));
-        println!("wrote {}, {} and {}", js.display(), md.display(), png.display());
+        println!(
+            "wrote {}, {} and {}",
+            js.display(),
+            md.display(),
+            png.display()
+        );
     }
     Ok(())
 }
@@ -496,7 +625,11 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
     for (k, ch) in s.chars().enumerate() {
         let code = ch as usize;
-        let glyph = if code < 128 { font8x8::legacy::BASIC_LEGACY[code] } else { font8x8::legacy::BASIC_LEGACY[b'?' as usize] };
+        let glyph = if code < 128 {
+            font8x8::legacy::BASIC_LEGACY[code]
+        } else {
+            font8x8::legacy::BASIC_LEGACY[b'?' as usize]
+        };
         for (row, bits) in glyph.iter().enumerate() {
             for col in 0..8 {
                 if bits & (1 << col) != 0 {
@@ -524,25 +657,63 @@ const PALETTE: [RGBColor; 10] = [
 pub fn plot(r: &Report, path: &Path) -> Result<()> {
     let (w, h) = (1100u32, 620u32);
     let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     // Curves: dense learning curve; btm (seed -> forest). Points: every final system.
     let shown: Vec<&experiment::SystemResult> = r
         .systems
         .iter()
         .filter(|s| {
-            ["dense", "seed", "btm_ensemble", "btm_ensemble_topk", "btm_average_posterior", "btm_average_uniform", "random_split_ensemble", "no_seed_ensemble", "no_seed_average_posterior", "demix"]
-                .contains(&s.name.as_str())
+            [
+                "dense",
+                "seed",
+                "btm_ensemble",
+                "btm_ensemble_topk",
+                "btm_average_posterior",
+                "btm_average_uniform",
+                "random_split_ensemble",
+                "no_seed_ensemble",
+                "no_seed_average_posterior",
+                "demix",
+            ]
+            .contains(&s.name.as_str())
         })
         .collect();
-    let xmax = r.curves.iter().map(|c| c.flops).chain(shown.iter().map(|s| s.train_flops)).fold(0.0, f64::max) * 1.05;
-    text(&root, &format!("BTM vs compute-matched baselines ({} params, {} updates)", r.params, r.plan.dense_steps), 20, 8, &BLACK);
-    for (panel, title) in [(0usize, "in-domain (8 training domains)"), (1, "out-of-domain (4 eval-only domains)")] {
+    let xmax = r
+        .curves
+        .iter()
+        .map(|c| c.flops)
+        .chain(shown.iter().map(|s| s.train_flops))
+        .fold(0.0, f64::max)
+        * 1.05;
+    text(
+        &root,
+        &format!(
+            "BTM vs compute-matched baselines ({} params, {} updates)",
+            r.params, r.plan.dense_steps
+        ),
+        20,
+        8,
+        &BLACK,
+    );
+    for (panel, title) in [
+        (0usize, "in-domain (8 training domains)"),
+        (1, "out-of-domain (4 eval-only domains)"),
+    ] {
         let x0 = 70 + panel as i32 * 540;
         let (pw, ph, y0) = (440i32, 380i32, 40i32);
         let val = |s: &experiment::SystemResult| if panel == 0 { s.mean_in } else { s.mean_out };
         let cval = |c: &experiment::CurvePoint| if panel == 0 { c.mean_in } else { c.mean_out };
-        let ys: Vec<f64> = shown.iter().map(|s| val(s)).chain(r.curves.iter().map(cval)).filter(|v| v.is_finite()).collect();
-        let (mut ymin, mut ymax) = (ys.iter().copied().fold(f64::INFINITY, f64::min), ys.iter().copied().fold(0.0, f64::max));
+        let ys: Vec<f64> = shown
+            .iter()
+            .map(|s| val(s))
+            .chain(r.curves.iter().map(cval))
+            .filter(|v| v.is_finite())
+            .collect();
+        let (mut ymin, mut ymax) = (
+            ys.iter().copied().fold(f64::INFINITY, f64::min),
+            ys.iter().copied().fold(0.0, f64::max),
+        );
         if !(ymin.is_finite() && ymax > ymin) {
             ymin = 0.0;
             ymax = 1.0;
@@ -561,15 +732,32 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
             text(&root, &format!("{yv:.1}"), x0 - 60, y - 4, &BLACK);
             let xv = xmax * i as f64 / 4.0;
             let x = px(xv);
-            let _ = root.draw(&PathElement::new(vec![(x, y0 + ph), (x, y0 + ph + 4)], axis));
+            let _ = root.draw(&PathElement::new(
+                vec![(x, y0 + ph), (x, y0 + ph + 4)],
+                axis,
+            ));
             text(&root, &format!("{xv:.1e}"), x - 28, y0 + ph + 8, &BLACK);
         }
-        text(&root, "training FLOPs", x0 + pw / 2 - 56, y0 + ph + 22, &BLACK);
+        text(
+            &root,
+            "training FLOPs",
+            x0 + pw / 2 - 56,
+            y0 + ph + 22,
+            &BLACK,
+        );
         text(&root, "ppl", x0 - 60, y0 - 14, &BLACK);
         for (k, sys) in ["dense", "btm"].iter().enumerate() {
-            let pts: Vec<(i32, i32)> = r.curves.iter().filter(|c| c.system == *sys).map(|c| (px(c.flops), py(cval(c)))).collect();
+            let pts: Vec<(i32, i32)> = r
+                .curves
+                .iter()
+                .filter(|c| c.system == *sys)
+                .map(|c| (px(c.flops), py(cval(c))))
+                .collect();
             let color = PALETTE[k];
-            let _ = root.draw(&PathElement::new(pts.clone(), ShapeStyle::from(&color).stroke_width(2)));
+            let _ = root.draw(&PathElement::new(
+                pts.clone(),
+                ShapeStyle::from(&color).stroke_width(2),
+            ));
             for p in pts {
                 let _ = root.draw(&Circle::new(p, 3, color.filled()));
             }
@@ -578,7 +766,11 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
             let color = PALETTE[k % PALETTE.len()];
             let v = val(s);
             if v.is_finite() {
-                let _ = root.draw(&Circle::new((px(s.train_flops), py(v)), 5, ShapeStyle::from(&color).stroke_width(2)));
+                let _ = root.draw(&Circle::new(
+                    (px(s.train_flops), py(v)),
+                    5,
+                    ShapeStyle::from(&color).stroke_width(2),
+                ));
             }
         }
     }
@@ -587,10 +779,30 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
         let color = PALETTE[k % PALETTE.len()];
         let (col, row) = (k / 5, k % 5);
         let (x, y) = (70 + col as i32 * 540, 480 + row as i32 * 22);
-        let _ = root.draw(&Circle::new((x + 4, y + 4), 5, ShapeStyle::from(&color).stroke_width(2)));
-        text(&root, &format!("{:<26} in {:>8.2}  out {:>8.2}", s.name, s.mean_in, s.mean_out), x + 16, y, &color);
+        let _ = root.draw(&Circle::new(
+            (x + 4, y + 4),
+            5,
+            ShapeStyle::from(&color).stroke_width(2),
+        ));
+        text(
+            &root,
+            &format!(
+                "{:<26} in {:>8.2}  out {:>8.2}",
+                s.name, s.mean_in, s.mean_out
+            ),
+            x + 16,
+            y,
+            &color,
+        );
     }
-    text(&root, "lines: dense learning curve (black), seed -> BTM ensemble (red)", 20, h as i32 - 14, &BLACK);
-    root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    text(
+        &root,
+        "lines: dense learning curve (black), seed -> BTM ensemble (red)",
+        20,
+        h as i32 - 14,
+        &BLACK,
+    );
+    root.present()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }

@@ -23,7 +23,9 @@ fn arch() -> btm_model::GptConfig {
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {
     let v = arch().vocab_size as u32;
-    (0..n as u32).map(|i| (i * 131 + salt * 17 + 7) % v).collect()
+    (0..n as u32)
+        .map(|i| (i * 131 + salt * 17 + 7) % v)
+        .collect()
 }
 
 /// A forest of `n` freshly initialised ELMs (seeds 100, 101, ...) in `dir`.
@@ -36,8 +38,16 @@ fn forest_of(dir: &Path, n: usize) -> (Forest, Vec<Gpt>) {
         let m = Gpt::init(&arch(), 100 + i as u64, &cpu());
         let p = dir.join(format!("elm{i}.safetensors"));
         weights::save(&m, &p).unwrap();
-        f.add(&format!("elm{i}"), vec![format!("domain{i}")], &p, &tokenizer().id(), InitKind::Random, vec![], None)
-            .unwrap();
+        f.add(
+            &format!("elm{i}"),
+            vec![format!("domain{i}")],
+            &p,
+            &tokenizer().id(),
+            InitKind::Random,
+            vec![],
+            None,
+        )
+        .unwrap();
         models.push(m);
     }
     (f, models)
@@ -63,9 +73,16 @@ fn brute_force_block(lp: &[Vec<f64>], prior: &[f64]) -> Vec<f64> {
     let e = lp.len();
     let mut out = Vec::new();
     for i in 0..lp[0].len() {
-        let unnorm: Vec<f64> = (0..e).map(|j| prior[j] * (0..i).map(|s| lp[j][s].exp()).product::<f64>()).collect();
+        let unnorm: Vec<f64> = (0..e)
+            .map(|j| prior[j] * (0..i).map(|s| lp[j][s].exp()).product::<f64>())
+            .collect();
         let z: f64 = unnorm.iter().sum();
-        out.push((0..e).map(|j| unnorm[j] / z * lp[j][i].exp()).sum::<f64>().ln());
+        out.push(
+            (0..e)
+                .map(|j| unnorm[j] / z * lp[j][i].exp())
+                .sum::<f64>()
+                .ln(),
+        );
     }
     out
 }
@@ -77,17 +94,38 @@ fn the_log_space_posterior_matches_a_brute_force_f64_computation() {
     let refs: Vec<&Gpt> = models.iter().collect();
     let lp = ensemble::elm_logprobs(&refs, &t, 2, &cpu()).unwrap();
     let prior = [0.5, 0.3, 0.2];
-    let got = posterior::mix_stream(&lp, &posterior::block_targets(t.len(), arch().n_ctx), &posterior::ln_all(&prior), Weighting::Posterior);
+    let got = posterior::mix_stream(
+        &lp,
+        &posterior::block_targets(t.len(), arch().n_ctx),
+        &posterior::ln_all(&prior),
+        Weighting::Posterior,
+    );
     let want = brute_force_block(&lp, &prior);
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert_close(*a, *b, 1e-12, &format!("target {i}"));
     }
     // Exaggerated log-likelihoods (sharply different ELMs) over a long block underflow in
     // probability space but not in log space.
-    let long: Vec<Vec<f64>> = (0..3).map(|j| (0..400).map(|i| -5.0 - ((i * (j + 3)) % 7) as f64).collect()).collect();
-    let m = posterior::mix_block(&[&long[0], &long[1], &long[2]], &posterior::ln_all(&prior), Weighting::Posterior, false);
+    let long: Vec<Vec<f64>> = (0..3)
+        .map(|j| {
+            (0..400)
+                .map(|i| -5.0 - ((i * (j + 3)) % 7) as f64)
+                .collect()
+        })
+        .collect();
+    let m = posterior::mix_block(
+        &[&long[0], &long[1], &long[2]],
+        &posterior::ln_all(&prior),
+        Weighting::Posterior,
+        false,
+    );
     assert!(m.logprobs.iter().all(|x| x.is_finite()));
-    assert!(brute_force_block(&long, &prior).iter().any(|x| !x.is_finite()), "the brute force should underflow here");
+    assert!(
+        brute_force_block(&long, &prior)
+            .iter()
+            .any(|x| !x.is_finite()),
+        "the brute force should underflow here"
+    );
 }
 
 proptest! {
@@ -127,12 +165,33 @@ fn the_cached_prior_starts_uniform_and_moves_by_an_ema_of_block_final_posteriors
     let targets = vec![10, 10, 10];
     // One batch of three blocks: prior = 0.7 * uniform + 0.3 * mean block-final posterior
     // (computed with the uniform prior), which here is sigmoid(10) for ELM 0.
-    let one = posterior::estimate_prior(&lp, &targets, &PriorConfig { batch_blocks: 3, max_blocks: 200, alpha: 0.3 });
+    let one = posterior::estimate_prior(
+        &lp,
+        &targets,
+        &PriorConfig {
+            batch_blocks: 3,
+            max_blocks: 200,
+            alpha: 0.3,
+        },
+    );
     let post0 = 1.0 / (1.0 + (-10.0f64).exp());
-    assert_close(one[0], 0.7 * 0.5 + 0.3 * post0, 1e-12, "prior after one batch");
+    assert_close(
+        one[0],
+        0.7 * 0.5 + 0.3 * post0,
+        1e-12,
+        "prior after one batch",
+    );
     assert_close(one[0] + one[1], 1.0, 1e-12, "a distribution");
     // Batches of one block: three EMA steps, each using the previous prior.
-    let three = posterior::estimate_prior(&lp, &targets, &PriorConfig { batch_blocks: 1, max_blocks: 200, alpha: 0.3 });
+    let three = posterior::estimate_prior(
+        &lp,
+        &targets,
+        &PriorConfig {
+            batch_blocks: 1,
+            max_blocks: 200,
+            alpha: 0.3,
+        },
+    );
     let mut p = 0.5;
     for _ in 0..3 {
         let post = p * (-10.0f64).exp() / (p * (-10.0f64).exp() + (1.0 - p) * (-20.0f64).exp());
@@ -140,7 +199,15 @@ fn the_cached_prior_starts_uniform_and_moves_by_an_ema_of_block_final_posteriors
     }
     assert_close(three[0], p, 1e-12, "prior after three batches");
     // max_blocks limits the blocks used.
-    let limited = posterior::estimate_prior(&lp, &targets, &PriorConfig { batch_blocks: 1, max_blocks: 1, alpha: 0.3 });
+    let limited = posterior::estimate_prior(
+        &lp,
+        &targets,
+        &PriorConfig {
+            batch_blocks: 1,
+            max_blocks: 1,
+            alpha: 0.3,
+        },
+    );
     assert_close(limited[0], 0.7 * 0.5 + 0.3 * post0, 1e-12, "one block only");
 }
 
@@ -159,29 +226,61 @@ fn top_k_with_k_1_equals_the_selected_elm() {
             assert!((a - b).abs() < 1e-12, "{w}");
         }
     }
-    let (e, chosen) = Ensemble::from_forest(&f, Some(&prior), Some(1), Weighting::Posterior, &cpu()).unwrap();
+    let (e, chosen) =
+        Ensemble::from_forest(&f, Some(&prior), Some(1), Weighting::Posterior, &cpu()).unwrap();
     assert_eq!((e.len(), chosen), (1, vec![1]));
     // With k = 2 only the two largest run, and the mixture lies between them.
-    let (e2, chosen2) = Ensemble::from_forest(&f, Some(&prior), Some(2), Weighting::Posterior, &cpu()).unwrap();
+    let (e2, chosen2) =
+        Ensemble::from_forest(&f, Some(&prior), Some(2), Weighting::Posterior, &cpu()).unwrap();
     assert_eq!((e2.len(), chosen2), (2, vec![1, 2]));
     let a = e2.evaluate(None, &t, 4).unwrap();
-    let l1 = eval::evaluate(&models[1], None, &t, 4, &cpu()).unwrap().loss;
-    let l2 = eval::evaluate(&models[2], None, &t, 4, &cpu()).unwrap().loss;
+    let l1 = eval::evaluate(&models[1], None, &t, 4, &cpu())
+        .unwrap()
+        .loss;
+    let l2 = eval::evaluate(&models[2], None, &t, 4, &cpu())
+        .unwrap()
+        .loss;
     assert!(a.loss <= l1.max(l2) + 1e-9);
 }
 
 #[test]
 fn an_ensemble_generates_from_a_mixture_of_full_distributions() {
     let m = Gpt::init(&arch(), 8, &cpu());
-    let cfg = SampleConfig { max_new_tokens: 12, temperature: 0.9, top_k: Some(20), seed: 5 };
+    let cfg = SampleConfig {
+        max_new_tokens: 12,
+        temperature: 0.9,
+        top_k: Some(20),
+        seed: 5,
+    };
     let single = btm_model::generate::generate(&m, tokenizer(), "The ", &cfg, &cpu()).unwrap();
-    let e = Ensemble::new(vec![Gpt::init(&arch(), 8, &cpu())], &[1.0], Weighting::Posterior, &cpu()).unwrap();
-    assert_eq!(e.generate(tokenizer(), "The ", &cfg).unwrap(), single, "one ELM generates as that ELM");
-    let two = Ensemble::new(vec![Gpt::init(&arch(), 8, &cpu()), Gpt::init(&arch(), 9, &cpu())], &[0.5, 0.5], Weighting::Posterior, &cpu()).unwrap();
+    let e = Ensemble::new(
+        vec![Gpt::init(&arch(), 8, &cpu())],
+        &[1.0],
+        Weighting::Posterior,
+        &cpu(),
+    )
+    .unwrap();
+    assert_eq!(
+        e.generate(tokenizer(), "The ", &cfg).unwrap(),
+        single,
+        "one ELM generates as that ELM"
+    );
+    let two = Ensemble::new(
+        vec![Gpt::init(&arch(), 8, &cpu()), Gpt::init(&arch(), 9, &cpu())],
+        &[0.5, 0.5],
+        Weighting::Posterior,
+        &cpu(),
+    )
+    .unwrap();
     let ctx = tokenizer().encode("The cat sat").unwrap();
     let next = two.next_logprobs(&ctx).unwrap();
     assert_eq!(next.len(), arch().vocab_size);
-    assert_close(next.iter().map(|x| x.exp()).sum::<f64>(), 1.0, 1e-9, "next-token distribution");
+    assert_close(
+        next.iter().map(|x| x.exp()).sum::<f64>(),
+        1.0,
+        1e-9,
+        "next-token distribution",
+    );
     assert!(!two.generate(tokenizer(), "The ", &cfg).unwrap().is_empty());
 }
 
@@ -192,21 +291,47 @@ fn save_at(dir: &Path, name: &str, seed: u64) -> PathBuf {
 }
 
 fn input(path: &Path, weight: f64) -> Input {
-    Input { path: path.to_path_buf(), weight, id: None }
+    Input {
+        path: path.to_path_buf(),
+        weight,
+        id: None,
+    }
 }
 
 #[test]
 fn averaging_with_weight_one_on_one_elm_returns_it_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let paths: Vec<PathBuf> = (0..3).map(|i| save_at(dir.path(), &format!("m{i}.safetensors"), 60 + i)).collect();
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| save_at(dir.path(), &format!("m{i}.safetensors"), 60 + i))
+        .collect();
     let out = dir.path().join("avg.safetensors");
-    let s = average::average_files(&[input(&paths[0], 0.0), input(&paths[1], 1.0), input(&paths[2], 0.0)], None, &out).unwrap();
+    let s = average::average_files(
+        &[
+            input(&paths[0], 0.0),
+            input(&paths[1], 1.0),
+            input(&paths[2], 0.0),
+        ],
+        None,
+        &out,
+    )
+    .unwrap();
     assert_eq!(s.files_read, 1, "weight-0 inputs are not read");
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&paths[1]).unwrap(), "bit-identical file");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&paths[1]).unwrap(),
+        "bit-identical file"
+    );
     // The same through the in-memory path.
     let models: Vec<Gpt> = (0..3).map(|i| Gpt::init(&arch(), 60 + i, &cpu())).collect();
-    let avg = average::average_models(&[(&models[0], 0.0), (&models[1], 1.0), (&models[2], 0.0)], &cpu()).unwrap();
-    assert_eq!(weights::named_tensors(&avg), weights::named_tensors(&models[1]));
+    let avg = average::average_models(
+        &[(&models[0], 0.0), (&models[1], 1.0), (&models[2], 0.0)],
+        &cpu(),
+    )
+    .unwrap();
+    assert_eq!(
+        weights::named_tensors(&avg),
+        weights::named_tensors(&models[1])
+    );
 }
 
 #[test]
@@ -235,17 +360,32 @@ fn averaging_refuses_bad_weights_and_mismatched_files() {
     let dir = tempfile::tempdir().unwrap();
     let a = save_at(dir.path(), "a.safetensors", 1);
     let out = dir.path().join("avg.safetensors");
-    assert!(matches!(average::average_files(&[input(&a, -1.0)], None, &out), Err(Error::BadWeights(_))));
-    assert!(matches!(average::average_files(&[input(&a, 0.0)], None, &out), Err(Error::BadWeights(_))));
-    assert!(matches!(average::average_files(&[], None, &out), Err(Error::Empty(_))));
+    assert!(matches!(
+        average::average_files(&[input(&a, -1.0)], None, &out),
+        Err(Error::BadWeights(_))
+    ));
+    assert!(matches!(
+        average::average_files(&[input(&a, 0.0)], None, &out),
+        Err(Error::BadWeights(_))
+    ));
+    assert!(matches!(
+        average::average_files(&[], None, &out),
+        Err(Error::Empty(_))
+    ));
     let mut other = arch();
     other.n_layers += 1;
     let b = dir.path().join("b.safetensors");
     weights::save(&Gpt::init(&other, 1, &cpu()), &b).unwrap();
     let err = average::average_files(&[input(&a, 0.5), input(&b, 0.5)], None, &out).unwrap_err();
     assert!(err.to_string().contains("architecture mismatch"), "{err}");
-    let wrong_id = Input { id: Some("00".repeat(32)), ..input(&a, 1.0) };
-    assert!(matches!(average::average_files(&[wrong_id], None, &out), Err(Error::ContentMismatch { .. })));
+    let wrong_id = Input {
+        id: Some("00".repeat(32)),
+        ..input(&a, 1.0)
+    };
+    assert!(matches!(
+        average::average_files(&[wrong_id], None, &out),
+        Err(Error::ContentMismatch { .. })
+    ));
 }
 
 #[test]
@@ -258,21 +398,57 @@ fn the_forest_refuses_a_mismatched_architecture_or_tokenizer() {
     weights::save(&Gpt::init(&other, 1, &cpu()), &p).unwrap();
     let tok = tokenizer().id();
     match f.add("deep", vec![], &p, &tok, InitKind::Seed, vec![], None) {
-        Err(Error::ArchitectureMismatch { elm, found, .. }) => assert_eq!((elm.as_str(), found), ("deep", other)),
+        Err(Error::ArchitectureMismatch { elm, found, .. }) => {
+            assert_eq!((elm.as_str(), found), ("deep", other))
+        }
         other => panic!("expected ArchitectureMismatch, got {other:?}"),
     }
     let ok = dir.path().join("elm0.safetensors");
-    match f.add("other-tok", vec![], &ok, &"ab".repeat(32), InitKind::Seed, vec![], None) {
+    match f.add(
+        "other-tok",
+        vec![],
+        &ok,
+        &"ab".repeat(32),
+        InitKind::Seed,
+        vec![],
+        None,
+    ) {
         Err(Error::TokenizerMismatch { expected, .. }) => assert_eq!(expected, tok),
         other => panic!("expected TokenizerMismatch, got {other:?}"),
     }
-    assert!(matches!(f.add("elm0", vec![], &ok, &tok, InitKind::Seed, vec![], None), Err(Error::DuplicateElm(_))));
-    assert!(f.set_seed(&p).is_err(), "the seed must have the forest's architecture too");
-    assert!(Forest::create(dir.path(), other.with_vocab(999), &dir.path().join("tokenizer.json")).is_err());
+    assert!(matches!(
+        f.add("elm0", vec![], &ok, &tok, InitKind::Seed, vec![], None),
+        Err(Error::DuplicateElm(_))
+    ));
+    assert!(
+        f.set_seed(&p).is_err(),
+        "the seed must have the forest's architecture too"
+    );
+    assert!(
+        Forest::create(
+            dir.path(),
+            other.with_vocab(999),
+            &dir.path().join("tokenizer.json")
+        )
+        .is_err()
+    );
 
     // Add with parents, save, reopen, remove.
-    let parents = vec![Parent { name: "elm0".into(), id: f.elms[0].weights.id.clone(), weight: 1.0 }];
-    f.add("elm2", vec!["d2".into()], &ok, &tok, InitKind::Seed, parents.clone(), None).unwrap();
+    let parents = vec![Parent {
+        name: "elm0".into(),
+        id: f.elms[0].weights.id.clone(),
+        weight: 1.0,
+    }];
+    f.add(
+        "elm2",
+        vec!["d2".into()],
+        &ok,
+        &tok,
+        InitKind::Seed,
+        parents.clone(),
+        None,
+    )
+    .unwrap();
     let path = f.save().unwrap();
     let g = Forest::open(&path).unwrap();
     assert_eq!(g, f);
@@ -284,11 +460,17 @@ fn the_forest_refuses_a_mismatched_architecture_or_tokenizer() {
 
     // A file changed behind the manifest's back is refused on load.
     weights::save(&Gpt::init(&arch(), 999, &cpu()), &ok).unwrap();
-    assert!(matches!(g.load_elm(0, &cpu()), Err(Error::ContentMismatch { .. })));
+    assert!(matches!(
+        g.load_elm(0, &cpu()),
+        Err(Error::ContentMismatch { .. })
+    ));
     assert!(matches!(g.verify(), Err(Error::ContentMismatch { .. })));
     // A manifest of another format is refused.
     std::fs::write(&path, br#"{"format":"other"}"#).unwrap();
-    assert!(matches!(Forest::open(&path), Err(Error::BadManifest { .. })));
+    assert!(matches!(
+        Forest::open(&path),
+        Err(Error::BadManifest { .. })
+    ));
 }
 
 #[test]
@@ -296,9 +478,18 @@ fn a_posterior_average_branch_records_its_parents_and_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (f, models) = forest_of(dir.path(), 3);
     let out = dir.path().join("branch.safetensors");
-    let parents = forest::branch::posterior_average_init(&f, &[0.6, 0.1, 0.3], Some(2), &out).unwrap();
-    assert_eq!(parents.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["elm0", "elm2"]);
-    assert_close(parents[0].weight, 2.0 / 3.0, 1e-12, "renormalised top-2 weight");
+    let parents =
+        forest::branch::posterior_average_init(&f, &[0.6, 0.1, 0.3], Some(2), &out).unwrap();
+    assert_eq!(
+        parents.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        vec!["elm0", "elm2"]
+    );
+    assert_close(
+        parents[0].weight,
+        2.0 / 3.0,
+        1e-12,
+        "renormalised top-2 weight",
+    );
     assert_eq!(parents[1].id, f.elms[2].weights.id);
     let (_, got) = weights::read(&out, Some(&arch())).unwrap();
     let want = average::average_tensors(&[
@@ -314,7 +505,15 @@ fn a_posterior_average_branch_records_its_parents_and_weights() {
 }
 
 fn stream(domain: &str, n_ctx: usize) -> btm_model::data::DomainStream {
-    let s = btm_model::data::load_streams(&crate::common::corpus(), tokenizer(), &[domain], btm_model::data::Split::Train, n_ctx, Some(60_000)).unwrap();
+    let s = btm_model::data::load_streams(
+        &crate::common::corpus(),
+        tokenizer(),
+        &[domain],
+        btm_model::data::Split::Train,
+        n_ctx,
+        Some(60_000),
+    )
+    .unwrap();
     s.into_iter().next().unwrap()
 }
 
@@ -323,32 +522,105 @@ fn compute_accounting_sums_correctly() {
     use btm_model::forest::experiment::{Config, Plan};
     let a = arch();
     // The paper's split: seed 50%, eight ELMs share the rest; seed + ELMs = dense exactly.
-    let cfg = Config { total_steps: 160, seed_share: 0.5, batch_size: 4, ..Config::quick() };
+    let cfg = Config {
+        total_steps: 160,
+        seed_share: 0.5,
+        batch_size: 4,
+        ..Config::quick()
+    };
     let p = Plan::new(&cfg, 8, &a).unwrap();
-    assert_eq!((p.seed_steps, p.elm_steps, p.no_seed_elm_steps), (80, 10, 20));
+    assert_eq!(
+        (p.seed_steps, p.elm_steps, p.no_seed_elm_steps),
+        (80, 10, 20)
+    );
     assert_eq!(p.tokens_per_step, 4 * a.n_ctx as u64);
     assert_eq!(p.btm_flops(), p.dense_flops());
-    assert_close(p.dense_flops(), 160.0 * 4.0 * a.n_ctx as f64 * a.train_flops_per_token(), 1e-15, "dense FLOPs");
+    assert_close(
+        p.dense_flops(),
+        160.0 * 4.0 * a.n_ctx as f64 * a.train_flops_per_token(),
+        1e-15,
+        "dense FLOPs",
+    );
     // When the ELMs' share does not divide, BTM gets at most E - 1 updates less, never more.
-    let odd = Plan::new(&Config { total_steps: 100, seed_share: 0.3, ..cfg.clone() }, 8, &a).unwrap();
+    let odd = Plan::new(
+        &Config {
+            total_steps: 100,
+            seed_share: 0.3,
+            ..cfg.clone()
+        },
+        8,
+        &a,
+    )
+    .unwrap();
     assert_eq!((odd.seed_steps, odd.elm_steps), (30, 8));
-    assert!(odd.btm_flops() <= odd.dense_flops() && odd.btm_flops() > odd.dense_flops() - 8.0 * odd.flops(1));
-    assert!(Plan::new(&Config { total_steps: 10, ..cfg.clone() }, 8, &a).is_err(), "no updates left for the ELMs");
+    assert!(
+        odd.btm_flops() <= odd.dense_flops()
+            && odd.btm_flops() > odd.dense_flops() - 8.0 * odd.flops(1)
+    );
+    assert!(
+        Plan::new(
+            &Config {
+                total_steps: 10,
+                ..cfg.clone()
+            },
+            8,
+            &a
+        )
+        .is_err(),
+        "no updates left for the ELMs"
+    );
 
     // The FLOPs the trainer records add up the same way: seed + ELMs = the plan.
     let dir = tempfile::tempdir().unwrap();
-    let small = Config { total_steps: 8, seed_share: 0.5, batch_size: 2, ..Config::quick() };
+    let small = Config {
+        total_steps: 8,
+        seed_share: 0.5,
+        batch_size: 2,
+        ..Config::quick()
+    };
     let plan = Plan::new(&small, 2, &a).unwrap();
-    let tc = |steps| btm_model::train::TrainConfig { steps, batch_size: 2, checkpoint_every: 0, ..Default::default() };
-    let mix = btm_model::data::Mixture::new(vec![stream("bible_kjv", a.n_ctx), stream("python_code", a.n_ctx)], 0).unwrap();
-    let seed = forest::branch::train(Gpt::init(&a, 0, &cpu()), &mix, tc(plan.seed_steps), &dir.path().join("seed"), &cpu(), false, |_| {}).unwrap();
+    let tc = |steps| btm_model::train::TrainConfig {
+        steps,
+        batch_size: 2,
+        checkpoint_every: 0,
+        ..Default::default()
+    };
+    let mix = btm_model::data::Mixture::new(
+        vec![stream("bible_kjv", a.n_ctx), stream("python_code", a.n_ctx)],
+        0,
+    )
+    .unwrap();
+    let seed = forest::branch::train(
+        Gpt::init(&a, 0, &cpu()),
+        &mix,
+        tc(plan.seed_steps),
+        &dir.path().join("seed"),
+        &cpu(),
+        false,
+        |_| {},
+    )
+    .unwrap();
     let mut total = seed.record.flops;
     for d in ["bible_kjv", "python_code"] {
         let m = weights::load(&seed.weights, Some(&a), &cpu()).unwrap();
         let data = btm_model::data::Mixture::new(vec![stream(d, a.n_ctx)], 0).unwrap();
-        let elm = forest::branch::train(m, &data, tc(plan.elm_steps), &dir.path().join(d), &cpu(), false, |_| {}).unwrap();
+        let elm = forest::branch::train(
+            m,
+            &data,
+            tc(plan.elm_steps),
+            &dir.path().join(d),
+            &cpu(),
+            false,
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(elm.record.steps, plan.elm_steps);
-        assert_close(elm.record.flops, plan.flops(plan.elm_steps), 1e-12, "ELM FLOPs");
+        assert_close(
+            elm.record.flops,
+            plan.flops(plan.elm_steps),
+            1e-12,
+            "ELM FLOPs",
+        );
         total += elm.record.flops;
     }
     assert_close(total, plan.btm_flops(), 1e-12, "seed + ELMs");
@@ -360,32 +632,91 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let a = arch();
     let mix = btm_model::data::Mixture::new(vec![stream("bible_kjv", a.n_ctx)], 0).unwrap();
-    let base = btm_model::train::TrainConfig { batch_size: 2, checkpoint_every: 0, schedule_steps: Some(8), ..Default::default() };
-    let seed_cfg = btm_model::train::TrainConfig { steps: 4, ..base.clone() };
-    forest::branch::train(Gpt::init(&a, 0, &cpu()), &mix, seed_cfg, &dir.path().join("seed"), &cpu(), false, |_| {}).unwrap();
+    let base = btm_model::train::TrainConfig {
+        batch_size: 2,
+        checkpoint_every: 0,
+        schedule_steps: Some(8),
+        ..Default::default()
+    };
+    let seed_cfg = btm_model::train::TrainConfig {
+        steps: 4,
+        ..base.clone()
+    };
+    forest::branch::train(
+        Gpt::init(&a, 0, &cpu()),
+        &mix,
+        seed_cfg,
+        &dir.path().join("seed"),
+        &cpu(),
+        false,
+        |_| {},
+    )
+    .unwrap();
     let elm_data = btm_model::data::Mixture::new(vec![stream("python_code", a.n_ctx)], 0).unwrap();
-    let cont = btm_model::train::TrainConfig { steps: 8, ..base.clone() };
+    let cont = btm_model::train::TrainConfig {
+        steps: 8,
+        ..base.clone()
+    };
     let mut lrs = Vec::new();
-    let t = forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, cont.clone(), &dir.path().join("elm"), &cpu(), false, |s| lrs.push((s.step, s.lr))).unwrap();
+    let t = forest::branch::train_continuing(
+        &dir.path().join("seed"),
+        &elm_data,
+        cont.clone(),
+        &dir.path().join("elm"),
+        &cpu(),
+        false,
+        |s| lrs.push((s.step, s.lr)),
+    )
+    .unwrap();
     // Updates 5..8 of one 8-update schedule: no new warm-up.
-    assert_eq!(lrs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+    assert_eq!(
+        lrs.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8]
+    );
     for (k, (_, lr)) in lrs.iter().enumerate() {
         assert!((lr - cont.lr_at(4 + k as u64)).abs() < 1e-15);
     }
     assert_eq!(t.record.steps, 4);
-    assert_eq!(t.record.tokens, 4 * 2 * a.n_ctx as u64, "only the branch's own tokens are counted");
+    assert_eq!(
+        t.record.tokens,
+        4 * 2 * a.n_ctx as u64,
+        "only the branch's own tokens are counted"
+    );
     // Asking again resumes the finished run and changes nothing.
-    let again = forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, cont, &dir.path().join("elm"), &cpu(), false, |_| {}).unwrap();
+    let again = forest::branch::train_continuing(
+        &dir.path().join("seed"),
+        &elm_data,
+        cont,
+        &dir.path().join("elm"),
+        &cpu(),
+        false,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(again.id, t.id);
     // steps must exceed the parent's.
     let bad = btm_model::train::TrainConfig { steps: 4, ..base };
-    assert!(forest::branch::train_continuing(&dir.path().join("seed"), &elm_data, bad, &dir.path().join("elm2"), &cpu(), false, |_| {}).is_err());
+    assert!(
+        forest::branch::train_continuing(
+            &dir.path().join("seed"),
+            &elm_data,
+            bad,
+            &dir.path().join("elm2"),
+            &cpu(),
+            false,
+            |_| {}
+        )
+        .is_err()
+    );
 }
 
 /// Not a test on its own: the child process of `averaging_memory_stays_at_about_two_models`.
 #[test]
 fn average_rss_child() {
-    let (Ok(files), Ok(out)) = (std::env::var("BTM_AVG_FILES"), std::env::var("BTM_AVG_OUT")) else { return };
+    let (Ok(files), Ok(out)) = (std::env::var("BTM_AVG_FILES"), std::env::var("BTM_AVG_OUT"))
+    else {
+        return;
+    };
     let inputs: Vec<Input> = files.split(',').map(|p| input(Path::new(p), 1.0)).collect();
     let s = average::average_files(&inputs, None, Path::new(&out)).unwrap();
     println!("PEAK_RSS={}", s.peak_rss_bytes.unwrap_or(0));
@@ -397,7 +728,13 @@ fn average_rss_child() {
 #[ignore]
 fn averaging_memory_stays_at_about_two_models() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = btm_model::GptConfig { vocab_size: 2048, n_ctx: 128, d_model: 384, n_heads: 6, n_layers: 6 };
+    let cfg = btm_model::GptConfig {
+        vocab_size: 2048,
+        n_ctx: 128,
+        d_model: 384,
+        n_heads: 6,
+        n_layers: 6,
+    };
     let a = dir.path().join("a.safetensors");
     let b = dir.path().join("b.safetensors");
     weights::save(&Gpt::init(&cfg, 1, &cpu()), &a).unwrap();
@@ -412,7 +749,12 @@ fn averaging_memory_stays_at_about_two_models() {
     let mut peaks = Vec::new();
     for n in [2usize, 8, 32] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "forest::average_rss_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "forest::average_rss_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("BTM_AVG_FILES", paths[..n].join(","))
             .env("BTM_AVG_OUT", dir.path().join("avg.safetensors"))
             .output()
@@ -422,10 +764,26 @@ fn averaging_memory_stays_at_about_two_models() {
             .lines()
             .find_map(|l| l.split("PEAK_RSS=").nth(1))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("child said {stdout} / {}", String::from_utf8_lossy(&out.stderr)));
-        eprintln!("averaging {n:>2} files of {:.1} MB: peak RSS {:.1} MB ({:.2} models)", model_bytes as f64 / 1e6, peak as f64 / 1e6, peak as f64 / model_bytes as f64);
+            .unwrap_or_else(|| {
+                panic!(
+                    "child said {stdout} / {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        eprintln!(
+            "averaging {n:>2} files of {:.1} MB: peak RSS {:.1} MB ({:.2} models)",
+            model_bytes as f64 / 1e6,
+            peak as f64 / 1e6,
+            peak as f64 / model_bytes as f64
+        );
         peaks.push(peak);
     }
-    assert!(peaks[2] < peaks[0] + model_bytes / 2, "peak RSS grows with the number of files: {peaks:?}");
-    assert!(peaks[2] < 3 * model_bytes, "more than about two models: {peaks:?} for {model_bytes}-byte models");
+    assert!(
+        peaks[2] < peaks[0] + model_bytes / 2,
+        "peak RSS grows with the number of files: {peaks:?}"
+    );
+    assert!(
+        peaks[2] < 3 * model_bytes,
+        "more than about two models: {peaks:?} for {model_bytes}-byte models"
+    );
 }

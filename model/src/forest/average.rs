@@ -26,13 +26,19 @@ pub fn normalize_weights(w: &[f64]) -> Result<Vec<f64>, Error> {
         return Err(Error::Empty("average"));
     }
     if let Some(bad) = w.iter().find(|x| !x.is_finite() || **x < 0.0) {
-        return Err(Error::BadWeights(format!("weight {bad} is not a finite non-negative number")));
+        return Err(Error::BadWeights(format!(
+            "weight {bad} is not a finite non-negative number"
+        )));
     }
     let s: f64 = w.iter().sum();
     if s <= 0.0 {
         return Err(Error::BadWeights("the weights sum to zero".into()));
     }
-    Ok(if s == 1.0 { w.to_vec() } else { w.iter().map(|x| x / s).collect() })
+    Ok(if s == 1.0 {
+        w.to_vec()
+    } else {
+        w.iter().map(|x| x / s).collect()
+    })
 }
 
 /// One input of an average.
@@ -63,31 +69,55 @@ pub struct Summary {
 
 /// Adds `weight` times the tensors of a weights file's bytes into `acc` (created on the first
 /// call), checking the file exactly as [`weights::parse`] does but without copying it.
-fn accumulate(bytes: &[u8], weight: f32, expected: Option<&GptConfig>, acc: &mut Option<(GptConfig, Vec<NamedTensor>)>) -> Result<(), crate::Error> {
+fn accumulate(
+    bytes: &[u8],
+    weight: f32,
+    expected: Option<&GptConfig>,
+    acc: &mut Option<(GptConfig, Vec<NamedTensor>)>,
+) -> Result<(), crate::Error> {
     let bad = |m: String| crate::Error::Weights(m);
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let config_json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("btm.config"))
         .ok_or_else(|| bad("metadata entry btm.config is missing".into()))?;
-    let config: GptConfig =
-        serde_json::from_str(config_json).map_err(|e| bad(format!("metadata entry btm.config is not a configuration: {e}")))?;
+    let config: GptConfig = serde_json::from_str(config_json).map_err(|e| {
+        bad(format!(
+            "metadata entry btm.config is not a configuration: {e}"
+        ))
+    })?;
     config.validate()?;
     let want = expected.copied().or(acc.as_ref().map(|(c, _)| *c));
-    if let Some(want) = want {
-        if want != config {
-            return Err(bad(format!("architecture mismatch: the file holds {config:?}, expected {want:?}")));
-        }
+    if let Some(want) = want
+        && want != config
+    {
+        return Err(bad(format!(
+            "architecture mismatch: the file holds {config:?}, expected {want:?}"
+        )));
     }
-    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let expected_tensors = weights::expected_tensors(&config);
     if st.len() != expected_tensors.len() {
-        let known: std::collections::HashSet<String> =
-            expected_tensors.iter().map(|(n, _)| format!("{}{n}", weights::PREFIX)).collect();
-        let mut extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(*n)).map(str::to_string).collect();
+        let known: std::collections::HashSet<String> = expected_tensors
+            .iter()
+            .map(|(n, _)| format!("{}{n}", weights::PREFIX))
+            .collect();
+        let mut extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !known.contains(*n))
+            .map(str::to_string)
+            .collect();
         extra.sort();
-        return Err(bad(format!("expected {} tensors, found {} (unexpected: {})", expected_tensors.len(), st.len(), extra.join(", "))));
+        return Err(bad(format!(
+            "expected {} tensors, found {} (unexpected: {})",
+            expected_tensors.len(),
+            st.len(),
+            extra.join(", ")
+        )));
     }
     let acc = acc.get_or_insert_with(|| {
         let t = expected_tensors
@@ -102,17 +132,33 @@ fn accumulate(bytes: &[u8], weight: f32, expected: Option<&GptConfig>, acc: &mut
     });
     for t in acc.1.iter_mut() {
         let full = format!("{}{}", weights::PREFIX, t.name);
-        let view = st.tensor(&full).map_err(|_| bad(format!("tensor {full} is missing")))?;
+        let view = st
+            .tensor(&full)
+            .map_err(|_| bad(format!("tensor {full} is missing")))?;
         if view.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor {full} has dtype {:?}, expected F32", view.dtype())));
+            return Err(bad(format!(
+                "tensor {full} has dtype {:?}, expected F32",
+                view.dtype()
+            )));
         }
         if view.shape() != t.shape.as_slice() {
-            return Err(bad(format!("tensor {full} has shape {:?}, expected {:?}", view.shape(), t.shape)));
+            return Err(bad(format!(
+                "tensor {full} has shape {:?}, expected {:?}",
+                view.shape(),
+                t.shape
+            )));
         }
-        for (i, (a, c)) in t.values.iter_mut().zip(view.data().chunks_exact(4)).enumerate() {
+        for (i, (a, c)) in t
+            .values
+            .iter_mut()
+            .zip(view.data().chunks_exact(4))
+            .enumerate()
+        {
             let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             if !v.is_finite() {
-                return Err(bad(format!("tensor {full} holds a non-finite value ({v}) at flat index {i}")));
+                return Err(bad(format!(
+                    "tensor {full} holds a non-finite value ({v}) at flat index {i}"
+                )));
             }
             *a += weight * v;
         }
@@ -123,7 +169,11 @@ fn accumulate(bytes: &[u8], weight: f32, expected: Option<&GptConfig>, acc: &mut
 /// Averages weights files into `out`, one file in memory at a time. `expected`, when given,
 /// is the architecture every input must have (otherwise the first file's). Inputs of weight 0
 /// are not read.
-pub fn average_files(inputs: &[Input], expected: Option<&GptConfig>, out: &Path) -> Result<Summary, Error> {
+pub fn average_files(
+    inputs: &[Input],
+    expected: Option<&GptConfig>,
+    out: &Path,
+) -> Result<Summary, Error> {
     let w = normalize_weights(&inputs.iter().map(|i| i.weight).collect::<Vec<_>>())?;
     let mut acc: Option<(GptConfig, Vec<NamedTensor>)> = None;
     let mut files_read = 0;
@@ -179,15 +229,23 @@ pub fn average_tensors(inputs: &[(&[NamedTensor], f64)]) -> Result<Vec<NamedTens
         if wi == 0.0 {
             continue;
         }
-        let by_name: HashMap<&str, &NamedTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let by_name: HashMap<&str, &NamedTensor> =
+            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         if by_name.len() != out.len() {
-            return Err(crate::Error::Weights("models to average have different tensors".into()).into());
+            return Err(
+                crate::Error::Weights("models to average have different tensors".into()).into(),
+            );
         }
         for o in out.iter_mut() {
             let t = by_name
                 .get(o.name.as_str())
                 .filter(|t| t.shape == o.shape)
-                .ok_or_else(|| crate::Error::Weights(format!("tensor {} is missing or has another shape", o.name)))?;
+                .ok_or_else(|| {
+                    crate::Error::Weights(format!(
+                        "tensor {} is missing or has another shape",
+                        o.name
+                    ))
+                })?;
             for (a, v) in o.values.iter_mut().zip(&t.values) {
                 *a += wi as f32 * v;
             }
@@ -202,7 +260,10 @@ pub fn average_models(models: &[(&Gpt, f64)], device: &Device) -> Result<Gpt, Er
         return Err(Error::Empty("average"));
     };
     let config = first.config();
-    let tensors: Vec<Vec<NamedTensor>> = models.iter().map(|(m, _)| weights::named_tensors(m)).collect();
+    let tensors: Vec<Vec<NamedTensor>> = models
+        .iter()
+        .map(|(m, _)| weights::named_tensors(m))
+        .collect();
     for m in models {
         if m.0.config() != config {
             return Err(Error::ArchitectureMismatch {
@@ -212,7 +273,11 @@ pub fn average_models(models: &[(&Gpt, f64)], device: &Device) -> Result<Gpt, Er
             });
         }
     }
-    let inputs: Vec<(&[NamedTensor], f64)> = tensors.iter().map(Vec::as_slice).zip(models.iter().map(|m| m.1)).collect();
+    let inputs: Vec<(&[NamedTensor], f64)> = tensors
+        .iter()
+        .map(Vec::as_slice)
+        .zip(models.iter().map(|m| m.1))
+        .collect();
     let avg = average_tensors(&inputs)?;
     Ok(weights::from_named_tensors(&config, avg, device)?)
 }

@@ -143,12 +143,21 @@ pub fn train_continuing(
 /// the forest's ELMs weighted by `prior` (the cached prior of the new domain's dev data, see
 /// [`super::ensemble::cached_prior`]), restricted to its `top_k` largest entries. Returns the
 /// parents with their weights.
-pub fn posterior_average_init(forest: &Forest, prior: &[f64], top_k: Option<usize>, out: &Path) -> Result<Vec<Parent>, Error> {
+pub fn posterior_average_init(
+    forest: &Forest,
+    prior: &[f64],
+    top_k: Option<usize>,
+    out: &Path,
+) -> Result<Vec<Parent>, Error> {
     if forest.elms.is_empty() {
         return Err(Error::Empty("average"));
     }
     if prior.len() != forest.elms.len() {
-        return Err(Error::BadWeights(format!("{} prior entries for {} ELMs", prior.len(), forest.elms.len())));
+        return Err(Error::BadWeights(format!(
+            "{} prior entries for {} ELMs",
+            prior.len(),
+            forest.elms.len()
+        )));
     }
     let sel = super::posterior::top_k(prior, top_k.unwrap_or(prior.len()));
     let inputs: Vec<Input> = sel

@@ -21,7 +21,12 @@ use crate::tokenizer::{EOT_ID, Tokenizer};
 
 /// Every ELM's per-token log-probabilities of `tokens` (stream order, as
 /// [`eval::token_logprobs`]).
-pub fn elm_logprobs(models: &[&Gpt], tokens: &[u32], batch: usize, device: &Device) -> Result<Vec<Vec<f64>>, Error> {
+pub fn elm_logprobs(
+    models: &[&Gpt],
+    tokens: &[u32],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f64>>, Error> {
     models
         .iter()
         .map(|m| eval::token_logprobs(m, tokens, batch, device).map_err(Error::from))
@@ -30,7 +35,13 @@ pub fn elm_logprobs(models: &[&Gpt], tokens: &[u32], batch: usize, device: &Devi
 
 /// Per-token log-probabilities of `tokens` under the forest members `indices`, loading one
 /// ELM at a time.
-pub fn forest_logprobs(forest: &Forest, indices: &[usize], tokens: &[u32], batch: usize, device: &Device) -> Result<Vec<Vec<f64>>, Error> {
+pub fn forest_logprobs(
+    forest: &Forest,
+    indices: &[usize],
+    tokens: &[u32],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f64>>, Error> {
     indices
         .iter()
         .map(|&i| {
@@ -42,7 +53,13 @@ pub fn forest_logprobs(forest: &Forest, indices: &[usize], tokens: &[u32], batch
 
 /// The cached prior of a target domain over every member of `forest`, estimated on its dev
 /// tokens (see [`posterior::estimate_prior`]).
-pub fn cached_prior(forest: &Forest, dev_tokens: &[u32], cfg: &PriorConfig, batch: usize, device: &Device) -> Result<Vec<f64>, Error> {
+pub fn cached_prior(
+    forest: &Forest,
+    dev_tokens: &[u32],
+    cfg: &PriorConfig,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<f64>, Error> {
     if forest.elms.is_empty() {
         return Err(Error::Empty("estimate a prior over"));
     }
@@ -52,7 +69,11 @@ pub fn cached_prior(forest: &Forest, dev_tokens: &[u32], cfg: &PriorConfig, batc
     let dev = &dev_tokens[..limit];
     let all: Vec<usize> = (0..forest.elms.len()).collect();
     let lp = forest_logprobs(forest, &all, dev, batch, device)?;
-    Ok(posterior::estimate_prior(&lp, &posterior::block_targets(dev.len(), n_ctx), cfg))
+    Ok(posterior::estimate_prior(
+        &lp,
+        &posterior::block_targets(dev.len(), n_ctx),
+        cfg,
+    ))
 }
 
 /// Scores `tokens` with the ensemble of the forest members `selection` (`(index, prior)`
@@ -69,10 +90,16 @@ pub fn score_forest(
         return Err(Error::Empty("ensemble"));
     }
     let indices: Vec<usize> = selection.iter().map(|s| s.0).collect();
-    let prior = super::average::normalize_weights(&selection.iter().map(|s| s.1).collect::<Vec<_>>())?;
+    let prior =
+        super::average::normalize_weights(&selection.iter().map(|s| s.1).collect::<Vec<_>>())?;
     let lp = forest_logprobs(forest, &indices, tokens, batch, device)?;
     let targets = posterior::block_targets(tokens.len(), forest.architecture.n_ctx);
-    Ok(posterior::mix_stream(&lp, &targets, &posterior::ln_all(&prior), weighting))
+    Ok(posterior::mix_stream(
+        &lp,
+        &targets,
+        &posterior::ln_all(&prior),
+        weighting,
+    ))
 }
 
 /// ELMs held in memory with a prior over them and a weighting: an ensemble LM.
@@ -86,7 +113,12 @@ pub struct Ensemble {
 
 impl Ensemble {
     /// An ensemble of `members` (one architecture) under `prior` (non-negative, normalised here).
-    pub fn new(members: Vec<Gpt>, prior: &[f64], weighting: Weighting, device: &Device) -> Result<Self, Error> {
+    pub fn new(
+        members: Vec<Gpt>,
+        prior: &[f64],
+        weighting: Weighting,
+        device: &Device,
+    ) -> Result<Self, Error> {
         let Some(first) = members.first() else {
             return Err(Error::Empty("ensemble"));
         };
@@ -99,7 +131,11 @@ impl Ensemble {
             });
         }
         if prior.len() != members.len() {
-            return Err(Error::BadWeights(format!("{} prior entries for {} ELMs", prior.len(), members.len())));
+            return Err(Error::BadWeights(format!(
+                "{} prior entries for {} ELMs",
+                prior.len(),
+                members.len()
+            )));
         }
         let prior = super::average::normalize_weights(prior)?;
         Ok(Ensemble {
@@ -123,7 +159,10 @@ impl Ensemble {
         let uniform = vec![1.0 / e.max(1) as f64; e];
         let prior = prior.unwrap_or(&uniform);
         if prior.len() != e {
-            return Err(Error::BadWeights(format!("{} prior entries for {e} ELMs", prior.len())));
+            return Err(Error::BadWeights(format!(
+                "{} prior entries for {e} ELMs",
+                prior.len()
+            )));
         }
         let sel = posterior::top_k(prior, top_k.unwrap_or(e).min(e));
         let models = sel
@@ -131,7 +170,10 @@ impl Ensemble {
             .map(|&(i, _)| forest.load_elm(i, device))
             .collect::<Result<Vec<_>, _>>()?;
         let w: Vec<f64> = sel.iter().map(|s| s.1).collect();
-        Ok((Ensemble::new(models, &w, weighting, device)?, sel.into_iter().map(|s| s.0).collect()))
+        Ok((
+            Ensemble::new(models, &w, weighting, device)?,
+            sel.into_iter().map(|s| s.0).collect(),
+        ))
     }
 
     /// The number of members.
@@ -150,11 +192,21 @@ impl Ensemble {
         let refs: Vec<&Gpt> = self.members.iter().collect();
         let lp = elm_logprobs(&refs, tokens, batch, &self.device)?;
         let n_ctx = self.members[0].config().n_ctx;
-        Ok(posterior::mix_stream(&lp, &posterior::block_targets(tokens.len(), n_ctx), &self.log_prior, self.weighting))
+        Ok(posterior::mix_stream(
+            &lp,
+            &posterior::block_targets(tokens.len(), n_ctx),
+            &self.log_prior,
+            self.weighting,
+        ))
     }
 
     /// Perplexity and bits per byte of the ensemble on a token stream.
-    pub fn evaluate(&self, tok: Option<&Tokenizer>, tokens: &[u32], batch: usize) -> Result<EvalResult, Error> {
+    pub fn evaluate(
+        &self,
+        tok: Option<&Tokenizer>,
+        tokens: &[u32],
+        batch: usize,
+    ) -> Result<EvalResult, Error> {
         if tokens.len() < 2 {
             return Err(crate::Error::Data("need at least two tokens to evaluate".into()).into());
         }
@@ -227,7 +279,12 @@ impl Ensemble {
     /// Continues `prompt` by sampling from the mixture of the members' full next-token
     /// distributions; the domain posterior is updated after every token (over the whole
     /// history, also past the context window). Returns only the generated text.
-    pub fn generate(&self, tok: &Tokenizer, prompt: &str, cfg: &SampleConfig) -> Result<String, Error> {
+    pub fn generate(
+        &self,
+        tok: &Tokenizer,
+        prompt: &str,
+        cfg: &SampleConfig,
+    ) -> Result<String, Error> {
         let mut tokens = tok.encode(prompt)?;
         let start = tokens.len();
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);

@@ -234,17 +234,32 @@ struct EvalData {
 }
 
 impl EvalData {
-    fn load(corpus: &Corpus, tok: &Tokenizer, test_tokens: usize, dev_tokens: usize) -> Result<Self, Error> {
+    fn load(
+        corpus: &Corpus,
+        tok: &Tokenizer,
+        test_tokens: usize,
+        dev_tokens: usize,
+    ) -> Result<Self, Error> {
         let take = |d: &str, split: Split, n: usize| -> Result<Vec<u32>, Error> {
             let docs = corpus.documents(d, split)?;
             let (mut t, _) = data::tokenize_documents(tok, &docs, Some(n * 8))?;
             t.truncate(n + 1);
             Ok(t)
         };
-        let all: Vec<&str> = TRAIN_DOMAINS.iter().chain(EVAL_DOMAINS.iter()).copied().collect();
+        let all: Vec<&str> = TRAIN_DOMAINS
+            .iter()
+            .chain(EVAL_DOMAINS.iter())
+            .copied()
+            .collect();
         Ok(EvalData {
-            test: all.iter().map(|d| Ok((d.to_string(), take(d, Split::Test, test_tokens)?))).collect::<Result<_, Error>>()?,
-            dev: all.iter().map(|d| Ok((d.to_string(), take(d, Split::Valid, dev_tokens)?))).collect::<Result<_, Error>>()?,
+            test: all
+                .iter()
+                .map(|d| Ok((d.to_string(), take(d, Split::Test, test_tokens)?)))
+                .collect::<Result<_, Error>>()?,
+            dev: all
+                .iter()
+                .map(|d| Ok((d.to_string(), take(d, Split::Valid, dev_tokens)?)))
+                .collect::<Result<_, Error>>()?,
         })
     }
 }
@@ -253,7 +268,12 @@ fn is_train_domain(d: &str) -> bool {
     TRAIN_DOMAINS.contains(&d)
 }
 
-fn result(name: &str, train_flops: f64, inference_models: usize, ppl: &[(String, f64)]) -> SystemResult {
+fn result(
+    name: &str,
+    train_flops: f64,
+    inference_models: usize,
+    ppl: &[(String, f64)],
+) -> SystemResult {
     let mut r = SystemResult {
         name: name.to_string(),
         train_flops,
@@ -290,17 +310,16 @@ fn eval_model(model: &Gpt, data: &EvalData, device: &Device) -> Result<Vec<(Stri
 /// Runs `f` unless `dir/trained.json` says the run is done; records its result there.
 fn train_once(dir: &Path, f: impl FnOnce() -> Result<Trained, Error>) -> Result<Trained, Error> {
     let marker = dir.join("trained.json");
-    if let Ok(bytes) = std::fs::read(&marker) {
-        if let Ok(t) = serde_json::from_slice::<TrainedOnDisk>(&bytes) {
-            if dir.join(branch::WEIGHTS_FILE).exists() {
-                return Ok(Trained {
-                    weights: dir.join(branch::WEIGHTS_FILE),
-                    id: t.id,
-                    record: t.record,
-                    losses: t.losses,
-                });
-            }
-        }
+    if let Ok(bytes) = std::fs::read(&marker)
+        && let Ok(t) = serde_json::from_slice::<TrainedOnDisk>(&bytes)
+        && dir.join(branch::WEIGHTS_FILE).exists()
+    {
+        return Ok(Trained {
+            weights: dir.join(branch::WEIGHTS_FILE),
+            id: t.id,
+            record: t.record,
+            losses: t.losses,
+        });
     }
     let t = f()?;
     let on_disk = TrainedOnDisk {
@@ -357,7 +376,11 @@ fn forest_systems(
     device: &Device,
     say: &mut dyn FnMut(&str),
 ) -> Result<(Vec<SystemResult>, Vec<Vec<f64>>), Error> {
-    say(&format!("{prefix}: scoring {} ELMs on {} domains", forest.elms.len(), data.test.len()));
+    say(&format!(
+        "{prefix}: scoring {} ELMs on {} domains",
+        forest.elms.len(),
+        data.test.len()
+    ));
     let n_ctx = forest.architecture.n_ctx;
     let scores = score_forest(forest, data, device)?;
     let prior_cfg = PriorConfig {
@@ -374,13 +397,45 @@ fn forest_systems(
         let lp = &scores.test[d];
         let ln_prior = posterior::ln_all(&prior);
         let mut push = |k: &'static str, v: f64| rows.entry(k).or_default().push((name.clone(), v));
-        push("ensemble", ppl(&posterior::mix_stream(lp, &targets, &ln_prior, Weighting::Posterior)));
+        push(
+            "ensemble",
+            ppl(&posterior::mix_stream(
+                lp,
+                &targets,
+                &ln_prior,
+                Weighting::Posterior,
+            )),
+        );
         let sel = posterior::top_k(&prior, cfg.top_k);
         let sel_lp: Vec<Vec<f64>> = sel.iter().map(|&(j, _)| lp[j].clone()).collect();
         let sel_prior: Vec<f64> = sel.iter().map(|s| s.1.ln()).collect();
-        push("ensemble_topk", ppl(&posterior::mix_stream(&sel_lp, &targets, &sel_prior, Weighting::Posterior)));
-        push("ensemble_prev_token", ppl(&posterior::mix_stream(lp, &targets, &ln_prior, Weighting::PrevToken)));
-        push("ensemble_uniform", ppl(&posterior::mix_stream(lp, &targets, &ln_prior, Weighting::Uniform)));
+        push(
+            "ensemble_topk",
+            ppl(&posterior::mix_stream(
+                &sel_lp,
+                &targets,
+                &sel_prior,
+                Weighting::Posterior,
+            )),
+        );
+        push(
+            "ensemble_prev_token",
+            ppl(&posterior::mix_stream(
+                lp,
+                &targets,
+                &ln_prior,
+                Weighting::PrevToken,
+            )),
+        );
+        push(
+            "ensemble_uniform",
+            ppl(&posterior::mix_stream(
+                lp,
+                &targets,
+                &ln_prior,
+                Weighting::Uniform,
+            )),
+        );
         if averages {
             let inputs: Vec<Input> = (0..e)
                 .map(|j| Input {
@@ -392,12 +447,21 @@ fn forest_systems(
             let out = tmp.join("average.safetensors");
             average::average_files(&inputs, Some(&forest.architecture), &out)?;
             let m = weights::load(&out, Some(&forest.architecture), device)?;
-            push("average_posterior", ppl(&eval::token_logprobs(&m, t, 8, device)?));
+            push(
+                "average_posterior",
+                ppl(&eval::token_logprobs(&m, t, 8, device)?),
+            );
         }
         priors.push(prior);
     }
     let mut out = Vec::new();
-    for (k, models) in [("ensemble", e), ("ensemble_topk", cfg.top_k.min(e)), ("ensemble_prev_token", e), ("ensemble_uniform", e), ("average_posterior", 1)] {
+    for (k, models) in [
+        ("ensemble", e),
+        ("ensemble_topk", cfg.top_k.min(e)),
+        ("ensemble_prev_token", e),
+        ("ensemble_uniform", e),
+        ("average_posterior", 1),
+    ] {
         if let Some(r) = rows.get(k) {
             out.push(result(&format!("{prefix}_{k}"), flops, models, r));
         }
@@ -415,7 +479,12 @@ fn forest_systems(
         let path = tmp.join("average.safetensors");
         average::average_files(&inputs, Some(&forest.architecture), &path)?;
         let m = weights::load(&path, Some(&forest.architecture), device)?;
-        out.push(result(&format!("{prefix}_average_uniform"), flops, 1, &eval_model(&m, data, device)?));
+        out.push(result(
+            &format!("{prefix}_average_uniform"),
+            flops,
+            1,
+            &eval_model(&m, data, device)?,
+        ));
     }
     Ok((out, priors))
 }
@@ -426,7 +495,14 @@ fn mixture(streams: Vec<DomainStream>, seed: u64) -> Result<Mixture, Error> {
 
 /// Documents of every training domain dealt at random into `parts` parts (each part a
 /// domain-balanced mixture of its share of every domain): the random-split baseline's data.
-fn random_split(corpus: &Corpus, tok: &Tokenizer, parts: usize, max_bytes: Option<usize>, n_ctx: usize, seed: u64) -> Result<Vec<Vec<DomainStream>>, Error> {
+fn random_split(
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    parts: usize,
+    max_bytes: Option<usize>,
+    n_ctx: usize,
+    seed: u64,
+) -> Result<Vec<Vec<DomainStream>>, Error> {
     let mut out: Vec<Vec<DomainStream>> = (0..parts).map(|_| Vec::new()).collect();
     for (di, d) in TRAIN_DOMAINS.iter().enumerate() {
         let mut docs = corpus.documents(d, Split::Train)?;
@@ -450,7 +526,14 @@ fn random_split(corpus: &Corpus, tok: &Tokenizer, parts: usize, max_bytes: Optio
 }
 
 /// Runs the whole comparison in `out_dir`; `say` receives progress lines.
-pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progress: bool, say: &mut dyn FnMut(&str)) -> Result<Report, Error> {
+pub fn run(
+    cfg: &Config,
+    corpus: &Corpus,
+    out_dir: &Path,
+    device: &Device,
+    progress: bool,
+    say: &mut dyn FnMut(&str),
+) -> Result<Report, Error> {
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(|e| crate::Error::io(out_dir, e))?;
     let tok_path = out_dir.join("tokenizer.json");
@@ -458,7 +541,8 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
         Tokenizer::load(&tok_path)?
     } else {
         say("training the tokenizer on the seed mix");
-        let t = tokenizer::train_seed_mix(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
+        let t =
+            tokenizer::train_seed_mix(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
         t.save(&tok_path)?;
         t
     };
@@ -474,7 +558,14 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
         plan.dense_flops()
     ));
     say("tokenising the corpus");
-    let streams = data::load_streams(corpus, &tok, &TRAIN_DOMAINS, Split::Train, arch.n_ctx, cfg.train_bytes)?;
+    let streams = data::load_streams(
+        corpus,
+        &tok,
+        &TRAIN_DOMAINS,
+        Split::Train,
+        arch.n_ctx,
+        cfg.train_bytes,
+    )?;
     let data = EvalData::load(corpus, &tok, cfg.eval_tokens, cfg.prior_blocks * arch.n_ctx)?;
     let init = || Gpt::init(&arch, cfg.seed, device);
     let tc = |steps: u64| TrainConfig {
@@ -493,18 +584,39 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
     // Dense Transformer-LM on the balanced mix, the whole budget, with a learning curve.
     let dense_dir = out_dir.join("dense");
     let mix_all = mixture(streams.clone(), cfg.seed)?;
-    say(&format!("dense: {} updates on the mix of {} domains", plan.dense_steps, TRAIN_DOMAINS.len()));
+    say(&format!(
+        "dense: {} updates on the mix of {} domains",
+        plan.dense_steps,
+        TRAIN_DOMAINS.len()
+    ));
     let dense = train_once(&dense_dir, || {
         let mut t = Trainer::new(init(), tc(plan.dense_steps), device, Some(&dense_dir))?;
         t.progress = progress;
-        let every = if cfg.curve_points > 0 { (plan.dense_steps / cfg.curve_points as u64).max(1) } else { u64::MAX };
+        let every = if cfg.curve_points > 0 {
+            (plan.dense_steps / cfg.curve_points as u64).max(1)
+        } else {
+            u64::MAX
+        };
         let mut points = Vec::new();
         while !t.finished() {
             t.step(&mix_all)?;
             if t.state.step % every == 0 && !t.finished() {
-                let r = result("dense", t.state.flops, 1, &eval_model(&t.model(), &data, device)?);
-                say(&format!("  dense at {} updates: in {:.2} out {:.2}", t.state.step, r.mean_in, r.mean_out));
-                points.push(CurvePoint { system: "dense".into(), flops: r.train_flops, mean_in: r.mean_in, mean_out: r.mean_out });
+                let r = result(
+                    "dense",
+                    t.state.flops,
+                    1,
+                    &eval_model(&t.model(), &data, device)?,
+                );
+                say(&format!(
+                    "  dense at {} updates: in {:.2} out {:.2}",
+                    t.state.step, r.mean_in, r.mean_out
+                ));
+                points.push(CurvePoint {
+                    system: "dense".into(),
+                    flops: r.train_flops,
+                    mean_in: r.mean_in,
+                    mean_out: r.mean_out,
+                });
                 t.save_checkpoint()?;
             }
         }
@@ -516,7 +628,11 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
         Ok(Trained {
             id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
             weights: path,
-            record: super::manifest::TrainRecord { steps: t.state.step, tokens: t.state.tokens, flops: t.state.flops },
+            record: super::manifest::TrainRecord {
+                steps: t.state.step,
+                tokens: t.state.tokens,
+                flops: t.state.flops,
+            },
             losses: t.state.losses.clone(),
         })
     })?;
@@ -524,9 +640,19 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
         curves.extend(serde_json::from_slice::<Vec<CurvePoint>>(&bytes).unwrap_or_default());
     }
     let dense_model = weights::load(&dense.weights, Some(&arch), device)?;
-    let r = result("dense", dense.record.flops, 1, &eval_model(&dense_model, &data, device)?);
+    let r = result(
+        "dense",
+        dense.record.flops,
+        1,
+        &eval_model(&dense_model, &data, device)?,
+    );
     say(&format!("dense: in {:.2} out {:.2}", r.mean_in, r.mean_out));
-    curves.push(CurvePoint { system: "dense".into(), flops: r.train_flops, mean_in: r.mean_in, mean_out: r.mean_out });
+    curves.push(CurvePoint {
+        system: "dense".into(),
+        flops: r.train_flops,
+        mean_in: r.mean_in,
+        mean_out: r.mean_out,
+    });
     systems.push(r);
     drop(dense_model);
 
@@ -539,11 +665,26 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
     };
     let seed = if plan.seed_steps > 0 {
         say(&format!("seed: {} updates on the mix", plan.seed_steps));
-        let s = train_once(&seed_dir, || branch::train(init(), &mix_all, seed_cfg, &seed_dir, device, progress, |_| {}))?;
+        let s = train_once(&seed_dir, || {
+            branch::train(
+                init(),
+                &mix_all,
+                seed_cfg,
+                &seed_dir,
+                device,
+                progress,
+                |_| {},
+            )
+        })?;
         let m = weights::load(&s.weights, Some(&arch), device)?;
         let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
         say(&format!("seed: in {:.2} out {:.2}", r.mean_in, r.mean_out));
-        curves.push(CurvePoint { system: "btm".into(), flops: r.train_flops, mean_in: r.mean_in, mean_out: r.mean_out });
+        curves.push(CurvePoint {
+            system: "btm".into(),
+            flops: r.train_flops,
+            mean_in: r.mean_in,
+            mean_out: r.mean_out,
+        });
         systems.push(r);
         Some(s)
     } else {
@@ -574,50 +715,128 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
                         schedule_steps: Some(plan.seed_steps + plan.elm_steps),
                         ..tc(plan.seed_steps + elm_steps)
                     };
-                    branch::train_continuing(&seed_dir, &data, c, &run_dir, device, progress, |_| {})
+                    branch::train_continuing(
+                        &seed_dir,
+                        &data,
+                        c,
+                        &run_dir,
+                        device,
+                        progress,
+                        |_| {},
+                    )
                 }
                 (Some(s), true) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
                     branch::train(m, &data, tc(elm_steps), &run_dir, device, progress, |_| {})
                 }
-                _ => branch::train(init(), &data, tc(elm_steps), &run_dir, device, progress, |_| {}),
+                _ => branch::train(
+                    init(),
+                    &data,
+                    tc(elm_steps),
+                    &run_dir,
+                    device,
+                    progress,
+                    |_| {},
+                ),
             })?;
             flops += trained.record.flops;
             let (init_kind, parents) = match (&seed, from_seed) {
-                (Some(s), true) => (InitKind::Seed, vec![Parent { name: "seed".into(), id: s.id.clone(), weight: 1.0 }]),
+                (Some(s), true) => (
+                    InitKind::Seed,
+                    vec![Parent {
+                        name: "seed".into(),
+                        id: s.id.clone(),
+                        weight: 1.0,
+                    }],
+                ),
                 _ => (InitKind::Random, vec![]),
             };
             let domains = part.iter().map(|p| p.domain.clone()).collect();
-            forest.add(elm, domains, &trained.weights, &tok.id(), init_kind, parents, Some(trained.record))?;
+            forest.add(
+                elm,
+                domains,
+                &trained.weights,
+                &tok.id(),
+                init_kind,
+                parents,
+                Some(trained.record),
+            )?;
         }
         forest.save()?;
         Ok((forest, flops))
     };
 
-    let domain_parts: Vec<(String, Vec<DomainStream>)> = streams.iter().map(|s| (s.domain.clone(), vec![s.clone()])).collect();
+    let domain_parts: Vec<(String, Vec<DomainStream>)> = streams
+        .iter()
+        .map(|s| (s.domain.clone(), vec![s.clone()]))
+        .collect();
     let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say)?;
-    let (mut rs, priors) = forest_systems("btm", &btm, seed_flops + btm_flops, &data, cfg, true, &tmp, device, say)?;
+    let (mut rs, priors) = forest_systems(
+        "btm",
+        &btm,
+        seed_flops + btm_flops,
+        &data,
+        cfg,
+        true,
+        &tmp,
+        device,
+        say,
+    )?;
     if let Some(r) = rs.first() {
-        curves.push(CurvePoint { system: "btm".into(), flops: r.train_flops, mean_in: r.mean_in, mean_out: r.mean_out });
+        curves.push(CurvePoint {
+            system: "btm".into(),
+            flops: r.train_flops,
+            mean_in: r.mean_in,
+            mean_out: r.mean_out,
+        });
     }
     systems.append(&mut rs);
 
     if cfg.random_split {
-        let parts = random_split(corpus, &tok, TRAIN_DOMAINS.len(), cfg.train_bytes, arch.n_ctx, cfg.seed)?;
-        let named: Vec<(String, Vec<DomainStream>)> = parts.into_iter().enumerate().map(|(i, p)| (format!("split{i}"), p)).collect();
+        let parts = random_split(
+            corpus,
+            &tok,
+            TRAIN_DOMAINS.len(),
+            cfg.train_bytes,
+            arch.n_ctx,
+            cfg.seed,
+        )?;
+        let named: Vec<(String, Vec<DomainStream>)> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("split{i}"), p))
+            .collect();
         let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say)?;
-        let (rs, _) = forest_systems("random_split", &f, seed_flops + fl, &data, cfg, true, &tmp, device, say)?;
-        systems.extend(rs.into_iter().filter(|r| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")));
+        let (rs, _) = forest_systems(
+            "random_split",
+            &f,
+            seed_flops + fl,
+            &data,
+            cfg,
+            true,
+            &tmp,
+            device,
+            say,
+        )?;
+        systems
+            .extend(rs.into_iter().filter(|r| {
+                r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
+            }));
     }
     if cfg.no_seed && plan.seed_steps > 0 {
         let (f, fl) = build_forest("no_seed", plan.no_seed_elm_steps, false, &domain_parts, say)?;
         let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, true, &tmp, device, say)?;
-        systems.extend(rs.into_iter().filter(|r| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")));
+        systems
+            .extend(rs.into_iter().filter(|r| {
+                r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
+            }));
     }
-    if cfg.demix {
-        if let Some(r) = crate::demix::experiment_system(cfg, &plan, &arch, &streams, &data.test, &data.dev, out_dir, device, progress, say)? {
-            systems.push(r);
-        }
+    if cfg.demix
+        && let Some(r) = crate::demix::experiment_system(
+            cfg, &plan, &arch, &streams, &data.test, &data.dev, out_dir, device, progress, say,
+        )?
+    {
+        systems.push(r);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     let report = Report {
@@ -636,7 +855,10 @@ pub fn run(cfg: &Config, corpus: &Corpus, out_dir: &Path, device: &Device, progr
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    fsutil::write_atomic(&out_dir.join("results.json"), &serde_json::to_vec_pretty(&report)?)?;
+    fsutil::write_atomic(
+        &out_dir.join("results.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
     fsutil::write_atomic(&out_dir.join("results.md"), markdown(&report).as_bytes())?;
     Ok(report)
 }
@@ -673,7 +895,11 @@ pub fn markdown(r: &Report) -> String {
             x.name, x.train_flops, x.inference_models, x.mean_in, x.mean_out
         ));
     }
-    let domains: Vec<&String> = r.systems.first().map(|x| x.in_domain.keys().chain(x.out_domain.keys()).collect()).unwrap_or_default();
+    let domains: Vec<&String> = r
+        .systems
+        .first()
+        .map(|x| x.in_domain.keys().chain(x.out_domain.keys()).collect())
+        .unwrap_or_default();
     s.push_str("\nPer-domain test perplexity (the last four are never trained on):\n\n| system |");
     for d in &domains {
         s.push_str(&format!(" {d} |"));
@@ -684,7 +910,12 @@ pub fn markdown(r: &Report) -> String {
     for x in &r.systems {
         s.push_str(&format!("| {} |", x.name));
         for d in &domains {
-            let v = x.in_domain.get(*d).or_else(|| x.out_domain.get(*d)).copied().unwrap_or(f64::NAN);
+            let v = x
+                .in_domain
+                .get(*d)
+                .or_else(|| x.out_domain.get(*d))
+                .copied()
+                .unwrap_or(f64::NAN);
             s.push_str(&format!(" {v:.2} |"));
         }
         s.push('\n');
@@ -694,7 +925,11 @@ pub fn markdown(r: &Report) -> String {
 
 /// Where an experiment writes its report files.
 pub fn report_paths(out_dir: &Path) -> [PathBuf; 3] {
-    [out_dir.join("results.json"), out_dir.join("results.md"), out_dir.join("results.png")]
+    [
+        out_dir.join("results.json"),
+        out_dir.join("results.md"),
+        out_dir.join("results.png"),
+    ]
 }
 
 /// `Preset` as its command-line name in JSON.

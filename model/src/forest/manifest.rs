@@ -133,7 +133,8 @@ impl Forest {
         architecture.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let (tok, bytes) = file_ref(dir, tokenizer, crate::tokenizer::MAX_FILE_BYTES)?;
-        let parsed = crate::tokenizer::Tokenizer::from_bytes(&bytes).map_err(|e| e.in_file(tokenizer))?;
+        let parsed =
+            crate::tokenizer::Tokenizer::from_bytes(&bytes).map_err(|e| e.in_file(tokenizer))?;
         if parsed.vocab_size() != architecture.vocab_size {
             return Err(crate::Error::Config(format!(
                 "the tokenizer has {} tokens but the architecture {}",
@@ -165,7 +166,10 @@ impl Forest {
         }
         f.architecture.validate().map_err(|e| bad(e.to_string()))?;
         if f.elms.len() > MAX_ELMS {
-            return Err(bad(format!("{} ELMs, more than the limit of {MAX_ELMS}", f.elms.len())));
+            return Err(bad(format!(
+                "{} ELMs, more than the limit of {MAX_ELMS}",
+                f.elms.len()
+            )));
         }
         let mut names = std::collections::HashSet::new();
         for e in &f.elms {
@@ -199,7 +203,11 @@ impl Forest {
     /// Resolves a manifest path.
     pub fn resolve(&self, r: &FileRef) -> PathBuf {
         let p = Path::new(&r.path);
-        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
     }
 
     /// Names of the members.
@@ -237,6 +245,7 @@ impl Forest {
 
     /// Merges an ELM into the forest. `tokenizer_id` is the content id of the tokenizer it was
     /// trained with; both it and the weights' architecture must be the forest's.
+    #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         name: &str,
@@ -251,7 +260,9 @@ impl Forest {
             return Err(Error::DuplicateElm(name.to_string()));
         }
         if self.elms.len() >= MAX_ELMS {
-            return Err(crate::Error::Config(format!("a forest holds at most {MAX_ELMS} ELMs")).into());
+            return Err(
+                crate::Error::Config(format!("a forest holds at most {MAX_ELMS} ELMs")).into(),
+            );
         }
         if tokenizer_id != self.tokenizer.id {
             return Err(Error::TokenizerMismatch {
@@ -291,14 +302,19 @@ impl Forest {
                 found,
             });
         }
-        let (_, tensors) = weights::parse(&bytes, Some(&self.architecture)).map_err(|e| e.in_file(&path))?;
+        let (_, tensors) =
+            weights::parse(&bytes, Some(&self.architecture)).map_err(|e| e.in_file(&path))?;
         Ok(tensors)
     }
 
     /// Loads member `i` as a model.
     pub fn load_elm(&self, i: usize, device: &Device) -> Result<Gpt, Error> {
         let tensors = self.read_elm(i)?;
-        Ok(weights::from_named_tensors(&self.architecture, tensors, device)?)
+        Ok(weights::from_named_tensors(
+            &self.architecture,
+            tensors,
+            device,
+        )?)
     }
 
     /// Checks every file the manifest names: content ids, architectures, the tokenizer.

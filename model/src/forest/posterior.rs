@@ -34,7 +34,12 @@ pub enum Weighting {
 
 impl Weighting {
     /// All weightings.
-    pub const ALL: [Weighting; 4] = [Weighting::Posterior, Weighting::PrevToken, Weighting::Prior, Weighting::Uniform];
+    pub const ALL: [Weighting; 4] = [
+        Weighting::Posterior,
+        Weighting::PrevToken,
+        Weighting::Prior,
+        Weighting::Uniform,
+    ];
 
     /// The name used on the command line and in JSON.
     pub fn name(self) -> &'static str {
@@ -53,7 +58,11 @@ impl std::str::FromStr for Weighting {
         Weighting::ALL
             .into_iter()
             .find(|w| w.name() == s || w.name().replace('_', "-") == s)
-            .ok_or_else(|| crate::Error::Config(format!("unknown weighting {s:?} (expected posterior, prev-token, prior or uniform)")))
+            .ok_or_else(|| {
+                crate::Error::Config(format!(
+                    "unknown weighting {s:?} (expected posterior, prev-token, prior or uniform)"
+                ))
+            })
     }
 }
 
@@ -108,7 +117,13 @@ pub struct BlockMix {
 
 /// Mixes one block. `lp[j]` holds ELM `j`'s log-probabilities of the block's targets (all of
 /// one length); `log_prior` is a log-distribution over the same ELMs.
-pub fn mix_block(lp: &[&[f64]], log_prior: &[f64], weighting: Weighting, keep_weights: bool) -> BlockMix {
+#[allow(clippy::needless_range_loop)] // `i` indexes every ELM's row
+pub fn mix_block(
+    lp: &[&[f64]],
+    log_prior: &[f64],
+    weighting: Weighting,
+    keep_weights: bool,
+) -> BlockMix {
     let e = lp.len();
     let len = lp.first().map_or(0, |l| l.len());
     debug_assert!(lp.iter().all(|l| l.len() == len) && log_prior.len() == e);
@@ -164,13 +179,21 @@ fn block_ranges(block_targets: &[usize]) -> Vec<std::ops::Range<usize>> {
 /// The number of targets in each evaluation block of a stream of `len` tokens (see
 /// [`crate::eval::blocks`]).
 pub fn block_targets(len: usize, n_ctx: usize) -> Vec<usize> {
-    crate::eval::blocks(len, n_ctx).into_iter().map(|(_, l)| l - 1).collect()
+    crate::eval::blocks(len, n_ctx)
+        .into_iter()
+        .map(|(_, l)| l - 1)
+        .collect()
 }
 
 /// Mixes a whole stream: `lp[j]` is ELM `j`'s [`crate::eval::token_logprobs`] output, cut into
 /// blocks by `block_targets`. The posterior restarts at every block (each block is scored with
 /// only its own prefix as context).
-pub fn mix_stream(lp: &[Vec<f64>], block_targets: &[usize], log_prior: &[f64], weighting: Weighting) -> Vec<f64> {
+pub fn mix_stream(
+    lp: &[Vec<f64>],
+    block_targets: &[usize],
+    log_prior: &[f64],
+    weighting: Weighting,
+) -> Vec<f64> {
     let mut out = Vec::with_capacity(lp.first().map_or(0, Vec::len));
     for r in block_ranges(block_targets) {
         let views: Vec<&[f64]> = lp.iter().map(|l| &l[r.clone()]).collect();
@@ -208,7 +231,10 @@ impl Default for PriorConfig {
 pub fn estimate_prior(lp: &[Vec<f64>], block_targets: &[usize], cfg: &PriorConfig) -> Vec<f64> {
     let e = lp.len();
     let mut prior = vec![1.0 / e as f64; e];
-    let ranges: Vec<_> = block_ranges(block_targets).into_iter().take(cfg.max_blocks).collect();
+    let ranges: Vec<_> = block_ranges(block_targets)
+        .into_iter()
+        .take(cfg.max_blocks)
+        .collect();
     for batch in ranges.chunks(cfg.batch_blocks.max(1)) {
         let log_prior = ln_all(&prior);
         let mut mean = vec![0.0; e];
@@ -237,7 +263,16 @@ pub fn top_k(prior: &[f64], k: usize) -> Vec<(usize, f64)> {
     idx.sort_unstable();
     let total: f64 = idx.iter().map(|&i| prior[i]).sum();
     idx.into_iter()
-        .map(|i| (i, if total > 0.0 { prior[i] / total } else { 1.0 / k.max(1) as f64 }))
+        .map(|i| {
+            (
+                i,
+                if total > 0.0 {
+                    prior[i] / total
+                } else {
+                    1.0 / k.max(1) as f64
+                },
+            )
+        })
         .collect()
 }
 

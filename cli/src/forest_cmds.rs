@@ -327,14 +327,15 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
                     weight: w.parse().with_context(|| format!("weight in {p:?}"))?,
                 });
             }
-            if parents.is_empty() && init == InitKind::Seed {
-                if let Some(s) = &f.seed {
-                    parents.push(Parent {
-                        name: "seed".into(),
-                        id: s.id.clone(),
-                        weight: 1.0,
-                    });
-                }
+            if parents.is_empty()
+                && init == InitKind::Seed
+                && let Some(s) = &f.seed
+            {
+                parents.push(Parent {
+                    name: "seed".into(),
+                    id: s.id.clone(),
+                    weight: 1.0,
+                });
             }
             let domains = if a.domain.is_empty() {
                 vec![name.clone()]

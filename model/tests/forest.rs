@@ -787,3 +787,51 @@ fn averaging_memory_stays_at_about_two_models() {
         "more than about two models: {peaks:?} for {model_bytes}-byte models"
     );
 }
+
+/// Measurement (run with `--ignored --nocapture`): the time to score 4096 tokens with a top-k
+/// ensemble grows with k, not with the number of ELMs in the forest.
+#[test]
+#[ignore]
+fn top_k_cost_grows_with_k_not_forest_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tiny();
+    let (mut f, _) = {
+        let tok_path = dir.path().join("tokenizer.json");
+        tokenizer().save(&tok_path).unwrap();
+        (Forest::create(dir.path(), a, &tok_path).unwrap(), ())
+    };
+    for i in 0..16 {
+        let p = dir.path().join(format!("elm{i}.safetensors"));
+        weights::save(&Gpt::init(&a, 200 + i, &cpu()), &p).unwrap();
+        f.add(
+            &format!("elm{i}"),
+            vec![],
+            &p,
+            &tokenizer().id(),
+            InitKind::Random,
+            vec![],
+            None,
+        )
+        .unwrap();
+    }
+    let t: Vec<u32> = (0..4097u32)
+        .map(|i| (i * 131 + 7) % a.vocab_size as u32)
+        .collect();
+    let mut table = Vec::new();
+    for size in [4usize, 8, 16] {
+        let mut sub = f.clone();
+        sub.elms.truncate(size);
+        let prior: Vec<f64> = (0..size).map(|i| (i + 1) as f64).collect();
+        for k in [1usize, 2, 4, size] {
+            let sel = posterior::top_k(&prior, k);
+            let t0 = std::time::Instant::now();
+            ensemble::score_forest(&sub, &sel, &t, Weighting::Posterior, 8, &cpu()).unwrap();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!("forest of {size:>2} ELMs, top-{k:<2}: {secs:.2} s");
+            table.push((size, k, secs));
+        }
+    }
+    // Top-1 on a forest of 16 costs about what top-1 on a forest of 4 costs.
+    let t1 = |s| table.iter().find(|x| x.0 == s && x.1 == 1).unwrap().2;
+    assert!(t1(16) < 2.0 * t1(4), "{table:?}");
+}

@@ -15,8 +15,10 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod demix;
 pub mod device;
 pub mod eval;
+pub mod forest;
 pub mod fsutil;
 pub mod generate;
 pub mod gpt;

@@ -343,6 +343,57 @@ impl Trainer {
         })
     }
 
+    /// Starts a run that continues another run's optimiser, as the released BTM code branches an
+    /// ELM from the seed: the weights, the Adam moments and the update count come from the
+    /// checkpoint file `parent` (so the LR schedule and Adam's bias correction go on where the
+    /// parent stopped), while the data position, tokens, FLOPs and losses start afresh for the
+    /// new data. `cfg.steps` counts from the parent's first update and must exceed the parent's
+    /// updates. When `run_dir` already holds a checkpoint, the run resumes from it instead (its
+    /// settings must equal `cfg`).
+    pub fn continue_from(parent: &Path, cfg: TrainConfig, device: &Device, run_dir: Option<&Path>) -> Result<Self, Error> {
+        cfg.validate()?;
+        if let Some(dir) = run_dir {
+            let ckpt = dir.join(CHECKPOINT_FILE);
+            if ckpt.exists() {
+                let t = Self::resume(&ckpt, device, None)?;
+                if t.state.config != cfg {
+                    return Err(Error::Checkpoint(format!(
+                        "{} was written with different settings ({:?}); use another run directory or the same settings",
+                        ckpt.display(),
+                        t.state.config
+                    )));
+                }
+                return Ok(Trainer {
+                    run_dir: Some(dir.to_path_buf()),
+                    ..t
+                });
+            }
+        }
+        let mut t = Self::resume(parent, device, None)?;
+        if cfg.steps <= t.state.step {
+            return Err(Error::Config(format!(
+                "steps ({}) counts from the parent's first update and must exceed its {} updates",
+                cfg.steps, t.state.step
+            )));
+        }
+        t.state = TrainState {
+            step: t.state.step,
+            data_position: 0,
+            tokens: 0,
+            flops: 0.0,
+            last_loss: None,
+            losses: Vec::new(),
+            rng: RngState {
+                kind: t.state.rng.kind.clone(),
+                seed: cfg.seed,
+                position: 0,
+            },
+            config: cfg,
+        };
+        t.run_dir = run_dir.map(Path::to_path_buf);
+        Ok(t)
+    }
+
     /// Loads a checkpoint file.
     pub fn resume(path: &Path, device: &Device, expected: Option<&GptConfig>) -> Result<Self, Error> {
         let device = device.clone().autodiff();

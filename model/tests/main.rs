@@ -2,6 +2,7 @@
 
 mod common;
 mod eval;
+mod forest;
 mod gpt;
 mod tokenizer;
 mod train;

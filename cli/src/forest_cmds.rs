@@ -1,0 +1,809 @@
+//! `forest ...` and `experiment`: Branch-Train-Merge over a forest of ELMs (argument parsing,
+//! printing and the plot; the work is in `btm_model::forest`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use btm_model::data::{self, Corpus, Split};
+use btm_model::device::DeviceKind;
+use btm_model::forest::average::{self, Input};
+use btm_model::forest::branch::OptimizerInit;
+use btm_model::forest::ensemble::{self, Ensemble};
+use btm_model::forest::experiment::{self, Report};
+use btm_model::forest::manifest::{InitKind, Parent};
+use btm_model::forest::posterior::{self, PriorConfig, Weighting};
+use btm_model::forest::{Forest, manifest};
+use btm_model::generate::SampleConfig;
+use btm_model::tokenizer::Tokenizer;
+use btm_model::{Preset, eval, weights};
+use clap::{Args, Subcommand};
+
+fn corpus(arg: &Option<PathBuf>) -> Corpus {
+    arg.as_ref().map_or_else(Corpus::bundled, Corpus::new)
+}
+
+fn manifest_path(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join(manifest::MANIFEST_FILE)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+fn open(p: &Path) -> Result<Forest> {
+    let path = manifest_path(p);
+    Forest::open(&path).with_context(|| format!("opening the forest {}", path.display()))
+}
+
+/// Up to `max_tokens` tokens of a domain's split.
+fn domain_tokens(
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    domain: &str,
+    split: Split,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    let docs = corpus.documents(domain, split)?;
+    let (mut t, _) = data::tokenize_documents(tok, &docs, Some(max_tokens * 8))?;
+    t.truncate(max_tokens + 1);
+    Ok(t)
+}
+
+/// Manage and use a forest of ELMs.
+#[derive(Debug, Subcommand)]
+pub enum ForestCmd {
+    /// Create an empty forest (a forest.json manifest) for an architecture and tokenizer.
+    Create(CreateArgs),
+    /// Merge a trained ELM into the forest (refused unless architecture and tokenizer match).
+    Add(AddArgs),
+    /// Remove an ELM from the forest.
+    Remove(RemoveArgs),
+    /// List the ELMs (and check every file's content id with --verify).
+    Show(ShowArgs),
+    /// Estimate the cached prior of a target domain over the forest's ELMs on its dev data.
+    Prior(PriorArgs),
+    /// Perplexity of the ensemble (domain posterior, top-k, previous-token or uniform weights).
+    Eval(EnsembleEvalArgs),
+    /// Generate text from the ensemble (mixing the ELMs' full next-token distributions).
+    Generate(EnsembleGenerateArgs),
+    /// Average ELMs' parameters (uniformly or by a target domain's cached prior) into one model file.
+    Average(AverageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Directory of the forest (forest.json is written there).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The tokenizer every ELM uses.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Take the architecture (and the seed) from this seed model directory or .safetensors.
+    #[arg(long)]
+    seed: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The forest (directory or forest.json).
+    #[arg(long)]
+    forest: PathBuf,
+    /// The ELM's run directory (model.safetensors + tokenizer.json) or weights file.
+    #[arg(long)]
+    elm: PathBuf,
+    /// Its name in the forest (default: the directory name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The domain(s) it was trained on.
+    #[arg(long, value_delimiter = ',')]
+    domain: Vec<String>,
+    /// How it was initialised: seed, posterior-average or random.
+    #[arg(long, default_value = "seed")]
+    init: String,
+    /// Parents as NAME:WEIGHT (default: the forest's seed with weight 1 for --init seed).
+    #[arg(long, value_delimiter = ',')]
+    parent: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The forest.
+    #[arg(long)]
+    forest: PathBuf,
+    /// The ELM to remove.
+    #[arg(long)]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The forest.
+    #[arg(long)]
+    forest: PathBuf,
+    /// Re-hash every file and check it against the manifest.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PriorArgs {
+    /// The forest.
+    #[arg(long)]
+    forest: PathBuf,
+    /// Target domain (its valid split is the dev data).
+    #[arg(long)]
+    domain: String,
+    /// Dev blocks used (the released code: about 200).
+    #[arg(long, default_value_t = 200)]
+    blocks: usize,
+    /// Blocks per batch of the moving average.
+    #[arg(long, default_value_t = 16)]
+    batch_blocks: usize,
+    /// Weight of each new batch in the moving average.
+    #[arg(long, default_value_t = 0.3)]
+    alpha: f64,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnsembleOpts {
+    /// The forest.
+    #[arg(long)]
+    forest: PathBuf,
+    /// Target domain whose cached prior (estimated on its dev data) weights the ELMs; without it the prior is uniform.
+    #[arg(long)]
+    prior_domain: Option<String>,
+    /// Dev blocks for the cached prior.
+    #[arg(long, default_value_t = 200)]
+    prior_blocks: usize,
+    /// Run only the k ELMs with the largest prior.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Weights per position: posterior (the paper), prev-token (the released code), prior or uniform.
+    #[arg(long, default_value = "posterior")]
+    weighting: Weighting,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnsembleEvalArgs {
+    #[command(flatten)]
+    opts: EnsembleOpts,
+    /// Domains to evaluate.
+    #[arg(long, value_delimiter = ',', required = true)]
+    domain: Vec<String>,
+    /// Split.
+    #[arg(long, default_value = "test")]
+    split: Split,
+    /// Tokens per domain.
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct EnsembleGenerateArgs {
+    #[command(flatten)]
+    opts: EnsembleOpts,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40)]
+    sample_top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    #[command(flatten)]
+    opts: EnsembleOpts,
+    /// Output weights file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn tokenizer_of(forest: &Forest) -> Result<Tokenizer> {
+    Ok(Tokenizer::load(&forest.resolve(&forest.tokenizer))?)
+}
+
+/// The prior the options ask for: a target domain's cached prior or uniform.
+fn prior_of(forest: &Forest, o: &EnsembleOpts, tok: &Tokenizer) -> Result<Vec<f64>> {
+    let e = forest.elms.len();
+    if e == 0 {
+        bail!("the forest has no ELMs");
+    }
+    match &o.prior_domain {
+        None => Ok(vec![1.0 / e as f64; e]),
+        Some(d) => {
+            let dev = domain_tokens(
+                &corpus(&o.corpus),
+                tok,
+                d,
+                Split::Valid,
+                o.prior_blocks * forest.architecture.n_ctx,
+            )?;
+            let cfg = PriorConfig {
+                max_blocks: o.prior_blocks,
+                ..PriorConfig::default()
+            };
+            Ok(ensemble::cached_prior(
+                forest,
+                &dev,
+                &cfg,
+                8,
+                &o.device.device()?,
+            )?)
+        }
+    }
+}
+
+pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
+    match cmd {
+        ForestCmd::Create(a) => {
+            let seed_w = if a.seed.is_dir() {
+                a.seed.join("model.safetensors")
+            } else {
+                a.seed.clone()
+            };
+            let (arch, _) = weights::read(&seed_w, None)?;
+            let mut f = Forest::create(&a.dir, arch, &a.tokenizer)?;
+            f.set_seed(&seed_w)?;
+            let path = f.save()?;
+            print(
+                json,
+                &f,
+                &format!(
+                    "created {} ({} parameters per ELM)",
+                    path.display(),
+                    arch.num_params()
+                ),
+            )
+        }
+        ForestCmd::Add(a) => {
+            let mut f = open(&a.forest)?;
+            let (w, t) = if a.elm.is_dir() {
+                (
+                    a.elm.join("model.safetensors"),
+                    a.elm.join("tokenizer.json"),
+                )
+            } else {
+                (
+                    a.elm.clone(),
+                    a.elm
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join("tokenizer.json"),
+                )
+            };
+            let tok_id = btm_model::content_id(
+                &std::fs::read(&t).with_context(|| format!("reading {}", t.display()))?,
+            );
+            let name = a.name.clone().unwrap_or_else(|| {
+                a.elm
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "elm".into())
+            });
+            let init = match a.init.as_str() {
+                "seed" => InitKind::Seed,
+                "posterior-average" | "posterior_average" => InitKind::PosteriorAverage,
+                "random" => InitKind::Random,
+                other => bail!("unknown --init {other:?} (seed, posterior-average or random)"),
+            };
+            let mut parents = Vec::new();
+            for p in &a.parent {
+                let (n, w) = p
+                    .split_once(':')
+                    .with_context(|| format!("--parent {p:?} is not NAME:WEIGHT"))?;
+                let id = if n == "seed" {
+                    f.seed
+                        .as_ref()
+                        .map(|s| s.id.clone())
+                        .context("the forest has no seed")?
+                } else {
+                    f.elms[f.index(n)?].weights.id.clone()
+                };
+                parents.push(Parent {
+                    name: n.to_string(),
+                    id,
+                    weight: w.parse().with_context(|| format!("weight in {p:?}"))?,
+                });
+            }
+            if parents.is_empty()
+                && init == InitKind::Seed
+                && let Some(s) = &f.seed
+            {
+                parents.push(Parent {
+                    name: "seed".into(),
+                    id: s.id.clone(),
+                    weight: 1.0,
+                });
+            }
+            let domains = if a.domain.is_empty() {
+                vec![name.clone()]
+            } else {
+                a.domain.clone()
+            };
+            f.add(&name, domains, &w, &tok_id, init, parents, None)?;
+            f.save()?;
+            print(
+                json,
+                &f,
+                &format!("added {name}; the forest has {} ELMs", f.elms.len()),
+            )
+        }
+        ForestCmd::Remove(a) => {
+            let mut f = open(&a.forest)?;
+            f.remove(&a.name)?;
+            f.save()?;
+            print(
+                json,
+                &f,
+                &format!("removed {}; the forest has {} ELMs", a.name, f.elms.len()),
+            )
+        }
+        ForestCmd::Show(a) => {
+            let f = open(&a.forest)?;
+            if a.verify {
+                f.verify()?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                println!(
+                    "architecture {:?}, tokenizer {}",
+                    f.architecture,
+                    &f.tokenizer.id[..16]
+                );
+                for e in &f.elms {
+                    let parents: Vec<String> = e
+                        .parents
+                        .iter()
+                        .map(|p| format!("{}:{:.3}", p.name, p.weight))
+                        .collect();
+                    println!(
+                        "{:<20} {:<30} {:?} [{}] {}",
+                        e.name,
+                        e.domains.join(","),
+                        e.init,
+                        parents.join(" "),
+                        &e.weights.id[..16]
+                    );
+                }
+                if a.verify {
+                    println!("every file matches its content id");
+                }
+            }
+            Ok(())
+        }
+        ForestCmd::Prior(a) => {
+            let f = open(&a.forest)?;
+            let tok = tokenizer_of(&f)?;
+            let dev = domain_tokens(
+                &corpus(&a.corpus),
+                &tok,
+                &a.domain,
+                Split::Valid,
+                a.blocks * f.architecture.n_ctx,
+            )?;
+            let cfg = PriorConfig {
+                batch_blocks: a.batch_blocks,
+                max_blocks: a.blocks,
+                alpha: a.alpha,
+            };
+            let prior = ensemble::cached_prior(&f, &dev, &cfg, 8, &a.device.device()?)?;
+            if json {
+                let m: serde_json::Map<String, serde_json::Value> = f
+                    .names()
+                    .iter()
+                    .zip(&prior)
+                    .map(|(n, p)| (n.to_string(), (*p).into()))
+                    .collect();
+                println!("{}", serde_json::json!({"domain": a.domain, "prior": m}));
+            } else {
+                for (n, p) in f.names().iter().zip(&prior) {
+                    println!("{n:<20} {p:.4}");
+                }
+            }
+            Ok(())
+        }
+        ForestCmd::Eval(a) => {
+            let f = open(&a.opts.forest)?;
+            let tok = tokenizer_of(&f)?;
+            let device = a.opts.device.device()?;
+            let prior = prior_of(&f, &a.opts, &tok)?;
+            let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
+            let mut rows = Vec::new();
+            for d in &a.domain {
+                let t = domain_tokens(&corpus(&a.opts.corpus), &tok, d, a.split, a.max_tokens)?;
+                let lp = ensemble::score_forest(&f, &sel, &t, a.opts.weighting, 8, &device)?;
+                let r = eval::EvalResult::from_logprobs(&lp, &t[1..], Some(&tok));
+                rows.push(serde_json::json!({"domain": d, "split": a.split, "elms": sel.iter().map(|s| f.elms[s.0].name.clone()).collect::<Vec<_>>(), "result": r}));
+                if !json {
+                    println!(
+                        "{d:<20} ppl {:>9.2} bpb {:.4} ({} ELMs, {})",
+                        r.perplexity,
+                        r.bits_per_byte,
+                        sel.len(),
+                        a.opts.weighting
+                    );
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+            Ok(())
+        }
+        ForestCmd::Generate(a) => {
+            let f = open(&a.opts.forest)?;
+            let tok = tokenizer_of(&f)?;
+            let device = a.opts.device.device()?;
+            let prior = prior_of(&f, &a.opts, &tok)?;
+            let (e, chosen) =
+                Ensemble::from_forest(&f, Some(&prior), a.opts.top_k, a.opts.weighting, &device)?;
+            let cfg = SampleConfig {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: (a.sample_top_k > 0).then_some(a.sample_top_k),
+                seed: a.seed,
+            };
+            let text = e.generate(&tok, &a.prompt, &cfg)?;
+            if json {
+                let names: Vec<&str> = chosen.iter().map(|&i| f.elms[i].name.as_str()).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": a.prompt, "completion": text, "elms": names})
+                );
+            } else {
+                println!("{}{}", a.prompt, text);
+            }
+            Ok(())
+        }
+        ForestCmd::Average(a) => {
+            let f = open(&a.opts.forest)?;
+            let tok = tokenizer_of(&f)?;
+            let prior = prior_of(&f, &a.opts, &tok)?;
+            let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
+            let inputs: Vec<Input> = sel
+                .iter()
+                .map(|&(i, w)| Input {
+                    path: f.resolve(&f.elms[i].weights),
+                    weight: w,
+                    id: Some(f.elms[i].weights.id.clone()),
+                })
+                .collect();
+            let s = average::average_files(&inputs, Some(&f.architecture), &a.out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "wrote {} (blake3 {}), the average of {} ELMs; peak RSS {:.1} MiB",
+                    a.out.display(),
+                    &s.id[..16],
+                    s.files_read,
+                    s.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print(json: bool, f: &Forest, msg: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(f)?);
+    } else {
+        println!("{msg}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// A smoke run of a few minutes (tiny budget, few eval tokens).
+    #[arg(long)]
+    quick: bool,
+    /// Output directory (rerunning continues a killed run).
+    #[arg(long, default_value = "runs/experiment")]
+    out: PathBuf,
+    /// Share of the compute spent on the seed (the paper: 0.5).
+    #[arg(long)]
+    seed_share: Option<f64>,
+    /// Total budget in updates of the dense LM (default: 2400, or 160 with --quick).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Blocks per update.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Architecture preset.
+    #[arg(long)]
+    preset: Option<Preset>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Branches continue the seed's optimiser state and LR schedule (the released code) instead of restarting it (the paper).
+    #[arg(long)]
+    continue_seed_optimizer: bool,
+    /// Test tokens per domain.
+    #[arg(long)]
+    eval_tokens: Option<usize>,
+    /// k of the top-k ensemble.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Skip the random-split, no-seed and DEMix baselines.
+    #[arg(long)]
+    no_baselines: bool,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    /// Corpus root (default: the bundled data/corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+}
+
+pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
+    let mut cfg = if a.quick {
+        experiment::Config::quick()
+    } else {
+        experiment::Config::standard()
+    };
+    if let Some(s) = a.seed_share {
+        cfg.seed_share = s;
+    }
+    if let Some(s) = a.steps {
+        cfg.total_steps = s;
+    }
+    if let Some(b) = a.batch_size {
+        cfg.batch_size = b;
+    }
+    if let Some(p) = a.preset {
+        cfg.preset = p;
+    }
+    if let Some(l) = a.lr {
+        cfg.lr = l;
+    }
+    if let Some(e) = a.eval_tokens {
+        cfg.eval_tokens = e;
+    }
+    if let Some(k) = a.top_k {
+        cfg.top_k = k;
+    }
+    if a.continue_seed_optimizer {
+        cfg.optimizer = OptimizerInit::ContinueSeed;
+    }
+    if a.no_baselines {
+        cfg.random_split = false;
+        cfg.no_seed = false;
+        cfg.demix = false;
+    }
+    let device = a.device.device()?;
+    let report = experiment::run(&cfg, &corpus(&a.corpus), &a.out, &device, !json, &mut |m| {
+        if !json {
+            eprintln!("{m}");
+        }
+    })?;
+    let [js, md, png] = experiment::report_paths(&a.out);
+    plot(&report, &png)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", experiment::markdown(&report));
+        println!(
+            "wrote {}, {} and {}",
+            js.display(),
+            md.display(),
+            png.display()
+        );
+    }
+    Ok(())
+}
+
+// ---- The plot: perplexity against training FLOPs, drawn with plotters' bitmap backend and an
+// ---- 8x8 bitmap font (font8x8), so no system fonts are needed.
+
+use plotters::prelude::*;
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
+    for (k, ch) in s.chars().enumerate() {
+        let code = ch as usize;
+        let glyph = if code < 128 {
+            font8x8::legacy::BASIC_LEGACY[code]
+        } else {
+            font8x8::legacy::BASIC_LEGACY[b'?' as usize]
+        };
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits & (1 << col) != 0 {
+                    let _ = area.draw_pixel((x + 8 * k as i32 + col, y + row as i32), color);
+                }
+            }
+        }
+    }
+}
+
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(0, 0, 0),
+    RGBColor(220, 50, 32),
+    RGBColor(0, 114, 178),
+    RGBColor(0, 158, 115),
+    RGBColor(230, 159, 0),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(120, 120, 120),
+    RGBColor(140, 80, 20),
+    RGBColor(90, 0, 160),
+];
+
+/// Draws `results.png`: mean in-domain and out-of-domain perplexity against training FLOPs.
+pub fn plot(r: &Report, path: &Path) -> Result<()> {
+    let (w, h) = (1100u32, 620u32);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    // Curves: dense learning curve; btm (seed -> forest). Points: every final system.
+    let shown: Vec<&experiment::SystemResult> = r
+        .systems
+        .iter()
+        .filter(|s| {
+            [
+                "dense",
+                "seed",
+                "btm_ensemble",
+                "btm_ensemble_topk",
+                "btm_average_posterior",
+                "btm_average_uniform",
+                "random_split_ensemble",
+                "no_seed_ensemble",
+                "no_seed_average_posterior",
+                "demix",
+            ]
+            .contains(&s.name.as_str())
+        })
+        .collect();
+    let xmax = r
+        .curves
+        .iter()
+        .map(|c| c.flops)
+        .chain(shown.iter().map(|s| s.train_flops))
+        .fold(0.0, f64::max)
+        * 1.05;
+    text(
+        &root,
+        &format!(
+            "BTM vs compute-matched baselines ({} params, {} updates)",
+            r.params, r.plan.dense_steps
+        ),
+        20,
+        8,
+        &BLACK,
+    );
+    for (panel, title) in [
+        (0usize, "in-domain (8 training domains)"),
+        (1, "out-of-domain (4 eval-only domains)"),
+    ] {
+        let x0 = 70 + panel as i32 * 540;
+        let (pw, ph, y0) = (440i32, 380i32, 40i32);
+        let val = |s: &experiment::SystemResult| if panel == 0 { s.mean_in } else { s.mean_out };
+        let cval = |c: &experiment::CurvePoint| if panel == 0 { c.mean_in } else { c.mean_out };
+        let ys: Vec<f64> = shown
+            .iter()
+            .map(|s| val(s))
+            .chain(r.curves.iter().map(cval))
+            .filter(|v| v.is_finite())
+            .collect();
+        let (mut ymin, mut ymax) = (
+            ys.iter().copied().fold(f64::INFINITY, f64::min),
+            ys.iter().copied().fold(0.0, f64::max),
+        );
+        if !(ymin.is_finite() && ymax > ymin) {
+            ymin = 0.0;
+            ymax = 1.0;
+        }
+        let pad = 0.06 * (ymax - ymin);
+        let (ymin, ymax) = (ymin - pad, ymax + pad);
+        let px = |x: f64| x0 + ((x / xmax.max(1e-9)) * pw as f64) as i32;
+        let py = |y: f64| y0 + ph - (((y - ymin) / (ymax - ymin)) * ph as f64) as i32;
+        let axis = ShapeStyle::from(&BLACK).stroke_width(1);
+        let _ = root.draw(&Rectangle::new([(x0, y0), (x0 + pw, y0 + ph)], axis));
+        text(&root, title, x0 + 10, y0 - 14, &BLACK);
+        for i in 0..=4 {
+            let yv = ymin + (ymax - ymin) * i as f64 / 4.0;
+            let y = py(yv);
+            let _ = root.draw(&PathElement::new(vec![(x0 - 4, y), (x0, y)], axis));
+            text(&root, &format!("{yv:.1}"), x0 - 60, y - 4, &BLACK);
+            let xv = xmax * i as f64 / 4.0;
+            let x = px(xv);
+            let _ = root.draw(&PathElement::new(
+                vec![(x, y0 + ph), (x, y0 + ph + 4)],
+                axis,
+            ));
+            text(&root, &format!("{xv:.1e}"), x - 28, y0 + ph + 8, &BLACK);
+        }
+        text(
+            &root,
+            "training FLOPs",
+            x0 + pw / 2 - 56,
+            y0 + ph + 22,
+            &BLACK,
+        );
+        text(&root, "ppl", x0 - 60, y0 - 14, &BLACK);
+        for (k, sys) in ["dense", "btm"].iter().enumerate() {
+            let pts: Vec<(i32, i32)> = r
+                .curves
+                .iter()
+                .filter(|c| c.system == *sys)
+                .map(|c| (px(c.flops), py(cval(c))))
+                .collect();
+            let color = PALETTE[k];
+            let _ = root.draw(&PathElement::new(
+                pts.clone(),
+                ShapeStyle::from(&color).stroke_width(2),
+            ));
+            for p in pts {
+                let _ = root.draw(&Circle::new(p, 3, color.filled()));
+            }
+        }
+        for (k, s) in shown.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            let v = val(s);
+            if v.is_finite() {
+                let _ = root.draw(&Circle::new(
+                    (px(s.train_flops), py(v)),
+                    5,
+                    ShapeStyle::from(&color).stroke_width(2),
+                ));
+            }
+        }
+    }
+    // Legend: one line per system with its colour and both means.
+    for (k, s) in shown.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let (col, row) = (k / 5, k % 5);
+        let (x, y) = (70 + col as i32 * 540, 480 + row as i32 * 22);
+        let _ = root.draw(&Circle::new(
+            (x + 4, y + 4),
+            5,
+            ShapeStyle::from(&color).stroke_width(2),
+        ));
+        text(
+            &root,
+            &format!(
+                "{:<26} in {:>8.2}  out {:>8.2}",
+                s.name, s.mean_in, s.mean_out
+            ),
+            x + 16,
+            y,
+            &color,
+        );
+    }
+    text(
+        &root,
+        "lines: dense learning curve (black), seed -> BTM ensemble (red)",
+        20,
+        h as i32 - 14,
+        &BLACK,
+    );
+    root.present()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}

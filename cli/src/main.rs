@@ -2,6 +2,7 @@
 //!
 //! This crate only parses arguments and prints; the work lives in the library crates.
 
+mod forest_cmds;
 mod maintainer;
 mod model_cmds;
 
@@ -31,6 +32,11 @@ enum Command {
     ExportHf(model_cmds::ExportArgs),
     /// Train a byte-level BPE tokenizer on the seed mix.
     Tokenizer(model_cmds::TokenizerArgs),
+    /// Branch-Train-Merge over a forest of ELMs: create, add, remove, show, prior, eval, generate, average.
+    #[command(subcommand)]
+    Forest(forest_cmds::ForestCmd),
+    /// The compute-matched BTM experiment: dense LM, ELMforest (ensemble and averages), random splits, no seed.
+    Experiment(forest_cmds::ExperimentArgs),
     /// Maintainer and node keys.
     #[command(subcommand)]
     Keys(maintainer::KeysCmd),
@@ -63,6 +69,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExportHf(a) => model_cmds::export_hf(a, cli.json),
         Command::Tokenizer(a) => model_cmds::tokenizer(a, cli.json),
         Command::Bench(a) => model_cmds::bench(a, cli.json),
+        Command::Forest(c) => forest_cmds::run_forest(c, cli.json),
+        Command::Experiment(a) => forest_cmds::experiment(a, cli.json),
         Command::Keys(c) => maintainer::run_keys(c, cli.json),
         Command::Registry(c) => maintainer::run_registry(c, cli.json),
     }

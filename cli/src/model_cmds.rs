@@ -25,7 +25,10 @@ fn resolve_model(path: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, Path
     };
     let t = tokenizer.map(Path::to_path_buf).unwrap_or(t);
     if !w.exists() {
-        bail!("no weights at {} (expected a model directory or a .safetensors file)", w.display());
+        bail!(
+            "no weights at {} (expected a model directory or a .safetensors file)",
+            w.display()
+        );
     }
     if !t.exists() {
         bail!("no tokenizer at {} (pass --tokenizer)", t.display());
@@ -121,10 +124,13 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
     } else {
         a.domain.clone()
     };
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(if a.seed_mix { "seed".to_string() } else { domains.join("+") }));
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(if a.seed_mix {
+            "seed".to_string()
+        } else {
+            domains.join("+")
+        })
+    });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let device = a.device.device()?;
     let say = |m: &str| {
@@ -135,17 +141,24 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
 
     // Tokenizer: explicit, the run's own (resume), the init model's, or a fresh seed-mix one.
     let run_tok = out.join("tokenizer.json");
-    let tok_path = a.tokenizer.clone().or_else(|| run_tok.exists().then(|| run_tok.clone())).or_else(|| {
-        a.init
-            .as_ref()
-            .and_then(|p| resolve_model(p, None).ok())
-            .map(|(_, t)| t)
-    });
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .or_else(|| run_tok.exists().then(|| run_tok.clone()))
+        .or_else(|| {
+            a.init
+                .as_ref()
+                .and_then(|p| resolve_model(p, None).ok())
+                .map(|(_, t)| t)
+        });
     let preset_cfg = a.preset.config();
     let tok = match tok_path {
         Some(p) => Tokenizer::load(&p)?,
         None => {
-            say(&format!("training a {}-token byte-level BPE on the seed mix...", preset_cfg.vocab_size));
+            say(&format!(
+                "training a {}-token byte-level BPE on the seed mix...",
+                preset_cfg.vocab_size
+            ));
             tokenizer::train_seed_mix(&corpus, preset_cfg.vocab_size, 256 << 10)?
         }
     };
@@ -191,7 +204,12 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
     };
     let mut trainer = Trainer::new(model, cfg, &device, Some(&out))?;
     if trainer.state.step > 0 {
-        say(&format!("resuming {} at update {}/{}", out.display(), trainer.state.step, a.steps));
+        say(&format!(
+            "resuming {} at update {}/{}",
+            out.display(),
+            trainer.state.step,
+            a.steps
+        ));
     }
     say(&format!(
         "training {} ({} parameters) on {} for {} updates of {} tokens on {}",
@@ -229,21 +247,42 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
         weights_id,
         tokenizer_id: tok.id(),
     };
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("\ntrained {} updates, {} tokens, {:.2e} FLOPs in {:.0}s ({:.0} tokens/s)", summary.steps, summary.tokens, summary.flops, secs, summary.tokens_per_s);
+        println!(
+            "\ntrained {} updates, {} tokens, {:.2e} FLOPs in {:.0}s ({:.0} tokens/s)",
+            summary.steps, summary.tokens, summary.flops, secs, summary.tokens_per_s
+        );
         println!("{:<12} {:>10} {:>10} {:>8}", "valid", "loss", "ppl", "bpb");
-        println!("{:<12} {:>10.4} {:>10.2} {:>8.4}", "before", before.loss, before.perplexity, before.bits_per_byte);
-        println!("{:<12} {:>10.4} {:>10.2} {:>8.4}", "after", after.loss, after.perplexity, after.bits_per_byte);
-        println!("weights: {} (blake3 {})", summary.weights.display(), &summary.weights_id[..16]);
+        println!(
+            "{:<12} {:>10.4} {:>10.2} {:>8.4}",
+            "before", before.loss, before.perplexity, before.bits_per_byte
+        );
+        println!(
+            "{:<12} {:>10.4} {:>10.2} {:>8.4}",
+            "after", after.loss, after.perplexity, after.bits_per_byte
+        );
+        println!(
+            "weights: {} (blake3 {})",
+            summary.weights.display(),
+            &summary.weights_id[..16]
+        );
     }
     Ok(())
 }
 
 /// The first `max_tokens` tokens of each domain's validation split, concatenated per domain.
-fn valid_tokens(corpus: &Corpus, tok: &Tokenizer, domains: &[&str], max_tokens: usize) -> Result<Vec<u32>> {
+fn valid_tokens(
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    domains: &[&str],
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
     let per = (max_tokens / domains.len().max(1)).max(2);
     let mut out = Vec::new();
     for d in domains {
@@ -305,7 +344,11 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
         );
     }
     let domains: Vec<String> = if a.domain.is_empty() {
-        data::TRAIN_DOMAINS.iter().chain(data::EVAL_DOMAINS.iter()).map(|s| s.to_string()).collect()
+        data::TRAIN_DOMAINS
+            .iter()
+            .chain(data::EVAL_DOMAINS.iter())
+            .map(|s| s.to_string())
+            .collect()
     } else {
         a.domain.clone()
     };
@@ -330,7 +373,10 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<20} {:>8} {:>10} {:>10} {:>8}", "domain", "split", "tokens", "ppl", "bpb");
+        println!(
+            "{:<20} {:>8} {:>10} {:>10} {:>8}",
+            "domain", "split", "tokens", "ppl", "bpb"
+        );
         for r in &rows {
             println!(
                 "{:<20} {:>8} {:>10} {:>10.2} {:>8.4}",
@@ -382,7 +428,10 @@ pub fn generate(a: GenerateArgs, json: bool) -> Result<()> {
     };
     let text = btm_model::generate::generate(&model, &tok, &a.prompt, &cfg, &device)?;
     if json {
-        println!("{}", serde_json::json!({"prompt": a.prompt, "completion": text, "settings": cfg}));
+        println!(
+            "{}",
+            serde_json::json!({"prompt": a.prompt, "completion": text, "settings": cfg})
+        );
     } else {
         println!("{}{}", a.prompt, text);
     }
@@ -409,7 +458,10 @@ pub fn export_hf(a: ExportArgs, json: bool) -> Result<()> {
     let model = weights::load(&w, None, &device)?;
     weights::export_hf(&model, Some(tok.json()), &a.out)?;
     if json {
-        println!("{}", serde_json::json!({"out": a.out, "config": model.config().to_hf_config()}));
+        println!(
+            "{}",
+            serde_json::json!({"out": a.out, "config": model.config().to_hf_config()})
+        );
     } else {
         println!(
             "wrote {} (load with transformers.GPT2LMHeadModel.from_pretrained)",
@@ -439,9 +491,17 @@ pub fn tokenizer(a: TokenizerArgs, json: bool) -> Result<()> {
     let tok = tokenizer::train_seed_mix(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
     tok.save(&a.out)?;
     if json {
-        println!("{}", serde_json::json!({"out": a.out, "vocab_size": tok.vocab_size(), "id": tok.id()}));
+        println!(
+            "{}",
+            serde_json::json!({"out": a.out, "vocab_size": tok.vocab_size(), "id": tok.id()})
+        );
     } else {
-        println!("wrote {} ({} tokens, blake3 {})", a.out.display(), tok.vocab_size(), tok.id());
+        println!(
+            "wrote {} ({} tokens, blake3 {})",
+            a.out.display(),
+            tok.vocab_size(),
+            tok.id()
+        );
     }
     Ok(())
 }
@@ -476,9 +536,19 @@ pub fn bench(a: BenchArgs, json: bool) -> Result<()> {
         other => format!("burn-{other}"),
     };
     let peak = (a.matmul > 0).then(|| btm_model::bench::matmul_gflops(a.matmul, 5, &device));
-    let r = btm_model::bench::train_throughput(&a.preset.config(), a.batch, a.steps, a.warmup, &device, &backend)?;
+    let r = btm_model::bench::train_throughput(
+        &a.preset.config(),
+        a.batch,
+        a.steps,
+        a.warmup,
+        &device,
+        &backend,
+    )?;
     if json {
-        println!("{}", serde_json::json!({"train": r, "matmul_gflops": peak, "matmul_n": a.matmul}));
+        println!(
+            "{}",
+            serde_json::json!({"train": r, "matmul_gflops": peak, "matmul_n": a.matmul})
+        );
     } else {
         for (i, ms) in r.steps_ms.iter().enumerate() {
             println!("step {i}: {ms:.1} ms");

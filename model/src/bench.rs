@@ -46,7 +46,9 @@ pub fn train_throughput(
 ) -> Result<TrainBench, Error> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let n = (steps + warmup + 1) * batch * config.n_ctx + 1;
-    let tokens: Vec<u32> = (0..n).map(|_| rng.random_range(0..config.vocab_size as u32)).collect();
+    let tokens: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(0..config.vocab_size as u32))
+        .collect();
     let data = Mixture::new(vec![DomainStream::new("random", tokens, config.n_ctx)?], 0)?;
     let model = Gpt::init(config, 0, device);
     let cfg = TrainConfig {

@@ -82,7 +82,11 @@ impl std::str::FromStr for Preset {
         Preset::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| Error::Config(format!("unknown preset {s:?} (expected tiny, small or gpt2-small)")))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown preset {s:?} (expected tiny, small or gpt2-small)"
+                ))
+            })
     }
 }
 
@@ -186,7 +190,11 @@ mod tests {
     fn presets_have_the_promised_sizes() {
         let tiny = Preset::Tiny.config();
         tiny.validate().unwrap();
-        assert!(tiny.num_params() < 1_000_000, "tiny has {}", tiny.num_params());
+        assert!(
+            tiny.num_params() < 1_000_000,
+            "tiny has {}",
+            tiny.num_params()
+        );
         let small = Preset::Small.config();
         assert!((2_000_000..10_000_000).contains(&small.num_params()));
         // GPT-2 small has 124,439,808 parameters.

@@ -70,7 +70,9 @@ impl std::str::FromStr for Split {
             "train" => Ok(Split::Train),
             "valid" => Ok(Split::Valid),
             "test" => Ok(Split::Test),
-            _ => Err(Error::Data(format!("unknown split {s:?} (expected train, valid or test)"))),
+            _ => Err(Error::Data(format!(
+                "unknown split {s:?} (expected train, valid or test)"
+            ))),
         }
     }
 }
@@ -117,10 +119,17 @@ impl Corpus {
 
     /// The file holding `domain`'s `split`, compressed or not.
     pub fn path(&self, domain: &str, split: Split) -> Result<PathBuf, Error> {
-        if domain.is_empty() || !domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if domain.is_empty()
+            || !domain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(Error::Data(format!("invalid domain name {domain:?}")));
         }
-        let base = self.root.join(domain).join(format!("{}.jsonl", split.name()));
+        let base = self
+            .root
+            .join(domain)
+            .join(format!("{}.jsonl", split.name()));
         if base.exists() {
             return Ok(base);
         }
@@ -181,8 +190,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Document>, Error> {
         if line.trim().is_empty() {
             continue;
         }
-        let doc: Document = serde_json::from_str(&line)
-            .map_err(|e| Error::Data(format!("{}:{}: not a {{\"id\",\"text\"}} document: {e}", path.display(), i + 1)))?;
+        let doc: Document = serde_json::from_str(&line).map_err(|e| {
+            Error::Data(format!(
+                "{}:{}: not a {{\"id\",\"text\"}} document: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
         docs.push(doc);
     }
     Ok(docs)
@@ -191,7 +205,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Document>, Error> {
 /// Tokenises documents into one stream with `<|endoftext|>` after each document. Returns the
 /// tokens and the number of UTF-8 bytes of text they cover (each end-of-text counts 1 byte).
 /// `max_bytes` stops after the document that reaches that many bytes of text.
-pub fn tokenize_documents(tok: &Tokenizer, docs: &[Document], max_bytes: Option<usize>) -> Result<(Vec<u32>, u64), Error> {
+pub fn tokenize_documents(
+    tok: &Tokenizer,
+    docs: &[Document],
+    max_bytes: Option<usize>,
+) -> Result<(Vec<u32>, u64), Error> {
     let mut texts: Vec<&str> = Vec::new();
     let mut bytes = 0u64;
     for d in docs {
@@ -271,7 +289,9 @@ impl Mixture {
             return Err(Error::Data("a mixture needs at least one domain".into()));
         };
         if domains.iter().any(|d| d.n_ctx != first.n_ctx) {
-            return Err(Error::Data("all domains of a mixture must share n_ctx".into()));
+            return Err(Error::Data(
+                "all domains of a mixture must share n_ctx".into(),
+            ));
         }
         Ok(Mixture { domains, seed })
     }
@@ -365,8 +385,16 @@ mod tests {
 
     #[test]
     fn mixture_is_balanced_and_deterministic() {
-        let m = Mixture::new(vec![stream("a", 100, 4), offset_stream("b", 100, 1000, 4)], 7).unwrap();
-        let again = Mixture::new(vec![stream("a", 100, 4), offset_stream("b", 100, 1000, 4)], 7).unwrap();
+        let m = Mixture::new(
+            vec![stream("a", 100, 4), offset_stream("b", 100, 1000, 4)],
+            7,
+        )
+        .unwrap();
+        let again = Mixture::new(
+            vec![stream("a", 100, 4), offset_stream("b", 100, 1000, 4)],
+            7,
+        )
+        .unwrap();
         for k in 0..200 {
             assert_eq!(m.sample(k), again.sample(k));
             let first = m.sample(k)[0];
@@ -389,6 +417,10 @@ mod tests {
     #[test]
     fn short_domains_and_bad_names_are_refused() {
         assert!(DomainStream::new("a", vec![1, 2], 4).is_err());
-        assert!(Corpus::new("/nonexistent").path("../etc", Split::Train).is_err());
+        assert!(
+            Corpus::new("/nonexistent")
+                .path("../etc", Split::Train)
+                .is_err()
+        );
     }
 }

@@ -23,7 +23,9 @@ impl std::str::FromStr for DeviceKind {
             "cpu" => Ok(DeviceKind::Cpu),
             "wgpu" => Ok(DeviceKind::Wgpu),
             "cuda" => Ok(DeviceKind::Cuda),
-            other => Err(Error::Device(format!("unknown device {other:?} (expected cpu, wgpu or cuda)"))),
+            other => Err(Error::Device(format!(
+                "unknown device {other:?} (expected cpu, wgpu or cuda)"
+            ))),
         }
     }
 }

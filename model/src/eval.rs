@@ -46,7 +46,11 @@ impl EvalResult {
             bytes,
             loss,
             perplexity: loss.exp(),
-            bits_per_byte: if bytes > 0 { nll / std::f64::consts::LN_2 / bytes as f64 } else { f64::NAN },
+            bits_per_byte: if bytes > 0 {
+                nll / std::f64::consts::LN_2 / bytes as f64
+            } else {
+                f64::NAN
+            },
         }
     }
 }
@@ -65,12 +69,19 @@ pub fn blocks(len: usize, n_ctx: usize) -> Vec<(usize, usize)> {
 
 /// Log-probabilities (natural log) of each `tokens[i]` (i ≥ 1) given its block's prefix, in
 /// stream order: `len - 1` values.
-pub fn token_logprobs(model: &Gpt, tokens: &[u32], batch: usize, device: &Device) -> Result<Vec<f64>, Error> {
+pub fn token_logprobs(
+    model: &Gpt,
+    tokens: &[u32],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<f64>, Error> {
     let model = model.valid();
     let n_ctx = model.config().n_ctx;
     let vocab = model.config().vocab_size;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Data(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+        return Err(Error::Data(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
     }
     let all = blocks(tokens.len(), n_ctx);
     let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
@@ -99,7 +110,13 @@ pub fn token_logprobs(model: &Gpt, tokens: &[u32], batch: usize, device: &Device
 }
 
 /// Evaluates `model` on a token stream.
-pub fn evaluate(model: &Gpt, tok: Option<&Tokenizer>, tokens: &[u32], batch: usize, device: &Device) -> Result<EvalResult, Error> {
+pub fn evaluate(
+    model: &Gpt,
+    tok: Option<&Tokenizer>,
+    tokens: &[u32],
+    batch: usize,
+    device: &Device,
+) -> Result<EvalResult, Error> {
     if tokens.len() < 2 {
         return Err(Error::Data("need at least two tokens to evaluate".into()));
     }

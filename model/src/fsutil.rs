@@ -9,9 +9,15 @@ use crate::Error;
 /// fsynced and renamed over `path`, and the directory is fsynced. A crash leaves either the
 /// old file or the new one, never a torn mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -41,7 +47,9 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
         });
     }
     let mut buf = Vec::with_capacity(len as usize);
-    f.take(limit + 1).read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io(path, e))?;
     if buf.len() as u64 > limit {
         return Err(Error::TooLarge {
             path: path.to_path_buf(),

@@ -46,12 +46,17 @@ pub fn sample(logits: &[f32], cfg: &SampleConfig, rng: &mut impl Rng) -> u32 {
     if cfg.temperature <= 0.0 {
         return argmax();
     }
-    let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+    let mut idx: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
     if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < idx.len()) {
         idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         idx.truncate(k);
     }
-    let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
+    let max = idx
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = idx
         .iter()
         .map(|&i| (((logits[i] - max) as f64) / cfg.temperature).exp())
@@ -76,11 +81,17 @@ pub fn next_logits(model: &Gpt, context: &[u32], device: &Device) -> Result<Vec<
     let ctx: Vec<i64> = if context.is_empty() {
         vec![EOT_ID as i64]
     } else {
-        context[context.len().saturating_sub(n_ctx)..].iter().map(|&t| t as i64).collect()
+        context[context.len().saturating_sub(n_ctx)..]
+            .iter()
+            .map(|&t| t as i64)
+            .collect()
     };
     let t = ctx.len();
     let x: Tensor<2, Int> = Tensor::from_data(TensorData::new(ctx, [1, t]), device);
-    let logits = model.forward(x).slice([0..1, t - 1..t]).reshape([model.config().vocab_size]);
+    let logits = model
+        .forward(x)
+        .slice([0..1, t - 1..t])
+        .reshape([model.config().vocab_size]);
     logits
         .into_data()
         .convert::<f32>()
@@ -89,7 +100,13 @@ pub fn next_logits(model: &Gpt, context: &[u32], device: &Device) -> Result<Vec<
 }
 
 /// Continues `prompt` and returns only the generated text.
-pub fn generate(model: &Gpt, tok: &Tokenizer, prompt: &str, cfg: &SampleConfig, device: &Device) -> Result<String, Error> {
+pub fn generate(
+    model: &Gpt,
+    tok: &Tokenizer,
+    prompt: &str,
+    cfg: &SampleConfig,
+    device: &Device,
+) -> Result<String, Error> {
     let model = model.valid();
     let mut tokens = tok.encode(prompt)?;
     let start = tokens.len();
@@ -113,9 +130,16 @@ mod tests {
     fn greedy_takes_the_argmax_and_top1_is_greedy() {
         let logits = [0.1, 3.0, -1.0, 2.9];
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let greedy = SampleConfig { temperature: 0.0, ..Default::default() };
+        let greedy = SampleConfig {
+            temperature: 0.0,
+            ..Default::default()
+        };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
-        let top1 = SampleConfig { temperature: 1.0, top_k: Some(1), ..Default::default() };
+        let top1 = SampleConfig {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..Default::default()
+        };
         for _ in 0..20 {
             assert_eq!(sample(&logits, &top1, &mut rng), 1);
         }
@@ -124,7 +148,11 @@ mod tests {
     #[test]
     fn top_k_never_samples_outside_the_k_best() {
         let logits = [0.0, 5.0, 4.9, -3.0, 4.8];
-        let cfg = SampleConfig { temperature: 2.0, top_k: Some(3), ..Default::default() };
+        let cfg = SampleConfig {
+            temperature: 2.0,
+            top_k: Some(3),
+            ..Default::default()
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for _ in 0..200 {
             let s = sample(&logits, &cfg, &mut rng);

@@ -107,7 +107,10 @@ impl Init {
         let n: usize = shape.iter().product();
         let dist = Normal::new(0.0f64, std).unwrap_or_else(|_| unreachable!("std is positive"));
         let values: Vec<f32> = (0..n).map(|_| dist.sample(&mut self.rng) as f32).collect();
-        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, shape),
+            &self.device,
+        ))
     }
 
     fn constant(&self, len: usize, value: f32) -> Param<Tensor<1>> {
@@ -215,7 +218,10 @@ impl Block {
         let [b, t, d] = x.dims();
         let hd = d / n_heads;
         let qkv = self.attn.c_attn.forward(self.ln_1.forward(x.clone()));
-        let mut parts = qkv.chunk(3, 2).into_iter().map(|p| p.reshape([b, t, n_heads, hd]).swap_dims(1, 2));
+        let mut parts = qkv
+            .chunk(3, 2)
+            .into_iter()
+            .map(|p| p.reshape([b, t, n_heads, hd]).swap_dims(1, 2));
         let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             unreachable!("chunk(3) of a [b, t, 3d] tensor yields three parts")
         };

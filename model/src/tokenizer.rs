@@ -23,7 +23,13 @@ pub const EOT_ID: u32 = 0;
 /// Largest tokenizer.json we accept.
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
-type Inner = TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type Inner = TokenizerImpl<
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// A trained tokenizer and the bytes it was loaded from.
 pub struct Tokenizer {
@@ -45,7 +51,10 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Trains a byte-level BPE of `vocab_size` tokens (including `<|endoftext|>` and the 256
     /// byte tokens) on `texts`.
-    pub fn train<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Self, Error> {
+    pub fn train<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+    ) -> Result<Self, Error> {
         if vocab_size < 257 + 1 {
             return Err(Error::Tokenizer(format!(
                 "vocab_size {vocab_size} is too small: byte-level BPE needs at least 258"
@@ -70,13 +79,16 @@ impl Tokenizer {
         inner
             .train(&mut trainer, texts)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let json = inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let json = inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Self::from_bytes(json.as_bytes())
     }
 
     /// Loads a tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(json: &[u8]) -> Result<Self, Error> {
-        let inner: Inner = serde_json::from_slice(json).map_err(|e| Error::Tokenizer(format!("not a tokenizer.json: {e}")))?;
+        let inner: Inner = serde_json::from_slice(json)
+            .map_err(|e| Error::Tokenizer(format!("not a tokenizer.json: {e}")))?;
         if inner.token_to_id(EOT) != Some(EOT_ID) {
             return Err(Error::Tokenizer(format!("{EOT} must be token {EOT_ID}")));
         }
@@ -124,7 +136,10 @@ impl Tokenizer {
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -142,7 +157,9 @@ impl Tokenizer {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size()) {
             return Err(Error::Tokenizer(format!("token id {bad} is out of range")));
         }
-        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// UTF-8 bytes that token `id` stands for (for bits per byte).
@@ -154,7 +171,11 @@ impl Tokenizer {
 /// Trains the network's tokenizer on the seed mix: the first `bytes_per_domain` bytes of each
 /// training domain's train split of `corpus`, domains in sorted order. Deterministic: the same
 /// corpus and settings give the same `tokenizer.json` bytes.
-pub fn train_seed_mix(corpus: &crate::data::Corpus, vocab_size: usize, bytes_per_domain: usize) -> Result<Tokenizer, Error> {
+pub fn train_seed_mix(
+    corpus: &crate::data::Corpus,
+    vocab_size: usize,
+    bytes_per_domain: usize,
+) -> Result<Tokenizer, Error> {
     let mut texts: Vec<String> = Vec::new();
     for domain in crate::data::TRAIN_DOMAINS {
         let docs = corpus.documents(domain, crate::data::Split::Train)?;

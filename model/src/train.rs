@@ -198,7 +198,8 @@ impl ModuleVisitor for GradCollector<'_> {
             Some(g) => self.out.push(g.reshape([n])),
             None => {
                 self.missing += 1;
-                self.out.push(Tensor::zeros([n], &t.device().without_autodiff()));
+                self.out
+                    .push(Tensor::zeros([n], &t.device().without_autodiff()));
             }
         }
     }
@@ -231,7 +232,11 @@ impl ModuleMapper for AdamStep<'_> {
         let m = self.state.m[i].clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
         let v = self.state.v[i].clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
         let p = tensor.inner().reshape([n]);
-        let denom = v.clone().div_scalar(self.bias2).sqrt().add_scalar(self.cfg.eps);
+        let denom = v
+            .clone()
+            .div_scalar(self.bias2)
+            .sqrt()
+            .add_scalar(self.cfg.eps);
         let update = m.clone().div_scalar(self.bias1) / denom;
         let p = p.mul_scalar(1.0 - self.lr * self.cfg.weight_decay) - update.mul_scalar(self.lr);
         self.state.m[i] = m;
@@ -249,7 +254,11 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
 }
 
 /// Splits a flattened `[batch, n_ctx + 1]` block batch into inputs and targets on `device`.
-pub fn batch_tensors(flat: &[u32], batch: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+pub fn batch_tensors(
+    flat: &[u32],
+    batch: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let width = flat.len() / batch;
     let t = width - 1;
     let mut x = Vec::with_capacity(batch * t);
@@ -289,7 +298,12 @@ pub struct Trainer {
 impl Trainer {
     /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
     /// holds a checkpoint, the run resumes from it instead (its settings must equal `cfg`).
-    pub fn new(model: Gpt, cfg: TrainConfig, device: &Device, run_dir: Option<&Path>) -> Result<Self, Error> {
+    pub fn new(
+        model: Gpt,
+        cfg: TrainConfig,
+        device: &Device,
+        run_dir: Option<&Path>,
+    ) -> Result<Self, Error> {
         cfg.validate()?;
         let device = device.clone().autodiff();
         if let Some(dir) = run_dir {
@@ -350,7 +364,12 @@ impl Trainer {
     /// new data. `cfg.steps` counts from the parent's first update and must exceed the parent's
     /// updates. When `run_dir` already holds a checkpoint, the run resumes from it instead (its
     /// settings must equal `cfg`).
-    pub fn continue_from(parent: &Path, cfg: TrainConfig, device: &Device, run_dir: Option<&Path>) -> Result<Self, Error> {
+    pub fn continue_from(
+        parent: &Path,
+        cfg: TrainConfig,
+        device: &Device,
+        run_dir: Option<&Path>,
+    ) -> Result<Self, Error> {
         cfg.validate()?;
         if let Some(dir) = run_dir {
             let ckpt = dir.join(CHECKPOINT_FILE);
@@ -395,20 +414,23 @@ impl Trainer {
     }
 
     /// Loads a checkpoint file.
-    pub fn resume(path: &Path, device: &Device, expected: Option<&GptConfig>) -> Result<Self, Error> {
+    pub fn resume(
+        path: &Path,
+        device: &Device,
+        expected: Option<&GptConfig>,
+    ) -> Result<Self, Error> {
         let device = device.clone().autodiff();
         let bytes = fsutil::read_limited(path, 3 * weights::MAX_FILE_BYTES)?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::Checkpoint(format!("{}: not a checkpoint: {e}", path.display())))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        let state: TrainState = serde_json::from_str(
-            meta.get("btm.train_state")
-                .ok_or_else(|| Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display())))?,
-        )?;
-        let config: GptConfig = serde_json::from_str(
-            meta.get("btm.config")
-                .ok_or_else(|| Error::Checkpoint(format!("{}: no btm.config metadata", path.display())))?,
-        )?;
+        let state: TrainState =
+            serde_json::from_str(meta.get("btm.train_state").ok_or_else(|| {
+                Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display()))
+            })?)?;
+        let config: GptConfig = serde_json::from_str(meta.get("btm.config").ok_or_else(|| {
+            Error::Checkpoint(format!("{}: no btm.config metadata", path.display()))
+        })?)?;
         if let Some(want) = expected {
             if want != &config {
                 return Err(Error::Checkpoint(format!(
@@ -440,9 +462,10 @@ impl Trainer {
                 moments.insert(name, values);
             }
         }
-        let model = weights::from_named_tensors(&config, model_tensors, &device.clone().without_autodiff())
-            .map_err(|e| e.in_file(path))?
-            .train();
+        let model =
+            weights::from_named_tensors(&config, model_tensors, &device.clone().without_autodiff())
+                .map_err(|e| e.in_file(path))?
+                .train();
         let plain = device.clone().without_autodiff();
         let mut adam = AdamState {
             m: Vec::new(),
@@ -452,11 +475,14 @@ impl Trainer {
             let n: usize = shape.iter().product();
             for (kind, dst) in [("m", &mut adam.m), ("v", &mut adam.v)] {
                 let key = format!("adam.{kind}.{name}");
-                let values = moments
-                    .remove(&key)
-                    .ok_or_else(|| Error::Checkpoint(format!("{}: {key} is missing", path.display())))?;
+                let values = moments.remove(&key).ok_or_else(|| {
+                    Error::Checkpoint(format!("{}: {key} is missing", path.display()))
+                })?;
                 if values.len() != n || values.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::Checkpoint(format!("{}: {key} is malformed", path.display())));
+                    return Err(Error::Checkpoint(format!(
+                        "{}: {key} is malformed",
+                        path.display()
+                    )));
                 }
                 dst.push(Tensor::from_data(TensorData::new(values, [n]), &plain));
             }
@@ -486,17 +512,34 @@ impl Trainer {
                     .convert::<f32>()
                     .try_into_vec::<f32>()
                     .map_err(|e| Error::Checkpoint(format!("reading optimiser state: {e:?}")))?;
-                moments.push((format!("adam.{kind}.{}", t.name), vec![values.len()], values));
+                moments.push((
+                    format!("adam.{kind}.{}", t.name),
+                    vec![values.len()],
+                    values,
+                ));
             }
         }
         let entries = tensors
             .iter()
-            .map(|t| (format!("{}{}", weights::PREFIX, t.name), t.shape.clone(), t.values.as_slice()))
-            .chain(moments.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())));
+            .map(|t| {
+                (
+                    format!("{}{}", weights::PREFIX, t.name),
+                    t.shape.clone(),
+                    t.values.as_slice(),
+                )
+            })
+            .chain(
+                moments
+                    .iter()
+                    .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())),
+            );
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("btm.config".to_string(), serde_json::to_string(&config)?);
-        meta.insert("btm.train_state".to_string(), serde_json::to_string(&self.state)?);
+        meta.insert(
+            "btm.train_state".to_string(),
+            serde_json::to_string(&self.state)?,
+        );
         let bytes = weights::write_safetensors(entries, &meta)?;
         let path = dir.join(CHECKPOINT_FILE);
         fsutil::write_atomic(&path, &bytes)?;
@@ -543,12 +586,18 @@ impl Trainer {
         let grads = acc.unwrap_or_default();
         let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {
-            return Err(Error::Diverged(format!("loss is {loss} at update {}", self.state.step + 1)));
+            return Err(Error::Diverged(format!(
+                "loss is {loss} at update {}",
+                self.state.step + 1
+            )));
         }
         let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
         let grad_norm = scalar(Tensor::cat(sq, 0).sum()).sqrt();
         if !grad_norm.is_finite() {
-            return Err(Error::Diverged(format!("gradient norm is {grad_norm} at update {}", self.state.step + 1)));
+            return Err(Error::Diverged(format!(
+                "gradient norm is {grad_norm} at update {}",
+                self.state.step + 1
+            )));
         }
         let clip_coef = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
             cfg.grad_clip / (grad_norm + 1e-6)
@@ -588,14 +637,20 @@ impl Trainer {
 
     /// Trains until `steps` updates are done, checkpointing every `checkpoint_every` updates
     /// and at the end. `on_step` sees every update.
-    pub fn run(&mut self, data: &Mixture, mut on_step: impl FnMut(&StepStats)) -> Result<(), Error> {
+    pub fn run(
+        &mut self,
+        data: &Mixture,
+        mut on_step: impl FnMut(&StepStats),
+    ) -> Result<(), Error> {
         let cfg = self.state.config.clone();
         let bar = if self.progress {
             let bar = ProgressBar::new(cfg.steps);
             bar.set_style(
-                ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_position(self.state.step);
             bar
@@ -608,9 +663,15 @@ impl Trainer {
             let tps = ema_tps.map_or(stats.tokens_per_s, |e| 0.9 * e + 0.1 * stats.tokens_per_s);
             ema_tps = Some(tps);
             bar.set_position(stats.step);
-            bar.set_message(format!("loss {:.3} lr {:.2e} {:.0} tok/s", stats.loss, stats.lr, tps));
+            bar.set_message(format!(
+                "loss {:.3} lr {:.2e} {:.0} tok/s",
+                stats.loss, stats.lr, tps
+            ));
             on_step(&stats);
-            if cfg.checkpoint_every > 0 && self.state.step % cfg.checkpoint_every == 0 && !self.finished() {
+            if cfg.checkpoint_every > 0
+                && self.state.step % cfg.checkpoint_every == 0
+                && !self.finished()
+            {
                 self.save_checkpoint()?;
             }
         }

@@ -133,7 +133,11 @@ impl ModuleMapper for Loader {
             .try_into()
             .unwrap_or_else(|_| unreachable!("rank checked against the configuration"));
         let tensor = Tensor::from_data(TensorData::new(t.values, shape), &self.device);
-        let tensor = if old.is_require_grad() { tensor.require_grad() } else { tensor };
+        let tensor = if old.is_require_grad() {
+            tensor.require_grad()
+        } else {
+            tensor
+        };
         Param::from_mapped_value(id, tensor, mapper)
     }
 }
@@ -175,7 +179,9 @@ fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> 
             )));
         }
         if t.values.len() != shape.iter().product::<usize>() {
-            return Err(Error::Weights(format!("tensor {PREFIX}{name} has the wrong number of values")));
+            return Err(Error::Weights(format!(
+                "tensor {PREFIX}{name} has the wrong number of values"
+            )));
         }
         if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
             return Err(Error::Weights(format!(
@@ -185,10 +191,18 @@ fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> 
         }
     }
     if by_name.len() != expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut extra: Vec<&str> = by_name.keys().map(String::as_str).filter(|n| !known.contains(n)).collect();
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&str> = by_name
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !known.contains(n))
+            .collect();
         extra.sort_unstable();
-        return Err(Error::Weights(format!("unexpected tensors: {}", extra.join(", "))));
+        return Err(Error::Weights(format!(
+            "unexpected tensors: {}",
+            extra.join(", ")
+        )));
     }
     Ok(())
 }
@@ -209,10 +223,15 @@ pub fn write_safetensors<'a>(
     let mut offset = 0usize;
     for (name, shape, values) in &tensors {
         if shape.iter().product::<usize>() != values.len() {
-            return Err(Error::Weights(format!("tensor {name}: shape {shape:?} does not match {} values", values.len())));
+            return Err(Error::Weights(format!(
+                "tensor {name}: shape {shape:?} does not match {} values",
+                values.len()
+            )));
         }
         if name == "__metadata__" || header.contains_key(name) {
-            return Err(Error::Weights(format!("tensor name {name:?} is reserved or repeated")));
+            return Err(Error::Weights(format!(
+                "tensor name {name:?} is reserved or repeated"
+            )));
         }
         let end = offset + 4 * values.len();
         header.insert(
@@ -243,24 +262,35 @@ pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, 
     metadata.insert("format".to_string(), "pt".to_string());
     metadata.insert("btm.config".to_string(), serde_json::to_string(config)?);
     write_safetensors(
-        tensors
-            .iter()
-            .map(|t| (format!("{PREFIX}{}", t.name), t.shape.clone(), t.values.as_slice())),
+        tensors.iter().map(|t| {
+            (
+                format!("{PREFIX}{}", t.name),
+                t.shape.clone(),
+                t.values.as_slice(),
+            )
+        }),
         &metadata,
     )
 }
 
 /// Parses and checks a safetensors file's bytes. `expected`, when given, must equal the file's
 /// configuration (a forest member must have the forest's architecture).
-pub fn parse(bytes: &[u8], expected: Option<&GptConfig>) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+pub fn parse(
+    bytes: &[u8],
+    expected: Option<&GptConfig>,
+) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
     let config_json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("btm.config"))
         .ok_or_else(|| Error::Weights("metadata entry btm.config is missing".into()))?;
-    let config: GptConfig = serde_json::from_str(config_json)
-        .map_err(|e| Error::Weights(format!("metadata entry btm.config is not a configuration: {e}")))?;
+    let config: GptConfig = serde_json::from_str(config_json).map_err(|e| {
+        Error::Weights(format!(
+            "metadata entry btm.config is not a configuration: {e}"
+        ))
+    })?;
     config.validate()?;
     if let Some(want) = expected {
         if want != &config {
@@ -269,7 +299,8 @@ pub fn parse(bytes: &[u8], expected: Option<&GptConfig>) -> Result<(GptConfig, V
             )));
         }
     }
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
     let mut out = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -279,12 +310,17 @@ pub fn parse(bytes: &[u8], expected: Option<&GptConfig>) -> Result<(GptConfig, V
         .map(|(i, (n, _))| (n, i))
         .collect();
     for full in names {
-        let view = st.tensor(&full).map_err(|e| Error::Weights(format!("tensor {full}: {e}")))?;
+        let view = st
+            .tensor(&full)
+            .map_err(|e| Error::Weights(format!("tensor {full}: {e}")))?;
         let Some(name) = full.strip_prefix(PREFIX) else {
             return Err(Error::Weights(format!("unexpected tensor {full}")));
         };
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Weights(format!("tensor {full} has dtype {:?}, expected F32", view.dtype())));
+            return Err(Error::Weights(format!(
+                "tensor {full} has dtype {:?}, expected F32",
+                view.dtype()
+            )));
         }
         let values = view
             .data()
@@ -298,7 +334,8 @@ pub fn parse(bytes: &[u8], expected: Option<&GptConfig>) -> Result<(GptConfig, V
         });
     }
     out.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
-    let by_name: HashMap<String, NamedTensor> = out.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    let by_name: HashMap<String, NamedTensor> =
+        out.iter().map(|t| (t.name.clone(), t.clone())).collect();
     check_tensors(&config, &by_name)?;
     Ok((config, out))
 }
@@ -310,7 +347,10 @@ pub fn save(model: &Gpt, path: &Path) -> Result<(), Error> {
 }
 
 /// Reads and checks a weights file without building a model.
-pub fn read(path: &Path, expected: Option<&GptConfig>) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
+pub fn read(
+    path: &Path,
+    expected: Option<&GptConfig>,
+) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
     let bytes = fsutil::read_limited(path, MAX_FILE_BYTES)?;
     parse(&bytes, expected).map_err(|e| e.in_file(path))
 }

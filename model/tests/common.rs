@@ -26,5 +26,8 @@ pub fn cpu() -> Device {
 }
 
 pub fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
-    assert!((a - b).abs() <= tol * (1.0 + a.abs().max(b.abs())), "{what}: {a} vs {b} (tol {tol})");
+    assert!(
+        (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs())),
+        "{what}: {a} vs {b} (tol {tol})"
+    );
 }

@@ -4,8 +4,14 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::common::{cpu, tiny};
 
 fn logits(model: &Gpt, tokens: &[i64]) -> Vec<f32> {
-    let x: Tensor<2, Int> = Tensor::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), &cpu());
-    model.forward(x).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    let x: Tensor<2, Int> =
+        Tensor::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), &cpu());
+    model
+        .forward(x)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -22,12 +28,22 @@ fn a_future_token_never_changes_an_earlier_logit() {
         // Positions before the change are identical; the changed position differs.
         for pos in 0..changed_at {
             let (x, y) = (&a[pos * v..(pos + 1) * v], &b[pos * v..(pos + 1) * v]);
-            let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-            assert!(diff < 1e-5, "position {pos} changed by {diff} when token {changed_at} changed");
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "position {pos} changed by {diff} when token {changed_at} changed"
+            );
         }
         let at = &a[changed_at * v..(changed_at + 1) * v];
         let bt = &b[changed_at * v..(changed_at + 1) * v];
-        assert!(at.iter().zip(bt).any(|(p, q)| (p - q).abs() > 1e-4), "the changed position must see its own token");
+        assert!(
+            at.iter().zip(bt).any(|(p, q)| (p - q).abs() > 1e-4),
+            "the changed position must see its own token"
+        );
     }
 }
 
@@ -39,7 +55,10 @@ fn init_is_deterministic_and_seed_dependent() {
     let c = btm_model::weights::named_tensors(&Gpt::init(&cfg, 8, &cpu()));
     assert_eq!(a, b);
     assert_ne!(a, c);
-    assert_eq!(a.iter().map(|t| t.values.len()).sum::<usize>(), cfg.num_params());
+    assert_eq!(
+        a.iter().map(|t| t.values.len()).sum::<usize>(),
+        cfg.num_params()
+    );
 }
 
 #[test]

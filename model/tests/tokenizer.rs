@@ -12,7 +12,12 @@ fn round_trip_is_lossless_on_every_domain() {
         for d in docs.iter().take(40) {
             let ids = tok.encode(&d.text).unwrap();
             assert!(!ids.contains(&EOT_ID) || d.text.contains("<|endoftext|>"));
-            assert_eq!(tok.decode(&ids).unwrap(), d.text, "{domain}/{} does not round-trip", d.id);
+            assert_eq!(
+                tok.decode(&ids).unwrap(),
+                d.text,
+                "{domain}/{} does not round-trip",
+                d.id
+            );
         }
     }
 }
@@ -20,7 +25,14 @@ fn round_trip_is_lossless_on_every_domain() {
 #[test]
 fn odd_text_round_trips_too() {
     let tok = tokenizer();
-    for text in ["", " ", "  leading spaces", "tabs\tand\nnewlines\n\n", "émigré naïve 日本語 🦀", "\u{0}\u{7f}"] {
+    for text in [
+        "",
+        " ",
+        "  leading spaces",
+        "tabs\tand\nnewlines\n\n",
+        "émigré naïve 日本語 🦀",
+        "\u{0}\u{7f}",
+    ] {
         assert_eq!(tok.decode(&tok.encode(text).unwrap()).unwrap(), text);
     }
 }
@@ -29,7 +41,11 @@ fn odd_text_round_trips_too() {
 fn the_tokenizer_is_deterministic_and_its_bytes_are_its_identity() {
     let a = tokenizer();
     let b = btm_model::tokenizer::train_seed_mix(&corpus(), 2048, 64 << 10).unwrap();
-    assert_eq!(a.json(), b.json(), "training twice on the same data must give the same file");
+    assert_eq!(
+        a.json(),
+        b.json(),
+        "training twice on the same data must give the same file"
+    );
     assert_eq!(a.id(), b.id());
     assert_eq!(a.vocab_size(), 2048);
     let reloaded = Tokenizer::from_bytes(a.json()).unwrap();

@@ -9,20 +9,37 @@ use btm_model::{Gpt, eval, weights};
 use crate::common::{corpus, cpu, tiny, tokenizer};
 
 fn austen(max_bytes: Option<usize>) -> Mixture {
-    let streams = data::load_streams(&corpus(), tokenizer(), &["novels_austen"], Split::Train, tiny().n_ctx, max_bytes).unwrap();
+    let streams = data::load_streams(
+        &corpus(),
+        tokenizer(),
+        &["novels_austen"],
+        Split::Train,
+        tiny().n_ctx,
+        max_bytes,
+    )
+    .unwrap();
     Mixture::new(streams, 3).unwrap()
 }
 
 #[test]
 fn the_schedule_warms_up_then_decays_linearly_to_zero() {
-    let cfg = TrainConfig { steps: 100, lr: 1e-3, warmup_frac: 0.08, ..Default::default() };
+    let cfg = TrainConfig {
+        steps: 100,
+        lr: 1e-3,
+        warmup_frac: 0.08,
+        ..Default::default()
+    };
     assert!((cfg.lr_at(0) - 1e-3 / 8.0).abs() < 1e-12);
     assert!((cfg.lr_at(7) - 1e-3).abs() < 1e-12);
     assert!(cfg.lr_at(50) < 1e-3 && cfg.lr_at(50) > cfg.lr_at(60));
     assert!(cfg.lr_at(99) > 0.0 && cfg.lr_at(99) < 2e-5);
     assert_eq!(cfg.lr_at(100), 0.0);
     // A branch that continues a longer schedule starts where the seed stopped.
-    let cont = TrainConfig { schedule_steps: Some(200), schedule_offset: 100, ..cfg.clone() };
+    let cont = TrainConfig {
+        schedule_steps: Some(200),
+        schedule_offset: 100,
+        ..cfg.clone()
+    };
     assert!((cont.lr_at(0) - TrainConfig { steps: 200, ..cfg }.lr_at(100)).abs() < 1e-15);
 }
 
@@ -39,22 +56,50 @@ fn tiny_loss_falls_clearly_on_a_real_domain() {
         t
     };
     let before = eval::evaluate(&model, Some(tokenizer()), &valid, 8, &cpu()).unwrap();
-    let cfg = TrainConfig { steps: 200, batch_size: 8, lr: 2e-3, checkpoint_every: 0, ..Default::default() };
+    let cfg = TrainConfig {
+        steps: 200,
+        batch_size: 8,
+        lr: 2e-3,
+        checkpoint_every: 0,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, cfg, &cpu(), None).unwrap();
     trainer.run(&data, |_| {}).unwrap();
     let losses = &trainer.state.losses;
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
     let after = eval::evaluate(&trainer.model(), Some(tokenizer()), &valid, 8, &cpu()).unwrap();
-    eprintln!("train loss {first:.3} -> {last:.3}; valid ppl {:.1} -> {:.1}, bpb {:.3} -> {:.3}", before.perplexity, after.perplexity, before.bits_per_byte, after.bits_per_byte);
-    assert!(first > 7.0, "an untrained model is near uniform over 2048 tokens (ln 2048 = 7.6), got {first}");
-    assert!(last < first - 2.0, "training loss fell only from {first} to {last}");
-    assert!(after.perplexity < before.perplexity / 5.0, "valid perplexity {} -> {}", before.perplexity, after.perplexity);
+    eprintln!(
+        "train loss {first:.3} -> {last:.3}; valid ppl {:.1} -> {:.1}, bpb {:.3} -> {:.3}",
+        before.perplexity, after.perplexity, before.bits_per_byte, after.bits_per_byte
+    );
+    assert!(
+        first > 7.0,
+        "an untrained model is near uniform over 2048 tokens (ln 2048 = 7.6), got {first}"
+    );
+    assert!(
+        last < first - 2.0,
+        "training loss fell only from {first} to {last}"
+    );
+    assert!(
+        after.perplexity < before.perplexity / 5.0,
+        "valid perplexity {} -> {}",
+        before.perplexity,
+        after.perplexity
+    );
     assert_eq!(trainer.state.tokens, 200 * 8 * tiny().n_ctx as u64);
 }
 
 fn resume_config() -> TrainConfig {
-    TrainConfig { steps: 40, batch_size: 4, grad_accum: 2, lr: 2e-3, checkpoint_every: 5, seed: 9, ..Default::default() }
+    TrainConfig {
+        steps: 40,
+        batch_size: 4,
+        grad_accum: 2,
+        lr: 2e-3,
+        checkpoint_every: 5,
+        seed: 9,
+        ..Default::default()
+    }
 }
 
 fn run_to_end(dir: Option<&Path>) -> Trainer {
@@ -68,13 +113,20 @@ fn run_to_end(dir: Option<&Path>) -> Trainer {
 /// Not a test on its own: the child process of `a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends`.
 #[test]
 fn resume_child() {
-    let Ok(dir) = std::env::var("BTM_RESUME_CHILD_DIR") else { return };
+    let Ok(dir) = std::env::var("BTM_RESUME_CHILD_DIR") else {
+        return;
+    };
     run_to_end(Some(Path::new(&dir)));
 }
 
 fn spawn_child(dir: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "train::resume_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "train::resume_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("BTM_RESUME_CHILD_DIR", dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -97,12 +149,19 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
                 break t.state.step;
             }
         }
-        assert!(child.try_wait().unwrap().is_none(), "the child finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child finished before it could be killed"
+        );
         assert!(Instant::now() < deadline, "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(20));
     };
     let partial = Trainer::resume(&ckpt, &cpu(), None).unwrap();
-    assert!(partial.state.step >= killed_at && partial.state.step < 40, "killed at {}", partial.state.step);
+    assert!(
+        partial.state.step >= killed_at && partial.state.step < 40,
+        "killed at {}",
+        partial.state.step
+    );
     // Restart: it continues from the checkpoint and finishes.
     let status = spawn_child(dir.path()).wait().unwrap();
     assert!(status.success());
@@ -112,13 +171,28 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
     let straight = run_to_end(None);
     assert_eq!(resumed.state.data_position, straight.state.data_position);
     assert_eq!(resumed.state.tokens, straight.state.tokens);
-    for (i, (a, b)) in resumed.state.losses.iter().zip(&straight.state.losses).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "loss of update {} differs: {a} vs {b}", i + 1);
+    for (i, (a, b)) in resumed
+        .state
+        .losses
+        .iter()
+        .zip(&straight.state.losses)
+        .enumerate()
+    {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "loss of update {} differs: {a} vs {b}",
+            i + 1
+        );
     }
     let wa = weights::named_tensors(&resumed.model());
     let wb = weights::named_tensors(&straight.model());
     for (a, b) in wa.iter().zip(&wb) {
-        let max = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let max = a
+            .values
+            .iter()
+            .zip(&b.values)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
         assert!(max < 1e-4, "{} differs by {max}", a.name);
     }
 }
@@ -127,11 +201,28 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
 fn a_checkpoint_with_other_settings_is_not_silently_reused() {
     let dir = tempfile::tempdir().unwrap();
     let data = austen(Some(100_000));
-    let cfg = TrainConfig { steps: 2, batch_size: 2, checkpoint_every: 1, ..Default::default() };
-    let mut t = Trainer::new(Gpt::init(&tiny(), 0, &cpu()), cfg.clone(), &cpu(), Some(dir.path())).unwrap();
+    let cfg = TrainConfig {
+        steps: 2,
+        batch_size: 2,
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(
+        Gpt::init(&tiny(), 0, &cpu()),
+        cfg.clone(),
+        &cpu(),
+        Some(dir.path()),
+    )
+    .unwrap();
     t.run(&data, |_| {}).unwrap();
     let other = TrainConfig { lr: 1.0, ..cfg };
-    let err = Trainer::new(Gpt::init(&tiny(), 0, &cpu()), other, &cpu(), Some(dir.path())).unwrap_err();
+    let err = Trainer::new(
+        Gpt::init(&tiny(), 0, &cpu()),
+        other,
+        &cpu(),
+        Some(dir.path()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("different settings"), "{err}");
     // A garbage checkpoint is an error, not a panic.
     std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();

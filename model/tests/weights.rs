@@ -15,11 +15,17 @@ fn save_then_load_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (model, path) = saved(dir.path());
     let loaded = weights::load(&path, Some(&tiny()), &cpu()).unwrap();
-    assert_eq!(weights::named_tensors(&model), weights::named_tensors(&loaded));
+    assert_eq!(
+        weights::named_tensors(&model),
+        weights::named_tensors(&loaded)
+    );
     // And saving again gives the same bytes.
     let again = dir.path().join("again.safetensors");
     weights::save(&loaded, &again).unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
 }
 
 fn rewrite(tensors: &mut [NamedTensor], f: impl Fn(&mut NamedTensor)) -> Vec<u8> {
@@ -31,7 +37,10 @@ fn rewrite(tensors: &mut [NamedTensor], f: impl Fn(&mut NamedTensor)) -> Vec<u8>
 
 fn expect_weights_error(bytes: &[u8], needle: &str) {
     match weights::parse(bytes, Some(&tiny())) {
-        Err(Error::Weights(msg)) => assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}"),
+        Err(Error::Weights(msg)) => assert!(
+            msg.contains(needle),
+            "error {msg:?} should mention {needle:?}"
+        ),
         Err(other) => panic!("expected a weights error mentioning {needle:?}, got {other}"),
         Ok(_) => panic!("accepted bad weights (expected {needle:?})"),
     }
@@ -59,11 +68,19 @@ fn corrupt_or_mismatched_weights_are_rejected_with_the_tensor_named() {
     expect_weights_error(&b, "ln_f.bias");
 
     // A missing tensor, an extra tensor, a wrong shape.
-    let mut t: Vec<NamedTensor> = good.iter().filter(|t| t.name != "h.0.attn.c_proj.bias").cloned().collect();
+    let mut t: Vec<NamedTensor> = good
+        .iter()
+        .filter(|t| t.name != "h.0.attn.c_proj.bias")
+        .cloned()
+        .collect();
     let b = weights::to_bytes(&tiny(), &t).unwrap();
     expect_weights_error(&b, "h.0.attn.c_proj.bias");
     t = good.clone();
-    t.push(NamedTensor { name: "h.9.extra".into(), shape: vec![1], values: vec![0.0] });
+    t.push(NamedTensor {
+        name: "h.9.extra".into(),
+        shape: vec![1],
+        values: vec![0.0],
+    });
     expect_weights_error(&weights::to_bytes(&tiny(), &t).unwrap(), "h.9.extra");
     let mut t = good.clone();
     let b = rewrite(&mut t, |t| {
@@ -77,12 +94,17 @@ fn corrupt_or_mismatched_weights_are_rejected_with_the_tensor_named() {
     let small_bytes = weights::to_bytes(&Preset::Tiny.config(), &good).unwrap();
     let mut other = tiny();
     other.n_layers += 1;
-    assert!(matches!(weights::parse(&small_bytes, Some(&other)), Err(Error::Weights(m)) if m.contains("architecture mismatch")));
+    assert!(
+        matches!(weights::parse(&small_bytes, Some(&other)), Err(Error::Weights(m)) if m.contains("architecture mismatch"))
+    );
 
     // Truncated files and random bytes.
     let bytes = weights::to_bytes(&tiny(), &good).unwrap();
     for cut in [0, 7, 8, 100, bytes.len() / 2, bytes.len() - 1] {
-        assert!(weights::parse(&bytes[..cut], Some(&tiny())).is_err(), "accepted a file cut at {cut}");
+        assert!(
+            weights::parse(&bytes[..cut], Some(&tiny())).is_err(),
+            "accepted a file cut at {cut}"
+        );
     }
     let mut flipped = bytes.clone();
     flipped[3] ^= 0xff; // header length
@@ -96,8 +118,12 @@ fn a_wrong_dtype_is_rejected() {
     let raw = vec![0u8; 8];
     let view = TensorView::new(Dtype::F64, vec![1], &raw).unwrap();
     let mut meta = std::collections::HashMap::new();
-    meta.insert("btm.config".to_string(), serde_json::to_string(&tiny()).unwrap());
-    let bytes = safetensors::tensor::serialize([("transformer.wte.weight", view)], Some(meta)).unwrap();
+    meta.insert(
+        "btm.config".to_string(),
+        serde_json::to_string(&tiny()).unwrap(),
+    );
+    let bytes =
+        safetensors::tensor::serialize([("transformer.wte.weight", view)], Some(meta)).unwrap();
     expect_weights_error(&bytes, "dtype");
 }
 
@@ -106,7 +132,8 @@ fn export_hf_writes_a_gpt2_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let model = Gpt::init(&tiny(), 5, &cpu());
     weights::export_hf(&model, Some(b"{}"), dir.path()).unwrap();
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "gpt2");
     assert_eq!(cfg["n_layer"], tiny().n_layers);
     assert_eq!(cfg["activation_function"], "gelu_new");
@@ -115,6 +142,14 @@ fn export_hf_writes_a_gpt2_checkpoint() {
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     assert!(names.contains(&"transformer.h.0.attn.c_attn.weight".to_string()));
-    assert_eq!(st.tensor("transformer.h.0.attn.c_attn.weight").unwrap().shape(), &[tiny().d_model, 3 * tiny().d_model]);
-    assert!(!names.iter().any(|n| n.starts_with("lm_head")), "the head is tied to wte");
+    assert_eq!(
+        st.tensor("transformer.h.0.attn.c_attn.weight")
+            .unwrap()
+            .shape(),
+        &[tiny().d_model, 3 * tiny().d_model]
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("lm_head")),
+        "the head is tied to wte"
+    );
 }

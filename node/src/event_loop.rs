@@ -380,7 +380,7 @@ impl EventLoop {
         if freshness == Freshness::Newer {
             // A newer registry offered through the DHT: adopt it (the rules run again inside
             // the store's transaction).
-            self.adopt_registry(&value)?;
+            let _ = self.adopt_registry(&value)?;
         }
         if freshness == Freshness::Older {
             return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));

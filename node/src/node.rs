@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use btm_protocol::{
-    Attestation, Claim, ContentId, ElmRecord, NodeId, Record, Registry, Root, Signed, Verdict, ppl_to_milli,
+    Attestation, Claim, ContentId, ElmRecord, NodeId, Registry, Root, Signed, Verdict, ppl_to_milli,
 };
 use btm_registry::{Decision, Store};
 use libp2p::gossipsub::{MessageAcceptance, MessageId};

@@ -255,7 +255,8 @@ async fn old_or_expired_registries_are_refused() {
     let (net, attacker) = network_with_attacker(|_, c| c).await;
     let honest = net.nodes[..3].to_vec();
     let v2 = f.signed_registry(2, now() + 86400);
-    honest[0].publish_registry(&v2).await.expect("v2");
+    let d = honest[0].publish_registry(&v2).await.expect("v2");
+    assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
     wait_registry(&honest, 2).await;
 
     let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();

@@ -64,6 +64,7 @@ pub(crate) enum Command {
     Provide(ProviderKey, Reply<()>),
     GetProviders(ProviderKey, Reply<Vec<PeerId>>),
     PeerScore(PeerId, Reply<Option<f64>>),
+    GossipPeers(Reply<Vec<(PeerId, usize)>>),
     Trusted(Reply<Trusted>),
     OfferRegistry(Vec<u8>, Reply<Decision<Signed<Registry>>>),
     Shutdown(Reply<()>),
@@ -191,6 +192,11 @@ impl Client {
     /// The gossipsub score of a peer.
     pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, NetError> {
         self.call(|r| Command::PeerScore(peer, r)).await
+    }
+
+    /// Gossip peers and how many of this network's topics each is subscribed to.
+    pub async fn gossip_peers(&self) -> Result<Vec<(PeerId, usize)>, NetError> {
+        self.call(Command::GossipPeers).await
     }
 
     /// The trusted root and registry.

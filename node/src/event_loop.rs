@@ -313,6 +313,17 @@ impl EventLoop {
             Command::PeerScore(peer, reply) => {
                 let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
             }
+            Command::GossipPeers(reply) => {
+                let ours: Vec<_> = Topic::ALL.iter().map(|t| self.topic_hash(*t)).collect();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .map(|(p, topics)| (*p, topics.iter().filter(|t| ours.contains(t)).count()))
+                    .collect();
+                let _ = reply.send(Ok(peers));
+            }
             Command::Trusted(reply) => {
                 let _ = reply.send(Ok(self.trusted.clone()));
             }

@@ -210,7 +210,7 @@ impl Fixture {
         let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
         let (cfg, t) = weights::parse(&self.seed_weights, Some(&self.config)).expect("seed");
         let model = weights::from_named_tensors(&cfg, t, &device).expect("model");
-        weights::to_bytes(&self.config, &tensors_scaled(&model, 3.0)).expect("to_bytes")
+        weights::to_bytes(&self.config, &tensors_scaled(&model, 1.25)).expect("to_bytes")
     }
 }
 
@@ -288,6 +288,26 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
+pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
+    for n in nodes {
+        for p in peers {
+            let (n, pid) = (n.clone(), p.peer_id());
+            wait_for("gossip subscriptions", Duration::from_secs(30), move || {
+                let n = n.clone();
+                async move {
+                    n.client()
+                        .gossip_peers()
+                        .await
+                        .map(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
+                        .unwrap_or(false)
+                }
+            })
+            .await;
+        }
     }
 }
 

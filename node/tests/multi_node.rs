@@ -15,15 +15,11 @@ async fn maintainer_and_three_nodes() {
     let nodes = net.nodes.clone();
     wait_connected(&nodes[1..], 1).await;
     wait_connected(&nodes[..1], 3).await;
+    wait_gossip_peers(&nodes[..1], &nodes[1..]).await;
+    wait_gossip_peers(&nodes[1..], &nodes[..1]).await;
 
-    // The registry, published by the maintainer, reaches every node (gossip; DHT fallback).
+    // The registry, published by the maintainer, reaches every node by gossip.
     publish_world(&nodes[0]).await;
-    for n in &nodes[1..] {
-        // A node that joined before the mesh formed catches up from the DHT instead.
-        if n.registry().await.ok().flatten().is_none() {
-            let _ = n.sync().await;
-        }
-    }
     wait_registry(&nodes, 1).await;
     // The seed manifest is on the DHT too, validated against the registry.
     let seed = nodes[3]

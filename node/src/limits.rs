@@ -58,7 +58,7 @@ impl Default for Limits {
                 per_sec: 32.0,
             },
             max_connections: 256,
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 1,
             max_pending_incoming: 64,
             command_queue: 256,
             event_queue: 256,

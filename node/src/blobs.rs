@@ -1,0 +1,409 @@
+//! The data plane: an iroh endpoint (relays and address lookup disabled, direct addresses only)
+//! serving an iroh-blobs file store in the data directory. Blobs are addressed by BLAKE3 (the
+//! protocol's content ids are iroh-blobs hashes); downloads are verified chunk by chunk as they
+//! stream (bao), resume from what is already stored, and are retried from other providers with
+//! per-peer error budgets and timeouts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use btm_protocol::{ContentId, NodeId};
+use futures::StreamExt;
+use iroh::endpoint::presets;
+use iroh::protocol::Router;
+use iroh::{Endpoint, EndpointAddr, TransportAddr};
+use iroh_blobs::api::blobs::BlobStatus;
+use iroh_blobs::api::remote::GetProgressItem;
+use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::{BlobsProtocol, Hash};
+
+use crate::identity::{Identity, endpoint_id_of};
+
+/// Limits of the data plane.
+#[derive(Debug, Clone)]
+pub struct BlobConfig {
+    /// Where the iroh endpoint binds (UDP).
+    pub bind: SocketAddr,
+    /// Time to connect to one provider.
+    pub connect_timeout: Duration,
+    /// Longest time one transfer attempt may take.
+    pub transfer_timeout: Duration,
+    /// Longest time without progress before an attempt is abandoned (a stalled peer).
+    pub stall_timeout: Duration,
+    /// Failed attempts a provider may cause before we stop asking it (per process lifetime).
+    pub peer_error_budget: u32,
+    /// Largest blob we download.
+    pub max_blob_bytes: u64,
+    /// Most providers tried for one blob.
+    pub max_attempts: usize,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            connect_timeout: Duration::from_secs(10),
+            transfer_timeout: Duration::from_secs(600),
+            stall_timeout: Duration::from_secs(30),
+            peer_error_budget: 3,
+            max_blob_bytes: btm_model::weights::MAX_FILE_BYTES,
+            max_attempts: 8,
+        }
+    }
+}
+
+/// A node that may serve a blob: its id and its direct addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub node: NodeId,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    /// The endpoint or the store could not be started.
+    #[error("blob endpoint: {0}")]
+    Start(String),
+    /// The local store failed.
+    #[error("blob store: {0}")]
+    Store(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The blob is not (completely) stored here.
+    #[error("blob {0} is not stored here")]
+    Missing(ContentId),
+    /// The blob is larger than allowed.
+    #[error("blob {id} is larger than {max} bytes")]
+    TooLarge { id: ContentId, max: u64 },
+    /// Every provider failed; the last error of each is listed.
+    #[error("could not download {id}: {}", describe(.attempts))]
+    Download {
+        id: ContentId,
+        attempts: Vec<(NodeId, String)>,
+    },
+}
+
+fn describe(attempts: &[(NodeId, String)]) -> String {
+    if attempts.is_empty() {
+        return "no usable provider".into();
+    }
+    attempts
+        .iter()
+        .map(|(n, e)| format!("{}: {e}", &n.to_string()[..8]))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What a successful download did.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The provider that completed it (`None` if it was already stored).
+    pub from: Option<NodeId>,
+    /// Payload bytes received in the successful attempt.
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Failed attempts before it.
+    pub failures: Vec<(NodeId, String)>,
+}
+
+/// The node's blob endpoint and store.
+#[derive(Clone)]
+pub struct Blobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    router: Router,
+    store: FsStore,
+    config: BlobConfig,
+    /// Failed attempts per provider.
+    errors: Mutex<HashMap<NodeId, u32>>,
+}
+
+impl std::fmt::Debug for Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blobs")
+            .field("id", &self.inner.router.endpoint().id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hash(id: &ContentId) -> Hash {
+    Hash::from(*id.as_bytes())
+}
+
+impl Blobs {
+    /// Opens the file store in `dir` and binds the endpoint with the node's key.
+    pub async fn open(dir: &Path, identity: &Identity, config: BlobConfig) -> Result<Blobs, BlobError> {
+        std::fs::create_dir_all(dir).map_err(|source| BlobError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let store = FsStore::load(dir)
+            .await
+            .map_err(|e| BlobError::Start(format!("store in {}: {e}", dir.display())))?;
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(identity.iroh_secret())
+            .relay_mode(iroh::RelayMode::Disabled)
+            .clear_address_lookup()
+            .clear_ip_transports()
+            .bind_addr(config.bind)
+            .map_err(|e| BlobError::Start(format!("bind address {}: {e}", config.bind)))?
+            .alpns(vec![iroh_blobs::ALPN.to_vec()])
+            .bind()
+            .await
+            .map_err(|e| BlobError::Start(format!("endpoint: {e}")))?;
+        let blobs = BlobsProtocol::new(&store, None);
+        let router = Router::builder(endpoint)
+            .accept(iroh_blobs::ALPN, blobs)
+            .spawn();
+        Ok(Blobs {
+            inner: Arc::new(Inner {
+                router,
+                store,
+                config,
+                errors: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The direct addresses peers can dial.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let ep = self.inner.router.endpoint();
+        let mut out: Vec<SocketAddr> = ep
+            .addr()
+            .addrs
+            .iter()
+            .filter_map(|a| match a {
+                TransportAddr::Ip(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        if out.is_empty() {
+            out = ep
+                .bound_sockets()
+                .into_iter()
+                .filter(|s| !s.ip().is_unspecified())
+                .collect();
+        }
+        out.sort();
+        out.dedup();
+        out.truncate(crate::addr::MAX_ADDRS);
+        out
+    }
+
+    /// Adds bytes; returns their content id. The blob is kept (named tag `btm/<id>`).
+    pub async fn add_bytes(&self, bytes: impl Into<bytes::Bytes>) -> Result<ContentId, BlobError> {
+        let bytes: bytes::Bytes = bytes.into();
+        let id = ContentId::of(&bytes);
+        self.inner
+            .store
+            .add_bytes(bytes)
+            .with_named_tag(format!("btm/{id}"))
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Adds a file (copied into the store); returns its content id.
+    pub async fn add_path(&self, path: &Path) -> Result<ContentId, BlobError> {
+        let abs = std::path::absolute(path).map_err(|source| BlobError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let haf = self
+            .inner
+            .store
+            .add_path(&abs)
+            .temp_tag()
+            .await
+            .map_err(|e| BlobError::Store(format!("{}: {e}", path.display())))?;
+        let id = ContentId(*haf.hash().as_bytes());
+        self.inner
+            .store
+            .tags()
+            .set(format!("btm/{id}"), haf.hash_and_format())
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Whether the whole blob is stored here.
+    pub async fn has(&self, id: &ContentId) -> bool {
+        matches!(
+            self.inner.store.blobs().status(hash(id)).await,
+            Ok(BlobStatus::Complete { .. })
+        )
+    }
+
+    /// How the blob is stored here.
+    pub async fn status(&self, id: &ContentId) -> Result<BlobStatus, BlobError> {
+        self.inner
+            .store
+            .blobs()
+            .status(hash(id))
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Reads a whole stored blob of at most `max` bytes.
+    pub async fn read(&self, id: &ContentId, max: u64) -> Result<Vec<u8>, BlobError> {
+        match self.status(id).await? {
+            BlobStatus::Complete { size } if size > max => {
+                Err(BlobError::TooLarge { id: *id, max })
+            }
+            BlobStatus::Complete { .. } => self
+                .inner
+                .store
+                .blobs()
+                .get_bytes(hash(id))
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| BlobError::Store(e.to_string())),
+            _ => Err(BlobError::Missing(*id)),
+        }
+    }
+
+    /// Copies a stored blob to a file.
+    pub async fn export(&self, id: &ContentId, path: &Path) -> Result<(), BlobError> {
+        if !self.has(id).await {
+            return Err(BlobError::Missing(*id));
+        }
+        let abs = std::path::absolute(path).map_err(|source| BlobError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.inner
+            .store
+            .blobs()
+            .export(hash(id), abs)
+            .finish()
+            .await
+            .map(drop)
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Failed attempts charged to a provider so far.
+    pub fn errors_of(&self, node: &NodeId) -> u32 {
+        self.inner
+            .errors
+            .lock()
+            .map(|m| m.get(node).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn charge(&self, node: &NodeId) {
+        if let Ok(mut m) = self.inner.errors.lock() {
+            *m.entry(*node).or_insert(0) += 1;
+        }
+    }
+
+    /// Downloads a blob, trying `providers` in order until one completes it. Every chunk is
+    /// verified against `id` as it arrives; a bad chunk ends the attempt and is not stored.
+    /// What earlier attempts stored (verified chunks) is kept, so a retry resumes.
+    pub async fn fetch(&self, id: &ContentId, providers: &[Provider]) -> Result<Fetched, BlobError> {
+        let start = Instant::now();
+        if self.has(id).await {
+            return Ok(Fetched {
+                from: None,
+                bytes: 0,
+                elapsed: start.elapsed(),
+                failures: vec![],
+            });
+        }
+        let cfg = &self.inner.config;
+        let me = self.inner.router.endpoint().id();
+        let mut failures = Vec::new();
+        for p in providers.iter().take(cfg.max_attempts) {
+            if p.node.as_bytes() == me.as_bytes() {
+                continue;
+            }
+            if self.errors_of(&p.node) >= cfg.peer_error_budget {
+                failures.push((p.node, "error budget spent".to_string()));
+                continue;
+            }
+            match self.attempt(id, p).await {
+                Ok(bytes) => {
+                    self.inner
+                        .store
+                        .tags()
+                        .set(format!("btm/{id}"), hash(id))
+                        .await
+                        .map_err(|e| BlobError::Store(e.to_string()))?;
+                    return Ok(Fetched {
+                        from: Some(p.node),
+                        bytes,
+                        elapsed: start.elapsed(),
+                        failures,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(blob = %id, provider = %p.node, error = %e, "download attempt failed");
+                    self.charge(&p.node);
+                    failures.push((p.node, e));
+                }
+            }
+        }
+        Err(BlobError::Download {
+            id: *id,
+            attempts: failures,
+        })
+    }
+
+    async fn attempt(&self, id: &ContentId, p: &Provider) -> Result<u64, String> {
+        let cfg = &self.inner.config;
+        let endpoint_id = endpoint_id_of(&p.node).ok_or("not a valid endpoint id")?;
+        let addr = EndpointAddr::from_parts(endpoint_id, p.addrs.iter().map(|a| TransportAddr::Ip(*a)));
+        let conn = tokio::time::timeout(
+            cfg.connect_timeout,
+            self.inner.router.endpoint().connect(addr, iroh_blobs::ALPN),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+        let progress = self.inner.store.remote().fetch(conn.clone(), hash(id));
+        let mut stream = std::pin::pin!(progress.stream());
+        let deadline = Instant::now() + cfg.transfer_timeout;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = left.min(cfg.stall_timeout);
+            match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) => break Err("timed out (stalled or too slow)".to_string()),
+                Ok(None) => break Err("transfer ended without a result".to_string()),
+                Ok(Some(GetProgressItem::Progress(n))) => {
+                    if n > cfg.max_blob_bytes {
+                        break Err(format!("more than {} bytes", cfg.max_blob_bytes));
+                    }
+                }
+                Ok(Some(GetProgressItem::Done(stats))) => break Ok(stats.payload_bytes_read),
+                Ok(Some(GetProgressItem::Error(e))) => break Err(format!("{e}")),
+            }
+        };
+        conn.close(0u32.into(), b"done");
+        let bytes = result?;
+        if !self.has(id).await {
+            return Err("transfer finished but the blob is incomplete".into());
+        }
+        Ok(bytes)
+    }
+
+    /// Stops the endpoint and flushes the store.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.router.shutdown().await {
+            tracing::warn!(error = %e, "blob router shutdown");
+        }
+        self.inner.router.endpoint().close().await;
+        if let Err(e) = self.inner.store.shutdown().await {
+            tracing::warn!(error = %e, "blob store shutdown");
+        }
+    }
+}

@@ -1,0 +1,829 @@
+//! The one task that owns the swarm. It answers commands from [`Client`](crate::client::Client)s,
+//! validates everything peers offer before it is stored or forwarded, and hands ELM records to
+//! the node's worker for verification.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use btm_protocol::{Attestation, Record, Signed};
+use btm_registry::{Decision, Reject, Store, Trusted};
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::kad::{self, store::RecordStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::client::{Command, Event, NetError, Observed};
+use crate::identity::node_id_of;
+use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
+use crate::limits::{Limits, RateLimiter, now_secs};
+use crate::swarm::{Behaviour, BehaviourEvent};
+use crate::validate::{self, Freshness, Horizons, Invalid, View};
+
+type Reply<T> = oneshot::Sender<Result<T, NetError>>;
+
+struct GetQuery {
+    key: RecordKey,
+    best: Option<Vec<u8>>,
+    reply: Reply<Option<Vec<u8>>>,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    net: NetworkId,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    observers: broadcast::Sender<Observed>,
+    store: Arc<Mutex<Store>>,
+    trusted: Trusted,
+    horizons: Horizons,
+    limits: Limits,
+    puts: RateLimiter<PeerId>,
+    gossip: RateLimiter<PeerId>,
+    listen_addrs: Vec<Multiaddr>,
+    pending_dial: HashMap<PeerId, Vec<Reply<()>>>,
+    pending_get: HashMap<kad::QueryId, GetQuery>,
+    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    pending_put: HashMap<kad::QueryId, Reply<()>>,
+    pending_provide: HashMap<kad::QueryId, Reply<()>>,
+    pending_bootstrap: HashMap<kad::QueryId, Reply<()>>,
+}
+
+fn observe(tx: &broadcast::Sender<Observed>, o: Observed) {
+    let _ = tx.send(o);
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        net: NetworkId,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<Event>,
+        observers: broadcast::Sender<Observed>,
+        store: Arc<Mutex<Store>>,
+        trusted: Trusted,
+        horizons: Horizons,
+        limits: Limits,
+    ) -> Self {
+        let mut el = EventLoop {
+            swarm,
+            net,
+            commands,
+            events,
+            observers,
+            store,
+            trusted,
+            horizons,
+            puts: RateLimiter::new(limits.dht_puts_per_peer, limits.max_tracked_peers),
+            gossip: RateLimiter::new(limits.gossip_per_peer, limits.max_tracked_peers),
+            limits,
+            listen_addrs: Vec::new(),
+            pending_dial: HashMap::new(),
+            pending_get: HashMap::new(),
+            pending_providers: HashMap::new(),
+            pending_put: HashMap::new(),
+            pending_provide: HashMap::new(),
+            pending_bootstrap: HashMap::new(),
+        };
+        for t in Topic::ALL {
+            let topic = gossipsub::IdentTopic::new(t.string(&el.net));
+            if let Err(e) = el.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+                tracing::error!(error = %e, "subscribing to {topic}");
+            }
+        }
+        el
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown(reply)) => {
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            trusted: &self.trusted,
+            now: now_secs(),
+            horizons: self.horizons,
+        }
+    }
+
+    fn queries_in_flight(&self) -> usize {
+        self.pending_get.len()
+            + self.pending_providers.len()
+            + self.pending_put.len()
+            + self.pending_provide.len()
+            + self.pending_bootstrap.len()
+    }
+
+    fn topic_hash(&self, t: Topic) -> gossipsub::TopicHash {
+        gossipsub::IdentTopic::new(t.string(&self.net)).hash()
+    }
+
+    // --- commands ------------------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        let busy = self.queries_in_flight() >= self.limits.max_pending_queries;
+        match command {
+            Command::Listen(addr, reply) => {
+                let r = self
+                    .swarm
+                    .listen_on(addr)
+                    .map(drop)
+                    .map_err(|e| NetError::Listen(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Dial(addr, reply) => {
+                let peer = addr.iter().find_map(|p| match p {
+                    Protocol::P2p(id) => Some(id),
+                    _ => None,
+                });
+                if let Some(peer) = peer {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, strip_p2p(&addr));
+                    if self.swarm.is_connected(&peer) {
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                }
+                match self.swarm.dial(addr) {
+                    Ok(()) => match peer {
+                        Some(p) => self.pending_dial.entry(p).or_default().push(reply),
+                        None => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    },
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial(e.to_string())));
+                    }
+                }
+            }
+            Command::ListenAddrs(reply) => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| a.clone().with(Protocol::P2p(me)))
+                    .collect();
+                let _ = reply.send(Ok(addrs));
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(Ok(self.swarm.connected_peers().copied().collect()));
+            }
+            Command::Bootstrap(reply) => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => {
+                    self.pending_bootstrap.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NetError::Dht(e.to_string())));
+                }
+            },
+            Command::Publish(topic, data, reply) => {
+                let hash = self.topic_hash(topic);
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(hash, data)
+                    .map(drop)
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Report(id, source, acceptance, reply) => {
+                let found = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, acceptance);
+                let _ = reply.send(Ok(found));
+            }
+            Command::PutRecord(key, value, reply) => {
+                if busy {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                match self.check_and_store(&key, value, None) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(record) => {
+                        match self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .put_record(record, kad::Quorum::One)
+                        {
+                            Ok(id) => {
+                                self.pending_put.insert(id, reply);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(NetError::Dht(e.to_string())));
+                            }
+                        }
+                    }
+                }
+            }
+            Command::PutRaw(key, value, reply) => {
+                let record = kad::Record::new(kad::RecordKey::new(&key), value);
+                match self.swarm.behaviour_mut().kad.put_record(record, kad::Quorum::One) {
+                    Ok(id) => {
+                        self.pending_put.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dht(e.to_string())));
+                    }
+                }
+            }
+            Command::GetRecord(key, reply) => {
+                if busy {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(key.kad(&self.net));
+                self.pending_get.insert(
+                    id,
+                    GetQuery {
+                        key,
+                        best: None,
+                        reply,
+                    },
+                );
+            }
+            Command::LocalRecord(key, reply) => {
+                let v = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .get(&key.kad(&self.net))
+                    .map(|r| r.value.clone());
+                let _ = reply.send(Ok(v));
+            }
+            Command::Provide(key, reply) => {
+                if busy {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(key.kad(&self.net))
+                {
+                    Ok(id) => {
+                        self.pending_provide.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dht(e.to_string())));
+                    }
+                }
+            }
+            Command::GetProviders(key, reply) => {
+                if busy {
+                    let _ = reply.send(Err(NetError::Busy));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(key.kad(&self.net));
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::PeerScore(peer, reply) => {
+                let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
+            }
+            Command::GossipPeers(reply) => {
+                let ours: Vec<_> = Topic::ALL.iter().map(|t| self.topic_hash(*t)).collect();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .map(|(p, topics)| (*p, topics.iter().filter(|t| ours.contains(t)).count()))
+                    .collect();
+                let _ = reply.send(Ok(peers));
+            }
+            Command::Trusted(reply) => {
+                let _ = reply.send(Ok(self.trusted.clone()));
+            }
+            Command::OfferRegistry(bytes, reply) => {
+                let r = self.adopt_registry(&bytes);
+                if let Ok(Decision::Accept(_)) = &r {
+                    self.spread_registry(bytes);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Shutdown(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Offers a registry to the store's rules; on acceptance updates the cache.
+    fn adopt_registry(&mut self, bytes: &[u8]) -> Result<Decision<Signed<btm_protocol::Registry>>, NetError> {
+        let decision = {
+            let mut store = self
+                .store
+                .lock()
+                .map_err(|_| NetError::Store("store lock poisoned".into()))?;
+            store
+                .update_registry(bytes, now_secs())
+                .map_err(|e| NetError::Store(e.to_string()))?
+        };
+        if let Decision::Accept(reg) = &decision {
+            self.trusted.registry = Some(reg.clone());
+            tracing::info!(version = reg.record().version, "registry adopted");
+            observe(
+                &self.observers,
+                Observed::Registry {
+                    version: reg.record().version,
+                },
+            );
+        }
+        Ok(decision)
+    }
+
+    /// Stores a newly adopted registry (and its seed manifest) locally on the DHT and at the
+    /// closest peers, and gossips it.
+    fn spread_registry(&mut self, bytes: Vec<u8>) {
+        let net = self.net;
+        let seed = self
+            .trusted
+            .registry
+            .as_ref()
+            .and_then(|r| r.record().seed.clone());
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let _ = kad.put_record(kad::Record::new(RecordKey::Registry.kad(&net), bytes.clone()), kad::Quorum::One);
+        if let Some(seed) = seed {
+            let _ = kad.put_record(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()), kad::Quorum::One);
+        }
+        let hash = self.topic_hash(Topic::Registry);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(hash, bytes) {
+            tracing::debug!(error = %e, "gossiping the registry");
+        }
+    }
+
+    /// Validates a record for `key` and stores it in the local DHT store if it supersedes what
+    /// is held. Returns the record to replicate.
+    fn check_and_store(&mut self, key: &RecordKey, value: Vec<u8>, from: Option<PeerId>) -> Result<kad::Record, NetError> {
+        let freshness = validate::check_record(&self.view(), key, &value)?;
+        if freshness == Freshness::Newer {
+            // A newer registry offered through the DHT: adopt it (the rules run again inside
+            // the store's transaction).
+            let _ = self.adopt_registry(&value)?;
+        }
+        if freshness == Freshness::Older {
+            return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));
+        }
+        let kkey = key.kad(&self.net);
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        if let Some(held) = store.get(&kkey)
+            && !validate::supersedes(key, &value, &held.value)
+        {
+            if held.value == value {
+                return Ok(held.into_owned());
+            }
+            return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));
+        }
+        if let RecordKey::Claim { node, .. } = key {
+            let prefix = format!("btm/1/{}/claim/", self.net);
+            let suffix = format!("/{node}");
+            let held = store
+                .records()
+                .filter(|r| {
+                    let k = r.key.as_ref();
+                    k.starts_with(prefix.as_bytes()) && k.ends_with(suffix.as_bytes()) && r.key != kkey
+                })
+                .count();
+            if held >= self.limits.max_dht_claims_per_node {
+                return Err(NetError::Invalid(Invalid::Rules(Reject::Quota {
+                    max: self.limits.max_dht_claims_per_node,
+                })));
+            }
+        }
+        let mut record = kad::Record::new(kkey, value);
+        record.publisher = from;
+        record.expires = expiry_of(key, &record.value);
+        store
+            .put(record.clone())
+            .map_err(|e| NetError::Dht(e.to_string()))?;
+        Ok(record)
+    }
+
+    // --- swarm events --------------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if endpoint.is_dialer() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, endpoint.get_remote_address().clone());
+                }
+                for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+                observe(&self.observers, Observed::Connected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                if matches!(error, DialError::DialPeerConditionFalse(_)) {
+                    return;
+                }
+                for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(NetError::Dial(error.to_string())));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id, info, ..
+            })) => {
+                if info.protocol_version != crate::swarm::ID_PROTOCOL {
+                    return;
+                }
+                for addr in info.listen_addrs.into_iter().take(16) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list.into_iter().take(64) {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => self.on_gossip(propagation_source, message_id, message),
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => {
+                if !self.puts.allow(&source, Instant::now()) {
+                    self.refused("dht put", Some(source), "rate limit".into());
+                    return;
+                }
+                let Some(key) = RecordKey::parse(&self.net, record.key.as_ref()) else {
+                    self.refused("dht put", Some(source), "unknown key".into());
+                    return;
+                };
+                if let Err(e) = self.check_and_store(&key, record.value, Some(source)) {
+                    self.refused("dht put", Some(source), e.to_string());
+                }
+            }
+            kad::Event::InboundRequest {
+                request: kad::InboundRequest::AddProvider {
+                    record: Some(record),
+                },
+            } => {
+                let source = record.provider;
+                if !self.puts.allow(&source, Instant::now()) {
+                    self.refused("dht provider", Some(source), "rate limit".into());
+                    return;
+                }
+                let valid = match ProviderKey::parse(&self.net, record.key.as_ref()) {
+                    None => Err("unknown key".to_string()),
+                    Some(_) if node_id_of(&source).is_none() => Err("provider is not an ed25519 node".into()),
+                    Some(ProviderKey::Claimants(d) | ProviderKey::Trainers(d)) => {
+                        match self.trusted.registry.as_ref().map(|r| r.record().domain(&d).is_some()) {
+                            Some(true) => Ok(()),
+                            _ => Err(format!("unknown domain {d:?}")),
+                        }
+                    }
+                    Some(ProviderKey::Blob(_)) => Ok(()),
+                };
+                match valid {
+                    Ok(()) => {
+                        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                            self.refused("dht provider", Some(source), e.to_string());
+                        }
+                    }
+                    Err(e) => self.refused("dht provider", Some(source), e),
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(pr))) => {
+                    self.on_found_record(id, pr);
+                    if step.last {
+                        self.finish_get(id);
+                    }
+                }
+                kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }))
+                | kad::QueryResult::GetRecord(Err(_)) => self.finish_get(id),
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => {
+                    if let Some((set, _)) = self.pending_providers.get_mut(&id) {
+                        set.extend(providers.into_iter().take(self.limits.max_providers_per_key));
+                    }
+                    if step.last
+                        && let Some((set, reply)) = self.pending_providers.remove(&id)
+                    {
+                        let _ = reply.send(Ok(set.into_iter().collect()));
+                    }
+                }
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }))
+                | kad::QueryResult::GetProviders(Err(_)) => {
+                    if let Some((set, reply)) = self.pending_providers.remove(&id) {
+                        let _ = reply.send(Ok(set.into_iter().collect()));
+                    }
+                }
+                kad::QueryResult::PutRecord(r) => {
+                    if let Some(reply) = self.pending_put.remove(&id) {
+                        // Stored locally already; a quorum failure only means few peers took
+                        // it (e.g. a network of one).
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "put record");
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                kad::QueryResult::StartProviding(r) => {
+                    if let Some(reply) = self.pending_provide.remove(&id) {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "start providing");
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                kad::QueryResult::Bootstrap(r) => {
+                    if step.last || r.is_err() {
+                        if let Some(reply) = self.pending_bootstrap.remove(&id) {
+                            let _ = reply.send(r.map(drop).map_err(|e| NetError::Dht(e.to_string())));
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn on_found_record(&mut self, id: kad::QueryId, pr: kad::PeerRecord) {
+        let Some(key) = self.pending_get.get(&id).map(|q| q.key.clone()) else {
+            return;
+        };
+        let value = pr.record.value;
+        let verdict = validate::check_record(&self.view(), &key, &value);
+        match verdict {
+            Err(e) => {
+                self.refused("dht get", pr.peer, e.to_string());
+            }
+            Ok(Freshness::Older) => {}
+            Ok(fresh) => {
+                if fresh == Freshness::Newer
+                    && let Err(e) = self.adopt_registry(&value)
+                {
+                    tracing::warn!(error = %e, "adopting a registry found on the DHT");
+                }
+                // Keep a valid copy locally, as Kademlia caching would.
+                let _ = self.check_and_store(&key, value.clone(), pr.peer);
+                if let Some(q) = self.pending_get.get_mut(&id) {
+                    let better = match &q.best {
+                        None => true,
+                        Some(best) => validate::supersedes(&key, &value, best),
+                    };
+                    if better {
+                        q.best = Some(value);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_get(&mut self, id: kad::QueryId) {
+        if let Some(q) = self.pending_get.remove(&id) {
+            let _ = q.reply.send(Ok(q.best));
+        }
+    }
+
+    fn refused(&self, what: &'static str, from: Option<PeerId>, reason: String) {
+        tracing::debug!(what, ?from, %reason, "refused");
+        observe(&self.observers, Observed::Refused { what, from, reason });
+    }
+
+    // --- gossip ----------------------------------------------------------------------------
+
+    fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        let topic = Topic::ALL
+            .into_iter()
+            .find(|t| self.topic_hash(*t) == message.topic);
+        let acceptance = match topic {
+            None => MessageAcceptance::Reject,
+            Some(_) if !self.gossip.allow(&source, Instant::now()) => {
+                self.refused("gossip", Some(source), "rate limit".into());
+                MessageAcceptance::Ignore
+            }
+            Some(Topic::Registry) => self.on_registry_message(source, &message.data),
+            Some(Topic::Claims) => self.on_claim_message(source, &message.data),
+            Some(Topic::Attestations) => self.on_attestation_message(source, &message.data),
+            Some(Topic::Elms) => match self.on_elm_message(source, &id, message.data) {
+                // Held back until the worker has verified it.
+                None => return,
+                Some(a) => a,
+            },
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+    }
+
+    fn on_registry_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        match validate::check_registry(&self.view(), data) {
+            Ok(Freshness::Newer) => match self.adopt_registry(data) {
+                Ok(Decision::Accept(_)) => {
+                    let net = self.net;
+                    let seed = self.trusted.registry.as_ref().and_then(|r| r.record().seed.clone());
+                    let store = self.swarm.behaviour_mut().kad.store_mut();
+                    let _ = store.put(kad::Record::new(RecordKey::Registry.kad(&net), data.to_vec()));
+                    if let Some(seed) = seed {
+                        let _ = store.put(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()));
+                    }
+                    MessageAcceptance::Accept
+                }
+                Ok(_) => MessageAcceptance::Ignore,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storing a registry");
+                    MessageAcceptance::Ignore
+                }
+            },
+            Ok(_) => MessageAcceptance::Ignore,
+            Err(e) => {
+                // Equivocation is recorded as evidence by the store.
+                if matches!(e, Invalid::Rules(Reject::Equivocation { .. })) {
+                    let _ = self.adopt_registry(data);
+                }
+                self.refused("registry", Some(source), e.to_string());
+                MessageAcceptance::Reject
+            }
+        }
+    }
+
+    fn on_claim_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        if let Err(e) = validate::check_claim(&self.view(), data) {
+            self.refused("claim", Some(source), e.to_string());
+            return MessageAcceptance::Reject;
+        }
+        let decision = match self.store.lock() {
+            Ok(mut s) => s.put_claim(data, now_secs()),
+            Err(_) => return MessageAcceptance::Ignore,
+        };
+        match decision {
+            Ok(Decision::Accept(c)) => {
+                let r = c.record();
+                observe(
+                    &self.observers,
+                    Observed::Claim {
+                        domain: r.domain.clone(),
+                        node: r.node,
+                        lease_expires: r.lease_expires,
+                    },
+                );
+                MessageAcceptance::Accept
+            }
+            Ok(Decision::Unchanged) | Ok(Decision::Reject(Reject::Stale)) => MessageAcceptance::Ignore,
+            Ok(Decision::Reject(r)) => {
+                self.refused("claim", Some(source), r.to_string());
+                MessageAcceptance::Reject
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storing a claim");
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    fn on_attestation_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        let att = match Signed::<Attestation>::decode(data) {
+            Ok(a) => a,
+            Err(e) => {
+                self.refused("attestation", Some(source), e.to_string());
+                return MessageAcceptance::Reject;
+            }
+        };
+        if let Err(e) = att.verify_by(&att.record().verifier) {
+            self.refused("attestation", Some(source), e.to_string());
+            return MessageAcceptance::Reject;
+        }
+        let decision = match self.store.lock() {
+            Ok(mut s) => s.put_attestation(data),
+            Err(_) => return MessageAcceptance::Ignore,
+        };
+        match decision {
+            Ok(Decision::Accept(a)) => {
+                let r = a.record();
+                observe(
+                    &self.observers,
+                    Observed::Attestation {
+                        elm: r.elm,
+                        verifier: r.verifier,
+                        accepted: r.verdict == btm_protocol::Verdict::Accept,
+                    },
+                );
+                MessageAcceptance::Accept
+            }
+            Ok(Decision::Reject(Reject::UnknownElm(elm))) => {
+                let _ = self.events.try_send(Event::UnknownElm(elm));
+                MessageAcceptance::Ignore
+            }
+            Ok(Decision::Unchanged) => MessageAcceptance::Ignore,
+            Ok(Decision::Reject(r)) => {
+                self.refused("attestation", Some(source), r.to_string());
+                MessageAcceptance::Reject
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storing an attestation");
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    /// `None`: held back for verification by the worker.
+    fn on_elm_message(&mut self, source: PeerId, id: &gossipsub::MessageId, data: Vec<u8>) -> Option<MessageAcceptance> {
+        let envelope = match validate::check_elm(&self.view(), &data) {
+            Ok(e) => e,
+            Err(e) => {
+                self.refused("elm record", Some(source), e.to_string());
+                return Some(MessageAcceptance::Reject);
+            }
+        };
+        let elm_id = envelope.id();
+        match self.events.try_send(Event::ElmOffered {
+            envelope,
+            bytes: data,
+            message: Some((id.clone(), source)),
+        }) {
+            Ok(()) => {
+                observe(&self.observers, Observed::ElmQueued(elm_id));
+                None
+            }
+            Err(_) => {
+                self.refused("elm record", Some(source), "verification queue full".into());
+                Some(MessageAcceptance::Ignore)
+            }
+        }
+    }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
+
+/// Records with a natural end (claims, address records) expire from the DHT store with it.
+fn expiry_of(key: &RecordKey, value: &[u8]) -> Option<Instant> {
+    let until = match key {
+        RecordKey::Claim { .. } => Signed::<btm_protocol::Claim>::decode(value)
+            .ok()
+            .map(|c| c.record().lease_expires),
+        RecordKey::Addr(_) => crate::addr::AddrRecord::decode(value).ok().map(|a| a.expires),
+        _ => None,
+    }?;
+    let secs = until.saturating_sub(now_secs());
+    Some(Instant::now() + Duration::from_secs(secs))
+}

@@ -1,0 +1,225 @@
+//! Names on the network: the network id, Kademlia record and provider keys, gossip topics.
+//! Pure; the byte forms are normative (`specs/network.md`, "Names").
+//!
+//! Every name starts with `btm/1/<network>/`, where `<network>` is the hex network id: the
+//! content id of the network's first root (BLAKE3 of its body). Nodes shipped with different
+//! roots never share keys or topics.
+
+use std::fmt;
+
+use btm_protocol::{ContentId, NodeId, Root, Signed, check_domain_name};
+
+/// The id of a btm network: the content id of its first root.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct NetworkId(pub ContentId);
+
+impl NetworkId {
+    /// The network named by its first (shipped) root.
+    pub fn of_root(root: &Signed<Root>) -> NetworkId {
+        NetworkId(root.id())
+    }
+
+    fn prefix(&self) -> String {
+        format!("btm/1/{}/", self.0)
+    }
+}
+
+impl fmt::Display for NetworkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A Kademlia record key: what is stored under it is validated by its kind.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum RecordKey {
+    /// The newest registry envelope.
+    Registry,
+    /// The seed manifest body; must equal the trusted registry's seed.
+    Seed,
+    /// `node`'s claim envelope on `domain` (its latest lease).
+    Claim { domain: String, node: NodeId },
+    /// An ELM record envelope, by record id.
+    Elm(ContentId),
+    /// `node`'s latest ELM record envelope on `domain`.
+    ElmOf { domain: String, node: NodeId },
+    /// `node`'s blob (iroh) address record.
+    Addr(NodeId),
+}
+
+/// A Kademlia provider key: the providers are the nodes that hold or do the thing.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum ProviderKey {
+    /// Nodes that can serve this blob.
+    Blob(ContentId),
+    /// Nodes holding a live claim on the domain.
+    Claimants(String),
+    /// Nodes that announced an ELM on the domain.
+    Trainers(String),
+}
+
+/// Gossip topics.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Topic {
+    Registry,
+    Claims,
+    Elms,
+    Attestations,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 4] = [
+        Topic::Registry,
+        Topic::Claims,
+        Topic::Elms,
+        Topic::Attestations,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Topic::Registry => "registry",
+            Topic::Claims => "claims",
+            Topic::Elms => "elms",
+            Topic::Attestations => "attestations",
+        }
+    }
+
+    /// The topic string, `btm/1/<network>/<name>`.
+    pub fn string(self, net: &NetworkId) -> String {
+        format!("{}{}", net.prefix(), self.name())
+    }
+
+    /// The topic for a topic string of this network.
+    pub fn parse(net: &NetworkId, s: &str) -> Option<Topic> {
+        let rest = s.strip_prefix(&net.prefix())?;
+        Topic::ALL.into_iter().find(|t| t.name() == rest)
+    }
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    s.parse::<ContentId>().ok().map(|c| c.0)
+}
+
+fn domain_ok(d: &str) -> Option<String> {
+    check_domain_name(d, "key.domain").ok().map(|_| d.to_string())
+}
+
+impl RecordKey {
+    /// The key bytes.
+    pub fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
+        let p = net.prefix();
+        match self {
+            RecordKey::Registry => format!("{p}registry"),
+            RecordKey::Seed => format!("{p}seed"),
+            RecordKey::Claim { domain, node } => format!("{p}claim/{domain}/{node}"),
+            RecordKey::Elm(id) => format!("{p}elm/{id}"),
+            RecordKey::ElmOf { domain, node } => format!("{p}elm-of/{domain}/{node}"),
+            RecordKey::Addr(node) => format!("{p}addr/{node}"),
+        }
+        .into_bytes()
+    }
+
+    /// The libp2p form.
+    pub fn kad(&self, net: &NetworkId) -> libp2p::kad::RecordKey {
+        libp2p::kad::RecordKey::new(&self.to_bytes(net))
+    }
+
+    /// Parses key bytes of this network; `None` for anything else (such records are refused).
+    pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<RecordKey> {
+        let s = std::str::from_utf8(bytes).ok()?;
+        let rest = s.strip_prefix(&net.prefix())?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["registry"] => Some(RecordKey::Registry),
+            ["seed"] => Some(RecordKey::Seed),
+            ["claim", d, n] => Some(RecordKey::Claim {
+                domain: domain_ok(d)?,
+                node: btm_protocol::PublicKey(parse_hex32(n)?),
+            }),
+            ["elm", id] => Some(RecordKey::Elm(ContentId(parse_hex32(id)?))),
+            ["elm-of", d, n] => Some(RecordKey::ElmOf {
+                domain: domain_ok(d)?,
+                node: btm_protocol::PublicKey(parse_hex32(n)?),
+            }),
+            ["addr", n] => Some(RecordKey::Addr(btm_protocol::PublicKey(parse_hex32(n)?))),
+            _ => None,
+        }
+    }
+}
+
+impl ProviderKey {
+    /// The key bytes.
+    pub fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
+        let p = net.prefix();
+        match self {
+            ProviderKey::Blob(id) => format!("{p}blob/{id}"),
+            ProviderKey::Claimants(d) => format!("{p}claimants/{d}"),
+            ProviderKey::Trainers(d) => format!("{p}trainers/{d}"),
+        }
+        .into_bytes()
+    }
+
+    /// The libp2p form.
+    pub fn kad(&self, net: &NetworkId) -> libp2p::kad::RecordKey {
+        libp2p::kad::RecordKey::new(&self.to_bytes(net))
+    }
+
+    /// Parses key bytes of this network.
+    pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<ProviderKey> {
+        let s = std::str::from_utf8(bytes).ok()?;
+        let rest = s.strip_prefix(&net.prefix())?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["blob", id] => Some(ProviderKey::Blob(ContentId(parse_hex32(id)?))),
+            ["claimants", d] => Some(ProviderKey::Claimants(domain_ok(d)?)),
+            ["trainers", d] => Some(ProviderKey::Trainers(domain_ok(d)?)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_refused() {
+        let net = NetworkId(ContentId::of(b"root"));
+        let node = btm_protocol::PublicKey([7; 32]);
+        for k in [
+            RecordKey::Registry,
+            RecordKey::Seed,
+            RecordKey::Claim {
+                domain: "legal".into(),
+                node,
+            },
+            RecordKey::Elm(ContentId::of(b"x")),
+            RecordKey::ElmOf {
+                domain: "a.b_c-d".into(),
+                node,
+            },
+            RecordKey::Addr(node),
+        ] {
+            assert_eq!(RecordKey::parse(&net, &k.to_bytes(&net)), Some(k));
+        }
+        for k in [
+            ProviderKey::Blob(ContentId::of(b"y")),
+            ProviderKey::Claimants("legal".into()),
+            ProviderKey::Trainers("legal".into()),
+        ] {
+            assert_eq!(ProviderKey::parse(&net, &k.to_bytes(&net)), Some(k));
+        }
+        let other = NetworkId(ContentId::of(b"other root"));
+        assert_eq!(
+            RecordKey::parse(&other, &RecordKey::Registry.to_bytes(&net)),
+            None
+        );
+        let bad = format!("btm/1/{net}/claim/Not-A-Domain/{node}");
+        assert_eq!(RecordKey::parse(&net, bad.as_bytes()), None);
+        assert_eq!(RecordKey::parse(&net, &[0xff, 0xfe]), None);
+        for t in Topic::ALL {
+            assert_eq!(Topic::parse(&net, &t.string(&net)), Some(t));
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Bounds on what peers can make us do: per-peer token buckets and the network's size limits.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// A token-bucket rate: `burst` at once, refilled at `per_sec`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub burst: f64,
+    pub per_sec: f64,
+}
+
+/// Every size, count and rate limit of the network layer. Defaults are documented in
+/// `specs/network.md`, "Limits".
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most DHT value records held.
+    pub max_dht_records: usize,
+    /// Most providers held per provider key.
+    pub max_providers_per_key: usize,
+    /// Most keys this node provides.
+    pub max_provided_keys: usize,
+    /// Most DHT claim records held per claiming node (the protocol's live-claim quota).
+    pub max_dht_claims_per_node: usize,
+    /// Inbound DHT PUT and ADD_PROVIDER requests per peer.
+    pub dht_puts_per_peer: Rate,
+    /// Gossip messages validated per propagating peer (beyond: ignored, not forwarded).
+    pub gossip_per_peer: Rate,
+    /// Most established connections in total, and per peer.
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// Most pending incoming connections.
+    pub max_pending_incoming: u32,
+    /// Capacity of the command channel into the event loop.
+    pub command_queue: usize,
+    /// Capacity of the event channel from the event loop to the node's worker.
+    pub event_queue: usize,
+    /// Most concurrent DHT queries started by commands.
+    pub max_pending_queries: usize,
+    /// How many peers' rate buckets are remembered.
+    pub max_tracked_peers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_dht_records: 8192,
+            max_providers_per_key: 20,
+            max_provided_keys: 4096,
+            max_dht_claims_per_node: btm_registry::store::MAX_CLAIMS_PER_NODE,
+            dht_puts_per_peer: Rate {
+                burst: 128.0,
+                per_sec: 8.0,
+            },
+            gossip_per_peer: Rate {
+                burst: 256.0,
+                per_sec: 32.0,
+            },
+            max_connections: 256,
+            max_connections_per_peer: 1,
+            max_pending_incoming: 64,
+            command_queue: 256,
+            event_queue: 256,
+            max_pending_queries: 256,
+            max_tracked_peers: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Per-key token buckets, at most `max_keys` remembered (full buckets are forgotten first).
+#[derive(Debug)]
+pub struct RateLimiter<K> {
+    rate: Rate,
+    max_keys: usize,
+    buckets: HashMap<K, Bucket>,
+}
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    pub fn new(rate: Rate, max_keys: usize) -> Self {
+        RateLimiter {
+            rate,
+            max_keys: max_keys.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token for `key` at `now`; false when the bucket is empty.
+    pub fn allow(&mut self, key: &K, now: Instant) -> bool {
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            let rate = self.rate;
+            self.buckets.retain(|_, b| refill(rate, *b, now) < rate.burst);
+            if self.buckets.len() >= self.max_keys {
+                return false;
+            }
+        }
+        let rate = self.rate;
+        let b = self.buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: rate.burst,
+            at: now,
+        });
+        let tokens = refill(rate, *b, now);
+        if tokens >= 1.0 {
+            *b = Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            };
+            true
+        } else {
+            *b = Bucket { tokens, at: now };
+            false
+        }
+    }
+}
+
+fn refill(rate: Rate, b: Bucket, now: Instant) -> f64 {
+    let dt = now.saturating_duration_since(b.at).as_secs_f64();
+    (b.tokens + dt * rate.per_sec).min(rate.burst)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_bounds_a_burst_and_refills() {
+        let mut r = RateLimiter::new(
+            Rate {
+                burst: 3.0,
+                per_sec: 1.0,
+            },
+            2,
+        );
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| r.allow(&"a", t0)));
+        assert!(!r.allow(&"a", t0));
+        assert!(r.allow(&"a", t0 + Duration::from_secs(1)));
+        assert!(r.allow(&"b", t0));
+        // A third key when two are tracked and neither is full: refused.
+        assert!(!r.allow(&"c", t0));
+        // Once "b" has refilled it is forgotten and "c" gets a bucket.
+        assert!(r.allow(&"c", t0 + Duration::from_secs(10)));
+    }
+}

@@ -1,0 +1,753 @@
+//! The node: the event loop, the blob endpoint, the SQLite store and the verification worker,
+//! started together with one identity. This is what the CLI's `join` and the tests drive.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use btm_protocol::{
+    Attestation, Claim, ContentId, ElmRecord, NodeId, Registry, Root, Signed, Verdict, ppl_to_milli,
+};
+use btm_registry::{Decision, Store};
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::addr::AddrRecord;
+use crate::blobs::{BlobConfig, BlobError, Blobs, Fetched, Provider};
+use crate::claims::{self, Board, ClaimPolicy};
+use crate::client::{Client, Event, NetError, Observed};
+use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
+use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
+use crate::limits::now_secs;
+use crate::swarm::SwarmConfig;
+use crate::validate::Horizons;
+use crate::verify::{self, Failure, Verifier};
+
+/// Everything a node needs to start. [`NodeConfig::new`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Holds `node.key`, `node.db` (SQLite) and `blobs/` (the iroh-blobs store).
+    pub data_dir: PathBuf,
+    /// The network's first root (an envelope), trusted out of band; names the network.
+    pub root: Vec<u8>,
+    /// libp2p listen addresses (TCP and QUIC).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (`/ip4/../tcp/../p2p/<peer id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    pub swarm: SwarmConfig,
+    pub blobs: BlobConfig,
+    pub horizons: Horizons,
+    pub claims: ClaimPolicy,
+    /// ELM records waiting for verification; beyond this they are ignored (not forwarded).
+    pub verify_queue: usize,
+    /// Verifications run at once.
+    pub verify_concurrency: usize,
+    /// Timeout of each call into the event loop.
+    pub call_timeout: Duration,
+    /// Use this key instead of `<data_dir>/node.key` (tests, benchmarks).
+    pub identity: Option<Identity>,
+}
+
+impl NodeConfig {
+    /// Defaults: listen on all interfaces, random ports, TCP and QUIC; no bootstrap peers.
+    pub fn new(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            root,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+            ],
+            bootstrap: vec![],
+            swarm: SwarmConfig::default(),
+            blobs: BlobConfig::default(),
+            horizons: Horizons::default(),
+            claims: ClaimPolicy::default(),
+            verify_queue: 16,
+            verify_concurrency: 1,
+            call_timeout: Duration::from_secs(60),
+            identity: None,
+        }
+    }
+
+    /// Loopback only (tests and local demos): 127.0.0.1, random ports.
+    pub fn loopback(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
+        let mut c = NodeConfig::new(data_dir, root);
+        c.listen = vec![
+            "/ip4/127.0.0.1/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
+            "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+        ];
+        c.blobs.bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        c
+    }
+}
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("store: {0}")]
+    Store(#[from] btm_registry::StoreError),
+    #[error("the root is not valid: {0}")]
+    Root(String),
+    #[error(transparent)]
+    Swarm(#[from] crate::swarm::SwarmError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("no trusted registry yet")]
+    NoRegistry,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no domain to claim")]
+    NoDomain,
+    #[error("verification: {0}")]
+    Verify(#[from] Failure),
+}
+
+struct Inner {
+    identity: Identity,
+    client: Client,
+    blobs: Blobs,
+    store: Arc<Mutex<Store>>,
+    observers: broadcast::Sender<Observed>,
+    config: NodeConfig,
+    /// Known blob addresses of other nodes.
+    addrs: Mutex<HashMap<NodeId, (Vec<std::net::SocketAddr>, u64)>>,
+    verifier: Arc<Mutex<Option<Verifier>>>,
+    queue: mpsc::Sender<Job>,
+}
+
+struct Job {
+    envelope: Signed<ElmRecord>,
+    message: Option<(MessageId, PeerId)>,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node", &self.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, NodeError> {
+    m.lock().map_err(|_| NodeError::Refused("internal lock poisoned".into()))
+}
+
+impl Node {
+    /// Starts a node: identity, store (initialised with the root on first start), blob
+    /// endpoint, swarm and workers; listens and dials the bootstrap peers.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let identity = match &config.identity {
+            Some(i) => i.clone(),
+            None => Identity::load_or_create(&config.data_dir)?,
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| NodeError::Refused(format!("data dir: {e}")))?;
+        let root = Signed::<Root>::decode(&config.root).map_err(|e| NodeError::Root(e.to_string()))?;
+        let net = NetworkId::of_root(&root);
+        let mut store = Store::open(config.data_dir.join("node.db"))?;
+        if store.trusted()?.is_none()
+            && let Decision::Reject(r) = store.init_root(&config.root, now_secs())?
+        {
+            return Err(NodeError::Root(r.to_string()));
+        }
+        let trusted = store.trusted()?.ok_or_else(|| NodeError::Root("no root".into()))?;
+        let store = Arc::new(Mutex::new(store));
+
+        let blobs = Blobs::open(&config.data_dir.join("blobs"), &identity, config.blobs.clone()).await?;
+
+        let swarm = crate::swarm::build(&identity, &net, &config.swarm)?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.swarm.limits.command_queue);
+        let (ev_tx, ev_rx) = mpsc::channel(config.swarm.limits.event_queue);
+        let (obs_tx, _) = broadcast::channel(4096);
+        let event_loop = crate::event_loop::EventLoop::new(
+            swarm,
+            net,
+            cmd_rx,
+            ev_tx,
+            obs_tx.clone(),
+            store.clone(),
+            trusted,
+            config.horizons,
+            config.swarm.limits.clone(),
+        );
+        let client = Client::new(cmd_tx, net, identity.peer_id(), config.call_timeout);
+        let (job_tx, job_rx) = mpsc::channel(config.verify_queue.max(1));
+        let inner = Arc::new(Inner {
+            identity,
+            client: client.clone(),
+            blobs,
+            store,
+            observers: obs_tx,
+            config: config.clone(),
+            addrs: Mutex::new(HashMap::new()),
+            verifier: Arc::new(Mutex::new(None)),
+            queue: job_tx,
+        });
+        let mut tasks = vec![tokio::spawn(event_loop.run())];
+        tasks.push(tokio::spawn(dispatch(inner.clone(), ev_rx)));
+        let job_rx = Arc::new(tokio::sync::Mutex::new(job_rx));
+        for _ in 0..config.verify_concurrency.max(1) {
+            tasks.push(tokio::spawn(verify_worker(inner.clone(), job_rx.clone())));
+        }
+        let node = Node {
+            inner,
+            tasks: Arc::new(Mutex::new(tasks)),
+        };
+        for addr in &config.listen {
+            client.listen(addr.clone()).await?;
+        }
+        for addr in &config.bootstrap {
+            if let Err(e) = client.dial(addr.clone()).await {
+                tracing::warn!(%addr, error = %e, "bootstrap peer unreachable");
+            }
+        }
+        if !config.bootstrap.is_empty() {
+            let _ = client.bootstrap().await;
+        }
+        Ok(node)
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.identity.node_id()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.identity.peer_id()
+    }
+
+    /// The event loop handle.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The blob endpoint and store.
+    pub fn blobs(&self) -> &Blobs {
+        &self.inner.blobs
+    }
+
+    /// Runs `f` on the SQLite store.
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> Result<T, NodeError> {
+        Ok(f(&mut *lock(&self.inner.store)?))
+    }
+
+    /// Observations of what the node does (lossy for slow receivers).
+    pub fn observe(&self) -> broadcast::Receiver<Observed> {
+        self.inner.observers.subscribe()
+    }
+
+    /// Listen addresses with `/p2p/<peer id>`, for others to bootstrap from.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        Ok(self.inner.client.listen_addrs().await?)
+    }
+
+    /// The trusted registry.
+    pub async fn registry(&self) -> Result<Option<Signed<Registry>>, NodeError> {
+        Ok(self.inner.client.trusted().await?.registry)
+    }
+
+    /// Offers a registry (a maintainer publishing, or an operator importing a file): accepted
+    /// ones become trusted, are stored on the DHT with their seed manifest, and gossiped.
+    pub async fn publish_registry(&self, envelope: &[u8]) -> Result<Decision<Signed<Registry>>, NodeError> {
+        Ok(self.inner.client.offer_registry(envelope.to_vec()).await?)
+    }
+
+    // --- blobs -------------------------------------------------------------------------
+
+    /// Publishes (or refreshes) this node's blob-address record on the DHT.
+    pub async fn publish_addr(&self) -> Result<(), NodeError> {
+        let rec = AddrRecord {
+            node: self.node_id(),
+            expires: now_secs() + self.inner.config.horizons.max_addr_secs,
+            addrs: self.inner.blobs.addrs(),
+        };
+        let bytes = rec.sign(self.inner.identity.signing_key());
+        self.inner.client.put_record(RecordKey::Addr(self.node_id()), bytes).await?;
+        Ok(())
+    }
+
+    /// Adds bytes to the blob store and announces this node as a provider.
+    pub async fn add_blob(&self, bytes: Vec<u8>) -> Result<ContentId, NodeError> {
+        let id = self.inner.blobs.add_bytes(bytes).await?;
+        self.provide_blob(id).await?;
+        Ok(id)
+    }
+
+    /// Adds a file to the blob store and announces this node as a provider.
+    pub async fn add_blob_path(&self, path: &Path) -> Result<ContentId, NodeError> {
+        let id = self.inner.blobs.add_path(path).await?;
+        self.provide_blob(id).await?;
+        Ok(id)
+    }
+
+    async fn provide_blob(&self, id: ContentId) -> Result<(), NodeError> {
+        self.publish_addr().await?;
+        self.inner.client.provide(ProviderKey::Blob(id)).await?;
+        Ok(())
+    }
+
+    /// Downloads a blob from its providers (found on the DHT, plus `hints`), verified as it
+    /// streams, then provides it too.
+    pub async fn fetch_blob(&self, id: ContentId, hints: &[NodeId]) -> Result<Fetched, NodeError> {
+        fetch(&self.inner, id, hints).await
+    }
+
+    // --- claims ------------------------------------------------------------------------
+
+    /// The live claims on the registry's domains, as a board.
+    pub fn board(&self, registry: &Registry) -> Result<Board, NodeError> {
+        let now = now_secs();
+        let store = lock(&self.inner.store)?;
+        let mut claims = Vec::new();
+        for d in &registry.domains {
+            claims.extend(store.claims(&d.name, now)?.into_iter().map(Signed::into_record));
+        }
+        Ok(Board::from_claims(&claims, now))
+    }
+
+    /// Claims `domain`, or the registry's domain with the fewest live claims, with a fresh
+    /// lease; publishes the claim on gossip and the DHT. Renewing is claiming again.
+    pub async fn claim(&self, domain: Option<&str>) -> Result<Signed<Claim>, NodeError> {
+        let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
+        let now = now_secs();
+        let domain = match domain {
+            Some(d) => d.to_string(),
+            None => {
+                let board = self.board(registry.record())?;
+                claims::choose_domain(&board, registry.record(), &self.node_id(), now).ok_or(NodeError::NoDomain)?
+            }
+        };
+        let mut envelope = Signed::new(Claim {
+            domain: domain.clone(),
+            node: self.node_id(),
+            lease_expires: now + self.inner.config.claims.lease_secs,
+        });
+        envelope.sign(self.inner.identity.signing_key());
+        let bytes = envelope.encode();
+        match lock(&self.inner.store)?.put_claim(&bytes, now)? {
+            Decision::Reject(r) => return Err(NodeError::Refused(r.to_string())),
+            Decision::Accept(_) | Decision::Unchanged => {}
+        }
+        let c = self.inner.client.clone();
+        c.put_record(
+            RecordKey::Claim {
+                domain: domain.clone(),
+                node: self.node_id(),
+            },
+            bytes.clone(),
+        )
+        .await?;
+        c.provide(ProviderKey::Claimants(domain)).await?;
+        if let Err(e) = c.publish_raw(Topic::Claims, bytes).await {
+            tracing::debug!(error = %e, "gossiping a claim");
+        }
+        Ok(envelope)
+    }
+
+    /// Renews this node's claims that are about to end (per the claim policy).
+    pub async fn renew_claims(&self) -> Result<Vec<Signed<Claim>>, NodeError> {
+        let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
+        let board = self.board(registry.record())?;
+        let mut out = Vec::new();
+        let policy = self.inner.config.claims;
+        while let claims::Action::Renew { domain, .. } =
+            claims::next_action(&board, registry.record(), &self.node_id(), &policy, now_secs(), false)
+        {
+            out.push(self.claim(Some(&domain)).await?);
+            if out.len() >= policy.max_own_claims.max(1) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    // --- announcements -----------------------------------------------------------------
+
+    /// Announces a finished ELM: adds its weights as a blob, signs the record (the trainer is
+    /// this node; the weights id is set from the bytes), stores it on the DHT, provides the
+    /// weights and gossips the record.
+    pub async fn announce(&self, mut record: ElmRecord, weights: Vec<u8>) -> Result<Signed<ElmRecord>, NodeError> {
+        record.trainer = self.node_id();
+        record.weights = self.inner.blobs.add_bytes(weights).await?;
+        let mut envelope = Signed::new(record);
+        envelope.sign(self.inner.identity.signing_key());
+        self.announce_signed(&envelope).await?;
+        Ok(envelope)
+    }
+
+    /// Publishes an already signed ELM record whose weights are in the blob store (also used by
+    /// tests to play a dishonest trainer).
+    pub async fn announce_signed(&self, envelope: &Signed<ElmRecord>) -> Result<(), NodeError> {
+        let e = envelope.record();
+        let bytes = envelope.encode();
+        let now = now_secs();
+        if let Decision::Reject(r) = lock(&self.inner.store)?.put_elm(&bytes, now)? {
+            return Err(NodeError::Refused(r.to_string()));
+        }
+        self.provide_blob(e.weights).await?;
+        let c = &self.inner.client;
+        c.put_record(RecordKey::Elm(envelope.id()), bytes.clone()).await?;
+        c.put_record(
+            RecordKey::ElmOf {
+                domain: e.domain.clone(),
+                node: self.node_id(),
+            },
+            bytes.clone(),
+        )
+        .await?;
+        c.provide(ProviderKey::Trainers(e.domain.clone())).await?;
+        if let Err(err) = c.publish_raw(Topic::Elms, bytes).await {
+            tracing::debug!(error = %err, "gossiping an ELM record");
+        }
+        Ok(())
+    }
+
+    /// This node's verdict on an ELM record, if it has one.
+    pub fn verdict(&self, elm: &ContentId) -> Result<Option<Attestation>, NodeError> {
+        let me = self.node_id();
+        Ok(lock(&self.inner.store)?
+            .attestations(elm)?
+            .into_iter()
+            .map(Signed::into_record)
+            .find(|a| a.verifier == me))
+    }
+
+    /// Verifies an ELM record now (not through the queue) and returns what was measured.
+    pub async fn verify_now(&self, envelope: &Signed<ElmRecord>) -> Result<verify::Measured, NodeError> {
+        Ok(run_verification(&self.inner, envelope).await?)
+    }
+
+    // --- catching up -------------------------------------------------------------------
+
+    /// Catches up from the DHT (a late joiner): the newest registry (with its seed), every
+    /// domain's live claims, and the ELM records announced on each domain and accepted in the
+    /// registry, which are queued for verification.
+    pub async fn sync(&self) -> Result<SyncReport, NodeError> {
+        let c = &self.inner.client;
+        let mut report = SyncReport::default();
+        if let Some(bytes) = c.get_record(RecordKey::Registry).await? {
+            report.registry = Signed::<Registry>::decode(&bytes).ok().map(|r| r.record().version);
+        }
+        let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
+        let now = now_secs();
+        for d in &registry.record().domains {
+            for peer in c.providers(ProviderKey::Claimants(d.name.clone())).await? {
+                let Some(node) = node_id_of(&peer) else { continue };
+                let key = RecordKey::Claim {
+                    domain: d.name.clone(),
+                    node,
+                };
+                if let Some(bytes) = c.get_record(key).await?
+                    && let Decision::Accept(_) = lock(&self.inner.store)?.put_claim(&bytes, now)?
+                {
+                    report.claims += 1;
+                }
+            }
+            for peer in c.providers(ProviderKey::Trainers(d.name.clone())).await? {
+                let Some(node) = node_id_of(&peer) else { continue };
+                let key = RecordKey::ElmOf {
+                    domain: d.name.clone(),
+                    node,
+                };
+                if let Some(bytes) = c.get_record(key).await?
+                    && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
+                {
+                    report.elms += 1;
+                    self.enqueue(envelope, None).await;
+                }
+            }
+        }
+        for accepted in &registry.record().elms {
+            if let Some(bytes) = c.get_record(RecordKey::Elm(accepted.record)).await?
+                && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
+            {
+                report.elms += 1;
+                self.enqueue(envelope, None).await;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn enqueue(&self, envelope: Signed<ElmRecord>, message: Option<(MessageId, PeerId)>) {
+        enqueue(&self.inner, envelope, message).await;
+    }
+
+    /// Stops the workers and the event loop, and closes the blob endpoint and store.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.client.shutdown().await;
+        if let Ok(tasks) = self.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+        self.inner.blobs.shutdown().await;
+    }
+}
+
+/// What [`Node::sync`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The version of the newest registry found, if any.
+    pub registry: Option<u64>,
+    /// Claims newly stored.
+    pub claims: usize,
+    /// ELM records found and queued for verification.
+    pub elms: usize,
+}
+
+// --- worker ---------------------------------------------------------------------------------
+
+async fn dispatch(inner: Arc<Inner>, mut events: mpsc::Receiver<Event>) {
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::ElmOffered { envelope, message, .. } => enqueue(&inner, envelope, message).await,
+            Event::UnknownElm(id) => {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    if let Ok(Some(bytes)) = inner.client.get_record(RecordKey::Elm(id)).await
+                        && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
+                    {
+                        enqueue(&inner, envelope, None).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn enqueue(inner: &Arc<Inner>, envelope: Signed<ElmRecord>, message: Option<(MessageId, PeerId)>) {
+    if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+        inner.queue.try_send(Job { envelope, message })
+    {
+        let _ = inner.observers.send(Observed::Refused {
+            what: "elm record",
+            from: job.message.as_ref().map(|m| m.1),
+            reason: "verification queue full".into(),
+        });
+        if let Some((id, source)) = job.message {
+            let _ = inner.client.report(id, source, MessageAcceptance::Ignore).await;
+        }
+    }
+}
+
+async fn verify_worker(inner: Arc<Inner>, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let job = { jobs.lock().await.recv().await };
+        let Some(job) = job else { return };
+        handle_job(&inner, job).await;
+    }
+}
+
+async fn handle_job(inner: &Arc<Inner>, job: Job) {
+    let elm = job.envelope.id();
+    let me = inner.identity.node_id();
+    // Already judged: answer from the store.
+    let known = inner
+        .store
+        .lock()
+        .ok()
+        .and_then(|s| s.attestations(&elm).ok())
+        .and_then(|atts| atts.into_iter().map(Signed::into_record).find(|a| a.verifier == me));
+    let outcome = match known {
+        Some(a) => Ok(a.verdict == Verdict::Accept),
+        None => judge_and_attest(inner, &job.envelope).await,
+    };
+    if let Some((id, source)) = job.message {
+        let acceptance = match outcome {
+            Ok(true) => MessageAcceptance::Accept,
+            Ok(false) => MessageAcceptance::Reject,
+            Err(()) => MessageAcceptance::Ignore,
+        };
+        let _ = inner.client.report(id, source, acceptance).await;
+    }
+}
+
+/// Ok(verdict) when a verdict was reached (and attested); Err when we could not verify.
+async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> Result<bool, ()> {
+    let elm = envelope.id();
+    let result = run_verification(inner, envelope).await;
+    let (verdict, measured, reason) = match &result {
+        Ok(m) => (Verdict::Accept, Some(m.ppl), "accepted".to_string()),
+        Err(f) if f.is_verdict() => (Verdict::Reject, None, f.to_string()),
+        Err(f) => {
+            tracing::info!(%elm, error = %f, "could not verify");
+            let _ = inner.observers.send(Observed::Refused {
+                what: "elm verification",
+                from: None,
+                reason: f.to_string(),
+            });
+            return Err(());
+        }
+    };
+    tracing::info!(%elm, ?verdict, %reason, "verified");
+    let now = now_secs();
+    let bytes = envelope.encode();
+    let attestation = {
+        let mut a = Signed::new(Attestation {
+            verifier: inner.identity.node_id(),
+            elm,
+            measured_ppl_milli: measured.and_then(ppl_to_milli).unwrap_or(0),
+            verdict,
+        });
+        a.sign(inner.identity.signing_key());
+        a
+    };
+    if let Ok(mut store) = inner.store.lock() {
+        // Step 1 passed, so the store's ELM rules pass too; an ELM must be held to attest it.
+        if let Err(e) = store.put_elm(&bytes, now) {
+            tracing::warn!(error = %e, "storing an ELM record");
+        }
+        if let Err(e) = store.put_attestation(&attestation.encode()) {
+            tracing::warn!(error = %e, "storing our attestation");
+        }
+    }
+    let _ = inner.observers.send(Observed::Verdict {
+        elm,
+        accepted: verdict == Verdict::Accept,
+        measured_ppl: measured,
+        reason,
+    });
+    let c = inner.client.clone();
+    let weights = envelope.record().weights;
+    let accepted = verdict == Verdict::Accept;
+    tokio::spawn(async move {
+        if let Err(e) = c.publish_raw(Topic::Attestations, attestation.encode()).await {
+            tracing::debug!(error = %e, "gossiping an attestation");
+        }
+        if accepted {
+            let _ = c.provide(ProviderKey::Blob(weights)).await;
+        }
+    });
+    Ok(accepted)
+}
+
+/// Steps 1-5 for one record: fetches what is missing, then scores on a blocking thread.
+async fn run_verification(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> Result<verify::Measured, Failure> {
+    let registry = inner
+        .client
+        .trusted()
+        .await
+        .map_err(|e| Failure::Local(e.to_string()))?
+        .registry
+        .ok_or_else(|| Failure::Local("no trusted registry".into()))?
+        .into_record();
+    verify::check_record(&registry, envelope)?;
+    let e = envelope.record();
+    let seed = registry
+        .seed
+        .clone()
+        .ok_or_else(|| Failure::Local("the registry has no seed".into()))?;
+    let domain = registry
+        .domain(&e.domain)
+        .cloned()
+        .ok_or_else(|| Failure::Local("domain vanished".into()))?;
+    let trainer = [e.trainer];
+    fetch(inner, e.weights, &trainer)
+        .await
+        .map_err(|err| Failure::Download(err.to_string()))?;
+    for id in [seed.weights, seed.tokenizer, domain.valid] {
+        fetch(inner, id, &[]).await.map_err(|err| Failure::Local(err.to_string()))?;
+    }
+    let max = inner.config.blobs.max_blob_bytes;
+    let weights = inner.blobs.read(&e.weights, max).await.map_err(|err| Failure::Download(err.to_string()))?;
+    let valid = inner.blobs.read(&domain.valid, max).await.map_err(|err| Failure::Local(err.to_string()))?;
+    let needs_seed = inner
+        .verifier
+        .lock()
+        .map(|v| v.as_ref().is_none_or(|v| v.seed() != &seed))
+        .unwrap_or(true);
+    let seed_bytes = if needs_seed {
+        Some((
+            inner.blobs.read(&seed.weights, max).await.map_err(|err| Failure::Local(err.to_string()))?,
+            inner.blobs.read(&seed.tokenizer, max).await.map_err(|err| Failure::Local(err.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let slot = inner.verifier.clone();
+    let envelope = envelope.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = slot.lock().map_err(|_| Failure::Local("verifier lock poisoned".into()))?;
+        if let Some((w, t)) = seed_bytes {
+            let device = btm_model::device::DeviceKind::Cpu
+                .device()
+                .map_err(|e| Failure::Local(e.to_string()))?;
+            *guard = Some(Verifier::new(&seed, &w, &t, device)?);
+        }
+        let v = guard.as_mut().ok_or_else(|| Failure::Local("no verifier".into()))?;
+        v.verify(&registry, &envelope, &weights, &valid)
+    })
+    .await
+    .map_err(|e| Failure::Local(format!("verification task: {e}")))?
+}
+
+/// Finds providers of a blob (DHT plus hints), resolves their addresses, downloads.
+async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fetched, NodeError> {
+    if inner.blobs.has(&id).await {
+        return Ok(inner.blobs.fetch(&id, &[]).await?);
+    }
+    let me = inner.identity.node_id();
+    let mut nodes: Vec<NodeId> = hints.to_vec();
+    for peer in inner.client.providers(ProviderKey::Blob(id)).await? {
+        if let Some(n) = node_id_of(&peer)
+            && !nodes.contains(&n)
+        {
+            nodes.push(n);
+        }
+    }
+    nodes.retain(|n| *n != me);
+    let mut providers = Vec::new();
+    for node in nodes {
+        if let Some(addrs) = resolve(inner, &node).await {
+            providers.push(Provider { node, addrs });
+        }
+    }
+    let fetched = inner.blobs.fetch(&id, &providers).await?;
+    let c = inner.client.clone();
+    tokio::spawn(async move {
+        let _ = c.provide(ProviderKey::Blob(id)).await;
+    });
+    Ok(fetched)
+}
+
+/// A node's blob addresses, from the cache or its DHT address record.
+async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Vec<std::net::SocketAddr>> {
+    let now = now_secs();
+    if let Ok(cache) = inner.addrs.lock()
+        && let Some((addrs, exp)) = cache.get(node)
+        && *exp > now
+    {
+        return Some(addrs.clone());
+    }
+    let bytes = inner.client.get_record(RecordKey::Addr(*node)).await.ok()??;
+    let rec = AddrRecord::decode(&bytes).ok()?;
+    if rec.node != *node || rec.expires <= now {
+        return None;
+    }
+    if let Ok(mut cache) = inner.addrs.lock() {
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(*node, (rec.addrs.clone(), rec.expires));
+    }
+    let _ = peer_id_of(node);
+    Some(rec.addrs)
+}

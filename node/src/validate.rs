@@ -1,0 +1,232 @@
+//! Validation of what peers offer: DHT records (on every inbound PUT and every GET result) and
+//! the cheap checks of gossip messages. Pure functions of (trusted state, now, bytes) -> outcome.
+
+use btm_protocol::{Claim, ContentId, ElmRecord, Record, Registry, SeedManifest, Signed};
+use btm_registry::{Decision, Reject, Trusted, decide_registry};
+
+use crate::addr::{AddrError, AddrRecord};
+use crate::keys::RecordKey;
+
+/// How far ahead a claim's lease or an address record's expiry may lie.
+#[derive(Debug, Clone, Copy)]
+pub struct Horizons {
+    /// Longest lease a claim may ask for, in seconds.
+    pub max_lease_secs: u64,
+    /// Longest life of an address record, in seconds.
+    pub max_addr_secs: u64,
+}
+
+impl Default for Horizons {
+    fn default() -> Self {
+        Horizons {
+            max_lease_secs: 2 * 3600,
+            max_addr_secs: 24 * 3600,
+        }
+    }
+}
+
+/// What the node trusts at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub trusted: &'a Trusted,
+    pub now: u64,
+    pub horizons: Horizons,
+}
+
+impl View<'_> {
+    fn registry(&self) -> Result<&Registry, Invalid> {
+        self.trusted
+            .registry
+            .as_ref()
+            .map(Signed::record)
+            .ok_or(Invalid::NoRegistry)
+    }
+}
+
+/// Why an offered record is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Invalid {
+    /// Refused by the protocol's rules (malformed, signature, expiry, rollback, ...).
+    #[error(transparent)]
+    Rules(#[from] Reject),
+    /// A well-formed record stored under a key that names something else.
+    #[error("record does not match its key")]
+    KeyMismatch,
+    /// A key outside this network's namespace.
+    #[error("unknown key")]
+    UnknownKey,
+    /// Nothing can be checked against a registry yet.
+    #[error("no trusted registry yet")]
+    NoRegistry,
+    /// A claim asking for a lease beyond the horizon.
+    #[error("lease until {lease_expires} is more than {max}s ahead of {now}")]
+    LeaseTooLong {
+        lease_expires: u64,
+        now: u64,
+        max: u64,
+    },
+    /// A bad address record.
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+    /// An address record that has expired or lives too long.
+    #[error("address record expiry {expires} is not within ({now}, now + horizon]")]
+    AddrExpiry { expires: u64, now: u64 },
+}
+
+/// How a valid record compares with what is trusted (only registries have versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// A registry newer than the trusted one: adopt it.
+    Newer,
+    /// Valid and not older than what is trusted.
+    Current,
+    /// A validly signed registry older than the trusted one: keep ours, do not store it.
+    Older,
+}
+
+/// Checks a claim envelope (everything but the per-node quota, which needs the store).
+pub fn check_claim(view: &View<'_>, bytes: &[u8]) -> Result<Signed<Claim>, Invalid> {
+    let claim = Signed::<Claim>::decode(bytes).map_err(Reject::from)?;
+    let c = claim.record();
+    claim.verify_by(&c.node).map_err(Reject::from)?;
+    if c.lease_expires <= view.now {
+        return Err(Reject::LeaseExpired {
+            lease_expires: c.lease_expires,
+            now: view.now,
+        }
+        .into());
+    }
+    if c.lease_expires > view.now.saturating_add(view.horizons.max_lease_secs) {
+        return Err(Invalid::LeaseTooLong {
+            lease_expires: c.lease_expires,
+            now: view.now,
+            max: view.horizons.max_lease_secs,
+        });
+    }
+    if view.registry()?.domain(&c.domain).is_none() {
+        return Err(Reject::UnknownDomain(c.domain.clone()).into());
+    }
+    Ok(claim)
+}
+
+/// Checks an ELM record envelope: signed by its trainer, a domain of the trusted registry, the
+/// seed's architecture and tokenizer (step 1 of verification, `specs/network.md`).
+pub fn check_elm(view: &View<'_>, bytes: &[u8]) -> Result<Signed<ElmRecord>, Invalid> {
+    let elm = Signed::<ElmRecord>::decode(bytes).map_err(Reject::from)?;
+    check_elm_record(view.registry()?, &elm)?;
+    Ok(elm)
+}
+
+/// The registry-dependent checks of an ELM record.
+pub fn check_elm_record(registry: &Registry, elm: &Signed<ElmRecord>) -> Result<(), Reject> {
+    let e = elm.record();
+    elm.verify_by(&e.trainer)?;
+    if registry.domain(&e.domain).is_none() {
+        return Err(Reject::UnknownDomain(e.domain.clone()));
+    }
+    let Some(seed) = &registry.seed else {
+        return Err(Reject::SeedMismatch("the registry has no seed yet"));
+    };
+    if e.architecture != seed.architecture.id() {
+        return Err(Reject::SeedMismatch("architecture differs from the seed's"));
+    }
+    if e.tokenizer != seed.tokenizer {
+        return Err(Reject::SeedMismatch("tokenizer differs from the seed's"));
+    }
+    Ok(())
+}
+
+/// Checks a registry envelope against the trusted state.
+pub fn check_registry(view: &View<'_>, bytes: &[u8]) -> Result<Freshness, Invalid> {
+    match decide_registry(view.trusted, bytes, view.now) {
+        Decision::Accept(_) => Ok(Freshness::Newer),
+        Decision::Unchanged => Ok(Freshness::Current),
+        // Rollback is decided after the signature threshold: a genuine, older registry.
+        Decision::Reject(Reject::Rollback { .. }) => Ok(Freshness::Older),
+        Decision::Reject(r) => Err(r.into()),
+    }
+}
+
+/// Checks a value offered under a DHT key (inbound PUT or GET result).
+pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Freshness, Invalid> {
+    match key {
+        RecordKey::Registry => check_registry(view, value),
+        RecordKey::Seed => {
+            let seed = SeedManifest::decode(value).map_err(Reject::from)?;
+            match &view.registry()?.seed {
+                Some(s) if *s == seed => Ok(Freshness::Current),
+                _ => Err(Reject::SeedMismatch("not the trusted registry's seed").into()),
+            }
+        }
+        RecordKey::Claim { domain, node } => {
+            let claim = check_claim(view, value)?;
+            let c = claim.record();
+            if c.domain != *domain || c.node != *node {
+                return Err(Invalid::KeyMismatch);
+            }
+            Ok(Freshness::Current)
+        }
+        RecordKey::Elm(id) => {
+            let elm = check_elm(view, value)?;
+            if elm.id() != *id {
+                return Err(Invalid::KeyMismatch);
+            }
+            Ok(Freshness::Current)
+        }
+        RecordKey::ElmOf { domain, node } => {
+            let elm = check_elm(view, value)?;
+            let e = elm.record();
+            if e.domain != *domain || e.trainer != *node {
+                return Err(Invalid::KeyMismatch);
+            }
+            Ok(Freshness::Current)
+        }
+        RecordKey::Addr(node) => {
+            let a = AddrRecord::decode(value)?;
+            if a.node != *node {
+                return Err(Invalid::KeyMismatch);
+            }
+            if a.expires <= view.now || a.expires > view.now.saturating_add(view.horizons.max_addr_secs) {
+                return Err(Invalid::AddrExpiry {
+                    expires: a.expires,
+                    now: view.now,
+                });
+            }
+            Ok(Freshness::Current)
+        }
+    }
+}
+
+/// Whether a valid `new` value should replace the `held` one under `key` (a stable choice: the
+/// newest registry version, the latest lease, the latest address expiry; content-addressed keys
+/// never change; an ELM-of slot takes its owner's latest signature).
+pub fn supersedes(key: &RecordKey, new: &[u8], held: &[u8]) -> bool {
+    if new == held {
+        return false;
+    }
+    match key {
+        RecordKey::Registry => {
+            let v = |b: &[u8]| Signed::<Registry>::decode(b).map(|r| r.record().version).ok();
+            matches!((v(new), v(held)), (Some(n), Some(h)) if n > h) || v(held).is_none()
+        }
+        RecordKey::Claim { .. } => {
+            let l = |b: &[u8]| Signed::<Claim>::decode(b).map(|c| c.record().lease_expires).ok();
+            matches!((l(new), l(held)), (Some(n), Some(h)) if n > h) || l(held).is_none()
+        }
+        RecordKey::Addr(_) => {
+            let e = |b: &[u8]| AddrRecord::decode(b).map(|a| a.expires).ok();
+            matches!((e(new), e(held)), (Some(n), Some(h)) if n > h) || e(held).is_none()
+        }
+        RecordKey::ElmOf { .. } => true,
+        RecordKey::Seed | RecordKey::Elm(_) => false,
+    }
+}
+
+/// The content id a record key's value must hash to, if it is content-addressed by record id.
+pub fn expected_id(key: &RecordKey) -> Option<ContentId> {
+    match key {
+        RecordKey::Elm(id) => Some(*id),
+        _ => None,
+    }
+}

@@ -1,0 +1,384 @@
+//! Rows of THREATS.md, tried against real nodes on loopback: each test checks that nothing wrong
+//! was stored, forwarded or used, and that the sender was penalised where the row says so.
+
+use std::time::Duration;
+
+use btm_net::blobs::{BlobConfig, Blobs, Provider};
+use btm_net::{Identity, Node, Observed, RecordKey, Topic};
+use btm_protocol::{Claim, ContentId, Record, Signed, test_key};
+use tokio::sync::broadcast;
+
+use crate::common::*;
+
+fn blob_config() -> BlobConfig {
+    BlobConfig {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        connect_timeout: Duration::from_secs(5),
+        stall_timeout: Duration::from_secs(2),
+        ..BlobConfig::default()
+    }
+}
+
+/// THREATS: "weights whose bytes do not match their content id" and "a slow or stalled peer".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
+    let blob: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let id = ContentId::of(&blob);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let (honest_id, liar_id, me_id) = (
+        Identity::from_key(test_key("honest")),
+        Identity::from_key(test_key("liar")),
+        Identity::from_key(test_key("me")),
+    );
+    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config()).await.expect("honest");
+    honest.add_bytes(blob.clone()).await.expect("add");
+    // The liar stores the blob, then its data file is altered under the same hash.
+    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config()).await.expect("liar");
+    liar.add_bytes(blob.clone()).await.expect("add");
+    liar.shutdown().await;
+    let data = dirs[1].path().join("data").join(format!("{id}.data"));
+    let mut bytes = std::fs::read(&data).expect("liar's data file");
+    bytes[600_000] ^= 0xff;
+    std::fs::write(&data, bytes).expect("tamper");
+    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config()).await.expect("liar again");
+
+    let me = Blobs::open(dirs[2].path(), &me_id, blob_config()).await.expect("me");
+    let liar_p = Provider {
+        node: liar_id.node_id(),
+        addrs: liar.addrs(),
+    };
+    let honest_p = Provider {
+        node: honest_id.node_id(),
+        addrs: honest.addrs(),
+    };
+    let err = me.fetch(&id, std::slice::from_ref(&liar_p)).await.expect_err("a lying provider");
+    assert!(matches!(err, btm_net::blobs::BlobError::Download { .. }), "{err}");
+    assert!(!me.has(&id).await, "a blob with a bad chunk was stored as complete");
+    assert!(me.read(&id, u64::MAX).await.is_err());
+    assert_eq!(me.errors_of(&liar_id.node_id()), 1);
+
+    // Retried from the honest provider, resuming after the verified prefix.
+    let fetched = me.fetch(&id, &[liar_p.clone(), honest_p.clone()]).await.expect("retry");
+    assert_eq!(fetched.from, Some(honest_id.node_id()));
+    assert_eq!(fetched.failures.len(), 1);
+    // Verified chunks of the failed attempt may be kept (then the retry only asks for the
+    // rest) or dropped; either way only verified bytes are stored.
+    assert!(fetched.bytes <= blob.len() as u64);
+    assert_eq!(me.read(&id, u64::MAX).await.expect("read"), blob);
+
+    // The liar has spent its error budget (3): it is no longer asked.
+    let _ = me.fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p)).await;
+    let err = me.fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p)).await.expect_err("budget");
+    assert!(err.to_string().contains("budget"), "{err}");
+
+    for b in [honest, liar, me] {
+        b.shutdown().await;
+    }
+}
+
+/// A stalled provider: accepts the connection and never answers.
+#[derive(Debug, Clone)]
+struct Stall;
+
+impl iroh::protocol::ProtocolHandler for Stall {
+    async fn accept(&self, connection: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
+        connection.closed().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_times_out_and_another_is_tried() {
+    let blob = vec![7u8; 100_000];
+    let id = ContentId::of(&blob);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let honest_id = Identity::from_key(test_key("honest 2"));
+    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config()).await.expect("honest");
+    honest.add_bytes(blob.clone()).await.expect("add");
+    let stall_id = Identity::from_key(test_key("staller"));
+    let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(stall_id.iroh_secret())
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .expect("addr")
+        .alpns(vec![iroh_blobs::ALPN.to_vec()])
+        .bind()
+        .await
+        .expect("bind");
+    let stall_addrs: Vec<_> = ep.bound_sockets();
+    let router = iroh::protocol::Router::builder(ep).accept(iroh_blobs::ALPN, Stall).spawn();
+    let me = Blobs::open(dirs[1].path(), &Identity::from_key(test_key("me 2")), blob_config())
+        .await
+        .expect("me");
+    let started = std::time::Instant::now();
+    let fetched = me
+        .fetch(
+            &id,
+            &[
+                Provider {
+                    node: stall_id.node_id(),
+                    addrs: stall_addrs,
+                },
+                Provider {
+                    node: honest_id.node_id(),
+                    addrs: honest.addrs(),
+                },
+            ],
+        )
+        .await
+        .expect("fetch");
+    assert_eq!(fetched.from, Some(honest_id.node_id()));
+    assert_eq!(fetched.failures.len(), 1, "{:?}", fetched.failures);
+    assert!(fetched.failures[0].1.contains("timed out"), "{:?}", fetched.failures);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let _ = router.shutdown().await;
+    honest.shutdown().await;
+    me.shutdown().await;
+}
+
+async fn wait_observed(rx: &mut broadcast::Receiver<Observed>, what: &str, pred: impl Fn(&Observed) -> bool) -> Observed {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => panic!("timed out waiting for {what}"),
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(e)) => panic!("observer closed: {e}"),
+            Ok(Ok(o)) if pred(&o) => return o,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A network of a maintainer and two honest nodes, with an attacker dialled into every one.
+async fn network_with_attacker(tweak: impl Fn(usize, btm_net::NodeConfig) -> btm_net::NodeConfig + Copy) -> (Net, Node) {
+    let mut net = Net::start_with(3, tweak).await;
+    let honest = net.nodes.clone();
+    wait_connected(&honest[..1], 2).await;
+    publish_world(&honest[0]).await;
+    for n in &honest[1..] {
+        if n.registry().await.ok().flatten().is_none() {
+            let _ = n.sync().await;
+        }
+    }
+    wait_registry(&honest, 1).await;
+    let attacker = add_attacker(&mut net).await;
+    (net, attacker)
+}
+
+/// Adds a node dialled into each of the first three (honest) nodes, with the registry and
+/// gossip subscriptions known both ways.
+async fn add_attacker(net: &mut Net) -> Node {
+    let honest: Vec<Node> = net.nodes[..3].to_vec();
+    let attacker = net.add(|c| c).await;
+    for n in &honest[1..] {
+        let addr = n.listen_addrs().await.expect("addrs").remove(0);
+        attacker.client().dial(addr).await.expect("dial");
+    }
+    attacker.sync().await.expect("sync");
+    wait_registry(std::slice::from_ref(&attacker), 1).await;
+    // Gossip reaches a peer once both sides know the other's subscriptions.
+    wait_gossip_peers(std::slice::from_ref(&attacker), &honest).await;
+    wait_gossip_peers(&honest, std::slice::from_ref(&attacker)).await;
+    attacker
+}
+
+async fn scores_drop(honest: &[Node], attacker: &Node) {
+    for n in honest {
+        let n = n.clone();
+        let p = attacker.peer_id();
+        wait_for("the attacker's score to drop", Duration::from_secs(30), move || {
+            let n = n.clone();
+            async move { n.client().peer_score(p).await.ok().flatten().is_some_and(|s| s < 0.0) }
+        })
+        .await;
+    }
+}
+
+/// THREATS: bad signature, unknown domain, wrong shapes, NaN, false quality claim, worse than
+/// the seed. Every honest node rejects each; the sender's gossip score drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_elm_records_are_rejected_by_every_honest_node() {
+    let f = fixture();
+    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
+    let honest = net.nodes[..3].to_vec();
+    let key = attacker.identity().signing_key().clone();
+    let me = attacker.node_id();
+
+    // Step 1 failures, refused before anything is downloaded: a signature by another key, an
+    // unknown domain.
+    let mut rx: Vec<_> = honest.iter().map(Node::observe).collect();
+    let mut forged = Signed::new(f.elm("alpha", &f.good_weights, f.good_ppl, me));
+    forged.sign(&test_key("not the trainer"));
+    let mut unknown = Signed::new(f.elm("nope", &f.good_weights, f.good_ppl, me));
+    unknown.sign(&key);
+    for env in [&forged, &unknown] {
+        attacker.client().publish_raw(Topic::Elms, env.encode()).await.expect("publish");
+    }
+    for r in rx.iter_mut() {
+        for _ in 0..2 {
+            wait_observed(r, "a refused ELM record", |o| {
+                matches!(o, Observed::Refused { what: "elm record", from: Some(p), .. } if *p == attacker.peer_id())
+            })
+            .await;
+        }
+    }
+
+    // Steps 3-5: the record is fine, the weights or the claim are not.
+    let wrong_shape = f.edited_weights(|t| {
+        for x in t.iter_mut().filter(|t| t.name == "wpe.weight") {
+            x.shape[0] -= 1;
+            let d = x.shape[1];
+            x.values.truncate(x.values.len() - d);
+        }
+    });
+    let nan = f.edited_weights(|t| t[0].values[3] = f32::NAN);
+    let worse = f.worse_weights();
+    let worse_ppl = f.measure(&worse).expect("measure worse").ppl;
+    let cases: Vec<(&str, Vec<u8>, f64)> = vec![
+        ("wrong shapes", wrong_shape, f.good_ppl),
+        ("NaN weights", nan, f.good_ppl),
+        ("false perplexity claim", f.good_weights.clone(), f.good_ppl * 0.5),
+        ("worse than the seed", worse, worse_ppl),
+    ];
+    // Each from its own sybil: three rejections graylist a peer, after which gossipsub drops
+    // what it sends unread (also a rejection, but one that leaves no verdict to check).
+    let mut sybils = Vec::new();
+    for (what, weights, ppl) in cases {
+        let sybil = add_attacker(&mut net).await;
+        sybil.blobs().add_bytes(weights.clone()).await.expect("add");
+        let mut env = Signed::new(f.elm("beta", &weights, ppl, sybil.node_id()));
+        env.sign(sybil.identity().signing_key());
+        sybil.announce_signed(&env).await.expect("announce");
+        for n in &honest {
+            assert!(!wait_verdict(n, env.id()).await, "{what}: accepted by {}", n.node_id());
+        }
+        sybils.push(sybil);
+    }
+    for s in &sybils {
+        scores_drop(&honest, s).await;
+    }
+    for n in &honest {
+        assert!(n.with_store(|s| s.elm(&forged.id())).expect("store").expect("query").is_none());
+    }
+    scores_drop(&honest, &attacker).await;
+    net.shutdown().await;
+}
+
+/// THREATS: expired registry, registry rolled back. Refused on gossip and on the DHT; the
+/// trusted version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_or_expired_registries_are_refused() {
+    let f = fixture();
+    let (net, attacker) = network_with_attacker(|_, c| c).await;
+    let honest = net.nodes[..3].to_vec();
+    let v2 = f.signed_registry(2, now() + 86400);
+    let d = honest[0].publish_registry(&v2).await.expect("v2");
+    assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+    wait_registry(&honest, 2).await;
+
+    let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
+    // An expired v3 (validly signed) and the old v1, replayed by the attacker.
+    let expired = f.signed_registry(3, now() - 1);
+    attacker.client().publish_raw(Topic::Registry, expired.clone()).await.expect("publish");
+    for r in rx.iter_mut() {
+        let o = wait_observed(r, "the expired registry refused", |o| {
+            matches!(o, Observed::Refused { what: "registry", .. })
+        })
+        .await;
+        assert!(format!("{o:?}").contains("expired"), "{o:?}");
+    }
+    let v1 = f.signed_registry(1, now() + 86400);
+    let _ = attacker.client().publish_raw(Topic::Registry, v1.clone()).await;
+    // On the DHT too: PUTs of the expired and the old registry are refused by honest peers.
+    let key = RecordKey::Registry.to_bytes(&attacker.client().network());
+    attacker.client().put_record_raw(key.clone(), expired).await.expect("put");
+    attacker.client().put_record_raw(key, v1).await.expect("put");
+    for n in &honest {
+        assert_eq!(n.registry().await.expect("registry").expect("some").record().version, 2);
+        let held = n.client().local_record(RecordKey::Registry).await.expect("local");
+        if let Some(h) = held {
+            assert_eq!(Signed::<btm_protocol::Registry>::decode(&h).expect("decode").record().version, 2);
+        }
+        // A lookup validates every result and returns the newest valid one.
+        let got = n.client().get_record(RecordKey::Registry).await.expect("get").expect("found");
+        assert_eq!(got, v2);
+    }
+    // Directly: a node refuses an expired registry and says it cannot update.
+    let d = honest[1].publish_registry(&f.signed_registry(4, now() - 1)).await.expect("offer");
+    let r = d.rejection().expect("refused").to_string();
+    assert!(r.contains("cannot update"), "{r}");
+    net.shutdown().await;
+}
+
+/// THREATS: a flood of claims and announcements from one peer: bounded stores, rate limits,
+/// score penalties; an honest claim still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
+    let (net, attacker) = network_with_attacker(|_, mut c| {
+        c.swarm.limits.gossip_per_peer = btm_net::limits::Rate {
+            burst: 64.0,
+            per_sec: 4.0,
+        };
+        c
+    })
+    .await;
+    let honest = net.nodes[..3].to_vec();
+    let key = attacker.identity().signing_key().clone();
+    // Garbage on the ELM topic: rejected, the attacker's score falls. (Two messages: -40, under
+    // the gossip threshold; a third would graylist it, and gossipsub would then drop everything
+    // it sends unread.)
+    for i in 0..2usize {
+        let _ = attacker.client().publish_raw(Topic::Elms, vec![0xa5; 40 + i]).await;
+    }
+    scores_drop(&honest[1..], &attacker).await;
+    // A flood of valid claims: beyond the per-peer rate they are ignored, not even validated.
+    let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
+    for i in 0..150u64 {
+        let mut c = Signed::new(Claim {
+            domain: DOMAINS[(i % 3) as usize].into(),
+            node: attacker.node_id(),
+            lease_expires: now() + 600 + i,
+        });
+        c.sign(&key);
+        let _ = attacker.client().publish_raw(Topic::Claims, c.encode()).await;
+    }
+    for r in rx.iter_mut() {
+        wait_observed(r, "the rate limit", |o| {
+            matches!(o, Observed::Refused { reason, .. } if reason == "rate limit")
+        })
+        .await;
+    }
+
+    // Honest work proceeds: a claim by node 1 reaches node 2.
+    let claim = honest[1].claim(Some("gamma")).await.expect("claim");
+    let n2 = honest[2].clone();
+    let who = honest[1].node_id();
+    wait_for("the honest claim", Duration::from_secs(30), move || {
+        let n2 = n2.clone();
+        async move {
+            n2.with_store(|s| s.claims("gamma", now()).map(|c| c.iter().any(|c| c.record().node == who)))
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert_eq!(claim.record().domain, "gamma");
+    // The attacker holds at most one claim per domain in every honest store.
+    for n in &honest {
+        let held: usize = DOMAINS
+            .iter()
+            .map(|d| {
+                n.with_store(|s| s.claims(d, now()))
+                    .expect("store")
+                    .expect("claims")
+                    .iter()
+                    .filter(|c| c.record().node == attacker.node_id())
+                    .count()
+            })
+            .sum();
+        assert!(held <= DOMAINS.len(), "{held} attacker claims stored");
+    }
+    let _ = Record::encode(claim.record());
+    net.shutdown().await;
+}

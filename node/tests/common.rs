@@ -1,0 +1,370 @@
+//! Shared fixtures: a maintainer key and root, a tiny seed model and tokenizer, domain data,
+//! registries, ELM weights (good and bad), and nodes on loopback.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use btm_model::GptConfig;
+use btm_model::gpt::Gpt;
+use btm_model::tokenizer::Tokenizer;
+use btm_model::weights::{self, NamedTensor};
+use btm_net::verify::Verifier;
+use btm_net::{Node, NodeConfig};
+use btm_protocol::{
+    Architecture, ClientVersion, ContentId, Domain, ElmRecord, EvalSettings, Parent, PublicKey, Registry, Root,
+    SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
+};
+
+pub const DOMAINS: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// Everything a test network is made of, built once per test binary.
+pub struct Fixture {
+    pub maintainer: SigningKey,
+    pub root: Vec<u8>,
+    pub tokenizer: Vec<u8>,
+    pub config: GptConfig,
+    pub seed_weights: Vec<u8>,
+    pub data: Vec<u8>,
+    pub seed: SeedManifest,
+    /// An honest ELM: weights better than the seed, and its true perplexity.
+    pub good_weights: Vec<u8>,
+    pub good_ppl: f64,
+    pub seed_ppl: f64,
+}
+
+fn text() -> String {
+    let mut s = String::new();
+    for i in 0..200 {
+        s.push_str(&format!(
+            "The volunteer {i} trains a small expert model on its domain and shares the weights. "
+        ));
+    }
+    s
+}
+
+fn tensors_scaled(model: &Gpt, wte_scale: f32) -> Vec<NamedTensor> {
+    let mut t = weights::named_tensors(model);
+    for x in t.iter_mut().filter(|t| t.name == "wte.weight") {
+        for v in x.values.iter_mut() {
+            *v *= wte_scale;
+        }
+    }
+    t
+}
+
+pub fn now() -> u64 {
+    btm_net::limits::now_secs()
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let maintainer = test_key("btm-net maintainer");
+        let mut root = Signed::new(Root {
+            version: 1,
+            expires: now() + 365 * 86400,
+            threshold: 1,
+            keys: vec![PublicKey::of(&maintainer)],
+        });
+        root.sign(&maintainer);
+        let t = text();
+        let tok = Tokenizer::train([t.as_str()].into_iter(), 300).expect("tokenizer");
+        let tokenizer = tok.json().to_vec();
+        let config = GptConfig {
+            vocab_size: tok.vocab_size(),
+            n_ctx: 32,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+        };
+        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        // A deliberately poor seed (peaked random predictions) so that a plain initialisation
+        // beats it: tests need "better than the seed" without training.
+        let seed_model = Gpt::init(&config, 1, &device);
+        let seed_weights = weights::to_bytes(&config, &tensors_scaled(&seed_model, 60.0)).expect("seed");
+        let good_model = Gpt::init(&config, 2, &device);
+        let good_weights = weights::to_bytes(&config, &weights::named_tensors(&good_model)).expect("good");
+        let mut data = String::new();
+        for i in 0..20 {
+            data.push_str(&format!(
+                "{{\"id\":\"doc{i}\",\"text\":\"The volunteer {i} trains a small expert model.\"}}\n"
+            ));
+        }
+        let data = data.into_bytes();
+        let seed = SeedManifest {
+            architecture: Architecture {
+                vocab_size: config.vocab_size as u32,
+                context: config.n_ctx as u32,
+                d_model: config.d_model as u32,
+                heads: config.n_heads as u32,
+                layers: config.n_layers as u32,
+            },
+            tokenizer: ContentId::of(&tokenizer),
+            weights: ContentId::of(&seed_weights),
+            training: TrainingSummary {
+                steps: 0,
+                tokens: 0,
+                flops: 0,
+                valid_ppl_milli: 0,
+            },
+        };
+        let mut f = Fixture {
+            maintainer,
+            root: root.encode(),
+            tokenizer,
+            config,
+            seed_weights,
+            data,
+            seed,
+            good_weights,
+            good_ppl: 0.0,
+            seed_ppl: 0.0,
+        };
+        let m = f.measure(&f.good_weights.clone()).expect("measure");
+        f.good_ppl = m.ppl;
+        f.seed_ppl = m.seed_ppl;
+        assert!(f.good_ppl < f.seed_ppl, "fixture: good {} seed {}", f.good_ppl, f.seed_ppl);
+        f
+    })
+}
+
+impl Fixture {
+    pub fn registry(&self, version: u64, expires: u64) -> Registry {
+        Registry {
+            version,
+            expires,
+            min_client_version: ClientVersion {
+                major: 0,
+                minor: 1,
+                patch: 0,
+            },
+            domains: DOMAINS
+                .iter()
+                .map(|n| Domain {
+                    name: n.to_string(),
+                    description: format!("test domain {n}"),
+                    train: ContentId::of(&self.data),
+                    valid: ContentId::of(&self.data),
+                    test: ContentId::of(&self.data),
+                    eval: EvalSettings {
+                        block_size: 32,
+                        max_eval_tokens: 512,
+                        ppl_tolerance_ppm: 20_000,
+                    },
+                })
+                .collect(),
+            seed: Some(self.seed.clone()),
+            elms: vec![],
+        }
+    }
+
+    /// A registry envelope signed by the maintainer.
+    pub fn signed_registry(&self, version: u64, expires: u64) -> Vec<u8> {
+        let mut r = Signed::new(self.registry(version, expires));
+        r.sign(&self.maintainer);
+        r.encode()
+    }
+
+    pub fn measure(&self, weights: &[u8]) -> Result<btm_net::verify::Measured, btm_net::verify::Failure> {
+        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let mut v = Verifier::new(&self.seed, &self.seed_weights, &self.tokenizer, device)?;
+        v.measure(&self.registry(1, u64::MAX), DOMAINS[0], weights, &self.data)
+    }
+
+    /// An ELM record for `weights` on `domain`, claiming `ppl`, trained by `trainer`.
+    pub fn elm(&self, domain: &str, weights: &[u8], ppl: f64, trainer: PublicKey) -> ElmRecord {
+        ElmRecord {
+            domain: domain.into(),
+            parents: vec![Parent {
+                weights: self.seed.weights,
+                weight_ppm: 1_000_000,
+            }],
+            weights: ContentId::of(weights),
+            architecture: self.seed.architecture.id(),
+            tokenizer: self.seed.tokenizer,
+            steps: 10,
+            tokens: 1000,
+            flops: 1,
+            claimed_valid_ppl_milli: btm_protocol::ppl_to_milli(ppl).expect("ppl"),
+            trainer,
+        }
+    }
+
+    /// Weights from the good model with `edit` applied to its tensors.
+    pub fn edited_weights(&self, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> Vec<u8> {
+        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let model = weights::from_named_tensors(
+            &self.config,
+            weights::parse(&self.good_weights, Some(&self.config)).expect("parse").1,
+            &device,
+        )
+        .expect("model");
+        let mut t = weights::named_tensors(&model);
+        edit(&mut t);
+        weights::to_bytes(&self.config, &t).expect("to_bytes")
+    }
+
+    /// Weights worse than the seed: the seed's peaked embedding, sharpened further.
+    pub fn worse_weights(&self) -> Vec<u8> {
+        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let (cfg, t) = weights::parse(&self.seed_weights, Some(&self.config)).expect("seed");
+        let model = weights::from_named_tensors(&cfg, t, &device).expect("model");
+        weights::to_bytes(&self.config, &tensors_scaled(&model, 1.25)).expect("to_bytes")
+    }
+}
+
+/// A test network on loopback: the first node is the maintainer's.
+pub struct Net {
+    pub dirs: Vec<tempfile::TempDir>,
+    pub nodes: Vec<Node>,
+}
+
+pub fn config(dir: &std::path::Path) -> NodeConfig {
+    let mut c = NodeConfig::loopback(dir, fixture().root.clone());
+    c.swarm.query_timeout = Duration::from_secs(10);
+    c.blobs.connect_timeout = Duration::from_secs(5);
+    c.blobs.stall_timeout = Duration::from_secs(10);
+    c.call_timeout = Duration::from_secs(30);
+    c
+}
+
+impl Net {
+    /// Starts `n` nodes; node i > 0 bootstraps from node 0.
+    pub async fn start(n: usize) -> Net {
+        Self::start_with(n, |_, c| c).await
+    }
+
+    pub async fn start_with(n: usize, tweak: impl Fn(usize, NodeConfig) -> NodeConfig) -> Net {
+        let mut net = Net {
+            dirs: vec![],
+            nodes: vec![],
+        };
+        for i in 0..n {
+            net.add(|c| tweak(i, c)).await;
+        }
+        net
+    }
+
+    /// Adds a node bootstrapping from node 0.
+    pub async fn add(&mut self, tweak: impl FnOnce(NodeConfig) -> NodeConfig) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        if let Some(first) = self.nodes.first() {
+            c.bootstrap = first.listen_addrs().await.expect("addrs");
+        }
+        let node = Node::start(tweak(c)).await.expect("start");
+        // Wait until the listeners are up (addresses reported).
+        wait_for("listen addresses", Duration::from_secs(10), || {
+            let node = node.clone();
+            async move { node.listen_addrs().await.map(|a| a.len() >= 2).unwrap_or(false) }
+        })
+        .await;
+        self.dirs.push(dir);
+        self.nodes.push(node.clone());
+        node
+    }
+
+    pub async fn shutdown(self) {
+        for n in &self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// Polls `check` until it holds, failing the test after `timeout`. Waits on a condition, not a
+/// fixed delay.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
+pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
+    for n in nodes {
+        for p in peers {
+            let (n, pid) = (n.clone(), p.peer_id());
+            wait_for("gossip subscriptions", Duration::from_secs(30), move || {
+                let n = n.clone();
+                async move {
+                    n.client()
+                        .gossip_peers()
+                        .await
+                        .map(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
+                        .unwrap_or(false)
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Waits until every node trusts registry `version`.
+pub async fn wait_registry(nodes: &[Node], version: u64) {
+    for n in nodes {
+        let n = n.clone();
+        wait_for("the registry", Duration::from_secs(30), move || {
+            let n = n.clone();
+            async move {
+                n.registry()
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.record().version >= version)
+            }
+        })
+        .await;
+    }
+}
+
+/// Waits until every node has a gossipsub peer on every topic (so that a publication reaches
+/// them): here, until each is connected to at least `k` peers.
+pub async fn wait_connected(nodes: &[Node], k: usize) {
+    for n in nodes {
+        let n = n.clone();
+        wait_for("connections", Duration::from_secs(30), move || {
+            let n = n.clone();
+            async move { n.client().connected_peers().await.map(|p| p.len() >= k).unwrap_or(false) }
+        })
+        .await;
+    }
+}
+
+/// The maintainer publishes the registry and provides the seed blobs and data.
+pub async fn publish_world(maintainer: &Node) {
+    let f = fixture();
+    for b in [&f.seed_weights, &f.tokenizer, &f.data] {
+        maintainer.add_blob(b.to_vec()).await.expect("add blob");
+    }
+    let d = maintainer
+        .publish_registry(&f.signed_registry(1, now() + 86400))
+        .await
+        .expect("publish");
+    assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+}
+
+/// Waits until `node` has a verdict on `elm`; returns whether it accepted.
+pub async fn wait_verdict(node: &Node, elm: ContentId) -> bool {
+    let n = node.clone();
+    wait_for("a verdict", Duration::from_secs(90), move || {
+        let n = n.clone();
+        async move { n.verdict(&elm).ok().flatten().is_some() }
+    })
+    .await;
+    node.verdict(&elm)
+        .ok()
+        .flatten()
+        .is_some_and(|a| a.verdict == btm_protocol::Verdict::Accept)
+}

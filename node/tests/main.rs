@@ -1,0 +1,6 @@
+//! Integration tests of btm-net: real libp2p swarms and iroh endpoints on loopback, several
+//! nodes in one process. One binary (`autotests = false`), so the link happens once.
+
+mod adversarial;
+mod common;
+mod multi_node;

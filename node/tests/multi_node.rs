@@ -1,0 +1,108 @@
+//! Issue 5: a maintainer and three nodes on loopback; the registry and seed reach all nodes; a
+//! blob added on one is fetched and verified on another; a claim and an announcement
+//! propagate; a late joiner catches up from the DHT.
+
+use std::time::Duration;
+
+use btm_net::RecordKey;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintainer_and_three_nodes() {
+    let f = fixture();
+    let mut net = Net::start(4).await;
+    let nodes = net.nodes.clone();
+    wait_connected(&nodes[1..], 1).await;
+    wait_connected(&nodes[..1], 3).await;
+    wait_gossip_peers(&nodes[..1], &nodes[1..]).await;
+    wait_gossip_peers(&nodes[1..], &nodes[..1]).await;
+
+    // The registry, published by the maintainer, reaches every node by gossip.
+    publish_world(&nodes[0]).await;
+    wait_registry(&nodes, 1).await;
+    // The seed manifest is on the DHT too, validated against the registry.
+    let seed = nodes[3]
+        .client()
+        .get_record(RecordKey::Seed)
+        .await
+        .expect("get seed")
+        .expect("seed record");
+    assert_eq!(seed, btm_protocol::Record::encode(&f.seed));
+
+    // A blob added on node 1 is fetched (and BLAKE3-verified as it streams) by node 2.
+    let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let id = nodes[1].add_blob(blob.clone()).await.expect("add");
+    let fetched = nodes[2].fetch_blob(id, &[]).await.expect("fetch");
+    assert_eq!(fetched.from, Some(nodes[1].node_id()));
+    assert_eq!(nodes[2].blobs().read(&id, 2_000_000).await.expect("read"), blob);
+
+    // A claim by node 1 propagates to every other node.
+    let claim = nodes[1].claim(None).await.expect("claim");
+    let domain = claim.record().domain.clone();
+    for n in &nodes {
+        let n = n.clone();
+        let domain = domain.clone();
+        let who = nodes[1].node_id();
+        wait_for("the claim", Duration::from_secs(30), move || {
+            let n = n.clone();
+            let domain = domain.clone();
+            async move {
+                n.with_store(|s| s.claims(&domain, now()).map(|c| c.iter().any(|c| c.record().node == who)))
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+    // Node 2 chooses among the other domains: the fewest live claims.
+    let other = nodes[2].claim(None).await.expect("claim 2");
+    assert_ne!(other.record().domain, domain);
+
+    // Node 1 announces an honest ELM; every other node verifies and accepts it.
+    let rec = f.elm(&domain, &f.good_weights, f.good_ppl, nodes[1].node_id());
+    let envelope = nodes[1].announce(rec, f.good_weights.clone()).await.expect("announce");
+    for n in [&nodes[0], &nodes[2], &nodes[3]] {
+        assert!(wait_verdict(n, envelope.id()).await, "{} rejected an honest ELM", n.node_id());
+    }
+    // Attestations are gossiped: node 1 (the trainer) learns the verdicts of the others.
+    {
+        let n = nodes[1].clone();
+        let elm = envelope.id();
+        wait_for("attestations", Duration::from_secs(30), move || {
+            let n = n.clone();
+            async move {
+                n.with_store(|s| s.attestations(&elm).map(|a| a.len()))
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0)
+                    >= 3
+            }
+        })
+        .await;
+    }
+
+    // A late joiner catches up from the DHT: registry, claims, the ELM (verified).
+    let late = net.add(|c| c).await;
+    wait_connected(std::slice::from_ref(&late), 1).await;
+    let report = late.sync().await.expect("sync");
+    assert_eq!(report.registry, Some(1));
+    assert!(report.claims >= 2, "{report:?}");
+    assert!(report.elms >= 1, "{report:?}");
+    assert!(wait_verdict(&late, envelope.id()).await);
+
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_key_is_created_once_and_names_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = btm_net::Node::start(config(dir.path())).await.expect("start");
+    let id = a.node_id();
+    assert_eq!(btm_net::identity::node_id_of(&a.peer_id()), Some(id));
+    a.shutdown().await;
+    let b = btm_net::Node::start(config(dir.path())).await.expect("restart");
+    assert_eq!(b.node_id(), id);
+    b.shutdown().await;
+}

@@ -6,6 +6,8 @@
 //!
 //! `cargo run -p btm-net --example netbench [-- --blob-mib 64 --nodes 16 --dht 4,8,16,32]`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/common.rs"]
 #[allow(dead_code)]
 mod common;
@@ -26,17 +28,29 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 async fn blob_transfer(mib: usize) {
-    let bytes: Vec<u8> = (0..mib * 1_048_576).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2]).collect();
+    let bytes: Vec<u8> = (0..mib * 1_048_576)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2])
+        .collect();
     let id = ContentId::of(&bytes);
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let cfg = BlobConfig {
         bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         ..BlobConfig::default()
     };
     let a_id = Identity::from_key(test_key("bench a"));
-    let a = Blobs::open(dirs[0].path(), &a_id, cfg.clone()).await.expect("a");
+    let a = Blobs::open(dirs[0].path(), &a_id, cfg.clone())
+        .await
+        .expect("a");
     a.add_bytes(bytes.clone()).await.expect("add");
-    let b = Blobs::open(dirs[1].path(), &Identity::from_key(test_key("bench b")), cfg).await.expect("b");
+    let b = Blobs::open(
+        dirs[1].path(),
+        &Identity::from_key(test_key("bench b")),
+        cfg,
+    )
+    .await
+    .expect("b");
     let t = Instant::now();
     let f = b
         .fetch(
@@ -85,7 +99,10 @@ async fn announcement(n: usize) {
     let trainer = &nodes[1];
     let rec = f.elm("alpha", &f.good_weights, f.good_ppl, trainer.node_id());
     let t = Instant::now();
-    let env = trainer.announce(rec, f.good_weights.clone()).await.expect("announce");
+    let env = trainer
+        .announce(rec, f.good_weights.clone())
+        .await
+        .expect("announce");
     let mut last = Duration::ZERO;
     let mut times = Vec::new();
     for node in nodes.iter().filter(|x| x.node_id() != trainer.node_id()) {
@@ -122,7 +139,11 @@ async fn dht(n: usize, lookups: usize) {
         let from = &nodes[(i * 7 + 1) % n];
         let target = &nodes[(i * 3 + 2) % n];
         let t = Instant::now();
-        let got = from.client().get_record(RecordKey::Addr(target.node_id())).await.expect("get");
+        let got = from
+            .client()
+            .get_record(RecordKey::Addr(target.node_id()))
+            .await
+            .expect("get");
         lat.push(t.elapsed());
         assert!(got.is_some(), "lookup {i} found nothing");
     }

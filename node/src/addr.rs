@@ -127,7 +127,10 @@ mod tests {
         let r = AddrRecord {
             node: PublicKey::of(&key),
             expires: 1_900_000_000,
-            addrs: vec!["127.0.0.1:4000".parse().unwrap(), "[::1]:4001".parse().unwrap()],
+            addrs: vec![
+                "127.0.0.1:4000".parse().unwrap(),
+                "[::1]:4001".parse().unwrap(),
+            ],
         };
         let bytes = r.sign(&key);
         assert_eq!(AddrRecord::decode(&bytes).unwrap(), r);
@@ -139,6 +142,9 @@ mod tests {
         assert!(AddrRecord::decode(&bytes[..bytes.len() - 1]).is_err());
         // Signed by someone else.
         let other = btm_protocol::test_key("other");
-        assert_eq!(AddrRecord::decode(&r.sign(&other)), Err(AddrError::Signature));
+        assert_eq!(
+            AddrRecord::decode(&r.sign(&other)),
+            Err(AddrError::Signature)
+        );
     }
 }

@@ -143,7 +143,11 @@ fn hash(id: &ContentId) -> Hash {
 
 impl Blobs {
     /// Opens the file store in `dir` and binds the endpoint with the node's key.
-    pub async fn open(dir: &Path, identity: &Identity, config: BlobConfig) -> Result<Blobs, BlobError> {
+    pub async fn open(
+        dir: &Path,
+        identity: &Identity,
+        config: BlobConfig,
+    ) -> Result<Blobs, BlobError> {
         std::fs::create_dir_all(dir).map_err(|source| BlobError::Io {
             path: dir.to_path_buf(),
             source,
@@ -310,7 +314,11 @@ impl Blobs {
     /// Downloads a blob, trying `providers` in order until one completes it. Every chunk is
     /// verified against `id` as it arrives; a bad chunk ends the attempt and is not stored.
     /// What earlier attempts stored (verified chunks) is kept, so a retry resumes.
-    pub async fn fetch(&self, id: &ContentId, providers: &[Provider]) -> Result<Fetched, BlobError> {
+    pub async fn fetch(
+        &self,
+        id: &ContentId,
+        providers: &[Provider],
+    ) -> Result<Fetched, BlobError> {
         let start = Instant::now();
         if self.has(id).await {
             return Ok(Fetched {
@@ -362,7 +370,8 @@ impl Blobs {
     async fn attempt(&self, id: &ContentId, p: &Provider) -> Result<u64, String> {
         let cfg = &self.inner.config;
         let endpoint_id = endpoint_id_of(&p.node).ok_or("not a valid endpoint id")?;
-        let addr = EndpointAddr::from_parts(endpoint_id, p.addrs.iter().map(|a| TransportAddr::Ip(*a)));
+        let addr =
+            EndpointAddr::from_parts(endpoint_id, p.addrs.iter().map(|a| TransportAddr::Ip(*a)));
         let conn = tokio::time::timeout(
             cfg.connect_timeout,
             self.inner.router.endpoint().connect(addr, iroh_blobs::ALPN),

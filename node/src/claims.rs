@@ -85,7 +85,13 @@ impl Board {
     }
 
     /// Arbitrates an offered claim (already signature-checked) and records it if accepted.
-    pub fn offer(&mut self, registry: &Registry, claim: &Claim, now: u64, max_per_node: usize) -> Arbitration {
+    pub fn offer(
+        &mut self,
+        registry: &Registry,
+        claim: &Claim,
+        now: u64,
+        max_per_node: usize,
+    ) -> Arbitration {
         if claim.lease_expires <= now {
             return Arbitration::Expired;
         }
@@ -133,7 +139,11 @@ pub fn choose_domain(board: &Board, registry: &Registry, me: &NodeId, now: u64) 
             let mut h = blake3::Hasher::new();
             h.update(me.as_bytes());
             h.update(d.name.as_bytes());
-            (board.live(&d.name, now, Some(me)), *h.finalize().as_bytes(), d.name.clone())
+            (
+                board.live(&d.name, now, Some(me)),
+                *h.finalize().as_bytes(),
+                d.name.clone(),
+            )
         })
         .min()
         .map(|(_, _, name)| name)
@@ -152,7 +162,14 @@ pub enum Action {
 
 /// The next action for `me`: renew a lease that is about to end, or claim a new domain while
 /// below the quota (and training wants one: `wants_new`).
-pub fn next_action(board: &Board, registry: &Registry, me: &NodeId, policy: &ClaimPolicy, now: u64, wants_new: bool) -> Action {
+pub fn next_action(
+    board: &Board,
+    registry: &Registry,
+    me: &NodeId,
+    policy: &ClaimPolicy,
+    now: u64,
+    wants_new: bool,
+) -> Action {
     let held = board.held_by(me, now);
     if let Some((domain, _)) = held
         .iter()
@@ -168,7 +185,11 @@ pub fn next_action(board: &Board, registry: &Registry, me: &NodeId, policy: &Cla
         let mut others = board.clone();
         for (d, _) in &held {
             // Never pick a domain we already hold.
-            others.leases.entry(d.clone()).or_default().insert(*me, u64::MAX);
+            others
+                .leases
+                .entry(d.clone())
+                .or_default()
+                .insert(*me, u64::MAX);
         }
         let free: Vec<_> = registry
             .domains
@@ -237,7 +258,12 @@ mod tests {
     fn fewest_live_claims_wins_and_expiry_frees() {
         let reg = registry(&["a", "b", "c"]);
         let me = PublicKey([9; 32]);
-        let claims = [claim("a", 1, 200), claim("b", 2, 200), claim("b", 3, 200), claim("c", 4, 50)];
+        let claims = [
+            claim("a", 1, 200),
+            claim("b", 2, 200),
+            claim("b", 3, 200),
+            claim("c", 4, 50),
+        ];
         let board = Board::from_claims(&claims, 100);
         // c's only claim expired at 50: c is free.
         assert_eq!(choose_domain(&board, &reg, &me, 100).unwrap(), "c");
@@ -250,15 +276,39 @@ mod tests {
     fn arbitration_stale_quota_unknown_expired() {
         let reg = registry(&["a", "b", "c"]);
         let mut b = Board::default();
-        assert_eq!(b.offer(&reg, &claim("a", 1, 200), 100, 2), Arbitration::Accept);
-        assert_eq!(b.offer(&reg, &claim("a", 1, 150), 100, 2), Arbitration::Stale);
-        assert_eq!(b.offer(&reg, &claim("a", 1, 300), 100, 2), Arbitration::Accept);
-        assert_eq!(b.offer(&reg, &claim("b", 1, 300), 100, 2), Arbitration::Accept);
-        assert_eq!(b.offer(&reg, &claim("c", 1, 300), 100, 2), Arbitration::Quota);
-        assert_eq!(b.offer(&reg, &claim("zz", 2, 300), 100, 2), Arbitration::UnknownDomain);
-        assert_eq!(b.offer(&reg, &claim("a", 2, 90), 100, 2), Arbitration::Expired);
+        assert_eq!(
+            b.offer(&reg, &claim("a", 1, 200), 100, 2),
+            Arbitration::Accept
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("a", 1, 150), 100, 2),
+            Arbitration::Stale
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("a", 1, 300), 100, 2),
+            Arbitration::Accept
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("b", 1, 300), 100, 2),
+            Arbitration::Accept
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("c", 1, 300), 100, 2),
+            Arbitration::Quota
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("zz", 2, 300), 100, 2),
+            Arbitration::UnknownDomain
+        );
+        assert_eq!(
+            b.offer(&reg, &claim("a", 2, 90), 100, 2),
+            Arbitration::Expired
+        );
         // After the leases end the quota is free again.
-        assert_eq!(b.offer(&reg, &claim("c", 1, 900), 400, 2), Arbitration::Accept);
+        assert_eq!(
+            b.offer(&reg, &claim("c", 1, 900), 400, 2),
+            Arbitration::Accept
+        );
         b.prune(400);
         assert_eq!(b.held_by(&PublicKey([1; 32]), 400).len(), 1);
     }
@@ -273,10 +323,19 @@ mod tests {
             max_own_claims: 1,
         };
         let empty = Board::default();
-        assert!(matches!(next_action(&empty, &reg, &me, &policy, 0, true), Action::Claim { .. }));
-        assert_eq!(next_action(&empty, &reg, &me, &policy, 0, false), Action::Wait);
+        assert!(matches!(
+            next_action(&empty, &reg, &me, &policy, 0, true),
+            Action::Claim { .. }
+        ));
+        assert_eq!(
+            next_action(&empty, &reg, &me, &policy, 0, false),
+            Action::Wait
+        );
         let held = Board::from_claims(&[claim("a", 1, 100)], 0);
-        assert_eq!(next_action(&held, &reg, &me, &policy, 50, true), Action::Wait);
+        assert_eq!(
+            next_action(&held, &reg, &me, &policy, 50, true),
+            Action::Wait
+        );
         assert_eq!(
             next_action(&held, &reg, &me, &policy, 80, true),
             Action::Renew {

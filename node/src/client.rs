@@ -80,7 +80,12 @@ pub struct Client {
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, net: NetworkId, peer_id: PeerId, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        tx: mpsc::Sender<Command>,
+        net: NetworkId,
+        peer_id: PeerId,
+        timeout: Duration,
+    ) -> Self {
         Client {
             tx,
             net,
@@ -152,8 +157,14 @@ impl Client {
 
     /// Reports the outcome of validating a gossip message held back for verification.
     /// Returns false if gossipsub no longer holds the message.
-    pub async fn report(&self, id: MessageId, source: PeerId, acceptance: MessageAcceptance) -> Result<bool, NetError> {
-        self.call(|r| Command::Report(id, source, acceptance, r)).await
+    pub async fn report(
+        &self,
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    ) -> Result<bool, NetError> {
+        self.call(|r| Command::Report(id, source, acceptance, r))
+            .await
     }
 
     /// Validates a record as every peer would, stores it locally and puts it at the closest
@@ -206,7 +217,10 @@ impl Client {
 
     /// Offers a registry envelope to the rules; an accepted one becomes trusted (persisted),
     /// is stored on the DHT and gossiped.
-    pub async fn offer_registry(&self, bytes: Vec<u8>) -> Result<Decision<Signed<Registry>>, NetError> {
+    pub async fn offer_registry(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Result<Decision<Signed<Registry>>, NetError> {
         self.call(|r| Command::OfferRegistry(bytes, r)).await
     }
 
@@ -222,7 +236,7 @@ pub enum Event {
     /// An ELM record passed the cheap checks and awaits full verification. `message` is the
     /// gossip message to accept or reject once verified (None when it came from the DHT).
     ElmOffered {
-        envelope: Signed<btm_protocol::ElmRecord>,
+        envelope: Box<Signed<btm_protocol::ElmRecord>>,
         bytes: Vec<u8>,
         message: Option<(MessageId, PeerId)>,
     },

@@ -241,7 +241,12 @@ impl EventLoop {
             }
             Command::PutRaw(key, value, reply) => {
                 let record = kad::Record::new(kad::RecordKey::new(&key), value);
-                match self.swarm.behaviour_mut().kad.put_record(record, kad::Quorum::One) {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                {
                     Ok(id) => {
                         self.pending_put.insert(id, reply);
                     }
@@ -341,7 +346,10 @@ impl EventLoop {
     }
 
     /// Offers a registry to the store's rules; on acceptance updates the cache.
-    fn adopt_registry(&mut self, bytes: &[u8]) -> Result<Decision<Signed<btm_protocol::Registry>>, NetError> {
+    fn adopt_registry(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<Decision<Signed<btm_protocol::Registry>>, NetError> {
         let decision = {
             let mut store = self
                 .store
@@ -374,9 +382,15 @@ impl EventLoop {
             .as_ref()
             .and_then(|r| r.record().seed.clone());
         let kad = &mut self.swarm.behaviour_mut().kad;
-        let _ = kad.put_record(kad::Record::new(RecordKey::Registry.kad(&net), bytes.clone()), kad::Quorum::One);
+        let _ = kad.put_record(
+            kad::Record::new(RecordKey::Registry.kad(&net), bytes.clone()),
+            kad::Quorum::One,
+        );
         if let Some(seed) = seed {
-            let _ = kad.put_record(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()), kad::Quorum::One);
+            let _ = kad.put_record(
+                kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()),
+                kad::Quorum::One,
+            );
         }
         let hash = self.topic_hash(Topic::Registry);
         if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(hash, bytes) {
@@ -386,7 +400,12 @@ impl EventLoop {
 
     /// Validates a record for `key` and stores it in the local DHT store if it supersedes what
     /// is held. Returns the record to replicate.
-    fn check_and_store(&mut self, key: &RecordKey, value: Vec<u8>, from: Option<PeerId>) -> Result<kad::Record, NetError> {
+    fn check_and_store(
+        &mut self,
+        key: &RecordKey,
+        value: Vec<u8>,
+        from: Option<PeerId>,
+    ) -> Result<kad::Record, NetError> {
         let freshness = validate::check_record(&self.view(), key, &value)?;
         if freshness == Freshness::Newer {
             // A newer registry offered through the DHT: adopt it (the rules run again inside
@@ -413,7 +432,9 @@ impl EventLoop {
                 .records()
                 .filter(|r| {
                     let k = r.key.as_ref();
-                    k.starts_with(prefix.as_bytes()) && k.ends_with(suffix.as_bytes()) && r.key != kkey
+                    k.starts_with(prefix.as_bytes())
+                        && k.ends_with(suffix.as_bytes())
+                        && r.key != kkey
                 })
                 .count();
             if held >= self.limits.max_dht_claims_per_node {
@@ -469,7 +490,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id, info, ..
+                peer_id,
+                info,
+                ..
             })) => {
                 if info.protocol_version != crate::swarm::ID_PROTOCOL {
                     return;
@@ -480,7 +503,10 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list.into_iter().take(64) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
@@ -519,9 +545,10 @@ impl EventLoop {
                 }
             }
             kad::Event::InboundRequest {
-                request: kad::InboundRequest::AddProvider {
-                    record: Some(record),
-                },
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
             } => {
                 let source = record.provider;
                 if !self.puts.allow(&source, Instant::now()) {
@@ -530,9 +557,16 @@ impl EventLoop {
                 }
                 let valid = match ProviderKey::parse(&self.net, record.key.as_ref()) {
                     None => Err("unknown key".to_string()),
-                    Some(_) if node_id_of(&source).is_none() => Err("provider is not an ed25519 node".into()),
+                    Some(_) if node_id_of(&source).is_none() => {
+                        Err("provider is not an ed25519 node".into())
+                    }
                     Some(ProviderKey::Claimants(d) | ProviderKey::Trainers(d)) => {
-                        match self.trusted.registry.as_ref().map(|r| r.record().domain(&d).is_some()) {
+                        match self
+                            .trusted
+                            .registry
+                            .as_ref()
+                            .map(|r| r.record().domain(&d).is_some())
+                        {
                             Some(true) => Ok(()),
                             _ => Err(format!("unknown domain {d:?}")),
                         }
@@ -541,25 +575,42 @@ impl EventLoop {
                 };
                 match valid {
                     Ok(()) => {
-                        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                        if let Err(e) = self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .store_mut()
+                            .add_provider(record)
+                        {
                             self.refused("dht provider", Some(source), e.to_string());
                         }
                     }
                     Err(e) => self.refused("dht provider", Some(source), e),
                 }
             }
-            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
                 kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(pr))) => {
                     self.on_found_record(id, pr);
                     if step.last {
                         self.finish_get(id);
                     }
                 }
-                kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }))
+                kad::QueryResult::GetRecord(Ok(
+                    kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. },
+                ))
                 | kad::QueryResult::GetRecord(Err(_)) => self.finish_get(id),
-                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => {
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                    providers,
+                    ..
+                })) => {
                     if let Some((set, _)) = self.pending_providers.get_mut(&id) {
-                        set.extend(providers.into_iter().take(self.limits.max_providers_per_key));
+                        set.extend(
+                            providers
+                                .into_iter()
+                                .take(self.limits.max_providers_per_key),
+                        );
                     }
                     if step.last
                         && let Some((set, reply)) = self.pending_providers.remove(&id)
@@ -567,7 +618,9 @@ impl EventLoop {
                         let _ = reply.send(Ok(set.into_iter().collect()));
                     }
                 }
-                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }))
+                kad::QueryResult::GetProviders(Ok(
+                    kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. },
+                ))
                 | kad::QueryResult::GetProviders(Err(_)) => {
                     if let Some((set, reply)) = self.pending_providers.remove(&id) {
                         let _ = reply.send(Ok(set.into_iter().collect()));
@@ -591,11 +644,9 @@ impl EventLoop {
                         let _ = reply.send(Ok(()));
                     }
                 }
-                kad::QueryResult::Bootstrap(r) => {
-                    if step.last || r.is_err() {
-                        if let Some(reply) = self.pending_bootstrap.remove(&id) {
-                            let _ = reply.send(r.map(drop).map_err(|e| NetError::Dht(e.to_string())));
-                        }
+                kad::QueryResult::Bootstrap(r) if step.last || r.is_err() => {
+                    if let Some(reply) = self.pending_bootstrap.remove(&id) {
+                        let _ = reply.send(r.map(drop).map_err(|e| NetError::Dht(e.to_string())));
                     }
                 }
                 _ => {}
@@ -679,11 +730,19 @@ impl EventLoop {
             Ok(Freshness::Newer) => match self.adopt_registry(data) {
                 Ok(Decision::Accept(_)) => {
                     let net = self.net;
-                    let seed = self.trusted.registry.as_ref().and_then(|r| r.record().seed.clone());
+                    let seed = self
+                        .trusted
+                        .registry
+                        .as_ref()
+                        .and_then(|r| r.record().seed.clone());
                     let store = self.swarm.behaviour_mut().kad.store_mut();
-                    let _ = store.put(kad::Record::new(RecordKey::Registry.kad(&net), data.to_vec()));
+                    let _ = store.put(kad::Record::new(
+                        RecordKey::Registry.kad(&net),
+                        data.to_vec(),
+                    ));
                     if let Some(seed) = seed {
-                        let _ = store.put(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()));
+                        let _ =
+                            store.put(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()));
                     }
                     MessageAcceptance::Accept
                 }
@@ -727,7 +786,9 @@ impl EventLoop {
                 );
                 MessageAcceptance::Accept
             }
-            Ok(Decision::Unchanged) | Ok(Decision::Reject(Reject::Stale)) => MessageAcceptance::Ignore,
+            Ok(Decision::Unchanged) | Ok(Decision::Reject(Reject::Stale)) => {
+                MessageAcceptance::Ignore
+            }
             Ok(Decision::Reject(r)) => {
                 self.refused("claim", Some(source), r.to_string());
                 MessageAcceptance::Reject
@@ -785,7 +846,12 @@ impl EventLoop {
     }
 
     /// `None`: held back for verification by the worker.
-    fn on_elm_message(&mut self, source: PeerId, id: &gossipsub::MessageId, data: Vec<u8>) -> Option<MessageAcceptance> {
+    fn on_elm_message(
+        &mut self,
+        source: PeerId,
+        id: &gossipsub::MessageId,
+        data: Vec<u8>,
+    ) -> Option<MessageAcceptance> {
         let envelope = match validate::check_elm(&self.view(), &data) {
             Ok(e) => e,
             Err(e) => {
@@ -795,7 +861,7 @@ impl EventLoop {
         };
         let elm_id = envelope.id();
         match self.events.try_send(Event::ElmOffered {
-            envelope,
+            envelope: Box::new(envelope),
             bytes: data,
             message: Some((id.clone(), source)),
         }) {
@@ -812,7 +878,9 @@ impl EventLoop {
 }
 
 fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
 }
 
 /// Records with a natural end (claims, address records) expire from the DHT store with it.
@@ -821,7 +889,9 @@ fn expiry_of(key: &RecordKey, value: &[u8]) -> Option<Instant> {
         RecordKey::Claim { .. } => Signed::<btm_protocol::Claim>::decode(value)
             .ok()
             .map(|c| c.record().lease_expires),
-        RecordKey::Addr(_) => crate::addr::AddrRecord::decode(value).ok().map(|a| a.expires),
+        RecordKey::Addr(_) => crate::addr::AddrRecord::decode(value)
+            .ok()
+            .map(|a| a.expires),
         _ => None,
     }?;
     let secs = until.saturating_sub(now_secs());

@@ -101,7 +101,9 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 fn domain_ok(d: &str) -> Option<String> {
-    check_domain_name(d, "key.domain").ok().map(|_| d.to_string())
+    check_domain_name(d, "key.domain")
+        .ok()
+        .map(|_| d.to_string())
 }
 
 impl RecordKey {

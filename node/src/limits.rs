@@ -95,7 +95,8 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn allow(&mut self, key: &K, now: Instant) -> bool {
         if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
             let rate = self.rate;
-            self.buckets.retain(|_, b| refill(rate, *b, now) < rate.burst);
+            self.buckets
+                .retain(|_, b| refill(rate, *b, now) < rate.burst);
             if self.buckets.len() >= self.max_keys {
                 return false;
             }

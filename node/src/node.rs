@@ -58,8 +58,12 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             root,
             listen: vec![
-                "/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/tcp/0"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
             ],
             bootstrap: vec![],
             swarm: SwarmConfig::default(),
@@ -77,8 +81,12 @@ impl NodeConfig {
     pub fn loopback(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
         let mut c = NodeConfig::new(data_dir, root);
         c.listen = vec![
-            "/ip4/127.0.0.1/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
-            "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+            "/ip4/127.0.0.1/tcp/0"
+                .parse()
+                .unwrap_or_else(|_| Multiaddr::empty()),
+            "/ip4/127.0.0.1/udp/0/quic-v1"
+                .parse()
+                .unwrap_or_else(|_| Multiaddr::empty()),
         ];
         c.blobs.bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         c
@@ -145,7 +153,8 @@ impl std::fmt::Debug for Node {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, NodeError> {
-    m.lock().map_err(|_| NodeError::Refused("internal lock poisoned".into()))
+    m.lock()
+        .map_err(|_| NodeError::Refused("internal lock poisoned".into()))
 }
 
 impl Node {
@@ -156,8 +165,10 @@ impl Node {
             Some(i) => i.clone(),
             None => Identity::load_or_create(&config.data_dir)?,
         };
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| NodeError::Refused(format!("data dir: {e}")))?;
-        let root = Signed::<Root>::decode(&config.root).map_err(|e| NodeError::Root(e.to_string()))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| NodeError::Refused(format!("data dir: {e}")))?;
+        let root =
+            Signed::<Root>::decode(&config.root).map_err(|e| NodeError::Root(e.to_string()))?;
         let net = NetworkId::of_root(&root);
         let mut store = Store::open(config.data_dir.join("node.db"))?;
         if store.trusted()?.is_none()
@@ -165,10 +176,17 @@ impl Node {
         {
             return Err(NodeError::Root(r.to_string()));
         }
-        let trusted = store.trusted()?.ok_or_else(|| NodeError::Root("no root".into()))?;
+        let trusted = store
+            .trusted()?
+            .ok_or_else(|| NodeError::Root("no root".into()))?;
         let store = Arc::new(Mutex::new(store));
 
-        let blobs = Blobs::open(&config.data_dir.join("blobs"), &identity, config.blobs.clone()).await?;
+        let blobs = Blobs::open(
+            &config.data_dir.join("blobs"),
+            &identity,
+            config.blobs.clone(),
+        )
+        .await?;
 
         let swarm = crate::swarm::build(&identity, &net, &config.swarm)?;
         let (cmd_tx, cmd_rx) = mpsc::channel(config.swarm.limits.command_queue);
@@ -266,7 +284,10 @@ impl Node {
 
     /// Offers a registry (a maintainer publishing, or an operator importing a file): accepted
     /// ones become trusted, are stored on the DHT with their seed manifest, and gossiped.
-    pub async fn publish_registry(&self, envelope: &[u8]) -> Result<Decision<Signed<Registry>>, NodeError> {
+    pub async fn publish_registry(
+        &self,
+        envelope: &[u8],
+    ) -> Result<Decision<Signed<Registry>>, NodeError> {
         Ok(self.inner.client.offer_registry(envelope.to_vec()).await?)
     }
 
@@ -280,7 +301,10 @@ impl Node {
             addrs: self.inner.blobs.addrs(),
         };
         let bytes = rec.sign(self.inner.identity.signing_key());
-        self.inner.client.put_record(RecordKey::Addr(self.node_id()), bytes).await?;
+        self.inner
+            .client
+            .put_record(RecordKey::Addr(self.node_id()), bytes)
+            .await?;
         Ok(())
     }
 
@@ -318,7 +342,12 @@ impl Node {
         let store = lock(&self.inner.store)?;
         let mut claims = Vec::new();
         for d in &registry.domains {
-            claims.extend(store.claims(&d.name, now)?.into_iter().map(Signed::into_record));
+            claims.extend(
+                store
+                    .claims(&d.name, now)?
+                    .into_iter()
+                    .map(Signed::into_record),
+            );
         }
         Ok(Board::from_claims(&claims, now))
     }
@@ -332,7 +361,8 @@ impl Node {
             Some(d) => d.to_string(),
             None => {
                 let board = self.board(registry.record())?;
-                claims::choose_domain(&board, registry.record(), &self.node_id(), now).ok_or(NodeError::NoDomain)?
+                claims::choose_domain(&board, registry.record(), &self.node_id(), now)
+                    .ok_or(NodeError::NoDomain)?
             }
         };
         let mut envelope = Signed::new(Claim {
@@ -368,9 +398,14 @@ impl Node {
         let board = self.board(registry.record())?;
         let mut out = Vec::new();
         let policy = self.inner.config.claims;
-        while let claims::Action::Renew { domain, .. } =
-            claims::next_action(&board, registry.record(), &self.node_id(), &policy, now_secs(), false)
-        {
+        while let claims::Action::Renew { domain, .. } = claims::next_action(
+            &board,
+            registry.record(),
+            &self.node_id(),
+            &policy,
+            now_secs(),
+            false,
+        ) {
             out.push(self.claim(Some(&domain)).await?);
             if out.len() >= policy.max_own_claims.max(1) {
                 break;
@@ -384,7 +419,11 @@ impl Node {
     /// Announces a finished ELM: adds its weights as a blob, signs the record (the trainer is
     /// this node; the weights id is set from the bytes), stores it on the DHT, provides the
     /// weights and gossips the record.
-    pub async fn announce(&self, mut record: ElmRecord, weights: Vec<u8>) -> Result<Signed<ElmRecord>, NodeError> {
+    pub async fn announce(
+        &self,
+        mut record: ElmRecord,
+        weights: Vec<u8>,
+    ) -> Result<Signed<ElmRecord>, NodeError> {
         record.trainer = self.node_id();
         record.weights = self.inner.blobs.add_bytes(weights).await?;
         let mut envelope = Signed::new(record);
@@ -404,7 +443,8 @@ impl Node {
         }
         self.provide_blob(e.weights).await?;
         let c = &self.inner.client;
-        c.put_record(RecordKey::Elm(envelope.id()), bytes.clone()).await?;
+        c.put_record(RecordKey::Elm(envelope.id()), bytes.clone())
+            .await?;
         c.put_record(
             RecordKey::ElmOf {
                 domain: e.domain.clone(),
@@ -431,7 +471,10 @@ impl Node {
     }
 
     /// Verifies an ELM record now (not through the queue) and returns what was measured.
-    pub async fn verify_now(&self, envelope: &Signed<ElmRecord>) -> Result<verify::Measured, NodeError> {
+    pub async fn verify_now(
+        &self,
+        envelope: &Signed<ElmRecord>,
+    ) -> Result<verify::Measured, NodeError> {
         Ok(run_verification(&self.inner, envelope).await?)
     }
 
@@ -444,13 +487,17 @@ impl Node {
         let c = &self.inner.client;
         let mut report = SyncReport::default();
         if let Some(bytes) = c.get_record(RecordKey::Registry).await? {
-            report.registry = Signed::<Registry>::decode(&bytes).ok().map(|r| r.record().version);
+            report.registry = Signed::<Registry>::decode(&bytes)
+                .ok()
+                .map(|r| r.record().version);
         }
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
         let now = now_secs();
         for d in &registry.record().domains {
             for peer in c.providers(ProviderKey::Claimants(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else { continue };
+                let Some(node) = node_id_of(&peer) else {
+                    continue;
+                };
                 let key = RecordKey::Claim {
                     domain: d.name.clone(),
                     node,
@@ -462,7 +509,9 @@ impl Node {
                 }
             }
             for peer in c.providers(ProviderKey::Trainers(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else { continue };
+                let Some(node) = node_id_of(&peer) else {
+                    continue;
+                };
                 let key = RecordKey::ElmOf {
                     domain: d.name.clone(),
                     node,
@@ -518,7 +567,9 @@ pub struct SyncReport {
 async fn dispatch(inner: Arc<Inner>, mut events: mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
         match event {
-            Event::ElmOffered { envelope, message, .. } => enqueue(&inner, envelope, message).await,
+            Event::ElmOffered {
+                envelope, message, ..
+            } => enqueue(&inner, *envelope, message).await,
             Event::UnknownElm(id) => {
                 let inner = inner.clone();
                 tokio::spawn(async move {
@@ -533,7 +584,11 @@ async fn dispatch(inner: Arc<Inner>, mut events: mpsc::Receiver<Event>) {
     }
 }
 
-async fn enqueue(inner: &Arc<Inner>, envelope: Signed<ElmRecord>, message: Option<(MessageId, PeerId)>) {
+async fn enqueue(
+    inner: &Arc<Inner>,
+    envelope: Signed<ElmRecord>,
+    message: Option<(MessageId, PeerId)>,
+) {
     if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
         inner.queue.try_send(Job { envelope, message })
     {
@@ -543,7 +598,10 @@ async fn enqueue(inner: &Arc<Inner>, envelope: Signed<ElmRecord>, message: Optio
             reason: "verification queue full".into(),
         });
         if let Some((id, source)) = job.message {
-            let _ = inner.client.report(id, source, MessageAcceptance::Ignore).await;
+            let _ = inner
+                .client
+                .report(id, source, MessageAcceptance::Ignore)
+                .await;
         }
     }
 }
@@ -565,7 +623,11 @@ async fn handle_job(inner: &Arc<Inner>, job: Job) {
         .lock()
         .ok()
         .and_then(|s| s.attestations(&elm).ok())
-        .and_then(|atts| atts.into_iter().map(Signed::into_record).find(|a| a.verifier == me));
+        .and_then(|atts| {
+            atts.into_iter()
+                .map(Signed::into_record)
+                .find(|a| a.verifier == me)
+        });
     let outcome = match known {
         Some(a) => Ok(a.verdict == Verdict::Accept),
         None => judge_and_attest(inner, &job.envelope).await,
@@ -629,7 +691,10 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
     let weights = envelope.record().weights;
     let accepted = verdict == Verdict::Accept;
     tokio::spawn(async move {
-        if let Err(e) = c.publish_raw(Topic::Attestations, attestation.encode()).await {
+        if let Err(e) = c
+            .publish_raw(Topic::Attestations, attestation.encode())
+            .await
+        {
             tracing::debug!(error = %e, "gossiping an attestation");
         }
         if accepted {
@@ -640,7 +705,10 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
 }
 
 /// Steps 1-5 for one record: fetches what is missing, then scores on a blocking thread.
-async fn run_verification(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> Result<verify::Measured, Failure> {
+async fn run_verification(
+    inner: &Arc<Inner>,
+    envelope: &Signed<ElmRecord>,
+) -> Result<verify::Measured, Failure> {
     let registry = inner
         .client
         .trusted()
@@ -664,11 +732,21 @@ async fn run_verification(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         .await
         .map_err(|err| Failure::Download(err.to_string()))?;
     for id in [seed.weights, seed.tokenizer, domain.valid] {
-        fetch(inner, id, &[]).await.map_err(|err| Failure::Local(err.to_string()))?;
+        fetch(inner, id, &[])
+            .await
+            .map_err(|err| Failure::Local(err.to_string()))?;
     }
     let max = inner.config.blobs.max_blob_bytes;
-    let weights = inner.blobs.read(&e.weights, max).await.map_err(|err| Failure::Download(err.to_string()))?;
-    let valid = inner.blobs.read(&domain.valid, max).await.map_err(|err| Failure::Local(err.to_string()))?;
+    let weights = inner
+        .blobs
+        .read(&e.weights, max)
+        .await
+        .map_err(|err| Failure::Download(err.to_string()))?;
+    let valid = inner
+        .blobs
+        .read(&domain.valid, max)
+        .await
+        .map_err(|err| Failure::Local(err.to_string()))?;
     let needs_seed = inner
         .verifier
         .lock()
@@ -676,8 +754,16 @@ async fn run_verification(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         .unwrap_or(true);
     let seed_bytes = if needs_seed {
         Some((
-            inner.blobs.read(&seed.weights, max).await.map_err(|err| Failure::Local(err.to_string()))?,
-            inner.blobs.read(&seed.tokenizer, max).await.map_err(|err| Failure::Local(err.to_string()))?,
+            inner
+                .blobs
+                .read(&seed.weights, max)
+                .await
+                .map_err(|err| Failure::Local(err.to_string()))?,
+            inner
+                .blobs
+                .read(&seed.tokenizer, max)
+                .await
+                .map_err(|err| Failure::Local(err.to_string()))?,
         ))
     } else {
         None
@@ -685,14 +771,18 @@ async fn run_verification(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
     let slot = inner.verifier.clone();
     let envelope = envelope.clone();
     tokio::task::spawn_blocking(move || {
-        let mut guard = slot.lock().map_err(|_| Failure::Local("verifier lock poisoned".into()))?;
+        let mut guard = slot
+            .lock()
+            .map_err(|_| Failure::Local("verifier lock poisoned".into()))?;
         if let Some((w, t)) = seed_bytes {
             let device = btm_model::device::DeviceKind::Cpu
                 .device()
                 .map_err(|e| Failure::Local(e.to_string()))?;
             *guard = Some(Verifier::new(&seed, &w, &t, device)?);
         }
-        let v = guard.as_mut().ok_or_else(|| Failure::Local("no verifier".into()))?;
+        let v = guard
+            .as_mut()
+            .ok_or_else(|| Failure::Local("no verifier".into()))?;
         v.verify(&registry, &envelope, &weights, &valid)
     })
     .await
@@ -737,7 +827,11 @@ async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Vec<std::net::Sock
     {
         return Some(addrs.clone());
     }
-    let bytes = inner.client.get_record(RecordKey::Addr(*node)).await.ok()??;
+    let bytes = inner
+        .client
+        .get_record(RecordKey::Addr(*node))
+        .await
+        .ok()??;
     let rec = AddrRecord::decode(&bytes).ok()?;
     if rec.node != *node || rec.expires <= now {
         return None;

@@ -108,7 +108,12 @@ pub fn score_params(net: &NetworkId) -> gossipsub::PeerScoreParams {
     };
     p.topics = Topic::ALL
         .iter()
-        .map(|t| (gossipsub::IdentTopic::new(t.string(net)).hash(), topic_params()))
+        .map(|t| {
+            (
+                gossipsub::IdentTopic::new(t.string(net)).hash(),
+                topic_params(),
+            )
+        })
         .collect::<HashMap<_, _>>();
     p
 }
@@ -183,11 +188,16 @@ pub(crate) fn build(
             // Loopback and LAN nodes never learn a confirmed external address; answer queries
             // anyway.
             kad.set_mode(Some(kad::Mode::Server));
-            let mut gossipsub =
-                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip)?;
+            let mut gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip,
+            )?;
             gossipsub.with_peer_score(scores, gossipsub::PeerScoreThresholds::default())?;
             let mdns = if use_mdns {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
             } else {
                 None
             };

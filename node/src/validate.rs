@@ -187,7 +187,9 @@ pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Fr
             if a.node != *node {
                 return Err(Invalid::KeyMismatch);
             }
-            if a.expires <= view.now || a.expires > view.now.saturating_add(view.horizons.max_addr_secs) {
+            if a.expires <= view.now
+                || a.expires > view.now.saturating_add(view.horizons.max_addr_secs)
+            {
                 return Err(Invalid::AddrExpiry {
                     expires: a.expires,
                     now: view.now,
@@ -207,11 +209,19 @@ pub fn supersedes(key: &RecordKey, new: &[u8], held: &[u8]) -> bool {
     }
     match key {
         RecordKey::Registry => {
-            let v = |b: &[u8]| Signed::<Registry>::decode(b).map(|r| r.record().version).ok();
+            let v = |b: &[u8]| {
+                Signed::<Registry>::decode(b)
+                    .map(|r| r.record().version)
+                    .ok()
+            };
             matches!((v(new), v(held)), (Some(n), Some(h)) if n > h) || v(held).is_none()
         }
         RecordKey::Claim { .. } => {
-            let l = |b: &[u8]| Signed::<Claim>::decode(b).map(|c| c.record().lease_expires).ok();
+            let l = |b: &[u8]| {
+                Signed::<Claim>::decode(b)
+                    .map(|c| c.record().lease_expires)
+                    .ok()
+            };
             matches!((l(new), l(held)), (Some(n), Some(h)) if n > h) || l(held).is_none()
         }
         RecordKey::Addr(_) => {

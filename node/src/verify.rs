@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use btm_model::GptConfig;
 use btm_model::gpt::Gpt;
 use btm_model::tokenizer::Tokenizer;
-use btm_protocol::{Architecture, ContentId, ElmRecord, Registry, SeedManifest, Signed, milli_to_ppl};
+use btm_protocol::{
+    Architecture, ContentId, ElmRecord, Registry, SeedManifest, Signed, milli_to_ppl,
+};
 use btm_registry::Reject;
 use burn::tensor::Device;
 
@@ -36,7 +38,9 @@ pub enum Failure {
     #[error("weights: {0}")]
     Weights(String),
     /// Step 5: the claimed perplexity is not what we measure.
-    #[error("claimed perplexity {claimed:.3} but measured {measured:.3} (tolerance {tolerance_ppm} ppm)")]
+    #[error(
+        "claimed perplexity {claimed:.3} but measured {measured:.3} (tolerance {tolerance_ppm} ppm)"
+    )]
     FalseClaim {
         claimed: f64,
         measured: f64,
@@ -105,15 +109,25 @@ impl std::fmt::Debug for Verifier {
 
 impl Verifier {
     /// Loads the seed (weights and tokenizer bytes, already hash-verified by the download).
-    pub fn new(seed: &SeedManifest, seed_weights: &[u8], tokenizer_json: &[u8], device: Device) -> Result<Verifier, Failure> {
+    pub fn new(
+        seed: &SeedManifest,
+        seed_weights: &[u8],
+        tokenizer_json: &[u8],
+        device: Device,
+    ) -> Result<Verifier, Failure> {
         if ContentId::of(seed_weights) != seed.weights {
-            return Err(Failure::Local("seed weights do not match the registry".into()));
+            return Err(Failure::Local(
+                "seed weights do not match the registry".into(),
+            ));
         }
         if ContentId::of(tokenizer_json) != seed.tokenizer {
-            return Err(Failure::Local("tokenizer does not match the registry".into()));
+            return Err(Failure::Local(
+                "tokenizer does not match the registry".into(),
+            ));
         }
         let config = config_of(&seed.architecture);
-        let tokenizer = Tokenizer::from_bytes(tokenizer_json).map_err(|e| Failure::Local(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_bytes(tokenizer_json).map_err(|e| Failure::Local(e.to_string()))?;
         if tokenizer.vocab_size() != config.vocab_size {
             return Err(Failure::Local(format!(
                 "tokenizer has {} tokens, the seed {}",
@@ -144,21 +158,31 @@ impl Verifier {
 
     /// The validation tokens of a domain: documents of the data blob (JSONL, optionally
     /// zstd-compressed), tokenised with the seed's tokenizer, the first `max_eval_tokens + 1`.
-    pub fn eval_tokens(&mut self, data_id: ContentId, data: &[u8], max_eval_tokens: u64) -> Result<Vec<u32>, Failure> {
+    pub fn eval_tokens(
+        &mut self,
+        data_id: ContentId,
+        data: &[u8],
+        max_eval_tokens: u64,
+    ) -> Result<Vec<u32>, Failure> {
         if let Some(t) = self.tokens.get(&(data_id, max_eval_tokens)) {
             return Ok(t.clone());
         }
         if ContentId::of(data) != data_id {
-            return Err(Failure::Local("validation data does not match its id".into()));
+            return Err(Failure::Local(
+                "validation data does not match its id".into(),
+            ));
         }
         let docs = parse_documents(data).map_err(Failure::Local)?;
         let (mut tokens, _) = btm_model::data::tokenize_documents(&self.tokenizer, &docs, None)
             .map_err(|e| Failure::Local(e.to_string()))?;
         tokens.truncate(usize::try_from(max_eval_tokens.saturating_add(1)).unwrap_or(usize::MAX));
         if tokens.len() < 2 {
-            return Err(Failure::Local("validation data has fewer than two tokens".into()));
+            return Err(Failure::Local(
+                "validation data has fewer than two tokens".into(),
+            ));
         }
-        self.tokens.insert((data_id, max_eval_tokens), tokens.clone());
+        self.tokens
+            .insert((data_id, max_eval_tokens), tokens.clone());
         Ok(tokens)
     }
 
@@ -168,21 +192,37 @@ impl Verifier {
 
     /// Steps 2-5 for a record that passed step 1, given its weights bytes and the domain's
     /// validation data bytes.
-    pub fn verify(&mut self, registry: &Registry, envelope: &Signed<ElmRecord>, weights: &[u8], valid_data: &[u8]) -> Result<Measured, Failure> {
+    pub fn verify(
+        &mut self,
+        registry: &Registry,
+        envelope: &Signed<ElmRecord>,
+        weights: &[u8],
+        valid_data: &[u8],
+    ) -> Result<Measured, Failure> {
         let e = envelope.record();
         // 2. The bytes are the record's weights.
         if ContentId::of(weights) != e.weights {
-            return Err(Failure::Download("weights do not hash to the record's weights id".into()));
+            return Err(Failure::Download(
+                "weights do not hash to the record's weights id".into(),
+            ));
         }
         let m = self.measure(registry, &e.domain, weights, valid_data)?;
-        let tolerance = registry.domain(&e.domain).map_or(0, |d| d.eval.ppl_tolerance_ppm);
+        let tolerance = registry
+            .domain(&e.domain)
+            .map_or(0, |d| d.eval.ppl_tolerance_ppm);
         judge(e.claimed_valid_ppl_milli, tolerance, &m)?;
         Ok(m)
     }
 
     /// Steps 3-5 without the judgement: checks the weights and measures their perplexity (and
     /// the seed's) on `domain`'s validation data. Trainers use this to make their claim.
-    pub fn measure(&mut self, registry: &Registry, domain: &str, weights: &[u8], valid_data: &[u8]) -> Result<Measured, Failure> {
+    pub fn measure(
+        &mut self,
+        registry: &Registry,
+        domain: &str,
+        weights: &[u8],
+        valid_data: &[u8],
+    ) -> Result<Measured, Failure> {
         let domain = registry
             .domain(domain)
             .ok_or_else(|| Failure::Record(Reject::UnknownDomain(domain.to_string())))?
@@ -196,8 +236,8 @@ impl Verifier {
             )));
         }
         // 4. Names, shapes, dtype, finite values.
-        let (cfg, tensors) =
-            btm_model::weights::parse(weights, Some(&self.config)).map_err(|e| Failure::Weights(e.to_string()))?;
+        let (cfg, tensors) = btm_model::weights::parse(weights, Some(&self.config))
+            .map_err(|e| Failure::Weights(e.to_string()))?;
         let model = btm_model::weights::from_named_tensors(&cfg, tensors, &self.device)
             .map_err(|e| Failure::Weights(e.to_string()))?;
         // 5. Quality on the registry's validation data.
@@ -244,11 +284,18 @@ pub fn judge(claimed_milli: u64, tolerance_ppm: u32, m: &Measured) -> Result<(),
 
 /// Perplexity of `model` on `tokens` in non-overlapping blocks of `min(block_size, n_ctx)`
 /// predicted tokens. This is what trainers must report as `claimed_valid_ppl_milli`.
-pub fn perplexity(model: &Gpt, tokens: &[u32], block_size: u32, batch: usize, device: &Device) -> Result<f64, Failure> {
+pub fn perplexity(
+    model: &Gpt,
+    tokens: &[u32],
+    block_size: u32,
+    batch: usize,
+    device: &Device,
+) -> Result<f64, Failure> {
     let n_ctx = model.config().n_ctx;
     let block = (block_size as usize).clamp(1, n_ctx);
     let lp = if block == n_ctx {
-        btm_model::eval::token_logprobs(model, tokens, batch, device).map_err(|e| Failure::Local(e.to_string()))?
+        btm_model::eval::token_logprobs(model, tokens, batch, device)
+            .map_err(|e| Failure::Local(e.to_string()))?
     } else {
         let mut all = Vec::with_capacity(tokens.len());
         let mut start = 0;
@@ -271,7 +318,8 @@ pub fn perplexity(model: &Gpt, tokens: &[u32], block_size: u32, batch: usize, de
 
 /// The `btm.config` metadata of a safetensors file.
 fn read_config(bytes: &[u8]) -> Result<GptConfig, String> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
     let json = meta
         .metadata()
         .as_ref()
@@ -320,9 +368,18 @@ mod tests {
             tokens: 10,
         };
         assert!(judge(100_500, 10_000, &m).is_ok());
-        assert!(matches!(judge(90_000, 10_000, &m), Err(Failure::FalseClaim { .. })));
-        let worse = Measured { seed_ppl: 99.0, ..m };
-        assert!(matches!(judge(100_000, 10_000, &worse), Err(Failure::WorseThanSeed { .. })));
+        assert!(matches!(
+            judge(90_000, 10_000, &m),
+            Err(Failure::FalseClaim { .. })
+        ));
+        let worse = Measured {
+            seed_ppl: 99.0,
+            ..m
+        };
+        assert!(matches!(
+            judge(100_000, 10_000, &worse),
+            Err(Failure::WorseThanSeed { .. })
+        ));
         let nan = Measured { ppl: f64::NAN, ..m };
         assert!(judge(100_000, 10_000, &nan).is_err());
     }

@@ -22,27 +22,39 @@ fn blob_config() -> BlobConfig {
 /// THREATS: "weights whose bytes do not match their content id" and "a slow or stalled peer".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
-    let blob: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let blob: Vec<u8> = (0..1_048_576u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let (honest_id, liar_id, me_id) = (
         Identity::from_key(test_key("honest")),
         Identity::from_key(test_key("liar")),
         Identity::from_key(test_key("me")),
     );
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config()).await.expect("honest");
+    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
+        .await
+        .expect("honest");
     honest.add_bytes(blob.clone()).await.expect("add");
     // The liar stores the blob, then its data file is altered under the same hash.
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config()).await.expect("liar");
+    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
+        .await
+        .expect("liar");
     liar.add_bytes(blob.clone()).await.expect("add");
     liar.shutdown().await;
     let data = dirs[1].path().join("data").join(format!("{id}.data"));
     let mut bytes = std::fs::read(&data).expect("liar's data file");
     bytes[600_000] ^= 0xff;
     std::fs::write(&data, bytes).expect("tamper");
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config()).await.expect("liar again");
+    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
+        .await
+        .expect("liar again");
 
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config()).await.expect("me");
+    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
+        .await
+        .expect("me");
     let liar_p = Provider {
         node: liar_id.node_id(),
         addrs: liar.addrs(),
@@ -51,14 +63,26 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
         node: honest_id.node_id(),
         addrs: honest.addrs(),
     };
-    let err = me.fetch(&id, std::slice::from_ref(&liar_p)).await.expect_err("a lying provider");
-    assert!(matches!(err, btm_net::blobs::BlobError::Download { .. }), "{err}");
-    assert!(!me.has(&id).await, "a blob with a bad chunk was stored as complete");
+    let err = me
+        .fetch(&id, std::slice::from_ref(&liar_p))
+        .await
+        .expect_err("a lying provider");
+    assert!(
+        matches!(err, btm_net::blobs::BlobError::Download { .. }),
+        "{err}"
+    );
+    assert!(
+        !me.has(&id).await,
+        "a blob with a bad chunk was stored as complete"
+    );
     assert!(me.read(&id, u64::MAX).await.is_err());
     assert_eq!(me.errors_of(&liar_id.node_id()), 1);
 
     // Retried from the honest provider, resuming after the verified prefix.
-    let fetched = me.fetch(&id, &[liar_p.clone(), honest_p.clone()]).await.expect("retry");
+    let fetched = me
+        .fetch(&id, &[liar_p.clone(), honest_p.clone()])
+        .await
+        .expect("retry");
     assert_eq!(fetched.from, Some(honest_id.node_id()));
     assert_eq!(fetched.failures.len(), 1);
     // Verified chunks of the failed attempt may be kept (then the retry only asks for the
@@ -67,8 +91,13 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
     assert_eq!(me.read(&id, u64::MAX).await.expect("read"), blob);
 
     // The liar has spent its error budget (3): it is no longer asked.
-    let _ = me.fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p)).await;
-    let err = me.fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p)).await.expect_err("budget");
+    let _ = me
+        .fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p))
+        .await;
+    let err = me
+        .fetch(&ContentId::of(b"other"), std::slice::from_ref(&liar_p))
+        .await
+        .expect_err("budget");
     assert!(err.to_string().contains("budget"), "{err}");
 
     for b in [honest, liar, me] {
@@ -81,7 +110,10 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
 struct Stall;
 
 impl iroh::protocol::ProtocolHandler for Stall {
-    async fn accept(&self, connection: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
+    async fn accept(
+        &self,
+        connection: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
         connection.closed().await;
         Ok(())
     }
@@ -91,9 +123,13 @@ impl iroh::protocol::ProtocolHandler for Stall {
 async fn a_stalled_provider_times_out_and_another_is_tried() {
     let blob = vec![7u8; 100_000];
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let honest_id = Identity::from_key(test_key("honest 2"));
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config()).await.expect("honest");
+    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
+        .await
+        .expect("honest");
     honest.add_bytes(blob.clone()).await.expect("add");
     let stall_id = Identity::from_key(test_key("staller"));
     let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
@@ -106,10 +142,16 @@ async fn a_stalled_provider_times_out_and_another_is_tried() {
         .await
         .expect("bind");
     let stall_addrs: Vec<_> = ep.bound_sockets();
-    let router = iroh::protocol::Router::builder(ep).accept(iroh_blobs::ALPN, Stall).spawn();
-    let me = Blobs::open(dirs[1].path(), &Identity::from_key(test_key("me 2")), blob_config())
-        .await
-        .expect("me");
+    let router = iroh::protocol::Router::builder(ep)
+        .accept(iroh_blobs::ALPN, Stall)
+        .spawn();
+    let me = Blobs::open(
+        dirs[1].path(),
+        &Identity::from_key(test_key("me 2")),
+        blob_config(),
+    )
+    .await
+    .expect("me");
     let started = std::time::Instant::now();
     let fetched = me
         .fetch(
@@ -129,14 +171,22 @@ async fn a_stalled_provider_times_out_and_another_is_tried() {
         .expect("fetch");
     assert_eq!(fetched.from, Some(honest_id.node_id()));
     assert_eq!(fetched.failures.len(), 1, "{:?}", fetched.failures);
-    assert!(fetched.failures[0].1.contains("timed out"), "{:?}", fetched.failures);
+    assert!(
+        fetched.failures[0].1.contains("timed out"),
+        "{:?}",
+        fetched.failures
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
     let _ = router.shutdown().await;
     honest.shutdown().await;
     me.shutdown().await;
 }
 
-async fn wait_observed(rx: &mut broadcast::Receiver<Observed>, what: &str, pred: impl Fn(&Observed) -> bool) -> Observed {
+async fn wait_observed(
+    rx: &mut broadcast::Receiver<Observed>,
+    what: &str,
+    pred: impl Fn(&Observed) -> bool,
+) -> Observed {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -150,7 +200,9 @@ async fn wait_observed(rx: &mut broadcast::Receiver<Observed>, what: &str, pred:
 }
 
 /// A network of a maintainer and two honest nodes, with an attacker dialled into every one.
-async fn network_with_attacker(tweak: impl Fn(usize, btm_net::NodeConfig) -> btm_net::NodeConfig + Copy) -> (Net, Node) {
+async fn network_with_attacker(
+    tweak: impl Fn(usize, btm_net::NodeConfig) -> btm_net::NodeConfig + Copy,
+) -> (Net, Node) {
     let mut net = Net::start_with(3, tweak).await;
     let honest = net.nodes.clone();
     wait_connected(&honest[..1], 2).await;
@@ -186,10 +238,21 @@ async fn scores_drop(honest: &[Node], attacker: &Node) {
     for n in honest {
         let n = n.clone();
         let p = attacker.peer_id();
-        wait_for("the attacker's score to drop", Duration::from_secs(30), move || {
-            let n = n.clone();
-            async move { n.client().peer_score(p).await.ok().flatten().is_some_and(|s| s < 0.0) }
-        })
+        wait_for(
+            "the attacker's score to drop",
+            Duration::from_secs(30),
+            move || {
+                let n = n.clone();
+                async move {
+                    n.client()
+                        .peer_score(p)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|s| s < 0.0)
+                }
+            },
+        )
         .await;
     }
 }
@@ -212,7 +275,11 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let mut unknown = Signed::new(f.elm("nope", &f.good_weights, f.good_ppl, me));
     unknown.sign(&key);
     for env in [&forged, &unknown] {
-        attacker.client().publish_raw(Topic::Elms, env.encode()).await.expect("publish");
+        attacker
+            .client()
+            .publish_raw(Topic::Elms, env.encode())
+            .await
+            .expect("publish");
     }
     for r in rx.iter_mut() {
         for _ in 0..2 {
@@ -237,7 +304,11 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let cases: Vec<(&str, Vec<u8>, f64)> = vec![
         ("wrong shapes", wrong_shape, f.good_ppl),
         ("NaN weights", nan, f.good_ppl),
-        ("false perplexity claim", f.good_weights.clone(), f.good_ppl * 0.5),
+        (
+            "false perplexity claim",
+            f.good_weights.clone(),
+            f.good_ppl * 0.5,
+        ),
         ("worse than the seed", worse, worse_ppl),
     ];
     // Each from its own sybil: three rejections graylist a peer, after which gossipsub drops
@@ -250,7 +321,11 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
         env.sign(sybil.identity().signing_key());
         sybil.announce_signed(&env).await.expect("announce");
         for n in &honest {
-            assert!(!wait_verdict(n, env.id()).await, "{what}: accepted by {}", n.node_id());
+            assert!(
+                !wait_verdict(n, env.id()).await,
+                "{what}: accepted by {}",
+                n.node_id()
+            );
         }
         sybils.push(sybil);
     }
@@ -258,7 +333,12 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
         scores_drop(&honest, s).await;
     }
     for n in &honest {
-        assert!(n.with_store(|s| s.elm(&forged.id())).expect("store").expect("query").is_none());
+        assert!(
+            n.with_store(|s| s.elm(&forged.id()))
+                .expect("store")
+                .expect("query")
+                .is_none()
+        );
     }
     scores_drop(&honest, &attacker).await;
     net.shutdown().await;
@@ -279,32 +359,79 @@ async fn old_or_expired_registries_are_refused() {
     let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
     // An expired v3 (validly signed) and the old v1, replayed by the attacker.
     let expired = f.signed_registry(3, now() - 1);
-    attacker.client().publish_raw(Topic::Registry, expired.clone()).await.expect("publish");
+    attacker
+        .client()
+        .publish_raw(Topic::Registry, expired.clone())
+        .await
+        .expect("publish");
     for r in rx.iter_mut() {
         let o = wait_observed(r, "the expired registry refused", |o| {
-            matches!(o, Observed::Refused { what: "registry", .. })
+            matches!(
+                o,
+                Observed::Refused {
+                    what: "registry",
+                    ..
+                }
+            )
         })
         .await;
         assert!(format!("{o:?}").contains("expired"), "{o:?}");
     }
     let v1 = f.signed_registry(1, now() + 86400);
-    let _ = attacker.client().publish_raw(Topic::Registry, v1.clone()).await;
+    let _ = attacker
+        .client()
+        .publish_raw(Topic::Registry, v1.clone())
+        .await;
     // On the DHT too: PUTs of the expired and the old registry are refused by honest peers.
     let key = RecordKey::Registry.to_bytes(&attacker.client().network());
-    attacker.client().put_record_raw(key.clone(), expired).await.expect("put");
-    attacker.client().put_record_raw(key, v1).await.expect("put");
+    attacker
+        .client()
+        .put_record_raw(key.clone(), expired)
+        .await
+        .expect("put");
+    attacker
+        .client()
+        .put_record_raw(key, v1)
+        .await
+        .expect("put");
     for n in &honest {
-        assert_eq!(n.registry().await.expect("registry").expect("some").record().version, 2);
-        let held = n.client().local_record(RecordKey::Registry).await.expect("local");
+        assert_eq!(
+            n.registry()
+                .await
+                .expect("registry")
+                .expect("some")
+                .record()
+                .version,
+            2
+        );
+        let held = n
+            .client()
+            .local_record(RecordKey::Registry)
+            .await
+            .expect("local");
         if let Some(h) = held {
-            assert_eq!(Signed::<btm_protocol::Registry>::decode(&h).expect("decode").record().version, 2);
+            assert_eq!(
+                Signed::<btm_protocol::Registry>::decode(&h)
+                    .expect("decode")
+                    .record()
+                    .version,
+                2
+            );
         }
         // A lookup validates every result and returns the newest valid one.
-        let got = n.client().get_record(RecordKey::Registry).await.expect("get").expect("found");
+        let got = n
+            .client()
+            .get_record(RecordKey::Registry)
+            .await
+            .expect("get")
+            .expect("found");
         assert_eq!(got, v2);
     }
     // Directly: a node refuses an expired registry and says it cannot update.
-    let d = honest[1].publish_registry(&f.signed_registry(4, now() - 1)).await.expect("offer");
+    let d = honest[1]
+        .publish_registry(&f.signed_registry(4, now() - 1))
+        .await
+        .expect("offer");
     let r = d.rejection().expect("refused").to_string();
     assert!(r.contains("cannot update"), "{r}");
     net.shutdown().await;
@@ -328,7 +455,10 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
     // the gossip threshold; a third would graylist it, and gossipsub would then drop everything
     // it sends unread.)
     for i in 0..2usize {
-        let _ = attacker.client().publish_raw(Topic::Elms, vec![0xa5; 40 + i]).await;
+        let _ = attacker
+            .client()
+            .publish_raw(Topic::Elms, vec![0xa5; 40 + i])
+            .await;
     }
     scores_drop(&honest[1..], &attacker).await;
     // A flood of valid claims: beyond the per-peer rate they are ignored, not even validated.
@@ -340,12 +470,17 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
             lease_expires: now() + 600 + i,
         });
         c.sign(&key);
-        let _ = attacker.client().publish_raw(Topic::Claims, c.encode()).await;
+        let _ = attacker
+            .client()
+            .publish_raw(Topic::Claims, c.encode())
+            .await;
     }
     for r in rx.iter_mut() {
-        wait_observed(r, "the rate limit", |o| {
-            matches!(o, Observed::Refused { reason, .. } if reason == "rate limit")
-        })
+        wait_observed(
+            r,
+            "the rate limit",
+            |o| matches!(o, Observed::Refused { reason, .. } if reason == "rate limit"),
+        )
         .await;
     }
 
@@ -356,10 +491,13 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
     wait_for("the honest claim", Duration::from_secs(30), move || {
         let n2 = n2.clone();
         async move {
-            n2.with_store(|s| s.claims("gamma", now()).map(|c| c.iter().any(|c| c.record().node == who)))
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(false)
+            n2.with_store(|s| {
+                s.claims("gamma", now())
+                    .map(|c| c.iter().any(|c| c.record().node == who))
+            })
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
         }
     })
     .await;

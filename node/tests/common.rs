@@ -12,8 +12,8 @@ use btm_model::weights::{self, NamedTensor};
 use btm_net::verify::Verifier;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{
-    Architecture, ClientVersion, ContentId, Domain, ElmRecord, EvalSettings, Parent, PublicKey, Registry, Root,
-    SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
+    Architecture, ClientVersion, ContentId, Domain, ElmRecord, EvalSettings, Parent, PublicKey,
+    Registry, Root, SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
 };
 
 pub const DOMAINS: [&str; 3] = ["alpha", "beta", "gamma"];
@@ -166,7 +166,10 @@ impl Fixture {
         r.encode()
     }
 
-    pub fn measure(&self, weights: &[u8]) -> Result<btm_net::verify::Measured, btm_net::verify::Failure> {
+    pub fn measure(
+        &self,
+        weights: &[u8],
+    ) -> Result<btm_net::verify::Measured, btm_net::verify::Failure> {
         let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
         let mut v = Verifier::new(&self.seed, &self.seed_weights, &self.tokenizer, device)?;
         v.measure(&self.registry(1, u64::MAX), DOMAINS[0], weights, &self.data)
@@ -196,7 +199,9 @@ impl Fixture {
         let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
         let model = weights::from_named_tensors(
             &self.config,
-            weights::parse(&self.good_weights, Some(&self.config)).expect("parse").1,
+            weights::parse(&self.good_weights, Some(&self.config))
+                .expect("parse")
+                .1,
             &device,
         )
         .expect("model");
@@ -257,7 +262,12 @@ impl Net {
         // Wait until the listeners are up (addresses reported).
         wait_for("listen addresses", Duration::from_secs(10), || {
             let node = node.clone();
-            async move { node.listen_addrs().await.map(|a| a.len() >= 2).unwrap_or(false) }
+            async move {
+                node.listen_addrs()
+                    .await
+                    .map(|a| a.len() >= 2)
+                    .unwrap_or(false)
+            }
         })
         .await;
         self.dirs.push(dir);
@@ -336,7 +346,13 @@ pub async fn wait_connected(nodes: &[Node], k: usize) {
         let n = n.clone();
         wait_for("connections", Duration::from_secs(30), move || {
             let n = n.clone();
-            async move { n.client().connected_peers().await.map(|p| p.len() >= k).unwrap_or(false) }
+            async move {
+                n.client()
+                    .connected_peers()
+                    .await
+                    .map(|p| p.len() >= k)
+                    .unwrap_or(false)
+            }
         })
         .await;
     }

@@ -31,11 +31,16 @@ async fn maintainer_and_three_nodes() {
     assert_eq!(seed, btm_protocol::Record::encode(&f.seed));
 
     // A blob added on node 1 is fetched (and BLAKE3-verified as it streams) by node 2.
-    let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let blob: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let id = nodes[1].add_blob(blob.clone()).await.expect("add");
     let fetched = nodes[2].fetch_blob(id, &[]).await.expect("fetch");
     assert_eq!(fetched.from, Some(nodes[1].node_id()));
-    assert_eq!(nodes[2].blobs().read(&id, 2_000_000).await.expect("read"), blob);
+    assert_eq!(
+        nodes[2].blobs().read(&id, 2_000_000).await.expect("read"),
+        blob
+    );
 
     // A claim by node 1 propagates to every other node.
     let claim = nodes[1].claim(None).await.expect("claim");
@@ -48,10 +53,13 @@ async fn maintainer_and_three_nodes() {
             let n = n.clone();
             let domain = domain.clone();
             async move {
-                n.with_store(|s| s.claims(&domain, now()).map(|c| c.iter().any(|c| c.record().node == who)))
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or(false)
+                n.with_store(|s| {
+                    s.claims(&domain, now())
+                        .map(|c| c.iter().any(|c| c.record().node == who))
+                })
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false)
             }
         })
         .await;
@@ -62,9 +70,16 @@ async fn maintainer_and_three_nodes() {
 
     // Node 1 announces an honest ELM; every other node verifies and accepts it.
     let rec = f.elm(&domain, &f.good_weights, f.good_ppl, nodes[1].node_id());
-    let envelope = nodes[1].announce(rec, f.good_weights.clone()).await.expect("announce");
+    let envelope = nodes[1]
+        .announce(rec, f.good_weights.clone())
+        .await
+        .expect("announce");
     for n in [&nodes[0], &nodes[2], &nodes[3]] {
-        assert!(wait_verdict(n, envelope.id()).await, "{} rejected an honest ELM", n.node_id());
+        assert!(
+            wait_verdict(n, envelope.id()).await,
+            "{} rejected an honest ELM",
+            n.node_id()
+        );
     }
     // Attestations are gossiped: node 1 (the trainer) learns the verdicts of the others.
     {
@@ -98,11 +113,15 @@ async fn maintainer_and_three_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_key_is_created_once_and_names_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = btm_net::Node::start(config(dir.path())).await.expect("start");
+    let a = btm_net::Node::start(config(dir.path()))
+        .await
+        .expect("start");
     let id = a.node_id();
     assert_eq!(btm_net::identity::node_id_of(&a.peer_id()), Some(id));
     a.shutdown().await;
-    let b = btm_net::Node::start(config(dir.path())).await.expect("restart");
+    let b = btm_net::Node::start(config(dir.path()))
+        .await
+        .expect("restart");
     assert_eq!(b.node_id(), id);
     b.shutdown().await;
 }

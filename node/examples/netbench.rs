@@ -6,6 +6,8 @@
 //!
 //! `cargo run -p btm-net --example netbench [-- --blob-mib 64 --nodes 16 --dht 4,8,16,32]`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/common.rs"]
 #[allow(dead_code)]
 mod common;

@@ -236,7 +236,7 @@ pub enum Event {
     /// An ELM record passed the cheap checks and awaits full verification. `message` is the
     /// gossip message to accept or reject once verified (None when it came from the DHT).
     ElmOffered {
-        envelope: Signed<btm_protocol::ElmRecord>,
+        envelope: Box<Signed<btm_protocol::ElmRecord>>,
         bytes: Vec<u8>,
         message: Option<(MessageId, PeerId)>,
     },

@@ -644,12 +644,9 @@ impl EventLoop {
                         let _ = reply.send(Ok(()));
                     }
                 }
-                kad::QueryResult::Bootstrap(r) => {
-                    if step.last || r.is_err() {
-                        if let Some(reply) = self.pending_bootstrap.remove(&id) {
-                            let _ =
-                                reply.send(r.map(drop).map_err(|e| NetError::Dht(e.to_string())));
-                        }
+                kad::QueryResult::Bootstrap(r) if step.last || r.is_err() => {
+                    if let Some(reply) = self.pending_bootstrap.remove(&id) {
+                        let _ = reply.send(r.map(drop).map_err(|e| NetError::Dht(e.to_string())));
                     }
                 }
                 _ => {}
@@ -864,7 +861,7 @@ impl EventLoop {
         };
         let elm_id = envelope.id();
         match self.events.try_send(Event::ElmOffered {
-            envelope,
+            envelope: Box::new(envelope),
             bytes: data,
             message: Some((id.clone(), source)),
         }) {

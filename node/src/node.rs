@@ -569,7 +569,7 @@ async fn dispatch(inner: Arc<Inner>, mut events: mpsc::Receiver<Event>) {
         match event {
             Event::ElmOffered {
                 envelope, message, ..
-            } => enqueue(&inner, envelope, message).await,
+            } => enqueue(&inner, *envelope, message).await,
             Event::UnknownElm(id) => {
                 let inner = inner.clone();
                 tokio::spawn(async move {

@@ -83,11 +83,18 @@ fn err(e: impl std::fmt::Display) -> SwarmError {
 fn topic_params() -> gossipsub::TopicScoreParams {
     gossipsub::TopicScoreParams {
         topic_weight: 1.0,
+        // Small rewards (the library default of 1 point per millisecond in the mesh would
+        // outweigh any penalty within seconds): at most 1 for time in the mesh and 2 for first
+        // deliveries per topic, and the positive total is capped by `topic_score_cap`.
+        time_in_mesh_weight: 0.1,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 10.0,
+        first_message_deliveries_decay: 0.9,
         // Quiet topics: no penalty for a mesh peer that has nothing to deliver.
         mesh_message_deliveries_weight: 0.0,
         mesh_failure_penalty_weight: 0.0,
-        first_message_deliveries_weight: 1.0,
-        first_message_deliveries_cap: 50.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_cap: 20.0,
         // One rejected message costs 10 (scores add (count)^2 x weight): one bad message drops a
         // peer below the gossip threshold (-10), three below the graylist threshold (-80).
         invalid_message_deliveries_weight: -10.0,
@@ -99,6 +106,8 @@ fn topic_params() -> gossipsub::TopicScoreParams {
 /// The gossipsub peer-score parameters for this network's topics.
 pub fn score_params(net: &NetworkId) -> gossipsub::PeerScoreParams {
     let mut p = gossipsub::PeerScoreParams {
+        // Good behaviour can never buy the right to one invalid message (-10).
+        topic_score_cap: 5.0,
         // Many honest nodes may share an address (a campus NAT, a local test network).
         ip_colocation_factor_whitelist: HashSet::from([
             IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -260,7 +260,6 @@ async fn scores_drop(honest: &[Node], attacker: &Node) {
 /// THREATS: bad signature, unknown domain, wrong shapes, NaN, false quality claim, worse than
 /// the seed. Every honest node rejects each; the sender's gossip score drops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "issue 5: on the merged tree this times out waiting for a verdict (passes on the node branch); fix before relying on it"]
 async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let f = fixture();
     let (mut net, attacker) = network_with_attacker(|_, c| c).await;

@@ -306,22 +306,8 @@ impl Trainer {
     ) -> Result<Self, Error> {
         cfg.validate()?;
         let device = device.clone().autodiff();
-        if let Some(dir) = run_dir {
-            let ckpt = dir.join(CHECKPOINT_FILE);
-            if ckpt.exists() {
-                let t = Self::resume(&ckpt, &device, Some(&model.config()))?;
-                if t.state.config != cfg {
-                    return Err(Error::Checkpoint(format!(
-                        "{} was written with different settings ({:?}); use another run directory or the same settings",
-                        ckpt.display(),
-                        t.state.config
-                    )));
-                }
-                return Ok(Trainer {
-                    run_dir: Some(dir.to_path_buf()),
-                    ..t
-                });
-            }
+        if let Some(t) = Self::resume_run_dir(run_dir, &device, Some(&model.config()), &cfg)? {
+            return Ok(t);
         }
         let model = model.to_device(&device.clone().without_autodiff()).train();
         let sizes: Vec<usize> = weights::expected_tensors(&model.config())
@@ -371,22 +357,8 @@ impl Trainer {
         run_dir: Option<&Path>,
     ) -> Result<Self, Error> {
         cfg.validate()?;
-        if let Some(dir) = run_dir {
-            let ckpt = dir.join(CHECKPOINT_FILE);
-            if ckpt.exists() {
-                let t = Self::resume(&ckpt, device, None)?;
-                if t.state.config != cfg {
-                    return Err(Error::Checkpoint(format!(
-                        "{} was written with different settings ({:?}); use another run directory or the same settings",
-                        ckpt.display(),
-                        t.state.config
-                    )));
-                }
-                return Ok(Trainer {
-                    run_dir: Some(dir.to_path_buf()),
-                    ..t
-                });
-            }
+        if let Some(t) = Self::resume_run_dir(run_dir, device, None, &cfg)? {
+            return Ok(t);
         }
         let mut t = Self::resume(parent, device, None)?;
         if cfg.steps <= t.state.step {
@@ -411,6 +383,32 @@ impl Trainer {
         };
         t.run_dir = run_dir.map(Path::to_path_buf);
         Ok(t)
+    }
+
+    /// Resumes from `run_dir`'s checkpoint when there is one; its settings must equal `cfg`.
+    fn resume_run_dir(
+        run_dir: Option<&Path>,
+        device: &Device,
+        expected: Option<&GptConfig>,
+        cfg: &TrainConfig,
+    ) -> Result<Option<Self>, Error> {
+        let Some(dir) = run_dir else { return Ok(None) };
+        let ckpt = dir.join(CHECKPOINT_FILE);
+        if !ckpt.exists() {
+            return Ok(None);
+        }
+        let t = Self::resume(&ckpt, device, expected)?;
+        if &t.state.config != cfg {
+            return Err(Error::Checkpoint(format!(
+                "{} was written with different settings ({:?}); use another run directory or the same settings",
+                ckpt.display(),
+                t.state.config
+            )));
+        }
+        Ok(Some(Trainer {
+            run_dir: Some(dir.to_path_buf()),
+            ..t
+        }))
     }
 
     /// Loads a checkpoint file.

@@ -68,6 +68,10 @@ pub enum ForestCmd {
     Generate(EnsembleGenerateArgs),
     /// Average ELMs' parameters (uniformly or by a target domain's cached prior) into one model file.
     Average(AverageArgs),
+    /// On the network: domains, live claims, ELM records, their verification state and who verified them.
+    List(crate::client_cmds::ListArgs),
+    /// Per-domain perplexity of the seed, each ELM, the ensemble and the averages, as a table and a PNG.
+    Report(crate::client_cmds::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +261,8 @@ fn prior_of(forest: &Forest, o: &EnsembleOpts, tok: &Tokenizer) -> Result<Vec<f6
 
 pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
     match cmd {
+        ForestCmd::List(a) => crate::client_cmds::list(a, json),
+        ForestCmd::Report(a) => crate::client_cmds::report(a, json),
         ForestCmd::Create(a) => {
             let seed_w = if a.seed.is_dir() {
                 a.seed.join("model.safetensors")
@@ -621,9 +627,9 @@ pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
 
 use plotters::prelude::*;
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
+pub(crate) fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
     for (k, ch) in s.chars().enumerate() {
         let code = ch as usize;
         let glyph = if code < 128 {
@@ -641,7 +647,7 @@ fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
     }
 }
 
-const PALETTE: [RGBColor; 10] = [
+pub(crate) const PALETTE: [RGBColor; 10] = [
     RGBColor(0, 0, 0),
     RGBColor(220, 50, 32),
     RGBColor(0, 114, 178),

@@ -44,58 +44,58 @@ fn corpus(arg: &Option<PathBuf>) -> Corpus {
 pub struct TrainArgs {
     /// Domain(s) to train on; several give a domain-balanced mix (as a seed LM uses).
     #[arg(long, value_delimiter = ',', default_value = "novels_austen")]
-    domain: Vec<String>,
+    pub(crate) domain: Vec<String>,
     /// Train on the balanced mix of all eight training domains (a seed LM).
     #[arg(long, conflicts_with = "domain")]
-    seed_mix: bool,
+    pub(crate) seed_mix: bool,
     /// Architecture preset: tiny, small or gpt2-small.
     #[arg(long, default_value = "small")]
-    preset: Preset,
+    pub(crate) preset: Preset,
     /// Optimiser updates.
     #[arg(long, default_value_t = 300)]
-    steps: u64,
+    pub(crate) steps: u64,
     /// Blocks per micro-batch.
     #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Micro-batches per update.
     #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
+    pub(crate) grad_accum: usize,
     /// Peak learning rate (the paper uses 5e-4 at 125M; small models like more).
     #[arg(long)]
-    lr: Option<f64>,
+    pub(crate) lr: Option<f64>,
     /// Fraction of updates spent warming up.
     #[arg(long, default_value_t = 0.08)]
-    warmup_frac: f64,
+    pub(crate) warmup_frac: f64,
     /// Global gradient-norm clip.
     #[arg(long, default_value_t = 0.1)]
-    grad_clip: f64,
+    pub(crate) grad_clip: f64,
     /// Decoupled weight decay.
     #[arg(long, default_value_t = 0.1)]
-    weight_decay: f64,
+    pub(crate) weight_decay: f64,
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Checkpoint every this many updates (0: only at the end).
     #[arg(long, default_value_t = 50)]
-    checkpoint_every: u64,
+    pub(crate) checkpoint_every: u64,
     /// Start from these weights (a model directory or .safetensors) instead of a fresh init.
     #[arg(long)]
-    init: Option<PathBuf>,
+    pub(crate) init: Option<PathBuf>,
     /// Tokenizer to use (default: the run's, the init model's, or a new one trained on the seed mix).
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub(crate) tokenizer: Option<PathBuf>,
     /// Run directory (weights, tokenizer, checkpoint, summary). Rerunning resumes from its checkpoint.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Compute device: cpu, wgpu or cuda (the latter two need the matching cargo feature).
     #[arg(long, default_value = "cpu")]
-    device: DeviceKind,
+    pub(crate) device: DeviceKind,
     /// Corpus root (default: the bundled data/corpus).
     #[arg(long)]
-    corpus: Option<PathBuf>,
+    pub(crate) corpus: Option<PathBuf>,
     /// Tokens of the validation split to evaluate before and after training.
     #[arg(long, default_value_t = 16384)]
-    eval_tokens: usize,
+    pub(crate) eval_tokens: usize,
 }
 
 #[derive(Debug, Serialize)]

@@ -149,6 +149,62 @@ pub fn choose_domain(board: &Board, registry: &Registry, me: &NodeId, now: u64) 
         .map(|(_, _, name)| name)
 }
 
+fn rank(node: &NodeId, domain: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(node.as_bytes());
+    h.update(domain.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// What a volunteer looking for work should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// Claim this domain: no other node holds a live claim on it.
+    Free(String),
+    /// Every domain still without an ELM is claimed by someone else: wait for a lease to lapse.
+    AllClaimed,
+    /// Every domain of the registry already has an ELM.
+    AllDone,
+}
+
+/// Like [`choose_domain`], for volunteers: skips the domains in `done` (they have an ELM) and
+/// only offers a domain no other node holds a live claim on; ties broken by
+/// BLAKE3(me || domain) so that simultaneous choosers spread out.
+pub fn choose_open_domain(
+    board: &Board,
+    registry: &Registry,
+    me: &NodeId,
+    now: u64,
+    done: &std::collections::BTreeSet<String>,
+) -> Choice {
+    let open: Vec<&str> = registry
+        .domains
+        .iter()
+        .map(|d| d.name.as_str())
+        .filter(|d| !done.contains(*d))
+        .collect();
+    if open.is_empty() {
+        return Choice::AllDone;
+    }
+    open.iter()
+        .filter(|d| board.live(d, now, Some(me)) == 0)
+        .min_by_key(|d| rank(me, d))
+        .map_or(Choice::AllClaimed, |d| Choice::Free(d.to_string()))
+}
+
+/// When several nodes claimed one domain at about the same time, the one that keeps it: the
+/// live claimant with the smallest BLAKE3(node || domain). Every node computes the same answer
+/// from the same board, so the others can step aside without talking.
+pub fn keeper(board: &Board, domain: &str, now: u64) -> Option<NodeId> {
+    board
+        .leases
+        .get(domain)?
+        .iter()
+        .filter(|(_, l)| **l > now)
+        .map(|(n, _)| *n)
+        .min_by_key(|n| rank(n, domain))
+}
+
 /// What a node should do about its own claims now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -244,6 +300,10 @@ mod tests {
             seed: None,
             elms: vec![],
         }
+    }
+
+    fn node(n: u8) -> NodeId {
+        PublicKey([n; 32])
     }
 
     fn claim(d: &str, n: u8, lease: u64) -> Claim {
@@ -353,5 +413,54 @@ mod tests {
             .map(|i| choose_domain(&board, &reg, &PublicKey([i; 32]), 0).unwrap())
             .collect();
         assert!(picks.len() >= 3, "eight nodes all picked among {picks:?}");
+    }
+
+    #[test]
+    fn open_domains_skip_done_and_claimed_ones() {
+        let r = registry(&["a", "b", "c"]);
+        let me = node(1);
+        let other = node(2);
+        let mut done = std::collections::BTreeSet::new();
+        let board = Board::from_claims(
+            &[Claim {
+                domain: "a".into(),
+                node: other,
+                lease_expires: 100,
+            }],
+            10,
+        );
+        done.insert("b".to_string());
+        assert_eq!(
+            choose_open_domain(&board, &r, &me, 10, &done),
+            Choice::Free("c".into())
+        );
+        done.insert("c".to_string());
+        assert_eq!(choose_open_domain(&board, &r, &me, 10, &done), Choice::AllClaimed);
+        // The lease lapses: the domain is free again.
+        assert_eq!(
+            choose_open_domain(&board, &r, &me, 100, &done),
+            Choice::Free("a".into())
+        );
+        done.insert("a".to_string());
+        assert_eq!(choose_open_domain(&board, &r, &me, 10, &done), Choice::AllDone);
+    }
+
+    #[test]
+    fn one_keeper_per_contested_domain() {
+        let claims: Vec<Claim> = (1..=4)
+            .map(|i| Claim {
+                domain: "a".into(),
+                node: node(i),
+                lease_expires: 100,
+            })
+            .collect();
+        let board = Board::from_claims(&claims, 10);
+        let k = keeper(&board, "a", 10).expect("a keeper");
+        // The same from any subset containing the keeper, in any order.
+        let mut rev = claims.clone();
+        rev.reverse();
+        assert_eq!(keeper(&Board::from_claims(&rev, 10), "a", 10), Some(k));
+        assert_eq!(keeper(&board, "a", 100), None);
+        assert_eq!(keeper(&board, "b", 10), None);
     }
 }

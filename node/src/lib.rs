@@ -43,3 +43,4 @@ pub use client::{Client, Event, NetError, Observed};
 pub use identity::Identity;
 pub use keys::{NetworkId, ProviderKey, RecordKey, Topic};
 pub use node::{Node, NodeConfig, NodeError, SyncReport};
+pub use libp2p;

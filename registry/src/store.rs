@@ -440,6 +440,20 @@ impl Store {
             .transpose()
     }
 
+    /// Every ELM record held, oldest first (at most `limit`).
+    pub fn elms(&self, limit: usize) -> Result<Vec<Signed<ElmRecord>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT envelope FROM elms ORDER BY received_at, id LIMIT ?1")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map([limit], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(Signed::<ElmRecord>::decode(&row?).map_err(corrupt("ELM record"))?);
+        }
+        Ok(out)
+    }
+
     /// Stores an attestation signed by its verifier, of an ELM record held here. A newer
     /// attestation by the same verifier of the same ELM replaces the old one.
     pub fn put_attestation(

@@ -1,0 +1,1001 @@
+//! Client commands: `forest list` (what the network holds and who verified it), `fetch` (the
+//! verified ELMs into a local forest directory), `forest report` (per-domain perplexity of the
+//! seed, each ELM, the ensemble and the averages, with a plot), `ensemble` (score or generate
+//! text) and `average` (one merged model).
+//!
+//! A client is a node too: it verifies every ELM itself (signature, hash, shapes, finite values,
+//! re-scored perplexity) before `fetch` uses it; `--unverified` takes the others as well.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use btm_model::data::{self, Corpus, Split};
+use btm_model::device::DeviceKind;
+use btm_model::forest::average::{self, Input};
+use btm_model::forest::ensemble::{self, Ensemble};
+use btm_model::forest::manifest::{InitKind, Parent, TrainRecord};
+use btm_model::forest::posterior::{PriorConfig, Weighting};
+use btm_model::forest::{Forest, manifest};
+use btm_model::generate::SampleConfig;
+use btm_model::tokenizer::Tokenizer;
+use btm_model::{eval, fsutil, weights};
+use btm_net::Node;
+use btm_protocol::{ElmRecord, Registry, Signed, Verdict, milli_to_ppl};
+use clap::Args;
+use serde::Serialize;
+
+use crate::forest_cmds::{self, PALETTE};
+use crate::join::own_verdicts;
+use crate::net::{self, ConfigFile, NetArgs, NodeSettings, Say, Stop, short};
+
+// ---- forest list -------------------------------------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Seconds to spend verifying the ELMs found (this node's own verdicts).
+    #[arg(long, default_value_t = 20)]
+    wait: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ListedElm {
+    id: String,
+    domain: String,
+    trainer: String,
+    claimed_ppl: f64,
+    in_registry: bool,
+    /// This node's verdict (None: not verified yet).
+    verified_here: Option<bool>,
+    /// Verifier node id -> (accepted, measured perplexity).
+    attestations: BTreeMap<String, (bool, f64)>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListedDomain {
+    name: String,
+    /// Node id -> seconds of lease left.
+    claims: BTreeMap<String, u64>,
+    elms: Vec<ListedElm>,
+}
+
+#[derive(Debug, Serialize)]
+struct Listing {
+    registry_version: u64,
+    registry_expires: u64,
+    seed: String,
+    domains: Vec<ListedDomain>,
+}
+
+fn client_settings(a: &NetArgs) -> Result<NodeSettings> {
+    let config = ConfigFile::load(a.config.as_deref())?;
+    NodeSettings::resolve(a, &config, "runs/client")
+}
+
+/// Starts the client node, waits for the registry, catches up from the DHT and lets the
+/// verifier work for up to `wait` (less once every ELM found has a verdict and `enough` holds).
+async fn catch_up(
+    node: &Node,
+    settings: &NodeSettings,
+    wait: Duration,
+    stop: &Stop,
+    say: &Say,
+    enough: impl Fn(&[(Signed<ElmRecord>, Option<bool>)]) -> bool,
+) -> Result<Option<Signed<Registry>>> {
+    let Some(reg) = net::wait_registry(node, settings.wait_registry, stop).await? else {
+        return Ok(None);
+    };
+    say.line(format!(
+        "registry v{} with {} domains; looking for ELMs and verifying them",
+        reg.record().version,
+        reg.record().domains.len()
+    ));
+    let deadline = Instant::now() + wait;
+    let mut last_sync = Instant::now() - Duration::from_secs(60);
+    loop {
+        if last_sync.elapsed() > Duration::from_secs(5) {
+            let _ = node.sync().await;
+            last_sync = Instant::now();
+        }
+        let elms = own_verdicts(node)?;
+        let pending = elms.iter().filter(|(_, v)| v.is_none()).count();
+        if (pending == 0 && enough(&elms)) || Instant::now() >= deadline {
+            break;
+        }
+        if net::sleep_or_stop(stop, Duration::from_millis(500)).await {
+            return Ok(None);
+        }
+    }
+    Ok(node.registry().await?)
+}
+
+fn listing(node: &Node, reg: &Registry) -> Result<Listing> {
+    let now = btm_net::limits::now_secs();
+    let elms = own_verdicts(node)?;
+    let mut domains = Vec::new();
+    for d in &reg.domains {
+        let claims = node
+            .with_store(|s| s.claims(&d.name, now))??
+            .into_iter()
+            .map(|c| {
+                let c = c.into_record();
+                (net::to_hex(c.node.as_bytes()), c.lease_expires.saturating_sub(now))
+            })
+            .collect();
+        let mut listed = Vec::new();
+        for (env, verdict) in elms.iter().filter(|(e, _)| e.record().domain == d.name) {
+            let id = env.id();
+            let attestations = node
+                .with_store(|s| s.attestations(&id))??
+                .into_iter()
+                .map(|a| {
+                    let a = a.into_record();
+                    (
+                        net::to_hex(a.verifier.as_bytes()),
+                        (
+                            a.verdict == Verdict::Accept,
+                            milli_to_ppl(a.measured_ppl_milli),
+                        ),
+                    )
+                })
+                .collect();
+            let e = env.record();
+            listed.push(ListedElm {
+                id: net::to_hex(&id.0),
+                domain: e.domain.clone(),
+                trainer: net::to_hex(e.trainer.as_bytes()),
+                claimed_ppl: milli_to_ppl(e.claimed_valid_ppl_milli),
+                in_registry: reg.elms.iter().any(|x| x.record == id),
+                verified_here: *verdict,
+                attestations,
+            });
+        }
+        domains.push(ListedDomain {
+            name: d.name.clone(),
+            claims,
+            elms: listed,
+        });
+    }
+    Ok(Listing {
+        registry_version: reg.version,
+        registry_expires: reg.expires,
+        seed: reg
+            .seed
+            .as_ref()
+            .map(|s| net::to_hex(&s.weights.0))
+            .unwrap_or_default(),
+        domains,
+    })
+}
+
+fn print_listing(l: &Listing, me: &str) {
+    println!(
+        "registry v{} (expires in {} h), seed {}",
+        l.registry_version,
+        l.registry_expires.saturating_sub(btm_net::limits::now_secs()) / 3600,
+        &l.seed[..l.seed.len().min(8)]
+    );
+    println!(
+        "{:<20} {:<22} {:<9} {:<9} {:>9} {:<5} {:<8} verified by (+ accept, - reject)",
+        "domain", "claims (lease left)", "ELM", "trainer", "claimed", "reg", "here"
+    );
+    for d in &l.domains {
+        let claims = d
+            .claims
+            .iter()
+            .map(|(n, s)| format!("{} {s}s", &n[..8]))
+            .collect::<Vec<_>>()
+            .join(",");
+        if d.elms.is_empty() {
+            println!("{:<20} {:<22} {:<9}", d.name, claims, "-");
+        }
+        for (i, e) in d.elms.iter().enumerate() {
+            let by = e
+                .attestations
+                .iter()
+                .map(|(v, (ok, _))| {
+                    let who = if v == me { "me".to_string() } else { v[..8].to_string() };
+                    format!("{}{who}", if *ok { "+" } else { "-" })
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "{:<20} {:<22} {:<9} {:<9} {:>9.2} {:<5} {:<8} {}",
+                if i == 0 { d.name.as_str() } else { "" },
+                if i == 0 { claims.as_str() } else { "" },
+                &e.id[..8],
+                &e.trainer[..8],
+                e.claimed_ppl,
+                if e.in_registry { "yes" } else { "no" },
+                match e.verified_here {
+                    Some(true) => "ok",
+                    Some(false) => "REJECTED",
+                    None => "pending",
+                },
+                by
+            );
+        }
+    }
+}
+
+pub fn list(a: ListArgs, json: bool) -> Result<()> {
+    let settings = client_settings(&a.net)?;
+    net::runtime()?.block_on(async {
+        let say = Say::new("client", json);
+        let stop = Stop::install();
+        let node = net::start(&settings).await?;
+        let result = async {
+            let Some(reg) = catch_up(
+                &node,
+                &settings,
+                Duration::from_secs(a.wait),
+                &stop,
+                &say,
+                |_| true,
+            )
+            .await?
+            else {
+                return Ok(());
+            };
+            let l = listing(&node, reg.record())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print_listing(&l, &net::to_hex(node.node_id().as_bytes()));
+            }
+            Ok(())
+        }
+        .await;
+        node.shutdown().await;
+        result
+    })
+}
+
+// ---- fetch -------------------------------------------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Forest directory to write: forest.json, seed, tokenizer, ELMs, and each domain's
+    /// validation and test data under data/.
+    #[arg(long, default_value = "runs/forest")]
+    out: PathBuf,
+    /// Only ELMs of these domains.
+    #[arg(long, value_delimiter = ',')]
+    domain: Vec<String>,
+    /// Also take ELMs this node rejected or could not verify (not recommended).
+    #[arg(long)]
+    unverified: bool,
+    /// Longest time to spend finding and verifying ELMs, in seconds.
+    #[arg(long, default_value_t = 300)]
+    wait: u64,
+    /// Keep looking until at least this many ELMs are verified (default: verify what is found).
+    #[arg(long)]
+    min_elms: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct FetchedElm {
+    name: String,
+    domain: String,
+    id: String,
+    weights: String,
+    verified_here: Option<bool>,
+    measured_ppl: Option<f64>,
+    claimed_ppl: f64,
+    verifiers: usize,
+}
+
+pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
+    let settings = client_settings(&a.net)?;
+    net::runtime()?.block_on(async {
+        let say = Say::new("fetch", json);
+        let stop = Stop::install();
+        let node = net::start(&settings).await?;
+        let result = fetch_with(&a, &settings, &node, &stop, &say, json).await;
+        node.shutdown().await;
+        result
+    })
+}
+
+async fn fetch_with(
+    a: &FetchArgs,
+    settings: &NodeSettings,
+    node: &Node,
+    stop: &Stop,
+    say: &Say,
+    json: bool,
+) -> Result<()> {
+    let wanted = |d: &str| a.domain.is_empty() || a.domain.iter().any(|x| x == d);
+    let min = a.min_elms;
+    let Some(reg) = catch_up(
+        node,
+        settings,
+        Duration::from_secs(a.wait),
+        stop,
+        say,
+        |elms| {
+            let ok = elms
+                .iter()
+                .filter(|(e, v)| *v == Some(true) && wanted(&e.record().domain))
+                .count();
+            min.is_none_or(|m| ok >= m)
+        },
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let reg = reg.into_record();
+    let seed = reg.seed.clone().context("the registry has no seed")?;
+    let elms: Vec<_> = own_verdicts(node)?
+        .into_iter()
+        .filter(|(e, v)| wanted(&e.record().domain) && (a.unverified || *v == Some(true)))
+        .collect();
+    if let Some(m) = a.min_elms
+        && elms.len() < m
+    {
+        bail!(
+            "only {} verified ELMs after {} s (wanted {m}); try again later or raise --wait",
+            elms.len(),
+            a.wait
+        );
+    }
+    if elms.is_empty() {
+        bail!("no verified ELMs on the network yet");
+    }
+    let max = btm_net::blobs::BlobConfig::default().max_blob_bytes;
+    let out = &a.out;
+    std::fs::create_dir_all(out.join("elms"))?;
+    // Seed and tokenizer.
+    for id in [seed.weights, seed.tokenizer] {
+        node.fetch_blob(id, &[]).await?;
+    }
+    let seed_path = out.join("seed.safetensors");
+    let tok_path = out.join("tokenizer.json");
+    node.blobs().export(&seed.weights, &seed_path).await?;
+    node.blobs().export(&seed.tokenizer, &tok_path).await?;
+    let tok = Tokenizer::load(&tok_path)?;
+    let arch = btm_net::verify::config_of(&seed.architecture);
+    let manifest_path = out.join(manifest::MANIFEST_FILE);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path)?;
+    }
+    let mut forest = Forest::create(out, arch, &tok_path)?;
+    forest.set_seed(&seed_path)?;
+    // Each domain's validation and test data, for `forest report` and priors.
+    let mut domains_done = Vec::new();
+    let mut rows = Vec::new();
+    let mut names_of: BTreeMap<btm_protocol::ContentId, String> = BTreeMap::new();
+    names_of.insert(seed.weights, "seed".into());
+    for (env, verdict) in &elms {
+        let e = env.record();
+        let id = env.id();
+        node.fetch_blob(e.weights, &[e.trainer])
+            .await
+            .with_context(|| format!("downloading ELM {}", short(&id.0)))?;
+        let path = out
+            .join("elms")
+            .join(format!("{}-{}.safetensors", e.domain, short(&id.0)));
+        node.blobs().export(&e.weights, &path).await?;
+        let name = if forest.elms.iter().any(|x| x.name == e.domain) {
+            format!("{}-{}", e.domain, short(&id.0))
+        } else {
+            e.domain.clone()
+        };
+        let init = if e.parents.len() == 1 && e.parents[0].weights == seed.weights {
+            InitKind::Seed
+        } else {
+            InitKind::PosteriorAverage
+        };
+        let parents = e
+            .parents
+            .iter()
+            .map(|p| Parent {
+                name: names_of
+                    .get(&p.weights)
+                    .cloned()
+                    .unwrap_or_else(|| short(&p.weights.0)),
+                id: net::to_hex(&p.weights.0),
+                weight: f64::from(p.weight_ppm) / 1e6,
+            })
+            .collect();
+        forest.add(
+            &name,
+            vec![e.domain.clone()],
+            &path,
+            &tok.id(),
+            init,
+            parents,
+            Some(TrainRecord {
+                steps: e.steps,
+                tokens: e.tokens,
+                flops: e.flops as f64,
+            }),
+        )?;
+        names_of.insert(e.weights, name.clone());
+        if !domains_done.contains(&e.domain)
+            && let Some(d) = reg.domain(&e.domain)
+        {
+            for (split, blob) in [("valid", d.valid), ("test", d.test)] {
+                node.fetch_blob(blob, &[]).await?;
+                let bytes = node.blobs().read(&blob, max).await?;
+                let ext = if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                    "jsonl.zst"
+                } else {
+                    "jsonl"
+                };
+                let dir = out.join("data").join(&e.domain);
+                std::fs::create_dir_all(&dir)?;
+                fsutil::write_atomic(&dir.join(format!("{split}.{ext}")), &bytes)?;
+            }
+            domains_done.push(e.domain.clone());
+        }
+        let atts = node.with_store(|s| s.attestations(&id))??;
+        let me = node.node_id();
+        let measured = atts
+            .iter()
+            .map(|a| a.record())
+            .find(|a| a.verifier == me && a.verdict == Verdict::Accept)
+            .map(|a| milli_to_ppl(a.measured_ppl_milli));
+        rows.push(FetchedElm {
+            name,
+            domain: e.domain.clone(),
+            id: net::to_hex(&id.0),
+            weights: net::to_hex(&e.weights.0),
+            verified_here: *verdict,
+            measured_ppl: measured,
+            claimed_ppl: milli_to_ppl(e.claimed_valid_ppl_milli),
+            verifiers: atts
+                .iter()
+                .filter(|a| a.record().verdict == Verdict::Accept)
+                .count(),
+        });
+    }
+    forest.save()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<24} {:<9} {:>10} {:>10} {:>9}  here",
+            "ELM", "record", "claimed", "measured", "accepts"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:<9} {:>10.2} {:>10} {:>9}  {}",
+                r.name,
+                &r.id[..8],
+                r.claimed_ppl,
+                r.measured_ppl.map_or("-".into(), |p| format!("{p:.2}")),
+                r.verifiers,
+                match r.verified_here {
+                    Some(true) => "verified",
+                    Some(false) => "REJECTED (--unverified)",
+                    None => "unverified (--unverified)",
+                }
+            );
+        }
+        println!(
+            "forest of {} ELMs written to {}",
+            rows.len(),
+            manifest_path.display()
+        );
+    }
+    Ok(())
+}
+
+// ---- forest report -----------------------------------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The forest (directory or forest.json), e.g. from `btm-node fetch`.
+    #[arg(long, default_value = "runs/forest")]
+    forest: PathBuf,
+    /// Domains to evaluate (default: the domains of the forest's ELMs).
+    #[arg(long, value_delimiter = ',')]
+    domain: Vec<String>,
+    /// Split to score.
+    #[arg(long, default_value = "test")]
+    split: Split,
+    /// Tokens per domain.
+    #[arg(long, default_value_t = 8192)]
+    max_tokens: usize,
+    /// Dev blocks for each domain's cached prior.
+    #[arg(long, default_value_t = 64)]
+    prior_blocks: usize,
+    /// Corpus with the domains' splits (default: the forest's data/ directory, else the bundled corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Where report.json, report.md and report.png go (default: the forest directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+/// Perplexities of one domain.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ReportRow {
+    pub domain: String,
+    pub seed: f64,
+    /// ELM name -> perplexity.
+    pub elms: BTreeMap<String, f64>,
+    /// The ELM trained on this domain, if any.
+    pub own_elm: Option<f64>,
+    pub ensemble: f64,
+    pub average_posterior: f64,
+    pub average_uniform: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ForestReport {
+    pub split: String,
+    pub tokens_per_domain: usize,
+    pub elms: Vec<String>,
+    pub rows: Vec<ReportRow>,
+}
+
+fn forest_path(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join(manifest::MANIFEST_FILE)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+pub fn report(a: ReportArgs, json: bool) -> Result<()> {
+    let forest = Forest::open(&forest_path(&a.forest))
+        .with_context(|| format!("opening the forest {}", a.forest.display()))?;
+    if forest.elms.is_empty() {
+        bail!("the forest has no ELMs");
+    }
+    let device = a.device.device()?;
+    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
+    let corpus = match &a.corpus {
+        Some(c) => Corpus::new(c),
+        None if forest.dir().join("data").is_dir() => Corpus::new(forest.dir().join("data")),
+        None => Corpus::bundled(),
+    };
+    let domains: Vec<String> = if a.domain.is_empty() {
+        let mut d: Vec<String> = forest.elms.iter().flat_map(|e| e.domains.clone()).collect();
+        d.sort();
+        d.dedup();
+        d
+    } else {
+        a.domain.clone()
+    };
+    let say = Say::new("report", json);
+    let seed = forest
+        .seed
+        .as_ref()
+        .context("the forest has no seed (fetch it, or `forest create --seed`)")?;
+    let seed_model = weights::load(&forest.resolve(seed), Some(&forest.architecture), &device)?;
+    let n_ctx = forest.architecture.n_ctx;
+    let elm_models = (0..forest.elms.len())
+        .map(|i| forest.load_elm(i, &device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tmp = tempfile::tempdir()?;
+    // Uniform average, once.
+    let uniform_path = tmp.path().join("uniform.safetensors");
+    let inputs: Vec<Input> = forest
+        .elms
+        .iter()
+        .map(|e| Input {
+            path: forest.resolve(&e.weights),
+            weight: 1.0,
+            id: Some(e.weights.id.clone()),
+        })
+        .collect();
+    average::average_files(&inputs, Some(&forest.architecture), &uniform_path)?;
+    let uniform = weights::load(&uniform_path, Some(&forest.architecture), &device)?;
+    let ppl = |m: &btm_model::Gpt, t: &[u32]| -> Result<f64> {
+        Ok(eval::evaluate(m, None, t, 8, &device)?.perplexity)
+    };
+    let mut rows = Vec::new();
+    for d in &domains {
+        say.line(format!("scoring {d}"));
+        let docs = corpus.documents(d, a.split)?;
+        let (mut test, _) = data::tokenize_documents(&tok, &docs, Some(a.max_tokens * 8))?;
+        test.truncate(a.max_tokens + 1);
+        let dev_docs = corpus.documents(d, Split::Valid)?;
+        let (dev, _) =
+            data::tokenize_documents(&tok, &dev_docs, Some(a.prior_blocks * n_ctx * 8))?;
+        let prior = ensemble::cached_prior(
+            &forest,
+            &dev,
+            &PriorConfig {
+                max_blocks: a.prior_blocks,
+                ..PriorConfig::default()
+            },
+            8,
+            &device,
+        )?;
+        let (ens, _) = Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
+        let ensemble_ppl = ens.evaluate(None, &test, 8)?.perplexity;
+        let post_path = tmp.path().join("posterior.safetensors");
+        let inputs: Vec<Input> = forest
+            .elms
+            .iter()
+            .zip(&prior)
+            .map(|(e, w)| Input {
+                path: forest.resolve(&e.weights),
+                weight: *w,
+                id: Some(e.weights.id.clone()),
+            })
+            .collect();
+        average::average_files(&inputs, Some(&forest.architecture), &post_path)?;
+        let post = weights::load(&post_path, Some(&forest.architecture), &device)?;
+        let mut elms = BTreeMap::new();
+        let mut own = None;
+        for (e, m) in forest.elms.iter().zip(&elm_models) {
+            let p = ppl(m, &test)?;
+            if e.domains.iter().any(|x| x == d) {
+                own = Some(own.map_or(p, |o: f64| o.min(p)));
+            }
+            elms.insert(e.name.clone(), p);
+        }
+        rows.push(ReportRow {
+            domain: d.clone(),
+            seed: ppl(&seed_model, &test)?,
+            elms,
+            own_elm: own,
+            ensemble: ensemble_ppl,
+            average_posterior: ppl(&post, &test)?,
+            average_uniform: ppl(&uniform, &test)?,
+        });
+    }
+    let report = ForestReport {
+        split: a.split.to_string(),
+        tokens_per_domain: a.max_tokens,
+        elms: forest.names().iter().map(ToString::to_string).collect(),
+        rows,
+    };
+    let out = a.out.clone().unwrap_or_else(|| forest.dir().to_path_buf());
+    std::fs::create_dir_all(&out)?;
+    let md = report_markdown(&report);
+    fsutil::write_atomic(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
+    fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    let png = out.join("report.png");
+    plot_report(&report, &png)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{md}");
+        println!("wrote {} and {}", out.join("report.md").display(), png.display());
+    }
+    Ok(())
+}
+
+/// The report as a Markdown table: one row per domain, best value in bold.
+pub fn report_markdown(r: &ForestReport) -> String {
+    let mut s = format!(
+        "Perplexity on the {} split ({} tokens per domain; lower is better)\n\n| domain | seed |",
+        r.split, r.tokens_per_domain
+    );
+    for e in &r.elms {
+        s.push_str(&format!(" ELM {e} |"));
+    }
+    s.push_str(" ensemble | avg (posterior) | avg (uniform) |\n|---|---:|");
+    for _ in &r.elms {
+        s.push_str("---:|");
+    }
+    s.push_str("---:|---:|---:|\n");
+    for row in &r.rows {
+        let mut vals = vec![row.seed];
+        vals.extend(r.elms.iter().map(|e| row.elms.get(e).copied().unwrap_or(f64::NAN)));
+        vals.extend([row.ensemble, row.average_posterior, row.average_uniform]);
+        let best = vals.iter().copied().filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
+        s.push_str(&format!("| {} |", row.domain));
+        for v in vals {
+            if v == best {
+                s.push_str(&format!(" **{v:.2}** |"));
+            } else {
+                s.push_str(&format!(" {v:.2} |"));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Grouped bars per domain: seed, the domain's own ELM, ensemble, posterior and uniform averages.
+fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let series = ["seed", "own ELM", "ensemble", "avg posterior", "avg uniform"];
+    let value = |row: &ReportRow, k: usize| match k {
+        0 => row.seed,
+        1 => row.own_elm.unwrap_or(f64::NAN),
+        2 => row.ensemble,
+        3 => row.average_posterior,
+        _ => row.average_uniform,
+    };
+    let n = r.rows.len().max(1);
+    let (w, h) = ((160 * n as u32 + 200).max(700), 520u32);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let ymax = r
+        .rows
+        .iter()
+        .flat_map(|row| (0..series.len()).map(move |k| value(row, k)))
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let (x0, y0, ph) = (80i32, 50i32, 340i32);
+    let pw = w as i32 - x0 - 40;
+    let py = |v: f64| y0 + ph - ((v / ymax) * ph as f64) as i32;
+    let axis = ShapeStyle::from(&BLACK).stroke_width(1);
+    let _ = root.draw(&Rectangle::new([(x0, y0), (x0 + pw, y0 + ph)], axis));
+    forest_cmds::text(
+        &root,
+        &format!("perplexity per domain ({} split, lower is better)", r.split),
+        20,
+        12,
+        &BLACK,
+    );
+    for i in 0..=4 {
+        let v = ymax * i as f64 / 4.0;
+        let y = py(v);
+        let _ = root.draw(&PathElement::new(vec![(x0 - 4, y), (x0, y)], axis));
+        forest_cmds::text(&root, &format!("{v:.0}"), x0 - 60, y - 4, &BLACK);
+    }
+    let group = pw / n as i32;
+    let bar = (group - 20) / series.len() as i32;
+    for (g, row) in r.rows.iter().enumerate() {
+        let gx = x0 + g as i32 * group + 10;
+        for k in 0..series.len() {
+            let v = value(row, k);
+            if !v.is_finite() {
+                continue;
+            }
+            let x = gx + k as i32 * bar;
+            let color = PALETTE[k % PALETTE.len()];
+            let _ = root.draw(&Rectangle::new([(x, py(v)), (x + bar - 2, y0 + ph)], color.filled()));
+        }
+        let name: String = row.domain.chars().take((group / 8).max(4) as usize).collect();
+        forest_cmds::text(&root, &name, gx, y0 + ph + 8, &BLACK);
+    }
+    for (k, s) in series.iter().enumerate() {
+        let (x, y) = (x0 + (k as i32 % 3) * 200, y0 + ph + 40 + (k as i32 / 3) * 20);
+        let color = PALETTE[k % PALETTE.len()];
+        let _ = root.draw(&Rectangle::new([(x, y), (x + 12, y + 8)], color.filled()));
+        forest_cmds::text(&root, s, x + 18, y, &BLACK);
+    }
+    root.present()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}
+
+// ---- ensemble and average ----------------------------------------------------------------
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text", "file"])))]
+pub struct EnsembleArgs {
+    /// The forest (directory or forest.json).
+    #[arg(long, default_value = "runs/forest")]
+    forest: PathBuf,
+    /// Text to score, or the prompt with --generate.
+    #[arg(long)]
+    text: Option<String>,
+    /// File whose text to score, or the prompt with --generate.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Generate this many tokens after the text instead of scoring it.
+    #[arg(long)]
+    generate: Option<usize>,
+    /// Run only the k ELMs with the largest posterior on the text's first blocks.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Weights per position: posterior (the paper), prev-token, prior or uniform.
+    #[arg(long, default_value = "posterior")]
+    weighting: Weighting,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40)]
+    sample_top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+fn input_text(text: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    match (text, file) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(f)) => {
+            let bytes = fsutil::read_limited(f, data::MAX_SPLIT_BYTES)?;
+            String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", f.display()))
+        }
+        (None, None) => bail!("pass --text or --file"),
+    }
+}
+
+/// The cached prior of `tokens` over the forest (uniform when too short to say).
+fn prior_on(forest: &Forest, tokens: &[u32], device: &burn::tensor::Device) -> Result<Vec<f64>> {
+    let e = forest.elms.len();
+    if tokens.len() < 2 {
+        return Ok(vec![1.0 / e as f64; e]);
+    }
+    Ok(ensemble::cached_prior(
+        forest,
+        tokens,
+        &PriorConfig {
+            max_blocks: 16,
+            ..PriorConfig::default()
+        },
+        8,
+        device,
+    )?)
+}
+
+#[derive(Debug, Serialize)]
+struct Scored {
+    tokens: u64,
+    perplexity: f64,
+    bits_per_byte: f64,
+    members: Vec<(String, f64)>,
+    single: Vec<(String, f64)>,
+}
+
+pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
+    let forest = Forest::open(&forest_path(&a.forest))?;
+    if forest.elms.is_empty() {
+        bail!("the forest has no ELMs");
+    }
+    let device = a.device.device()?;
+    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
+    let text = input_text(&a.text, &a.file)?;
+    let mut tokens = vec![btm_model::tokenizer::EOT_ID];
+    tokens.extend(tok.encode(&text)?);
+    let prior = if a.top_k.is_some() || a.weighting == Weighting::Prior {
+        prior_on(&forest, &tokens, &device)?
+    } else {
+        vec![1.0 / forest.elms.len() as f64; forest.elms.len()]
+    };
+    let (ens, chosen) = Ensemble::from_forest(&forest, Some(&prior), a.top_k, a.weighting, &device)?;
+    let members: Vec<(String, f64)> = chosen
+        .iter()
+        .map(|&i| (forest.elms[i].name.clone(), prior[i]))
+        .collect();
+    if let Some(n) = a.generate {
+        let cfg = SampleConfig {
+            max_new_tokens: n,
+            temperature: a.temperature,
+            top_k: (a.sample_top_k > 0).then_some(a.sample_top_k),
+            seed: a.seed,
+        };
+        let out = ens.generate(&tok, &text, &cfg)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"prompt": text, "generated": out, "members": members})
+            );
+        } else {
+            println!("{text}{out}");
+        }
+        return Ok(());
+    }
+    if tokens.len() < 2 {
+        bail!("the text is too short to score");
+    }
+    let r = ens.evaluate(Some(&tok), &tokens, 8)?;
+    let single = forest
+        .elms
+        .iter()
+        .enumerate()
+        .map(|(i, e)| -> Result<(String, f64)> {
+            let m = forest.load_elm(i, &device)?;
+            Ok((e.name.clone(), eval::evaluate(&m, None, &tokens, 8, &device)?.perplexity))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let s = Scored {
+        tokens: r.tokens,
+        perplexity: r.perplexity,
+        bits_per_byte: r.bits_per_byte,
+        members,
+        single,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "ensemble of {} ({} weighting): perplexity {:.2}, {:.4} bits/byte over {} tokens",
+            s.members
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.weighting.name(),
+            s.perplexity,
+            s.bits_per_byte,
+            s.tokens
+        );
+        for (n, p) in &s.single {
+            println!("  ELM {n:<24} alone: perplexity {p:.2}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    /// The forest (directory or forest.json).
+    #[arg(long, default_value = "runs/forest")]
+    forest: PathBuf,
+    /// Weight the ELMs by their domain posterior on this text (default: uniform).
+    #[arg(long)]
+    target_text: Option<String>,
+    /// Weight the ELMs by their domain posterior on this file's text.
+    #[arg(long, conflicts_with = "target_text")]
+    target_file: Option<PathBuf>,
+    /// Average only the k ELMs with the largest weights.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Output directory: model.safetensors and tokenizer.json, usable by eval and generate.
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute device (for the posterior).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+pub fn average(a: AverageArgs, json: bool) -> Result<()> {
+    let forest = Forest::open(&forest_path(&a.forest))?;
+    if forest.elms.is_empty() {
+        bail!("the forest has no ELMs");
+    }
+    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
+    let targeted = a.target_text.is_some() || a.target_file.is_some();
+    let prior = if targeted {
+        let text = input_text(&a.target_text, &a.target_file)?;
+        let mut tokens = vec![btm_model::tokenizer::EOT_ID];
+        tokens.extend(tok.encode(&text)?);
+        prior_on(&forest, &tokens, &a.device.device()?)?
+    } else {
+        vec![1.0; forest.elms.len()]
+    };
+    let sel = btm_model::forest::posterior::top_k(&prior, a.top_k.unwrap_or(prior.len()));
+    let inputs: Vec<Input> = sel
+        .iter()
+        .map(|&(i, w)| Input {
+            path: forest.resolve(&forest.elms[i].weights),
+            weight: w,
+            id: Some(forest.elms[i].weights.id.clone()),
+        })
+        .collect();
+    std::fs::create_dir_all(&a.out)?;
+    let path = a.out.join("model.safetensors");
+    let summary = average::average_files(&inputs, Some(&forest.architecture), &path)?;
+    tok.save(&a.out.join("tokenizer.json"))?;
+    let weights: Vec<(String, f64)> = sel
+        .iter()
+        .zip(&summary.weights)
+        .map(|(&(i, _), &w)| (forest.elms[i].name.clone(), w))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"out": path, "id": summary.id, "weights": weights})
+        );
+    } else {
+        println!(
+            "{} average of {} ELMs written to {} (blake3 {})",
+            if targeted { "posterior-weighted" } else { "uniform" },
+            weights.len(),
+            path.display(),
+            &summary.id[..16]
+        );
+        for (n, w) in &weights {
+            println!("  {n:<24} {w:.3}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,518 @@
+//! What the network commands share: where the network is (its root and bootstrap peers), node
+//! settings from a TOML file and flags, starting a node on a tokio runtime, waiting for the
+//! registry, stop signals, and the status file a long-running node keeps up to date.
+//!
+//! Precedence: a command-line flag beats the `--config` file, which beats the network
+//! description file (`--network`, written by `btm-node seed publish --network-out`), which beats
+//! the defaults. Relative paths inside a file are relative to that file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use btm_net::libp2p::Multiaddr;
+use btm_net::{Node, NodeConfig};
+use btm_protocol::{Registry, Signed};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// The local demo network's description, which `join`, `fetch` and `forest list` use when no
+/// network is named.
+pub const DEMO_NETWORK: &str = "runs/demo/network.toml";
+
+/// Where a node finds its network and keeps its state.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NetArgs {
+    /// Node configuration file (TOML; see docs/config.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Network description file: root and bootstrap peers (default: the local demo network,
+    /// runs/demo/network.toml).
+    #[arg(long)]
+    pub network: Option<PathBuf>,
+    /// The node's data directory (key, SQLite store, blobs, training runs, status.json).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Peers to dial at start (multiaddrs ending in /p2p/<peer id>), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// The network's trusted root envelope (the file `btm-node registry root-init` wrote).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Addresses to listen on (default: all interfaces, random ports; loopback only when every
+    /// bootstrap peer is on loopback).
+    #[arg(long, value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Also discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+    /// Seconds to wait for a registry with a seed to reach this node.
+    #[arg(long)]
+    pub wait_registry: Option<u64>,
+}
+
+/// The `--config` file. Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Network description file.
+    pub network: Option<PathBuf>,
+    /// Root envelope file (instead of a network file).
+    pub root: Option<PathBuf>,
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    #[serde(default)]
+    pub listen: Vec<String>,
+    pub data_dir: Option<PathBuf>,
+    pub mdns: Option<bool>,
+    pub wait_registry: Option<u64>,
+    /// Compute device for training: cpu, wgpu or cuda.
+    pub device: Option<String>,
+    /// Domain to claim.
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub claims: ClaimsSection,
+}
+
+/// `[train]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub checkpoint_every: Option<u64>,
+    pub seed: Option<u64>,
+}
+
+/// `[claims]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsSection {
+    pub lease_secs: Option<u64>,
+}
+
+/// A network description (`network.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFile {
+    /// What this network is.
+    #[serde(default)]
+    pub name: String,
+    /// The first root envelope, hex: it names the network and is trusted out of band.
+    pub root: String,
+    /// Peers to dial first.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+}
+
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+fn read_small(path: &Path) -> Result<String> {
+    let bytes = btm_model::fsutil::read_limited(path, MAX_CONFIG_BYTES)
+        .with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+fn relative_to(file: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        file.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+impl ConfigFile {
+    /// Reads the config file, or the defaults when there is none.
+    pub fn load(path: Option<&Path>) -> Result<ConfigFile> {
+        let Some(path) = path else {
+            return Ok(ConfigFile::default());
+        };
+        let mut c: ConfigFile = toml::from_str(&read_small(path)?)
+            .with_context(|| format!("{} is not a valid btm config", path.display()))?;
+        for p in [&mut c.network, &mut c.root, &mut c.data_dir]
+            .into_iter()
+            .flatten()
+        {
+            *p = relative_to(path, p);
+        }
+        Ok(c)
+    }
+}
+
+impl NetworkFile {
+    pub fn load(path: &Path) -> Result<NetworkFile> {
+        toml::from_str(&read_small(path)?)
+            .with_context(|| format!("{} is not a valid network description", path.display()))
+    }
+
+    /// Writes it atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "# btm network description: the trusted root (hex) and peers to dial first.\n{}",
+            toml::to_string_pretty(self)?
+        );
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        btm_model::fsutil::write_atomic(path, text.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Hex decoding (lowercase or uppercase).
+pub fn from_hex(s: &str) -> Result<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        bail!("odd number of hex digits");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16)
+                .map_err(|_| anyhow::anyhow!("not hex"))
+        })
+        .collect()
+}
+
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Settings of a node, resolved from flags, config and network file.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub data_dir: PathBuf,
+    pub root: Vec<u8>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub listen: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub wait_registry: Duration,
+    pub lease_secs: Option<u64>,
+}
+
+fn parse_addrs(v: &[String], what: &str) -> Result<Vec<Multiaddr>> {
+    v.iter()
+        .map(|s| {
+            s.parse::<Multiaddr>()
+                .with_context(|| format!("{what} {s:?} is not a multiaddr"))
+        })
+        .collect()
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    use btm_net::libp2p::multiaddr::Protocol;
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+impl NodeSettings {
+    /// Resolves the settings; `default_dir` is the data directory when none is given.
+    pub fn resolve(a: &NetArgs, c: &ConfigFile, default_dir: &str) -> Result<NodeSettings> {
+        let network_path = a.network.clone().or_else(|| c.network.clone());
+        let root_path = a.root.clone().or_else(|| c.root.clone());
+        let network = match (&network_path, &root_path) {
+            (Some(p), _) => Some(NetworkFile::load(p)?),
+            (None, Some(_)) => None,
+            (None, None) => {
+                let demo = Path::new(DEMO_NETWORK);
+                if !demo.exists() {
+                    bail!(
+                        "no network given and the local demo network ({DEMO_NETWORK}) is not running: \
+                         start it with `btm-node demo`, or pass --network FILE (or --root FILE --bootstrap ADDR)"
+                    );
+                }
+                Some(NetworkFile::load(demo)?)
+            }
+        };
+        let root = match (&root_path, &network) {
+            (Some(p), _) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            (None, Some(n)) => from_hex(&n.root).context("the network file's root")?,
+            (None, None) => bail!("no root: pass --root or --network"),
+        };
+        let mut bootstrap = parse_addrs(&a.bootstrap, "--bootstrap")?;
+        if bootstrap.is_empty() {
+            bootstrap = parse_addrs(&c.bootstrap, "bootstrap")?;
+        }
+        if bootstrap.is_empty()
+            && let Some(n) = &network
+        {
+            bootstrap = parse_addrs(&n.bootstrap, "network bootstrap")?;
+        }
+        let mut listen = parse_addrs(&a.listen, "--listen")?;
+        if listen.is_empty() {
+            listen = parse_addrs(&c.listen, "listen")?;
+        }
+        let data_dir = a
+            .data_dir
+            .clone()
+            .or_else(|| c.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(default_dir));
+        Ok(NodeSettings {
+            data_dir,
+            root,
+            bootstrap,
+            listen,
+            mdns: a.mdns || c.mdns.unwrap_or(false),
+            wait_registry: Duration::from_secs(a.wait_registry.or(c.wait_registry).unwrap_or(120)),
+            lease_secs: c.claims.lease_secs,
+        })
+    }
+
+    /// The node configuration: loopback-only when there are no listen addresses given and
+    /// every bootstrap peer is on loopback (a local network).
+    pub fn node_config(&self) -> NodeConfig {
+        let local = self.bootstrap.iter().all(is_loopback);
+        let mut cfg = if local {
+            NodeConfig::loopback(&self.data_dir, self.root.clone())
+        } else {
+            NodeConfig::new(&self.data_dir, self.root.clone())
+        };
+        if !self.listen.is_empty() {
+            cfg.listen = self.listen.clone();
+        }
+        cfg.bootstrap = self.bootstrap.clone();
+        cfg.swarm.mdns = self.mdns;
+        if let Some(l) = self.lease_secs {
+            cfg.claims.lease_secs = l;
+            cfg.claims.renew_before_secs = l / 2;
+        }
+        cfg
+    }
+}
+
+/// A multi-threaded tokio runtime for a network command.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Starts a node, with a clear error when the data directory is in use or damaged.
+pub async fn start(settings: &NodeSettings) -> Result<Node> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    Node::start(settings.node_config())
+        .await
+        .with_context(|| format!("starting the node in {}", settings.data_dir.display()))
+}
+
+/// A stop request (Ctrl-C or SIGTERM), as a flag blocking code can poll and a future.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    flag: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Stop {
+    /// Installs the signal handlers (call inside the runtime).
+    pub fn install() -> Stop {
+        let stop = Stop {
+            flag: Arc::new(AtomicBool::new(false)),
+            notify: Arc::new(tokio::sync::Notify::new()),
+        };
+        let s = stop.clone();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+                match term {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            s.flag.store(true, Ordering::SeqCst);
+            s.notify.notify_waiters();
+        });
+        stop
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a stop was requested.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The flag itself (for blocking code).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+}
+
+/// Sleeps `d` unless a stop comes first; returns whether to stop.
+pub async fn sleep_or_stop(stop: &Stop, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => stop.is_set(),
+        _ = stop.wait() => true,
+    }
+}
+
+/// Waits until the node trusts a registry that names a seed, asking the DHT now and then.
+pub async fn wait_registry(
+    node: &Node,
+    within: Duration,
+    stop: &Stop,
+) -> Result<Option<Signed<Registry>>> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(r) = node.registry().await?
+            && r.record().seed.is_some()
+        {
+            return Ok(Some(r));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no registry with a seed reached this node within {} s: is a maintainer node running, \
+                 and are the network file / --bootstrap addresses right?",
+                within.as_secs()
+            );
+        }
+        let _ = node.sync().await;
+        if sleep_or_stop(stop, Duration::from_millis(500)).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// The first 8 hex digits of an id, for tables.
+pub fn short(b: &[u8]) -> String {
+    to_hex(&b[..b.len().min(4)])
+}
+
+/// What a running node is doing, kept in `<data dir>/status.json` (written atomically) for
+/// people and for `btm-node demo`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub role: String,
+    pub node: String,
+    pub phase: String,
+    pub message: String,
+    #[serde(default)]
+    pub listen: Vec<String>,
+    pub domain: Option<String>,
+    pub step: u64,
+    pub steps: u64,
+    pub loss: Option<f64>,
+    /// The update a restarted run resumed from.
+    pub resumed_from: Option<u64>,
+    /// How the ELM was initialised, and from which parents.
+    pub branch: Option<String>,
+    /// The announced ELM record's id.
+    pub elm: Option<String>,
+    pub claimed_ppl: Option<f64>,
+    pub seed_ppl: Option<f64>,
+    /// This node's verdicts: ELM record id -> accepted.
+    #[serde(default)]
+    pub verified: BTreeMap<String, bool>,
+    /// Registry versions this node published (maintainers).
+    #[serde(default)]
+    pub registry_version: Option<u64>,
+    /// ELM record ids in the trusted registry.
+    #[serde(default)]
+    pub accepted: Vec<String>,
+    pub updated: u64,
+}
+
+/// A status shared between tasks, saved on every change.
+#[derive(Debug, Clone)]
+pub struct StatusFile {
+    path: PathBuf,
+    status: Arc<Mutex<Status>>,
+}
+
+impl StatusFile {
+    pub fn new(data_dir: &Path, role: &str, node: &[u8]) -> StatusFile {
+        let s = StatusFile {
+            path: data_dir.join("status.json"),
+            status: Arc::new(Mutex::new(Status {
+                role: role.into(),
+                node: to_hex(node),
+                ..Status::default()
+            })),
+        };
+        s.update(|_| {});
+        s
+    }
+
+    /// Applies `f` and writes the file (errors are logged: a status is not worth failing for).
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let Ok(mut s) = self.status.lock() else {
+            return;
+        };
+        f(&mut s);
+        s.updated = btm_net::limits::now_secs();
+        match serde_json::to_vec_pretty(&*s) {
+            Ok(bytes) => {
+                if let Err(e) = btm_model::fsutil::write_atomic(&self.path, &bytes) {
+                    tracing::warn!(error = %e, "writing status.json");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "encoding status.json"),
+        }
+    }
+
+    pub fn get(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Reads a status file another process writes.
+    pub fn read(path: &Path) -> Option<Status> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Progress lines on stderr, prefixed with the role (silent with --json).
+#[derive(Debug, Clone)]
+pub struct Say {
+    prefix: String,
+    quiet: bool,
+}
+
+impl Say {
+    pub fn new(prefix: &str, quiet: bool) -> Say {
+        Say {
+            prefix: prefix.into(),
+            quiet,
+        }
+    }
+
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
+    pub fn line(&self, m: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("[{}] {}", self.prefix, m.as_ref());
+        }
+    }
+}

@@ -1,30 +1,890 @@
 //! DEMix (Gururangan et al. 2022), the paper's second baseline: a single model whose
-//! feed-forward layers are per-domain experts, everything else shared. Not implemented yet:
-//! the experiment reports no DEMix row until it is.
+//! feed-forward layers are per-domain experts, everything else shared.
+//!
+//! # The model
+//!
+//! [`Demix`] is the GPT of [`crate::gpt`] with one change: every block holds `E` feed-forward
+//! networks (`experts`, one per training domain) instead of one. Token and position embeddings,
+//! LayerNorms, attention and the final norm are shared. A sequence is *routed* to one expert by
+//! its domain label, and that expert is the FFN of every block for that sequence; so the model
+//! with expert `e` plugged in is an ordinary [`Gpt`] ([`Demix::expert_model`]), and per token
+//! DEMix costs exactly what the dense model costs (one FFN active).
+//!
+//! Initialisation ([`Demix::init`]): the shared parameters and expert 0 are those of
+//! `Gpt::init(config, seed)` (the dense baseline's initialisation); expert `e ≥ 1` is the FFN of
+//! `Gpt::init(config, seed + e)`, so the experts start independent, as separate modules do in
+//! the DEMix code.
+//!
+//! # Training (compute-matched)
+//!
+//! Jointly, with domain-routed batches ([`DemixTrainer`]): update `s` takes the same
+//! `batch_size` blocks as the dense LM's update `s`, from the same domain-balanced
+//! [`Mixture`] of the `E` training domains, whose sample `k` comes from domain `k mod E`; each
+//! block goes through its own domain's expert ([`routes`]). When `E` divides the batch size
+//! every update holds `batch_size / E` blocks of every domain (the DEMix setting: each GPU of a
+//! data-parallel group holds one domain); otherwise the domains take turns by batch slot (with
+//! 4 blocks and 8 domains, updates alternate between domains 0-3 and 4-7) and every domain
+//! still gets exactly its share over any `E` consecutive blocks. The loss is the mean
+//! cross-entropy over every token of the update, as for the dense LM; the optimiser is the
+//! same AdamW with global-norm clipping ([`crate::train`]) over all parameters (an expert not
+//! in an update gets a zero gradient; its Adam moments decay and weight decay applies).
+//! DEMix trains the dense LM's `B` updates at the same batch size; its training FLOPs are
+//! counted as the dense model's ([`GptConfig::train_flops_per_token`] × tokens), since one
+//! FFN is active per token.
+//!
+//! # Inference
+//!
+//! As the DEMix paper and the BTM comparison do: the experts' next-token distributions are
+//! mixed with the domain posterior, exactly as a BTM ensemble mixes its ELMs
+//! ([`crate::forest::posterior`]): per target domain, a cached prior over the experts is
+//! estimated on that domain's dev data (posterior at each dev block's last position, batches of
+//! 16 blocks, EMA α = 0.3, starting uniform), then on test data
+//! `ln p(x_i | x_<i) = logsumexp_j(ln P(D = j | x_<i) + ln p_j(x_i | x_<i))` with the posterior
+//! `P(D | x_<i) ∝ prior · p(x_<i | D)` over the block's prefix. `p_j` is the shared model run
+//! with expert `j`, so inference runs `E` forward passes per token (reported as the models run
+//! per token).
+//!
+//! # Files
+//!
+//! A DEMix weights file is safetensors like an ELM's (see `specs/model-formats.md`) with
+//! tensor names `transformer.<dotted field path>`: the shared ones as in GPT-2
+//! (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`, ...), the experts as
+//! `transformer.h.<i>.experts.<e>.c_fc.weight` etc., and metadata `btm.config` (the
+//! [`GptConfig`]) and `btm.demix.experts` (`E`). A training checkpoint
+//! (`checkpoint.safetensors`) adds `adam.m.<name>` / `adam.v.<name>` moments and
+//! `btm.train_state`, like an ELM's, so a killed run resumes where it stopped.
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use burn::tensor::Device;
+use burn::module::{Module, Param};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
 
 use crate::config::GptConfig;
-use crate::data::DomainStream;
+use crate::data::{DomainStream, Mixture};
 use crate::forest::Error;
-use crate::forest::experiment::{Config, Plan, SystemResult};
+use crate::forest::branch::{self, Trained};
+use crate::forest::experiment::{self, Config, Plan, SystemResult};
+use crate::forest::manifest::TrainRecord;
+use crate::forest::posterior::{self, PriorConfig, Weighting};
+use crate::gpt::{Attention, Block, Conv1D, Embedding, Gpt, LayerNorm, Mlp};
+use crate::train::{
+    self, AdamState, CHECKPOINT_FILE, RngState, StepStats, TrainConfig, TrainState,
+};
+use crate::weights::{self, NamedTensor};
+use crate::{eval, fsutil};
 
-/// The DEMix row of the compute-matched experiment (`None` while DEMix is not implemented).
+/// Metadata key holding the number of experts.
+pub const EXPERTS_KEY: &str = "btm.demix.experts";
+
+/// A transformer block with one feed-forward expert per domain.
+#[derive(Module, Debug)]
+pub struct DemixBlock {
+    /// Norm before attention (shared).
+    pub ln_1: LayerNorm,
+    /// Attention (shared).
+    pub attn: Attention,
+    /// Norm before the feed-forward (shared).
+    pub ln_2: LayerNorm,
+    /// One feed-forward network per domain.
+    pub experts: Vec<Mlp>,
+}
+
+/// The DEMix model: a GPT whose feed-forward layers are per-domain experts.
+#[derive(Module, Debug)]
+pub struct Demix {
+    /// Token embeddings, also the (tied) output head.
+    pub wte: Embedding,
+    /// Learned positions.
+    pub wpe: Embedding,
+    /// The blocks.
+    pub h: Vec<DemixBlock>,
+    /// Final norm.
+    pub ln_f: LayerNorm,
+    /// Attention heads (not a parameter).
+    pub n_heads: usize,
+}
+
+/// A copy of a parameter with its own identity (so that two experts copied from one FFN are
+/// trained as two parameters).
+fn fresh<const D: usize>(p: &Param<Tensor<D>>) -> Param<Tensor<D>> {
+    Param::from_tensor(p.val())
+}
+
+fn fresh_mlp(m: &Mlp) -> Mlp {
+    let conv = |c: &Conv1D| Conv1D {
+        weight: fresh(&c.weight),
+        bias: fresh(&c.bias),
+    };
+    Mlp {
+        c_fc: conv(&m.c_fc),
+        c_proj: conv(&m.c_proj),
+    }
+}
+
+/// Sequences grouped by expert: `(expert, indices into the batch)`, and the inverse
+/// permutation that puts the concatenated groups back into batch order.
+struct Routing {
+    groups: Vec<(usize, Tensor<1, Int>)>,
+    inverse: Option<Tensor<1, Int>>,
+}
+
+impl Routing {
+    fn new(routes: &[usize], device: &Device) -> Self {
+        let mut by_expert: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, &e) in routes.iter().enumerate() {
+            by_expert.entry(e).or_default().push(i);
+        }
+        let index = |v: &[usize]| {
+            let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+            let n = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
+        if by_expert.len() == 1 {
+            let (&e, rows) = by_expert.iter().next().unwrap_or_else(|| unreachable!());
+            return Routing {
+                groups: vec![(e, index(rows))],
+                inverse: None,
+            };
+        }
+        let order: Vec<usize> = by_expert.values().flatten().copied().collect();
+        let mut inverse = vec![0usize; order.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            inverse[i] = pos;
+        }
+        Routing {
+            groups: by_expert
+                .iter()
+                .map(|(&e, rows)| (e, index(rows)))
+                .collect(),
+            inverse: Some(index(&inverse)),
+        }
+    }
+}
+
+impl DemixBlock {
+    fn forward(&self, x: Tensor<3>, n_heads: usize, routing: &Routing) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), n_heads);
+        let h = self.ln_2.forward(x.clone());
+        let y = match &routing.inverse {
+            None => self.experts[routing.groups[0].0].forward(h),
+            Some(inverse) => {
+                let parts: Vec<Tensor<3>> = routing
+                    .groups
+                    .iter()
+                    .map(|(e, rows)| self.experts[*e].forward(h.clone().select(0, rows.clone())))
+                    .collect();
+                Tensor::cat(parts, 0).select(0, inverse.clone())
+            }
+        };
+        x + y
+    }
+}
+
+impl Demix {
+    /// A DEMix whose shared parameters are `dense`'s and whose `n_experts` experts are all
+    /// copies of `dense`'s feed-forward layers (each its own parameter).
+    pub fn from_dense(dense: &Gpt, n_experts: usize) -> Self {
+        Demix {
+            wte: Embedding {
+                weight: fresh(&dense.wte.weight),
+            },
+            wpe: Embedding {
+                weight: fresh(&dense.wpe.weight),
+            },
+            h: dense
+                .h
+                .iter()
+                .map(|b| DemixBlock {
+                    ln_1: LayerNorm {
+                        weight: fresh(&b.ln_1.weight),
+                        bias: fresh(&b.ln_1.bias),
+                    },
+                    attn: Attention {
+                        c_attn: Conv1D {
+                            weight: fresh(&b.attn.c_attn.weight),
+                            bias: fresh(&b.attn.c_attn.bias),
+                        },
+                        c_proj: Conv1D {
+                            weight: fresh(&b.attn.c_proj.weight),
+                            bias: fresh(&b.attn.c_proj.bias),
+                        },
+                    },
+                    ln_2: LayerNorm {
+                        weight: fresh(&b.ln_2.weight),
+                        bias: fresh(&b.ln_2.bias),
+                    },
+                    experts: (0..n_experts).map(|_| fresh_mlp(&b.mlp)).collect(),
+                })
+                .collect(),
+            ln_f: LayerNorm {
+                weight: fresh(&dense.ln_f.weight),
+                bias: fresh(&dense.ln_f.bias),
+            },
+            n_heads: dense.n_heads,
+        }
+    }
+
+    /// A freshly initialised DEMix: shared parameters and expert 0 from `Gpt::init(config,
+    /// seed)`, expert `e` from the feed-forward layers of `Gpt::init(config, seed + e)`.
+    pub fn init(config: &GptConfig, n_experts: usize, seed: u64, device: &Device) -> Self {
+        let mut m = Demix::from_dense(&Gpt::init(config, seed, device), n_experts);
+        for e in 1..n_experts {
+            let other = Gpt::init(config, seed.wrapping_add(e as u64), device);
+            m.set_expert(e, &other);
+        }
+        m
+    }
+
+    /// Replaces expert `e` of every block by (a copy of) `dense`'s feed-forward layers.
+    ///
+    /// # Panics
+    /// When `e` is not an expert or `dense` has another number of blocks.
+    pub fn set_expert(&mut self, e: usize, dense: &Gpt) {
+        assert_eq!(self.h.len(), dense.h.len(), "number of blocks");
+        for (b, d) in self.h.iter_mut().zip(&dense.h) {
+            b.experts[e] = fresh_mlp(&d.mlp);
+        }
+    }
+
+    /// Number of experts (domains).
+    pub fn n_experts(&self) -> usize {
+        self.h.first().map_or(0, |b| b.experts.len())
+    }
+
+    /// The architecture of each expert model, read back from the parameter shapes.
+    pub fn config(&self) -> GptConfig {
+        let [vocab_size, d_model] = self.wte.weight.lazy_shape().dims();
+        let [n_ctx, _] = self.wpe.weight.lazy_shape().dims();
+        GptConfig {
+            vocab_size,
+            n_ctx,
+            d_model,
+            n_heads: self.n_heads,
+            n_layers: self.h.len(),
+        }
+    }
+
+    /// The shared model with expert `e` as its feed-forward layers: an ordinary GPT, which
+    /// computes exactly what DEMix computes for a sequence routed to `e`.
+    ///
+    /// # Panics
+    /// When `e` is not an expert.
+    pub fn expert_model(&self, e: usize) -> Gpt {
+        Gpt {
+            wte: self.wte.clone(),
+            wpe: self.wpe.clone(),
+            h: self
+                .h
+                .iter()
+                .map(|b| Block {
+                    ln_1: b.ln_1.clone(),
+                    attn: b.attn.clone(),
+                    ln_2: b.ln_2.clone(),
+                    mlp: b.experts[e].clone(),
+                })
+                .collect(),
+            ln_f: self.ln_f.clone(),
+            n_heads: self.n_heads,
+        }
+    }
+
+    /// Next-token logits `[batch, time, vocab]` for tokens `[batch, time]`, sequence `i` going
+    /// through expert `routes[i]`.
+    ///
+    /// # Panics
+    /// When `routes` does not have one entry per sequence or names a missing expert.
+    pub fn forward(&self, tokens: Tensor<2, Int>, routes: &[usize]) -> Tensor<3> {
+        let [b, t] = tokens.dims();
+        assert_eq!(routes.len(), b, "one route per sequence");
+        let n = self.n_experts();
+        assert!(
+            routes.iter().all(|&e| e < n),
+            "routes {routes:?} name an expert beyond {n}"
+        );
+        let routing = Routing::new(routes, &tokens.device());
+        let wte = self.wte.weight.val();
+        let pos = self.wpe.weight.val().narrow(0, 0, t).unsqueeze::<3>();
+        let mut x = embedding(wte.clone(), tokens) + pos;
+        for block in &self.h {
+            x = block.forward(x, self.n_heads, &routing);
+        }
+        let x = self.ln_f.forward(x);
+        linear(x, wte.transpose(), None)
+    }
+}
+
+/// The expert of each block of a batch that starts at sample `start` of a [`Mixture`] of
+/// `n_domains` domains: sample `k` comes from domain `k mod n_domains`
+/// ([`Mixture::sample`]), and goes through that domain's expert.
+pub fn routes(start: u64, batch: usize, n_domains: usize) -> Vec<usize> {
+    (0..batch as u64)
+        .map(|i| ((start + i) % n_domains.max(1) as u64) as usize)
+        .collect()
+}
+
+fn read_f32(bytes: &[u8], path: &Path) -> Result<Vec<f32>, crate::Error> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(crate::Error::Weights(format!(
+            "{}: a tensor's bytes are not f32",
+            path.display()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// A DEMix safetensors file read: configuration, experts, metadata, and tensors by full name.
+struct RawFile {
+    config: GptConfig,
+    experts: usize,
+    meta: HashMap<String, String>,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+fn read_file(path: &Path, max_bytes: u64) -> Result<RawFile, crate::Error> {
+    let bytes = fsutil::read_limited(path, max_bytes)?;
+    let bad = |m: String| crate::Error::Weights(format!("{}: {m}", path.display()));
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let config: GptConfig = serde_json::from_str(
+        meta.get("btm.config")
+            .ok_or_else(|| bad("metadata entry btm.config is missing".into()))?,
+    )?;
+    config.validate()?;
+    let experts: usize = meta
+        .get(EXPERTS_KEY)
+        .and_then(|s| s.parse().ok())
+        .filter(|&e| e > 0)
+        .ok_or_else(|| bad(format!("metadata entry {EXPERTS_KEY} is missing or bad")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor {name} is not f32")));
+        }
+        let values = read_f32(view.data(), path)?;
+        tensors.push((name, view.shape().to_vec(), values));
+    }
+    Ok(RawFile {
+        config,
+        experts,
+        meta,
+        tensors,
+    })
+}
+
+fn model_metadata(model: &Demix) -> Result<BTreeMap<String, String>, crate::Error> {
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "btm.config".to_string(),
+        serde_json::to_string(&model.config())?,
+    );
+    meta.insert(EXPERTS_KEY.to_string(), model.n_experts().to_string());
+    Ok(meta)
+}
+
+/// Builds the model of a file from its `transformer.*` tensors (the others are returned).
+fn model_from(
+    raw: RawFile,
+    expected: Option<&GptConfig>,
+    device: &Device,
+) -> Result<(Demix, RawFile), crate::Error> {
+    if let Some(want) = expected
+        && want != &raw.config
+    {
+        return Err(crate::Error::Weights(format!(
+            "architecture mismatch: the file holds {:?}, expected {want:?}",
+            raw.config
+        )));
+    }
+    let (mine, rest): (Vec<_>, Vec<_>) = raw
+        .tensors
+        .into_iter()
+        .partition(|(n, _, _)| n.starts_with(weights::PREFIX));
+    let named = mine
+        .into_iter()
+        .map(|(n, shape, values)| NamedTensor {
+            name: n[weights::PREFIX.len()..].to_string(),
+            shape,
+            values,
+        })
+        .collect();
+    let skeleton = Demix::from_dense(&Gpt::init(&raw.config, 0, device), raw.experts);
+    let model = weights::load_named(skeleton, named, device)?;
+    Ok((
+        model,
+        RawFile {
+            tensors: rest,
+            ..raw
+        },
+    ))
+}
+
+/// Saves a DEMix model atomically (format: see the module documentation).
+pub fn save(model: &Demix, path: &Path) -> Result<(), crate::Error> {
+    let tensors = weights::module_tensors(model);
+    let bytes = weights::write_safetensors(
+        tensors.iter().map(|t| {
+            (
+                format!("{}{}", weights::PREFIX, t.name),
+                t.shape.clone(),
+                t.values.as_slice(),
+            )
+        }),
+        &model_metadata(model)?,
+    )?;
+    fsutil::write_atomic(path, &bytes)
+}
+
+/// Loads a DEMix model, checking every name, shape and value; `expected`, when given, must
+/// equal the file's architecture.
+pub fn load(
+    path: &Path,
+    expected: Option<&GptConfig>,
+    device: &Device,
+) -> Result<Demix, crate::Error> {
+    let raw = read_file(path, weights::MAX_FILE_BYTES * 16)?;
+    let (model, rest) = model_from(raw, expected, device).map_err(|e| e.in_file(path))?;
+    if let Some((n, _, _)) = rest.tensors.first() {
+        return Err(crate::Error::Weights(format!("unexpected tensor {n}")).in_file(path));
+    }
+    Ok(model)
+}
+
+/// A DEMix training run: the model, its AdamW state and its place in the data. It mirrors
+/// [`crate::train::Trainer`] (same settings, schedule, clipping, FLOPs accounting and
+/// checkpoint layout) with domain-routed batches.
+#[derive(Debug)]
+pub struct DemixTrainer {
+    /// The model being trained (on an autodiff device).
+    pub model: Demix,
+    /// Progress so far.
+    pub state: TrainState,
+    adam: AdamState,
+    device: Device,
+    run_dir: Option<PathBuf>,
+    /// Show an indicatif progress bar.
+    pub progress: bool,
+}
+
+impl DemixTrainer {
+    /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
+    /// holds a checkpoint, the run resumes from it instead (its settings, architecture and
+    /// number of experts must equal these).
+    pub fn new(
+        model: Demix,
+        cfg: TrainConfig,
+        device: &Device,
+        run_dir: Option<&Path>,
+    ) -> Result<Self, crate::Error> {
+        cfg.validate()?;
+        let device = device.clone().autodiff();
+        if let Some(dir) = run_dir {
+            let ckpt = dir.join(CHECKPOINT_FILE);
+            if ckpt.exists() {
+                let t = Self::resume(&ckpt, &device)?;
+                if t.state.config != cfg
+                    || t.model.config() != model.config()
+                    || t.model.n_experts() != model.n_experts()
+                {
+                    return Err(crate::Error::Checkpoint(format!(
+                        "{} was written with other settings or another model; use another run directory or the same settings",
+                        ckpt.display()
+                    )));
+                }
+                return Ok(t);
+            }
+        }
+        let plain = device.clone().without_autodiff();
+        let model = model.to_device(&plain).train();
+        let sizes: Vec<usize> = weights::module_shapes(&model)
+            .iter()
+            .map(|(_, s)| s.iter().product())
+            .collect();
+        let state = TrainState {
+            step: 0,
+            data_position: 0,
+            tokens: 0,
+            flops: 0.0,
+            last_loss: None,
+            losses: Vec::new(),
+            rng: RngState {
+                kind: "chacha8(seed, domain, epoch) permutations".into(),
+                seed: cfg.seed,
+                position: 0,
+            },
+            config: cfg,
+        };
+        Ok(DemixTrainer {
+            model,
+            state,
+            adam: AdamState::zeros(&sizes, &plain),
+            device,
+            run_dir: run_dir.map(Path::to_path_buf),
+            progress: false,
+        })
+    }
+
+    /// Loads a checkpoint file.
+    pub fn resume(path: &Path, device: &Device) -> Result<Self, crate::Error> {
+        let device = device.clone().autodiff();
+        let plain = device.clone().without_autodiff();
+        let raw = read_file(path, 3 * 16 * weights::MAX_FILE_BYTES)?;
+        let state: TrainState =
+            serde_json::from_str(raw.meta.get("btm.train_state").ok_or_else(|| {
+                crate::Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display()))
+            })?)?;
+        let (model, rest) = model_from(raw, None, &plain).map_err(|e| e.in_file(path))?;
+        let mut moments: HashMap<String, Vec<f32>> =
+            rest.tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
+        let mut adam = AdamState {
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        for (name, shape) in weights::module_shapes(&model) {
+            let n: usize = shape.iter().product();
+            for (kind, dst) in [("m", &mut adam.m), ("v", &mut adam.v)] {
+                let key = format!("adam.{kind}.{name}");
+                let values = moments.remove(&key).ok_or_else(|| {
+                    crate::Error::Checkpoint(format!("{}: {key} is missing", path.display()))
+                })?;
+                if values.len() != n || values.iter().any(|v| !v.is_finite()) {
+                    return Err(crate::Error::Checkpoint(format!(
+                        "{}: {key} is malformed",
+                        path.display()
+                    )));
+                }
+                dst.push(Tensor::from_data(TensorData::new(values, [n]), &plain));
+            }
+        }
+        Ok(DemixTrainer {
+            model: model.train(),
+            state,
+            adam,
+            device,
+            run_dir: path.parent().map(Path::to_path_buf),
+            progress: false,
+        })
+    }
+
+    /// Writes `checkpoint.safetensors` into the run directory atomically.
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, crate::Error> {
+        let Some(dir) = &self.run_dir else {
+            return Ok(None);
+        };
+        let tensors = weights::module_tensors(&self.model);
+        let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
+            for (t, tensor) in tensors.iter().zip(list) {
+                let values = tensor
+                    .to_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| {
+                        crate::Error::Checkpoint(format!("reading optimiser state: {e:?}"))
+                    })?;
+                moments.push((
+                    format!("adam.{kind}.{}", t.name),
+                    vec![values.len()],
+                    values,
+                ));
+            }
+        }
+        let entries = tensors
+            .iter()
+            .map(|t| {
+                (
+                    format!("{}{}", weights::PREFIX, t.name),
+                    t.shape.clone(),
+                    t.values.as_slice(),
+                )
+            })
+            .chain(
+                moments
+                    .iter()
+                    .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())),
+            );
+        let mut meta = model_metadata(&self.model)?;
+        meta.insert(
+            "btm.train_state".to_string(),
+            serde_json::to_string(&self.state)?,
+        );
+        let bytes = weights::write_safetensors(entries, &meta)?;
+        let path = dir.join(CHECKPOINT_FILE);
+        fsutil::write_atomic(&path, &bytes)?;
+        Ok(Some(path))
+    }
+
+    /// Whether every update has been done.
+    pub fn finished(&self) -> bool {
+        self.state.step >= self.state.config.steps
+    }
+
+    /// One optimiser update over `grad_accum` micro-batches of `data`, whose domains must be
+    /// the experts' in order (block `k` of the stream goes through expert `k mod E`).
+    pub fn step(&mut self, data: &Mixture) -> Result<StepStats, crate::Error> {
+        let cfg = self.state.config.clone();
+        let started = Instant::now();
+        let n_ctx = data.n_ctx();
+        let model_cfg = self.model.config();
+        let e = self.model.n_experts();
+        if data.domains().len() != e {
+            return Err(crate::Error::Config(format!(
+                "DEMix has {e} experts but the data {} domains",
+                data.domains().len()
+            )));
+        }
+        if n_ctx > model_cfg.n_ctx {
+            return Err(crate::Error::Config(format!(
+                "data blocks of {n_ctx} tokens exceed the model's context {}",
+                model_cfg.n_ctx
+            )));
+        }
+        let mut acc: Option<Vec<Tensor<1>>> = None;
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.grad_accum {
+            let start = self.state.data_position;
+            let flat = data.batch(start, cfg.batch_size);
+            let r = routes(start, cfg.batch_size, e);
+            self.state.data_position += cfg.batch_size as u64;
+            let (x, y) = train::batch_tensors(&flat, cfg.batch_size, &self.device);
+            let loss = train::cross_entropy(self.model.forward(x, &r), y);
+            let grads = loss.clone().div_scalar(cfg.grad_accum as f64).backward();
+            loss_sum += train::scalar(loss.inner());
+            let g = train::collect_gradients(&self.model, &grads);
+            acc = Some(match acc {
+                None => g,
+                Some(prev) => prev.into_iter().zip(g).map(|(a, b)| a + b).collect(),
+            });
+        }
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(crate::Error::Diverged(format!(
+                "loss is {loss} at update {}",
+                self.state.step + 1
+            )));
+        }
+        let (model, grad_norm, lr) = train::adamw_update(
+            self.model.clone(),
+            acc.unwrap_or_default(),
+            &mut self.adam,
+            self.state.step,
+            &cfg,
+        )?;
+        self.model = model;
+        let tokens = cfg.tokens_per_step(n_ctx);
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        // One expert is active per token: the dense model's FLOPs.
+        self.state.flops += model_cfg.train_flops_per_token() * tokens as f64;
+        self.state.last_loss = Some(loss);
+        self.state.losses.push(loss as f32);
+        self.state.rng.position = self.state.data_position;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepStats {
+            step: self.state.step,
+            steps: cfg.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+        })
+    }
+
+    /// Trains until `steps` updates are done, checkpointing every `checkpoint_every` updates
+    /// and at the end. `on_step` sees every update.
+    pub fn run(
+        &mut self,
+        data: &Mixture,
+        mut on_step: impl FnMut(&StepStats),
+    ) -> Result<(), crate::Error> {
+        let cfg = self.state.config.clone();
+        let bar = if self.progress {
+            let bar = ProgressBar::new(cfg.steps);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} demix [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_position(self.state.step);
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        while !self.finished() {
+            let stats = self.step(data)?;
+            bar.set_position(stats.step);
+            bar.set_message(format!("loss {:.3} lr {:.2e}", stats.loss, stats.lr));
+            on_step(&stats);
+            if cfg.checkpoint_every > 0
+                && self.state.step.is_multiple_of(cfg.checkpoint_every)
+                && !self.finished()
+            {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_checkpoint()?;
+        Ok(())
+    }
+
+    /// The trained model without autodiff.
+    pub fn model(&self) -> Demix {
+        self.model.valid()
+    }
+}
+
+/// Per-token log-probabilities of `tokens` ([`eval::token_logprobs`]) under each expert:
+/// `[expert][target]`.
+pub fn expert_logprobs(
+    model: &Demix,
+    tokens: &[u32],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f64>>, crate::Error> {
+    (0..model.n_experts())
+        .map(|e| eval::token_logprobs(&model.expert_model(e), tokens, batch, device))
+        .collect()
+}
+
+/// DEMix's log-probabilities of a target domain's test tokens: the experts mixed by the domain
+/// posterior with a cached prior estimated on that domain's dev tokens (the BTM ensemble's
+/// rule, [`posterior`]). Returns the log-probabilities and the prior.
+pub fn mixture_logprobs(
+    model: &Demix,
+    test: &[u32],
+    dev: &[u32],
+    prior_cfg: &PriorConfig,
+    device: &Device,
+) -> Result<(Vec<f64>, Vec<f64>), crate::Error> {
+    let n_ctx = model.config().n_ctx;
+    let dev_lp = expert_logprobs(model, dev, 8, device)?;
+    let prior = posterior::estimate_prior(
+        &dev_lp,
+        &posterior::block_targets(dev.len(), n_ctx),
+        prior_cfg,
+    );
+    let test_lp = expert_logprobs(model, test, 8, device)?;
+    let lp = posterior::mix_stream(
+        &test_lp,
+        &posterior::block_targets(test.len(), n_ctx),
+        &posterior::ln_all(&prior),
+        Weighting::Posterior,
+    );
+    Ok((lp, prior))
+}
+
+/// What the experiment writes next to the DEMix run: the cached prior of each target domain
+/// over the experts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemixEval {
+    /// Expert `j` is training domain `experts[j]`.
+    pub experts: Vec<String>,
+    /// Cached prior per target domain.
+    pub priors: BTreeMap<String, Vec<f64>>,
+}
+
+/// The DEMix row of the compute-matched experiment: trains DEMix in `out_dir/demix` (skipped
+/// when `trained.json` says it is done; resumed from its checkpoint when killed) for the dense
+/// LM's `B` updates of `batch_size` blocks on the domain-balanced mixture of `streams` (one
+/// expert per stream, in order), then scores it on every test stream by the posterior mixture
+/// of its experts with a cached prior from the matching dev stream.
 #[allow(clippy::too_many_arguments)]
 pub fn experiment_system(
-    _cfg: &Config,
-    _plan: &Plan,
-    _arch: &GptConfig,
-    _streams: &[DomainStream],
-    _test: &[(String, Vec<u32>)],
-    _dev: &[(String, Vec<u32>)],
-    _out_dir: &Path,
-    _device: &Device,
-    _progress: bool,
+    cfg: &Config,
+    plan: &Plan,
+    arch: &GptConfig,
+    streams: &[DomainStream],
+    test: &[(String, Vec<u32>)],
+    dev: &[(String, Vec<u32>)],
+    out_dir: &Path,
+    device: &Device,
+    progress: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<Option<SystemResult>, Error> {
-    say("demix: not implemented yet (no row)");
-    Ok(None)
+    let n = streams.len();
+    if n == 0 {
+        return Err(crate::Error::Config("DEMix needs at least one training domain".into()).into());
+    }
+    let dir = out_dir.join("demix");
+    std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+    say(&format!(
+        "demix: {} updates of {} blocks routed by domain to {n} experts",
+        plan.dense_steps, cfg.batch_size
+    ));
+    let tc = TrainConfig {
+        steps: plan.dense_steps,
+        batch_size: cfg.batch_size,
+        lr: cfg.lr,
+        seed: cfg.seed,
+        checkpoint_every: 100,
+        ..TrainConfig::default()
+    };
+    let trained = experiment::train_once(&dir, || {
+        let data = Mixture::new(streams.to_vec(), cfg.seed)?;
+        let mut t = DemixTrainer::new(
+            Demix::init(arch, n, cfg.seed, device),
+            tc,
+            device,
+            Some(&dir),
+        )?;
+        t.progress = progress;
+        t.run(&data, |_| {})?;
+        let path = dir.join(branch::WEIGHTS_FILE);
+        save(&t.model(), &path)?;
+        Ok(Trained {
+            id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
+            weights: path,
+            record: TrainRecord {
+                steps: t.state.step,
+                tokens: t.state.tokens,
+                flops: t.state.flops,
+            },
+            losses: t.state.losses.clone(),
+        })
+    })?;
+    let model = load(&trained.weights, Some(arch), device)?;
+    let prior_cfg = PriorConfig {
+        max_blocks: cfg.prior_blocks,
+        ..PriorConfig::default()
+    };
+    say(&format!(
+        "demix: scoring {n} experts on {} domains",
+        test.len()
+    ));
+    let mut ppls = Vec::new();
+    let mut priors = BTreeMap::new();
+    for (name, t) in test {
+        let d = dev
+            .iter()
+            .find(|(dn, _)| dn == name)
+            .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| crate::Error::Data(format!("no dev tokens for domain {name}")))?;
+        let (lp, prior) = mixture_logprobs(&model, t, d, &prior_cfg, device)?;
+        ppls.push((name.clone(), experiment::ppl(&lp)));
+        priors.insert(name.clone(), prior);
+    }
+    let record = DemixEval {
+        experts: streams.iter().map(|s| s.domain.clone()).collect(),
+        priors,
+    };
+    fsutil::write_atomic(
+        &dir.join("priors.json"),
+        &serde_json::to_vec_pretty(&record)?,
+    )?;
+    let r = experiment::result("demix", trained.record.flops, n, &ppls);
+    say(&format!("demix: in {:.2} out {:.2}", r.mean_in, r.mean_out));
+    Ok(Some(r))
 }

@@ -202,7 +202,7 @@ impl Gpt {
 }
 
 impl LayerNorm {
-    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         layer_norm(x, self.weight.val(), Some(self.bias.val()), LAYER_NORM_EPS)
     }
 }
@@ -213,11 +213,12 @@ impl Conv1D {
     }
 }
 
-impl Block {
-    fn forward(&self, x: Tensor<3>, n_heads: usize) -> Tensor<3> {
+impl Attention {
+    /// Causal self-attention of an (already normalised) `x [b, t, d]`, projected back to `d`.
+    pub(crate) fn forward(&self, x: Tensor<3>, n_heads: usize) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let hd = d / n_heads;
-        let qkv = self.attn.c_attn.forward(self.ln_1.forward(x.clone()));
+        let qkv = self.c_attn.forward(x);
         let mut parts = qkv
             .chunk(3, 2)
             .into_iter()
@@ -232,8 +233,21 @@ impl Block {
         let y = attention(q, k, v, None, None, options)
             .swap_dims(1, 2)
             .reshape([b, t, d]);
-        let x = x + self.attn.c_proj.forward(y);
-        let hidden = gelu_approximate(self.mlp.c_fc.forward(self.ln_2.forward(x.clone())));
-        x + self.mlp.c_proj.forward(hidden)
+        self.c_proj.forward(y)
+    }
+}
+
+impl Mlp {
+    /// The feed-forward network of an (already normalised) `x [.., d]`.
+    pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.c_proj.forward(gelu_approximate(self.c_fc.forward(x)))
+    }
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<3>, n_heads: usize) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), n_heads);
+        let y = self.mlp.forward(self.ln_2.forward(x.clone()));
+        x + y
     }
 }

@@ -178,9 +178,20 @@ pub struct StepStats {
 
 /// Adam moments, one flat tensor per parameter in visiting order.
 #[derive(Debug)]
-struct AdamState {
-    m: Vec<Tensor<1>>,
-    v: Vec<Tensor<1>>,
+pub(crate) struct AdamState {
+    pub(crate) m: Vec<Tensor<1>>,
+    pub(crate) v: Vec<Tensor<1>>,
+}
+
+impl AdamState {
+    /// Zero moments for parameters of `sizes` elements each.
+    pub(crate) fn zeros(sizes: &[usize], device: &Device) -> Self {
+        let zeros = |n: &usize| Tensor::<1>::zeros([*n], device);
+        AdamState {
+            m: sizes.iter().map(zeros).collect(),
+            v: sizes.iter().map(zeros).collect(),
+        }
+    }
 }
 
 /// Collects flattened gradients in visiting order.
@@ -272,7 +283,57 @@ pub fn batch_tensors(
     (x, y)
 }
 
-fn scalar(t: Tensor<1>) -> f64 {
+/// The flattened gradient of every parameter of `model` in visiting order (zeros for a
+/// parameter the loss does not depend on).
+pub(crate) fn collect_gradients<M: Module>(model: &M, grads: &Gradients) -> Vec<Tensor<1>> {
+    let mut c = GradCollector {
+        grads,
+        out: Vec::new(),
+        missing: 0,
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+/// One AdamW update of `model` (any module; `grads` from [`collect_gradients`]) with global
+/// gradient-norm clipping, as update `step` (0-based) of `cfg`'s schedule. Returns the updated
+/// model, the gradient norm before clipping and the learning rate used.
+pub(crate) fn adamw_update<M: Module>(
+    model: M,
+    grads: Vec<Tensor<1>>,
+    adam: &mut AdamState,
+    step: u64,
+    cfg: &TrainConfig,
+) -> Result<(M, f64, f64), Error> {
+    let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
+    let grad_norm = scalar(Tensor::cat(sq, 0).sum()).sqrt();
+    if !grad_norm.is_finite() {
+        return Err(Error::Diverged(format!(
+            "gradient norm is {grad_norm} at update {}",
+            step + 1
+        )));
+    }
+    let clip_coef = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
+        cfg.grad_clip / (grad_norm + 1e-6)
+    } else {
+        1.0
+    };
+    let lr = cfg.lr_at(step);
+    let t = (step + 1) as i32;
+    let mut mapper = AdamStep {
+        grads: grads.into_iter(),
+        state: adam,
+        index: 0,
+        lr,
+        clip_coef,
+        bias1: 1.0 - cfg.beta1.powi(t),
+        bias2: 1.0 - cfg.beta2.powi(t),
+        cfg,
+    };
+    Ok((model.map(&mut mapper), grad_norm, lr))
+}
+
+pub(crate) fn scalar(t: Tensor<1>) -> f64 {
     t.into_data()
         .convert::<f64>()
         .try_into_vec::<f64>()
@@ -314,11 +375,7 @@ impl Trainer {
             .iter()
             .map(|(_, s)| s.iter().product())
             .collect();
-        let zeros = |n: &usize| Tensor::<1>::zeros([*n], &device.clone().without_autodiff());
-        let adam = AdamState {
-            m: sizes.iter().map(zeros).collect(),
-            v: sizes.iter().map(zeros).collect(),
-        };
+        let adam = AdamState::zeros(&sizes, &device.clone().without_autodiff());
         let state = TrainState {
             step: 0,
             data_position: 0,
@@ -570,15 +627,10 @@ impl Trainer {
             let loss = cross_entropy(self.model.forward(x), y);
             let grads = loss.clone().div_scalar(cfg.grad_accum as f64).backward();
             loss_sum += scalar(loss.inner());
-            let mut c = GradCollector {
-                grads: &grads,
-                out: Vec::new(),
-                missing: 0,
-            };
-            self.model.visit(&mut c);
+            let g = collect_gradients(&self.model, &grads);
             acc = Some(match acc {
-                None => c.out,
-                Some(prev) => prev.into_iter().zip(c.out).map(|(a, b)| a + b).collect(),
+                None => g,
+                Some(prev) => prev.into_iter().zip(g).map(|(a, b)| a + b).collect(),
             });
         }
         let grads = acc.unwrap_or_default();
@@ -589,32 +641,14 @@ impl Trainer {
                 self.state.step + 1
             )));
         }
-        let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
-        let grad_norm = scalar(Tensor::cat(sq, 0).sum()).sqrt();
-        if !grad_norm.is_finite() {
-            return Err(Error::Diverged(format!(
-                "gradient norm is {grad_norm} at update {}",
-                self.state.step + 1
-            )));
-        }
-        let clip_coef = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-            cfg.grad_clip / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let lr = cfg.lr_at(self.state.step);
-        let t = (self.state.step + 1) as i32;
-        let mut mapper = AdamStep {
-            grads: grads.into_iter(),
-            state: &mut self.adam,
-            index: 0,
-            lr,
-            clip_coef,
-            bias1: 1.0 - cfg.beta1.powi(t),
-            bias2: 1.0 - cfg.beta2.powi(t),
-            cfg: &cfg,
-        };
-        self.model = self.model.clone().map(&mut mapper);
+        let (model, grad_norm, lr) = adamw_update(
+            self.model.clone(),
+            grads,
+            &mut self.adam,
+            self.state.step,
+            &cfg,
+        )?;
+        self.model = model;
         let tokens = cfg.tokens_per_step(n_ctx);
         self.state.step += 1;
         self.state.tokens += tokens;

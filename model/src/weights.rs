@@ -100,6 +100,12 @@ impl ModuleVisitor for Collector {
 /// The model's parameters, named, in visiting order (this order is stable: it is the order of
 /// [`expected_tensors`]).
 pub fn named_tensors(model: &Gpt) -> Vec<NamedTensor> {
+    module_tensors(model)
+}
+
+/// The parameters of any module (e.g. [`crate::demix::Demix`]), named by their dotted field
+/// path, in visiting order.
+pub fn module_tensors<M: Module>(model: &M) -> Vec<NamedTensor> {
     let mut c = Collector::default();
     model.visit(&mut c);
     c.out
@@ -166,9 +172,69 @@ pub fn from_named_tensors(
     Ok(skeleton.map(&mut loader))
 }
 
+/// Every parameter of a module with its dotted name and shape, in visiting order.
+#[derive(Default)]
+struct ShapeCollector {
+    path: Vec<String>,
+    out: Vec<(String, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ShapeCollector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let dims: [usize; D] = param.lazy_shape().dims();
+        self.out.push((self.path.join("."), dims.to_vec()));
+    }
+}
+
+/// Every parameter name of a module (dotted field path, as [`module_tensors`] writes it) with
+/// its shape, in visiting order.
+pub fn module_shapes<M: Module>(model: &M) -> Vec<(String, Vec<usize>)> {
+    let mut c = ShapeCollector::default();
+    model.visit(&mut c);
+    c.out
+}
+
+/// Replaces every parameter of `skeleton` (any module, e.g. [`crate::demix::Demix`]) by the
+/// tensor of the same name. The tensors must match the skeleton exactly: every name present
+/// with its shape and finite values, nothing else.
+pub fn load_named<M: Module>(
+    skeleton: M,
+    tensors: Vec<NamedTensor>,
+    device: &Device,
+) -> Result<M, Error> {
+    let mut by_name: HashMap<String, NamedTensor> = HashMap::new();
+    for t in tensors {
+        if by_name.contains_key(&t.name) {
+            return Err(Error::Weights(format!("tensor {:?} appears twice", t.name)));
+        }
+        by_name.insert(t.name.clone(), t);
+    }
+    check_against(&module_shapes(&skeleton), &by_name)?;
+    let mut loader = Loader {
+        path: Vec::new(),
+        tensors: by_name,
+        device: device.clone(),
+    };
+    Ok(skeleton.map(&mut loader))
+}
+
 fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> Result<(), Error> {
-    let expected = expected_tensors(config);
-    for (name, shape) in &expected {
+    check_against(&expected_tensors(config), by_name)
+}
+
+fn check_against(
+    expected: &[(String, Vec<usize>)],
+    by_name: &HashMap<String, NamedTensor>,
+) -> Result<(), Error> {
+    for (name, shape) in expected {
         let Some(t) = by_name.get(name) else {
             return Err(Error::Weights(format!("tensor {PREFIX}{name} is missing")));
         };

@@ -1,6 +1,7 @@
 //! Integration tests of btm-model (one binary: see STYLE.md).
 
 mod common;
+mod demix;
 mod eval;
 mod forest;
 mod gpt;

@@ -1,6 +1,7 @@
 //! The compute-matched comparison of the paper, at laptop scale: a dense Transformer-LM, BTM
 //! (seed + one ELM per training domain, used by ensembling and by parameter averaging), a
-//! random-split ensemble, and BTM without a seed phase, all with the same training FLOPs, scored
+//! random-split ensemble, BTM without a seed phase and DEMix ([`crate::demix`]), all with the
+//! same training FLOPs, scored
 //! in domain (the 8 training domains' test splits) and out of domain (the 4 evaluation-only
 //! domains).
 //!
@@ -268,7 +269,7 @@ fn is_train_domain(d: &str) -> bool {
     TRAIN_DOMAINS.contains(&d)
 }
 
-fn result(
+pub(crate) fn result(
     name: &str,
     train_flops: f64,
     inference_models: usize,
@@ -296,7 +297,7 @@ fn result(
     r
 }
 
-fn ppl(logprobs: &[f64]) -> f64 {
+pub(crate) fn ppl(logprobs: &[f64]) -> f64 {
     (-logprobs.iter().sum::<f64>() / logprobs.len().max(1) as f64).exp()
 }
 
@@ -308,7 +309,10 @@ fn eval_model(model: &Gpt, data: &EvalData, device: &Device) -> Result<Vec<(Stri
 }
 
 /// Runs `f` unless `dir/trained.json` says the run is done; records its result there.
-fn train_once(dir: &Path, f: impl FnOnce() -> Result<Trained, Error>) -> Result<Trained, Error> {
+pub(crate) fn train_once(
+    dir: &Path,
+    f: impl FnOnce() -> Result<Trained, Error>,
+) -> Result<Trained, Error> {
     let marker = dir.join("trained.json");
     if let Ok(bytes) = std::fs::read(&marker)
         && let Ok(t) = serde_json::from_slice::<TrainedOnDisk>(&bytes)

@@ -122,7 +122,10 @@ fn listing(node: &Node, reg: &Registry) -> Result<Listing> {
             .into_iter()
             .map(|c| {
                 let c = c.into_record();
-                (net::to_hex(c.node.as_bytes()), c.lease_expires.saturating_sub(now))
+                (
+                    net::to_hex(c.node.as_bytes()),
+                    c.lease_expires.saturating_sub(now),
+                )
             })
             .collect();
         let mut listed = Vec::new();
@@ -175,7 +178,9 @@ fn print_listing(l: &Listing, me: &str) {
     println!(
         "registry v{} (expires in {} h), seed {}",
         l.registry_version,
-        l.registry_expires.saturating_sub(btm_net::limits::now_secs()) / 3600,
+        l.registry_expires
+            .saturating_sub(btm_net::limits::now_secs())
+            / 3600,
         &l.seed[..l.seed.len().min(8)]
     );
     println!(
@@ -197,7 +202,11 @@ fn print_listing(l: &Listing, me: &str) {
                 .attestations
                 .iter()
                 .map(|(v, (ok, _))| {
-                    let who = if v == me { "me".to_string() } else { v[..8].to_string() };
+                    let who = if v == me {
+                        "me".to_string()
+                    } else {
+                        v[..8].to_string()
+                    };
                     format!("{}{who}", if *ok { "+" } else { "-" })
                 })
                 .collect::<Vec<_>>()
@@ -603,8 +612,7 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         let (mut test, _) = data::tokenize_documents(&tok, &docs, Some(a.max_tokens * 8))?;
         test.truncate(a.max_tokens + 1);
         let dev_docs = corpus.documents(d, Split::Valid)?;
-        let (dev, _) =
-            data::tokenize_documents(&tok, &dev_docs, Some(a.prior_blocks * n_ctx * 8))?;
+        let (dev, _) = data::tokenize_documents(&tok, &dev_docs, Some(a.prior_blocks * n_ctx * 8))?;
         let prior = ensemble::cached_prior(
             &forest,
             &dev,
@@ -615,7 +623,8 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
             8,
             &device,
         )?;
-        let (ens, _) = Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
+        let (ens, _) =
+            Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
         let ensemble_ppl = ens.evaluate(None, &test, 8)?.perplexity;
         let post_path = tmp.path().join("posterior.safetensors");
         let inputs: Vec<Input> = forest
@@ -658,7 +667,10 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| forest.dir().to_path_buf());
     std::fs::create_dir_all(&out)?;
     let md = report_markdown(&report);
-    fsutil::write_atomic(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
+    fsutil::write_atomic(
+        &out.join("report.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
     fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
     let png = out.join("report.png");
     plot_report(&report, &png)?;
@@ -666,7 +678,11 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{md}");
-        println!("wrote {} and {}", out.join("report.md").display(), png.display());
+        println!(
+            "wrote {} and {}",
+            out.join("report.md").display(),
+            png.display()
+        );
     }
     Ok(())
 }
@@ -687,9 +703,17 @@ pub fn report_markdown(r: &ForestReport) -> String {
     s.push_str("---:|---:|---:|\n");
     for row in &r.rows {
         let mut vals = vec![row.seed];
-        vals.extend(r.elms.iter().map(|e| row.elms.get(e).copied().unwrap_or(f64::NAN)));
+        vals.extend(
+            r.elms
+                .iter()
+                .map(|e| row.elms.get(e).copied().unwrap_or(f64::NAN)),
+        );
         vals.extend([row.ensemble, row.average_posterior, row.average_uniform]);
-        let best = vals.iter().copied().filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
+        let best = vals
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(f64::INFINITY, f64::min);
         s.push_str(&format!("| {} |", row.domain));
         for v in vals {
             if v == best {
@@ -706,7 +730,13 @@ pub fn report_markdown(r: &ForestReport) -> String {
 /// Grouped bars per domain: seed, the domain's own ELM, ensemble, posterior and uniform averages.
 fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let series = ["seed", "own ELM", "ensemble", "avg posterior", "avg uniform"];
+    let series = [
+        "seed",
+        "own ELM",
+        "ensemble",
+        "avg posterior",
+        "avg uniform",
+    ];
     let value = |row: &ReportRow, k: usize| match k {
         0 => row.seed,
         1 => row.own_elm.unwrap_or(f64::NAN),
@@ -717,7 +747,8 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
     let n = r.rows.len().max(1);
     let (w, h) = ((160 * n as u32 + 200).max(700), 520u32);
     let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     let ymax = r
         .rows
         .iter()
@@ -754,13 +785,23 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
             }
             let x = gx + k as i32 * bar;
             let color = PALETTE[k % PALETTE.len()];
-            let _ = root.draw(&Rectangle::new([(x, py(v)), (x + bar - 2, y0 + ph)], color.filled()));
+            let _ = root.draw(&Rectangle::new(
+                [(x, py(v)), (x + bar - 2, y0 + ph)],
+                color.filled(),
+            ));
         }
-        let name: String = row.domain.chars().take((group / 8).max(4) as usize).collect();
+        let name: String = row
+            .domain
+            .chars()
+            .take((group / 8).max(4) as usize)
+            .collect();
         forest_cmds::text(&root, &name, gx, y0 + ph + 8, &BLACK);
     }
     for (k, s) in series.iter().enumerate() {
-        let (x, y) = (x0 + (k as i32 % 3) * 200, y0 + ph + 40 + (k as i32 / 3) * 20);
+        let (x, y) = (
+            x0 + (k as i32 % 3) * 200,
+            y0 + ph + 40 + (k as i32 / 3) * 20,
+        );
         let color = PALETTE[k % PALETTE.len()];
         let _ = root.draw(&Rectangle::new([(x, y), (x + 12, y + 8)], color.filled()));
         forest_cmds::text(&root, s, x + 18, y, &BLACK);
@@ -860,7 +901,8 @@ pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
     } else {
         vec![1.0 / forest.elms.len() as f64; forest.elms.len()]
     };
-    let (ens, chosen) = Ensemble::from_forest(&forest, Some(&prior), a.top_k, a.weighting, &device)?;
+    let (ens, chosen) =
+        Ensemble::from_forest(&forest, Some(&prior), a.top_k, a.weighting, &device)?;
     let members: Vec<(String, f64)> = chosen
         .iter()
         .map(|&i| (forest.elms[i].name.clone(), prior[i]))
@@ -893,7 +935,10 @@ pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
         .enumerate()
         .map(|(i, e)| -> Result<(String, f64)> {
             let m = forest.load_elm(i, &device)?;
-            Ok((e.name.clone(), eval::evaluate(&m, None, &tokens, 8, &device)?.perplexity))
+            Ok((
+                e.name.clone(),
+                eval::evaluate(&m, None, &tokens, 8, &device)?.perplexity,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     let s = Scored {
@@ -988,7 +1033,11 @@ pub fn average(a: AverageArgs, json: bool) -> Result<()> {
     } else {
         println!(
             "{} average of {} ELMs written to {} (blake3 {})",
-            if targeted { "posterior-weighted" } else { "uniform" },
+            if targeted {
+                "posterior-weighted"
+            } else {
+                "uniform"
+            },
             weights.len(),
             path.display(),
             &summary.id[..16]

@@ -40,10 +40,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Updates of the seed LM.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 600)]
     seed_steps: u64,
     /// Updates of each ELM.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 300)]
     elm_steps: u64,
     /// Blocks per update.
     #[arg(long, default_value_t = 8)]
@@ -76,8 +76,8 @@ pub struct DemoResult {
     /// ELM record ids in the maintainer's last registry.
     pub accepted: Vec<String>,
     pub report: ForestReport,
-    /// Seconds per stage.
-    pub timings: BTreeMap<String, f64>,
+    /// Seconds per stage, in order.
+    pub timings: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +104,10 @@ impl Procs {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
         let child = Command::new(exe)
             .args(args)
-            .env("BTM_LOG", std::env::var("BTM_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "BTM_LOG",
+                std::env::var("BTM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -206,7 +209,7 @@ fn run_step(name: &str, args: &[String], logs: &Path, show: bool) -> Result<()> 
 
 pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     let started = Instant::now();
-    let mut timings = BTreeMap::new();
+    let mut timings: Vec<(String, f64)> = Vec::new();
     let dir = &a.dir;
     let say = |m: &str| {
         if !json {
@@ -218,10 +221,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     }
     // A fresh network each run; a seed trained with the same settings is kept.
     let seed_dir = dir.join("seed");
-    let seed_tag = format!(
-        "{} {} {}",
-        a.preset, a.seed_steps, a.batch_size
-    );
+    let seed_tag = format!("{} {} {}", a.preset, a.seed_steps, a.batch_size);
     let tag_path = seed_dir.join("demo-seed.txt");
     let seed_ok = !a.retrain_seed
         && seed_dir.join("model.safetensors").exists()
@@ -266,7 +266,10 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     // 2. The seed.
     let t = Instant::now();
     if seed_ok {
-        say(&format!("reusing the seed in {} ({seed_tag})", seed_dir.display()));
+        say(&format!(
+            "reusing the seed in {} ({seed_tag})",
+            seed_dir.display()
+        ));
     } else {
         say(&format!(
             "training the seed LM ({}, {} updates) on the balanced mix of the 8 training domains",
@@ -293,7 +296,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         )?;
         std::fs::write(&tag_path, &seed_tag)?;
     }
-    timings.insert("seed".to_string(), t.elapsed().as_secs_f64());
+    timings.push(("seed".to_string(), t.elapsed().as_secs_f64()));
 
     // 3. The maintainer.
     let t = Instant::now();
@@ -329,7 +332,10 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     while !network.exists() {
         procs.check()?;
         if Instant::now() > deadline {
-            bail!("the maintainer did not publish within 120 s; see {}", logs.join("maintainer.log").display());
+            bail!(
+                "the maintainer did not publish within 120 s; see {}",
+                logs.join("maintainer.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -339,11 +345,13 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         network.display(),
         net.bootstrap.first().map_or("-", String::as_str)
     ));
-    timings.insert("publish".to_string(), t.elapsed().as_secs_f64());
+    timings.push(("publish".to_string(), t.elapsed().as_secs_f64()));
 
     // 4. Volunteers.
     let t = Instant::now();
-    let names: Vec<String> = (1..=a.volunteers).map(|i| format!("volunteer-{i}")).collect();
+    let names: Vec<String> = (1..=a.volunteers)
+        .map(|i| format!("volunteer-{i}"))
+        .collect();
     for name in &names {
         procs.spawn(
             name,
@@ -453,7 +461,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         b.finish();
     }
     mbar.finish();
-    timings.insert("volunteers".to_string(), t.elapsed().as_secs_f64());
+    timings.push(("volunteers".to_string(), t.elapsed().as_secs_f64()));
     say("every ELM is announced, verified by every other volunteer and accepted by the maintainer");
 
     // 5. The client.
@@ -476,9 +484,11 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         &logs,
         !json,
     )?;
-    timings.insert("fetch".to_string(), t.elapsed().as_secs_f64());
+    timings.push(("fetch".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    say("client: scoring the seed, each ELM, the ensemble and the averages on each domain's test data");
+    say(
+        "client: scoring the seed, each ELM, the ensemble and the averages on each domain's test data",
+    );
     run_step(
         "client-report",
         &[
@@ -493,7 +503,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         &logs,
         false,
     )?;
-    timings.insert("report".to_string(), t.elapsed().as_secs_f64());
+    timings.push(("report".to_string(), t.elapsed().as_secs_f64()));
     let report: ForestReport = serde_json::from_slice(&std::fs::read(forest.join("report.json"))?)
         .context("reading the report")?;
     let maint = StatusFile::read(&dir.join("maintainer").join("status.json")).unwrap_or_default();
@@ -508,14 +518,8 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         }
     }
     procs.stop(Duration::from_secs(10));
-    timings.insert("total".to_string(), started.elapsed().as_secs_f64());
+    timings.push(("total".to_string(), started.elapsed().as_secs_f64()));
 
-    let node_name: BTreeMap<&str, &str> = statuses
-        .iter()
-        .zip(&names)
-        .map(|(s, n)| (s.node.as_str(), n.as_str()))
-        .collect();
-    let _ = node_name;
     let volunteers: Vec<VolunteerResult> = statuses
         .iter()
         .zip(&names)
@@ -529,7 +533,12 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
             verified_by: statuses
                 .iter()
                 .zip(&names)
-                .filter(|(o, _)| s.elm.as_ref().is_some_and(|e| o.verified.get(e) == Some(&true)))
+                .filter(|(o, _)| o.node != s.node)
+                .filter(|(o, _)| {
+                    s.elm
+                        .as_ref()
+                        .is_some_and(|e| o.verified.get(e) == Some(&true))
+                })
                 .map(|(_, on)| on.clone())
                 .collect(),
         })
@@ -540,13 +549,19 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         report,
         timings,
     };
-    btm_model::fsutil::write_atomic(&dir.join("result.json"), &serde_json::to_vec_pretty(&result)?)?;
+    btm_model::fsutil::write_atomic(
+        &dir.join("result.json"),
+        &serde_json::to_vec_pretty(&result)?,
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
     println!();
-    println!("{:<14} {:<22} {:<9} {:>9} {:>9}  verified by", "volunteer", "domain", "ELM", "ppl", "seed ppl");
+    println!(
+        "{:<14} {:<22} {:<9} {:>9} {:>9}  verified by",
+        "volunteer", "domain", "ELM", "ppl", "seed ppl"
+    );
     for v in &result.volunteers {
         println!(
             "{:<14} {:<22} {:<9} {:>9.2} {:>9.2}  {}",

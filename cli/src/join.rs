@@ -287,15 +287,19 @@ async fn work(
     state.domain = Some(domain.clone());
     state.save(&state_path)?;
     let lease = settings.lease_secs.unwrap_or(15 * 60);
-    say.line(format!("claimed {domain} (lease {lease} s, renewed while training)"));
+    say.line(format!(
+        "claimed {domain} (lease {lease} s, renewed while training)"
+    ));
     status.update(|s| {
         s.domain = Some(domain.clone());
         s.phase = "downloading".into();
     });
     let renewer = tokio::spawn(renew(node.clone(), domain.clone(), lease, say.clone()));
 
-    let result = train_and_announce(a, config, settings, node, &reg, &seed, &domain, status, stop, say)
-        .await;
+    let result = train_and_announce(
+        a, config, settings, node, &reg, &seed, &domain, status, stop, say,
+    )
+    .await;
     renewer.abort();
     match result? {
         Some(envelope) => {
@@ -353,7 +357,9 @@ async fn claim_open_domain(
             }
             Choice::AllClaimed => {
                 if !told {
-                    say.line("every domain without an ELM is claimed; waiting for a lease to lapse");
+                    say.line(
+                        "every domain without an ELM is claimed; waiting for a lease to lapse",
+                    );
                     status.update(|s| s.phase = "waiting for a free domain".into());
                     told = true;
                 }
@@ -394,7 +400,9 @@ async fn renew(node: Node, domain: String, lease: u64, say: Say) {
     loop {
         tokio::time::sleep(every).await;
         if let Err(e) = node.claim(Some(&domain)).await {
-            say.line(format!("renewing the claim on {domain} failed: {e} (will retry)"));
+            say.line(format!(
+                "renewing the claim on {domain} failed: {e} (will retry)"
+            ));
         }
     }
 }
@@ -778,10 +786,29 @@ fn posterior_branch(
 }
 
 /// Serves blobs and verifies other peers' ELMs until stopped; keeps the status current.
-async fn serve(a: &JoinArgs, node: &Node, status: &StatusFile, stop: &Stop, say: &Say) -> Result<()> {
+async fn serve(
+    a: &JoinArgs,
+    node: &Node,
+    status: &StatusFile,
+    stop: &Stop,
+    say: &Say,
+) -> Result<()> {
     let _ = a;
     say.line("serving blobs and verifying other ELMs (Ctrl-C to stop)");
     let mut events = node.observe();
+    // Verdicts reached while training were observed by nobody: take them from the store.
+    let refresh = || {
+        if let Ok(v) = own_verdicts(node) {
+            status.update(|s| {
+                for (e, verdict) in v {
+                    if let Some(ok) = verdict {
+                        s.verified.insert(net::to_hex(&e.id().0), ok);
+                    }
+                }
+            });
+        }
+    };
+    refresh();
     let mut tick = tokio::time::interval(Duration::from_secs(20));
     loop {
         tokio::select! {
@@ -817,6 +844,7 @@ async fn serve(a: &JoinArgs, node: &Node, status: &StatusFile, stop: &Stop, say:
                 // Catch up on anything gossip missed, keep the address record fresh.
                 let _ = node.sync().await;
                 let _ = node.publish_addr().await;
+                refresh();
             }
         }
     }

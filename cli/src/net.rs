@@ -324,7 +324,8 @@ impl Stop {
         tokio::spawn(async move {
             #[cfg(unix)]
             {
-                let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+                let term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
                 match term {
                     Ok(mut term) => {
                         tokio::select! {
@@ -478,10 +479,6 @@ impl StatusFile {
             }
             Err(e) => tracing::warn!(error = %e, "encoding status.json"),
         }
-    }
-
-    pub fn get(&self) -> Status {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Reads a status file another process writes.

@@ -19,7 +19,9 @@ use btm_registry::Decision;
 use clap::{Args, Subcommand};
 
 use crate::model_cmds;
-use crate::net::{self, ConfigFile, NetArgs, NetworkFile, NodeSettings, Say, StatusFile, Stop, short};
+use crate::net::{
+    self, ConfigFile, NetArgs, NetworkFile, NodeSettings, Say, StatusFile, Stop, short,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum SeedCmd {
@@ -82,14 +84,20 @@ pub fn run_seed(cmd: SeedCmd, json: bool) -> Result<()> {
 
 fn publish(a: PublishArgs, json: bool) -> Result<()> {
     let config = ConfigFile::load(a.net.config.as_deref())?;
-    if a.net.root.is_none() && a.net.network.is_none() && config.root.is_none() && config.network.is_none() {
+    if a.net.root.is_none()
+        && a.net.network.is_none()
+        && config.root.is_none()
+        && config.network.is_none()
+    {
         bail!("pass --root with the network's root envelope (from `btm-node registry root-init`)");
     }
     let settings = NodeSettings::resolve(&a.net, &config, "runs/maintainer")?;
     let keys = a
         .keys
         .iter()
-        .map(|p| btm_registry::maintainer::load_key(p).with_context(|| format!("key {}", p.display())))
+        .map(|p| {
+            btm_registry::maintainer::load_key(p).with_context(|| format!("key {}", p.display()))
+        })
         .collect::<Result<Vec<_>>>()?;
     net::runtime()?.block_on(run(a, settings, keys, json))
 }
@@ -144,7 +152,12 @@ async fn offer(node: &Node, env: &[u8]) -> Result<()> {
     }
 }
 
-async fn run(a: PublishArgs, settings: NodeSettings, keys: Vec<SigningKey>, json: bool) -> Result<()> {
+async fn run(
+    a: PublishArgs,
+    settings: NodeSettings,
+    keys: Vec<SigningKey>,
+    json: bool,
+) -> Result<()> {
     let say = Say::new("maintainer", json);
     let stop = Stop::install();
     let node = net::start(&settings).await?;
@@ -192,7 +205,12 @@ async fn serve(
     let envelope = match &a.registry {
         Some(path) => {
             let env: Signed<Registry> = btm_registry::maintainer::read_envelope(path)?;
-            let names: Vec<String> = env.record().domains.iter().map(|d| d.name.clone()).collect();
+            let names: Vec<String> = env
+                .record()
+                .domains
+                .iter()
+                .map(|d| d.name.clone())
+                .collect();
             add_domain_blobs(node, &corpus, &names, say).await?;
             if env.record().seed.as_ref() != Some(&seed) {
                 bail!(
@@ -240,7 +258,10 @@ async fn serve(
                 },
                 domains,
                 seed: Some(seed.clone()),
-                elms: elms.into_iter().filter(|e| names.contains(&e.domain)).collect(),
+                elms: elms
+                    .into_iter()
+                    .filter(|e| names.contains(&e.domain))
+                    .collect(),
             };
             sign(registry, keys)
         }
@@ -343,7 +364,10 @@ async fn add_domain_blobs(
     let mut out = Vec::new();
     for n in names {
         let mut ids = [ContentId([0; 32]); 3];
-        for (i, split) in [Split::Train, Split::Valid, Split::Test].into_iter().enumerate() {
+        for (i, split) in [Split::Train, Split::Valid, Split::Test]
+            .into_iter()
+            .enumerate()
+        {
             let path = corpus.path(n, split)?;
             ids[i] = node
                 .add_blob_path(&path)

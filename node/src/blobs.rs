@@ -412,7 +412,7 @@ impl Blobs {
         }
         self.inner.router.endpoint().close().await;
         if let Err(e) = self.inner.store.shutdown().await {
-            tracing::warn!(error = %e, "blob store shutdown");
+            tracing::debug!(error = %e, "blob store shutdown");
         }
     }
 }

@@ -435,14 +435,20 @@ mod tests {
             Choice::Free("c".into())
         );
         done.insert("c".to_string());
-        assert_eq!(choose_open_domain(&board, &r, &me, 10, &done), Choice::AllClaimed);
+        assert_eq!(
+            choose_open_domain(&board, &r, &me, 10, &done),
+            Choice::AllClaimed
+        );
         // The lease lapses: the domain is free again.
         assert_eq!(
             choose_open_domain(&board, &r, &me, 100, &done),
             Choice::Free("a".into())
         );
         done.insert("a".to_string());
-        assert_eq!(choose_open_domain(&board, &r, &me, 10, &done), Choice::AllDone);
+        assert_eq!(
+            choose_open_domain(&board, &r, &me, 10, &done),
+            Choice::AllDone
+        );
     }
 
     #[test]

@@ -42,5 +42,5 @@ pub mod verify;
 pub use client::{Client, Event, NetError, Observed};
 pub use identity::Identity;
 pub use keys::{NetworkId, ProviderKey, RecordKey, Topic};
-pub use node::{Node, NodeConfig, NodeError, SyncReport};
 pub use libp2p;
+pub use node::{Node, NodeConfig, NodeError, SyncReport};

@@ -223,7 +223,11 @@ impl Network {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !net.network().exists() {
             net.maintainer.assert_running();
-            assert!(Instant::now() < deadline, "no network.toml:\n{}", net.maintainer.log());
+            assert!(
+                Instant::now() < deadline,
+                "no network.toml:\n{}",
+                net.maintainer.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         net
@@ -306,7 +310,10 @@ fn demo_network_trains_verifies_and_the_ensemble_beats_the_seed() {
                 assert!(by.contains(&o), "{o} did not verify {name}'s ELM: {v}");
             }
         }
-        assert!(accepted.contains(&elm), "the maintainer did not accept {elm}");
+        assert!(
+            accepted.contains(&elm),
+            "the maintainer did not accept {elm}"
+        );
         assert!(v["claimed_ppl"].as_f64().unwrap() < v["seed_ppl"].as_f64().unwrap());
     }
     let rows = r["report"]["rows"].as_array().unwrap();
@@ -328,18 +335,33 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
     let _g = serial();
     let mut net = Network::start("novels_austen,python_code");
     let dir = net.path("v1");
-    let args = ["--steps", "60", "--checkpoint-every", "5", "--domain", "python_code"];
+    let args = [
+        "--steps",
+        "60",
+        "--checkpoint-every",
+        "5",
+        "--domain",
+        "python_code",
+    ];
     let mut v = net.volunteer("v1", &args);
-    let s1 = wait_status(&dir, &mut [&mut v, &mut net.maintainer], 300, "training past update 12", |s| {
-        s["step"].as_u64().unwrap_or(0) >= 12
-    });
+    let s1 = wait_status(
+        &dir,
+        &mut [&mut v, &mut net.maintainer],
+        300,
+        "training past update 12",
+        |s| s["step"].as_u64().unwrap_or(0) >= 12,
+    );
     assert_eq!(s1["domain"], "python_code");
     v.kill();
     // Restarted with the same command: the same claim, from the last checkpoint.
     let mut v = net.volunteer("v1", &args);
-    let s2 = wait_status(&dir, &mut [&mut v, &mut net.maintainer], 600, "the ELM announced", |s| {
-        s["phase"] == "serving"
-    });
+    let s2 = wait_status(
+        &dir,
+        &mut [&mut v, &mut net.maintainer],
+        600,
+        "the ELM announced",
+        |s| s["phase"] == "serving",
+    );
     let resumed = s2["resumed_from"].as_u64().expect("resumed_from");
     assert!(resumed >= 10 && resumed % 5 == 0, "resumed from {resumed}");
     assert_eq!(s2["domain"], "python_code");
@@ -347,9 +369,17 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
     let elm = s2["elm"].as_str().unwrap().to_string();
     // The maintainer verifies and accepts it.
     let mdir = net.path("maintainer");
-    wait_status(&mdir, &mut [&mut net.maintainer], 300, "the ELM accepted", |s| {
-        s["accepted"].as_array().is_some_and(|a| a.iter().any(|x| x == elm.as_str()))
-    });
+    wait_status(
+        &mdir,
+        &mut [&mut net.maintainer],
+        300,
+        "the ELM accepted",
+        |s| {
+            s["accepted"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == elm.as_str()))
+        },
+    );
     // The volunteer goes away; a client that arrives afterwards still gets the verified forest.
     v.stop();
     let forest = net.path("forest");
@@ -392,21 +422,37 @@ fn a_lapsed_claim_frees_the_domain_for_another_volunteer() {
     let mut net = Network::start("novels_austen");
     // A claims the only domain with a short lease and vanishes mid-training.
     let mut a = net.volunteer("a", &["--steps", "5000", "--lease-secs", "6"]);
-    let sa = wait_status(&net.path("a"), &mut [&mut a, &mut net.maintainer], 300, "A training", |s| {
-        s["phase"] == "training"
-    });
+    let sa = wait_status(
+        &net.path("a"),
+        &mut [&mut a, &mut net.maintainer],
+        300,
+        "A training",
+        |s| s["phase"] == "training",
+    );
     assert_eq!(sa["domain"], "novels_austen");
     a.kill();
     // B finds the domain claimed, waits for the lease to lapse, takes it and finishes.
     let mut b = net.volunteer("b", &["--steps", "20", "--lease-secs", "6"]);
-    wait_status(&net.path("b"), &mut [&mut b, &mut net.maintainer], 120, "B waiting", |s| {
-        s["phase"] == "waiting for a free domain" || s["phase"] == "training"
-    });
-    let sb = wait_status(&net.path("b"), &mut [&mut b, &mut net.maintainer], 600, "B announced", |s| {
-        s["phase"] == "serving"
-    });
+    wait_status(
+        &net.path("b"),
+        &mut [&mut b, &mut net.maintainer],
+        120,
+        "B waiting",
+        |s| s["phase"] == "waiting for a free domain" || s["phase"] == "training",
+    );
+    let sb = wait_status(
+        &net.path("b"),
+        &mut [&mut b, &mut net.maintainer],
+        600,
+        "B announced",
+        |s| s["phase"] == "serving",
+    );
     assert_eq!(sb["domain"], "novels_austen");
-    assert!(b.log().contains("waiting for a lease to lapse"), "{}", b.log());
+    assert!(
+        b.log().contains("waiting for a lease to lapse"),
+        "{}",
+        b.log()
+    );
     assert!(sb["elm"].is_string());
     net.maintainer.stop();
 }

@@ -13,7 +13,6 @@
 //! Every process writes its log to `<dir>/logs/` and its state to `<data dir>/status.json`;
 //! the demo watches those and shows one progress line per node.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -488,6 +488,9 @@ impl EventLoop {
                 for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
                     let _ = reply.send(Err(NetError::Dial(error.to_string())));
                 }
+                // An unreachable peer would slow every later query (each waits for the dial
+                // to fail); it comes back when it connects again.
+                self.swarm.behaviour_mut().kad.remove_peer(&peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

@@ -804,13 +804,47 @@ async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fe
         }
     }
     nodes.retain(|n| *n != me);
-    let mut providers = Vec::new();
-    for node in nodes {
-        if let Some(addrs) = resolve(inner, &node).await {
-            providers.push(Provider { node, addrs });
+    // Peers we are connected to are alive: try them first. A provider record outlives the node
+    // that made it, and every dead provider tried first costs a lookup and a connect timeout.
+    let connected: Vec<NodeId> = inner
+        .client
+        .connected_peers()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(node_id_of)
+        .collect();
+    nodes.sort_by_key(|n| !connected.contains(n));
+    // Resolve and try one provider at a time, so that a live one early in the list is used
+    // without waiting on the addresses of the rest.
+    let mut failures = Vec::new();
+    let mut fetched = None;
+    for node in nodes
+        .into_iter()
+        .take(inner.config.blobs.max_attempts.max(1))
+    {
+        let Some(addrs) = resolve(inner, &node).await else {
+            failures.push((node, "no address record".to_string()));
+            continue;
+        };
+        match inner.blobs.fetch(&id, &[Provider { node, addrs }]).await {
+            Ok(mut f) => {
+                failures.append(&mut f.failures);
+                f.failures = std::mem::take(&mut failures);
+                fetched = Some(f);
+                break;
+            }
+            Err(BlobError::Download { attempts, .. }) => failures.extend(attempts),
+            Err(e) => return Err(e.into()),
         }
     }
-    let fetched = inner.blobs.fetch(&id, &providers).await?;
+    let Some(fetched) = fetched else {
+        return Err(BlobError::Download {
+            id,
+            attempts: failures,
+        }
+        .into());
+    };
     let c = inner.client.clone();
     tokio::spawn(async move {
         let _ = c.provide(ProviderKey::Blob(id)).await;

@@ -174,7 +174,12 @@ pub(crate) fn build(
             yamux::Config::default,
         )
         .map_err(err)?
-        .with_quic()
+        .with_quic_config(|mut c| {
+            // A dead peer's QUIC dial fails only at the handshake timeout; keep it short so
+            // DHT queries that meet one are not held up.
+            c.handshake_timeout = Duration::from_secs(3);
+            c
+        })
         .with_behaviour(|key| {
             let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             kcfg.set_record_filtering(kad::StoreInserts::FilterBoth)

@@ -420,8 +420,8 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
 fn a_lapsed_claim_frees_the_domain_for_another_volunteer() {
     let _g = serial();
     let mut net = Network::start("novels_austen");
-    // A claims the only domain with a short lease and vanishes mid-training.
-    let mut a = net.volunteer("a", &["--steps", "5000", "--lease-secs", "6"]);
+    // A claims the only domain with a short lease and trains.
+    let mut a = net.volunteer("a", &["--steps", "5000", "--lease-secs", "20"]);
     let sa = wait_status(
         &net.path("a"),
         &mut [&mut a, &mut net.maintainer],
@@ -430,16 +430,17 @@ fn a_lapsed_claim_frees_the_domain_for_another_volunteer() {
         |s| s["phase"] == "training",
     );
     assert_eq!(sa["domain"], "novels_austen");
-    a.kill();
-    // B finds the domain claimed, waits for the lease to lapse, takes it and finishes.
-    let mut b = net.volunteer("b", &["--steps", "20", "--lease-secs", "6"]);
+    // B finds the only domain claimed by a live node and waits.
+    let mut b = net.volunteer("b", &["--steps", "20", "--lease-secs", "20"]);
     wait_status(
         &net.path("b"),
-        &mut [&mut b, &mut net.maintainer],
+        &mut [&mut a, &mut b, &mut net.maintainer],
         120,
         "B waiting",
-        |s| s["phase"] == "waiting for a free domain" || s["phase"] == "training",
+        |s| s["phase"] == "waiting for a free domain",
     );
+    // A vanishes mid-training; its lease lapses and B takes the domain and finishes.
+    a.kill();
     let sb = wait_status(
         &net.path("b"),
         &mut [&mut b, &mut net.maintainer],

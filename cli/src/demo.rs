@@ -517,6 +517,8 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         }
     }
     procs.stop(Duration::from_secs(10));
+    // The network is gone: a stale description would send `join` looking for it.
+    let _ = std::fs::remove_file(&network);
     timings.push(("total".to_string(), started.elapsed().as_secs_f64()));
 
     let volunteers: Vec<VolunteerResult> = statuses

@@ -175,29 +175,21 @@ pub fn join(a: JoinArgs, json: bool) -> Result<()> {
 
 async fn run(a: JoinArgs, config: ConfigFile, settings: NodeSettings, json: bool) -> Result<()> {
     let say = Say::new("join", json);
-    let stop = Stop::install();
-    let node = net::start(&settings).await?;
-    let status = StatusFile::new(&settings.data_dir, "volunteer", node.node_id().as_bytes());
-    let addrs = node.listen_addrs().await.unwrap_or_default();
-    say.line(format!(
-        "node {} up in {} ({} peers to dial)",
-        short(node.node_id().as_bytes()),
-        settings.data_dir.display(),
-        settings.bootstrap.len()
-    ));
-    status.update(|s| {
-        s.phase = "waiting for the registry".into();
-        s.listen = addrs.iter().map(ToString::to_string).collect();
-    });
-    let result = work(&a, &config, &settings, &node, &status, &stop, &say).await;
-    if let Err(e) = &result {
+    net::run_node(&settings, "volunteer", async |node, status, stop| {
+        let addrs = node.listen_addrs().await.unwrap_or_default();
+        say.line(format!(
+            "node {} up in {} ({} peers to dial)",
+            short(node.node_id().as_bytes()),
+            settings.data_dir.display(),
+            settings.bootstrap.len()
+        ));
         status.update(|s| {
-            s.phase = "failed".into();
-            s.message = format!("{e:#}");
+            s.phase = "waiting for the registry".into();
+            s.listen = addrs.iter().map(ToString::to_string).collect();
         });
-    }
-    node.shutdown().await;
-    result
+        work(&a, &config, &settings, node, status, stop, &say).await
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -693,7 +685,7 @@ fn train_blocking(
         bar.set_message(format!("loss {:.3} {:.0} tok/s", s.loss, s.tokens_per_s));
         status.update(|st| {
             st.step = s.step;
-            st.loss = Some(f64::from(s.loss));
+            st.loss = Some(s.loss);
         });
         if every > 0 && s.step % every == 0 && !trainer.finished() {
             trainer.save_checkpoint()?;

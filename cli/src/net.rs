@@ -114,8 +114,7 @@ pub struct NetworkFile {
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 fn read_small(path: &Path) -> Result<String> {
-    let bytes = btm_model::fsutil::read_limited(path, MAX_CONFIG_BYTES)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let bytes = btm_model::fsutil::read_limited(path, MAX_CONFIG_BYTES)?;
     String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
@@ -168,7 +167,7 @@ impl NetworkFile {
 /// Hex decoding (lowercase or uppercase).
 pub fn from_hex(s: &str) -> Result<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("odd number of hex digits");
     }
     (0..s.len())
@@ -226,8 +225,9 @@ impl NodeSettings {
                 let demo = Path::new(DEMO_NETWORK);
                 if !demo.exists() {
                     bail!(
-                        "no network given and the local demo network ({DEMO_NETWORK}) is not running: \
-                         start it with `btm-node demo`, or pass --network FILE (or --root FILE --bootstrap ADDR)"
+                        "no network given and no local demo network is running ({DEMO_NETWORK} is missing): \
+                         start one with `btm-node demo --keep-running`, or pass --network FILE \
+                         (or --root FILE --bootstrap ADDR)"
                     );
                 }
                 Some(NetworkFile::load(demo)?)
@@ -304,6 +304,27 @@ pub async fn start(settings: &NodeSettings) -> Result<Node> {
     Node::start(settings.node_config())
         .await
         .with_context(|| format!("starting the node in {}", settings.data_dir.display()))
+}
+
+/// Runs a long-lived node: installs the stop signals, starts the node, keeps `status.json`
+/// (marked `failed` with the error if `work` fails) and always shuts the node down.
+pub async fn run_node(
+    settings: &NodeSettings,
+    role: &str,
+    work: impl AsyncFnOnce(&Node, &StatusFile, &Stop) -> Result<()>,
+) -> Result<()> {
+    let stop = Stop::install();
+    let node = start(settings).await?;
+    let status = StatusFile::new(&settings.data_dir, role, node.node_id().as_bytes());
+    let result = work(&node, &status, &stop).await;
+    if let Err(e) = &result {
+        status.update(|s| {
+            s.phase = "failed".into();
+            s.message = format!("{e:#}");
+        });
+    }
+    node.shutdown().await;
+    result
 }
 
 /// A stop request (Ctrl-C or SIGTERM), as a flag blocking code can poll and a future.

@@ -159,18 +159,10 @@ async fn run(
     json: bool,
 ) -> Result<()> {
     let say = Say::new("maintainer", json);
-    let stop = Stop::install();
-    let node = net::start(&settings).await?;
-    let status = StatusFile::new(&settings.data_dir, "maintainer", node.node_id().as_bytes());
-    let result = serve(&a, &settings, &keys, &node, &status, &stop, &say).await;
-    if let Err(e) = &result {
-        status.update(|s| {
-            s.phase = "failed".into();
-            s.message = format!("{e:#}");
-        });
-    }
-    node.shutdown().await;
-    result
+    net::run_node(&settings, "maintainer", async |node, status, stop| {
+        serve(&a, &settings, &keys, node, status, stop, &say).await
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -343,7 +335,7 @@ async fn serve(
                     }
                 }
                 sync_every += 1;
-                if sync_every % 20 == 0 {
+                if sync_every.is_multiple_of(20) {
                     let _ = node.sync().await;
                 }
             }

@@ -461,7 +461,7 @@ mod tests {
             })
             .collect();
         let board = Board::from_claims(&claims, 10);
-        let k = keeper(&board, "a", 10).expect("a keeper");
+        let k = keeper(&board, "a", 10).unwrap();
         // The same from any subset containing the keeper, in any order.
         let mut rev = claims.clone();
         rev.reverse();

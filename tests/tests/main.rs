@@ -380,6 +380,23 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
                 .is_some_and(|a| a.iter().any(|x| x == elm.as_str()))
         },
     );
+    // A second volunteer arrives after that ELM was accepted: it branches from the
+    // posterior-weighted average of the accepted ELMs instead of the seed.
+    let mut w = net.volunteer("v2", &["--steps", "30", "--domain", "novels_austen"]);
+    let sw = wait_status(
+        &net.path("v2"),
+        &mut [&mut w, &mut v, &mut net.maintainer],
+        600,
+        "the second ELM announced",
+        |s| s["phase"] == "serving",
+    );
+    assert!(
+        sw["branch"]
+            .as_str()
+            .is_some_and(|b| b.contains("posterior-weighted average") && b.contains("python_code")),
+        "{sw}"
+    );
+    w.stop();
     // The volunteer goes away; a client that arrives afterwards still gets the verified forest.
     v.stop();
     let forest = net.path("forest");
@@ -393,15 +410,15 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
         "--out",
         forest.to_str().unwrap(),
         "--min-elms",
-        "1",
+        "2",
         "--wait",
         "300",
     ]);
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0]["id"], elm.as_str());
-    assert_eq!(rows[0]["verified_here"], true);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().any(|r| r["id"] == elm.as_str()));
+    assert!(rows.iter().all(|r| r["verified_here"] == true));
     assert!(forest.join("forest.json").exists());
     // The client's ensemble works on the fetched forest.
     let out = run(&[

@@ -549,17 +549,8 @@ pub struct ForestReport {
     pub rows: Vec<ReportRow>,
 }
 
-fn forest_path(p: &Path) -> PathBuf {
-    if p.is_dir() {
-        p.join(manifest::MANIFEST_FILE)
-    } else {
-        p.to_path_buf()
-    }
-}
-
 pub fn report(a: ReportArgs, json: bool) -> Result<()> {
-    let forest = Forest::open(&forest_path(&a.forest))
-        .with_context(|| format!("opening the forest {}", a.forest.display()))?;
+    let forest = forest_cmds::open(&a.forest)?;
     if forest.elms.is_empty() {
         bail!("the forest has no ELMs");
     }
@@ -887,7 +878,7 @@ struct Scored {
 }
 
 pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
-    let forest = Forest::open(&forest_path(&a.forest))?;
+    let forest = forest_cmds::open(&a.forest)?;
     if forest.elms.is_empty() {
         bail!("the forest has no ELMs");
     }
@@ -993,7 +984,7 @@ pub struct AverageArgs {
 }
 
 pub fn average(a: AverageArgs, json: bool) -> Result<()> {
-    let forest = Forest::open(&forest_path(&a.forest))?;
+    let forest = forest_cmds::open(&a.forest)?;
     if forest.elms.is_empty() {
         bail!("the forest has no ELMs");
     }

@@ -30,7 +30,7 @@ fn manifest_path(p: &Path) -> PathBuf {
     }
 }
 
-fn open(p: &Path) -> Result<Forest> {
+pub(crate) fn open(p: &Path) -> Result<Forest> {
     let path = manifest_path(p);
     Forest::open(&path).with_context(|| format!("opening the forest {}", path.display()))
 }

@@ -370,19 +370,12 @@ async fn claim_open_domain(
 /// Domains with an ELM accepted in the registry or accepted by this node's verification.
 fn domains_with_elms(node: &Node, reg: &Registry) -> Result<BTreeSet<String>> {
     let mut done: BTreeSet<String> = reg.elms.iter().map(|e| e.domain.clone()).collect();
-    let me = node.node_id();
-    let held = node.with_store(|s| -> Result<Vec<(String, bool)>> {
-        let mut out = Vec::new();
-        for e in s.elms(10_000)? {
-            let ok = s
-                .attestations(&e.id())?
-                .iter()
-                .any(|a| a.record().verifier == me && a.record().verdict == Verdict::Accept);
-            out.push((e.record().domain.clone(), ok));
-        }
-        Ok(out)
-    })??;
-    done.extend(held.into_iter().filter(|(_, ok)| *ok).map(|(d, _)| d));
+    done.extend(
+        own_verdicts(node)?
+            .into_iter()
+            .filter(|(_, verdict)| *verdict == Some(true))
+            .map(|(e, _)| e.record().domain.clone()),
+    );
     Ok(done)
 }
 

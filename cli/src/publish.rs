@@ -45,6 +45,11 @@ pub struct PublishArgs {
     /// instead of building and signing one.
     #[arg(long)]
     registry: Option<PathBuf>,
+    /// A rotated root (version trusted + 1, signed by a threshold of the old keys and of its
+    /// own, from `btm-node registry root-init` and `sign`) to publish before the registry;
+    /// repeat for a chain, oldest first. Registries are then signed with the new keys.
+    #[arg(long = "rotate-root")]
+    rotate_roots: Vec<PathBuf>,
     /// Domains of the registry (default: the eight training domains of the corpus).
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
@@ -192,6 +197,22 @@ async fn serve(
         short(&seed.weights.0),
         short(&seed.tokenizer.0)
     ));
+
+    // Key rotation: each root is checked by this node's rules, adopted, stored on the DHT under
+    // its version and gossiped; nodes that started from an older root walk the chain.
+    for path in &a.rotate_roots {
+        let bytes = read_file(path)?;
+        match node.publish_root(&bytes).await? {
+            Decision::Accept(r) => say.line(format!(
+                "root v{} published ({} keys, threshold {})",
+                r.record().version,
+                r.record().keys.len(),
+                r.record().threshold
+            )),
+            Decision::Unchanged => {}
+            Decision::Reject(r) => bail!("the root {} was refused: {r}", path.display()),
+        }
+    }
 
     // The registry: the given file, or a new version built here.
     let envelope = match &a.registry {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use btm_protocol::{ContentId, Registry, Signed};
+use btm_protocol::{ContentId, Registry, Root, Signed};
 use btm_registry::{Decision, Trusted};
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
 use libp2p::{Multiaddr, PeerId};
@@ -67,6 +67,7 @@ pub(crate) enum Command {
     GossipPeers(Reply<Vec<(PeerId, usize)>>),
     Trusted(Reply<Trusted>),
     OfferRegistry(Vec<u8>, Reply<Decision<Signed<Registry>>>),
+    OfferRoot(Vec<u8>, Reply<Decision<Signed<Root>>>),
     Shutdown(Reply<()>),
 }
 
@@ -224,6 +225,12 @@ impl Client {
         self.call(|r| Command::OfferRegistry(bytes, r)).await
     }
 
+    /// Offers the next root (a rotation) to the rules; an accepted one becomes trusted
+    /// (persisted), is stored on the DHT under its version and gossiped.
+    pub async fn offer_root(&self, bytes: Vec<u8>) -> Result<Decision<Signed<Root>>, NetError> {
+        self.call(|r| Command::OfferRoot(bytes, r)).await
+    }
+
     /// Stops the event loop.
     pub async fn shutdown(&self) -> Result<(), NetError> {
         self.call(Command::Shutdown).await
@@ -252,6 +259,8 @@ pub enum Observed {
     Connected(PeerId),
     /// A registry became trusted.
     Registry { version: u64 },
+    /// A root became trusted (a rotation).
+    Root { version: u64 },
     /// A claim was accepted and stored.
     Claim {
         domain: String,

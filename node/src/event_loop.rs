@@ -2,11 +2,11 @@
 //! validates everything peers offer before it is stored or forwarded, and hands ELM records to
 //! the node's worker for verification.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use btm_protocol::{Attestation, Record, Signed};
+use btm_protocol::{Attestation, ContentId, Kind, Record, Root, Signed};
 use btm_registry::{Decision, Reject, Store, Trusted};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, MessageAcceptance};
@@ -39,6 +39,8 @@ pub(crate) struct EventLoop {
     observers: broadcast::Sender<Observed>,
     store: Arc<Mutex<Store>>,
     trusted: Trusted,
+    /// Ids of the accepted roots by version (the chain served under `RecordKey::Root`).
+    roots: BTreeMap<u64, ContentId>,
     horizons: Horizons,
     limits: Limits,
     puts: RateLimiter<PeerId>,
@@ -69,6 +71,13 @@ impl EventLoop {
         horizons: Horizons,
         limits: Limits,
     ) -> Self {
+        let chain = match store.lock() {
+            Ok(s) => s.roots().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the root chain");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
         let mut el = EventLoop {
             swarm,
             net,
@@ -77,6 +86,7 @@ impl EventLoop {
             observers,
             store,
             trusted,
+            roots: BTreeMap::new(),
             horizons,
             puts: RateLimiter::new(limits.dht_puts_per_peer, limits.max_tracked_peers),
             gossip: RateLimiter::new(limits.gossip_per_peer, limits.max_tracked_peers),
@@ -95,7 +105,31 @@ impl EventLoop {
                 tracing::error!(error = %e, "subscribing to {topic}");
             }
         }
+        // Serve what we trust from the first moment: every accepted root (so a node on an
+        // older root can walk the chain), the registry and its seed.
+        for bytes in chain {
+            if let Ok(root) = Signed::<Root>::decode(&bytes) {
+                el.roots.insert(root.record().version, root.id());
+                el.hold(RecordKey::Root(root.record().version), bytes);
+            }
+        }
+        el.roots
+            .insert(el.trusted.root.record().version, el.trusted.root.id());
+        if let Some(reg) = el.trusted.registry.clone() {
+            el.hold(RecordKey::Registry, reg.encode());
+            if let Some(seed) = &reg.record().seed {
+                el.hold(RecordKey::Seed, seed.encode());
+            }
+        }
         el
+    }
+
+    /// Puts a record we trust into the local DHT store (no network traffic).
+    fn hold(&mut self, key: RecordKey, value: Vec<u8>) {
+        let record = kad::Record::new(key.kad(&self.net), value);
+        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+            tracing::debug!(error = %e, "holding a record");
+        }
     }
 
     pub(crate) async fn run(mut self) {
@@ -117,6 +151,7 @@ impl EventLoop {
     fn view(&self) -> View<'_> {
         View {
             trusted: &self.trusted,
+            roots: &self.roots,
             now: now_secs(),
             horizons: self.horizons,
         }
@@ -339,9 +374,60 @@ impl EventLoop {
                 }
                 let _ = reply.send(r);
             }
+            Command::OfferRoot(bytes, reply) => {
+                let r = self.adopt_root(&bytes);
+                if let Ok(Decision::Accept(root)) = &r {
+                    self.spread_root(root.record().version, bytes);
+                }
+                let _ = reply.send(r);
+            }
             Command::Shutdown(reply) => {
                 let _ = reply.send(Ok(()));
             }
+        }
+    }
+
+    /// Offers the next root to the store's rules; on acceptance it becomes the trusted root
+    /// (registries are checked against its keys from now on) and is held on the DHT.
+    fn adopt_root(&mut self, bytes: &[u8]) -> Result<Decision<Signed<Root>>, NetError> {
+        let decision = {
+            let mut store = self
+                .store
+                .lock()
+                .map_err(|_| NetError::Store("store lock poisoned".into()))?;
+            store
+                .update_root(bytes, now_secs())
+                .map_err(|e| NetError::Store(e.to_string()))?
+        };
+        if let Decision::Accept(root) = &decision {
+            let version = root.record().version;
+            self.trusted.root = root.clone();
+            self.roots.insert(version, root.id());
+            self.hold(RecordKey::Root(version), bytes.to_vec());
+            tracing::info!(version, "root adopted (key rotation)");
+            observe(&self.observers, Observed::Root { version });
+        }
+        Ok(decision)
+    }
+
+    /// Stores an adopted root at the closest peers and gossips it on the registry topic.
+    fn spread_root(&mut self, version: u64, bytes: Vec<u8>) {
+        let net = self.net;
+        let _ = self.swarm.behaviour_mut().kad.put_record(
+            kad::Record::new(RecordKey::Root(version).kad(&net), bytes.clone()),
+            kad::Quorum::One,
+        );
+        let hash = self.topic_hash(Topic::Registry);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(hash, bytes) {
+            tracing::debug!(error = %e, "gossiping the root");
+        }
+    }
+
+    /// Adopts a newer root or registry that passed validation under `key`.
+    fn adopt_newer(&mut self, key: &RecordKey, value: &[u8]) -> Result<(), NetError> {
+        match key {
+            RecordKey::Root(_) => self.adopt_root(value).map(drop),
+            _ => self.adopt_registry(value).map(drop),
         }
     }
 
@@ -408,11 +494,11 @@ impl EventLoop {
     ) -> Result<kad::Record, NetError> {
         let freshness = validate::check_record(&self.view(), key, &value)?;
         if freshness == Freshness::Newer {
-            // A newer registry offered through the DHT: adopt it (the rules run again inside
-            // the store's transaction).
-            let _ = self.adopt_registry(&value)?;
+            // A newer registry or the next root offered through the DHT: adopt it (the rules
+            // run again inside the store's transaction).
+            self.adopt_newer(key, &value)?;
         }
-        if freshness == Freshness::Older {
+        if matches!(freshness, Freshness::Older | Freshness::Ahead) {
             return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));
         }
         let kkey = key.kad(&self.net);
@@ -669,11 +755,20 @@ impl EventLoop {
                 self.refused("dht get", pr.peer, e.to_string());
             }
             Ok(Freshness::Older) => {}
+            Ok(Freshness::Ahead) => {
+                // The next root may be found first; a later one is kept as the answer so the
+                // caller sees how far the chain goes, but it is not stored.
+                if let Some(q) = self.pending_get.get_mut(&id)
+                    && q.best.is_none()
+                {
+                    q.best = Some(value);
+                }
+            }
             Ok(fresh) => {
                 if fresh == Freshness::Newer
-                    && let Err(e) = self.adopt_registry(&value)
+                    && let Err(e) = self.adopt_newer(&key, &value)
                 {
-                    tracing::warn!(error = %e, "adopting a registry found on the DHT");
+                    tracing::warn!(error = %e, "adopting a record found on the DHT");
                 }
                 // Keep a valid copy locally, as Kademlia caching would.
                 let _ = self.check_and_store(&key, value.clone(), pr.peer);
@@ -728,7 +823,29 @@ impl EventLoop {
             .report_message_validation_result(&id, &source, acceptance);
     }
 
+    /// A root (rotation) on the registry topic.
+    fn on_root_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        match validate::check_root(&self.view(), None, data) {
+            Ok(Freshness::Newer) => match self.adopt_root(data) {
+                Ok(Decision::Accept(_)) => MessageAcceptance::Accept,
+                Ok(_) => MessageAcceptance::Ignore,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storing a root");
+                    MessageAcceptance::Ignore
+                }
+            },
+            Ok(_) => MessageAcceptance::Ignore,
+            Err(e) => {
+                self.refused("root", Some(source), e.to_string());
+                MessageAcceptance::Reject
+            }
+        }
+    }
+
     fn on_registry_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        if matches!(btm_protocol::envelope_kind(data), Ok(Kind::Root)) {
+            return self.on_root_message(source, data);
+        }
         match validate::check_registry(&self.view(), data) {
             Ok(Freshness::Newer) => match self.adopt_registry(data) {
                 Ok(Decision::Accept(_)) => {

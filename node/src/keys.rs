@@ -35,6 +35,8 @@ impl fmt::Display for NetworkId {
 pub enum RecordKey {
     /// The newest registry envelope.
     Registry,
+    /// The root envelope of this version (the chain a node on an older root walks).
+    Root(u64),
     /// The seed manifest body; must equal the trusted registry's seed.
     Seed,
     /// `node`'s claim envelope on `domain` (its latest lease).
@@ -112,6 +114,7 @@ impl RecordKey {
         let p = net.prefix();
         match self {
             RecordKey::Registry => format!("{p}registry"),
+            RecordKey::Root(v) => format!("{p}root/{v}"),
             RecordKey::Seed => format!("{p}seed"),
             RecordKey::Claim { domain, node } => format!("{p}claim/{domain}/{node}"),
             RecordKey::Elm(id) => format!("{p}elm/{id}"),
@@ -133,6 +136,12 @@ impl RecordKey {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             ["registry"] => Some(RecordKey::Registry),
+            // Canonical decimal only, so one version has one key.
+            ["root", v]
+                if v.bytes().all(|b| b.is_ascii_digit()) && (!v.starts_with('0') || *v == "0") =>
+            {
+                Some(RecordKey::Root(v.parse().ok()?))
+            }
             ["seed"] => Some(RecordKey::Seed),
             ["claim", d, n] => Some(RecordKey::Claim {
                 domain: domain_ok(d)?,
@@ -202,8 +211,14 @@ mod tests {
                 node,
             },
             RecordKey::Addr(node),
+            RecordKey::Root(1),
+            RecordKey::Root(u64::MAX),
         ] {
             assert_eq!(RecordKey::parse(&net, &k.to_bytes(&net)), Some(k));
+        }
+        for v in ["01", "+1", "", "1x", "18446744073709551616"] {
+            let key = format!("btm/1/{net}/root/{v}");
+            assert_eq!(RecordKey::parse(&net, key.as_bytes()), None, "{v}");
         }
         for k in [
             ProviderKey::Blob(ContentId::of(b"y")),

@@ -291,6 +291,45 @@ impl Node {
         Ok(self.inner.client.offer_registry(envelope.to_vec()).await?)
     }
 
+    /// Offers the next root (a maintainers' key rotation, signed by a threshold of the trusted
+    /// keys and of its own): an accepted one becomes trusted, is stored on the DHT under its
+    /// version and gossiped, and registries are checked against its keys from then on.
+    pub async fn publish_root(&self, envelope: &[u8]) -> Result<Decision<Signed<Root>>, NodeError> {
+        Ok(self.inner.client.offer_root(envelope.to_vec()).await?)
+    }
+
+    /// The trusted root's version.
+    pub async fn root_version(&self) -> Result<u64, NodeError> {
+        Ok(self.inner.client.trusted().await?.root.record().version)
+    }
+
+    /// Walks the root chain on the DHT: asks for the root after the trusted one until there is
+    /// none, checking each step against the rotation rules. Returns the trusted root's version.
+    pub async fn sync_root(&self) -> Result<u64, NodeError> {
+        let c = &self.inner.client;
+        loop {
+            let current = self.root_version().await?;
+            let Some(next) = current.checked_add(1) else {
+                return Ok(current);
+            };
+            let Some(bytes) = c.get_record(RecordKey::Root(next)).await? else {
+                return Ok(current);
+            };
+            match c.offer_root(bytes).await? {
+                Decision::Accept(_) => {}
+                // Adopted while the query ran (the GET result itself is adopted on arrival).
+                Decision::Unchanged => {}
+                Decision::Reject(r) => {
+                    tracing::warn!(version = next, reason = %r, "a root found on the DHT was refused");
+                    return Ok(current);
+                }
+            }
+            if self.root_version().await? == current {
+                return Ok(current);
+            }
+        }
+    }
+
     // --- blobs -------------------------------------------------------------------------
 
     /// Publishes (or refreshes) this node's blob-address record on the DHT.
@@ -486,6 +525,8 @@ impl Node {
     pub async fn sync(&self) -> Result<SyncReport, NodeError> {
         let c = &self.inner.client;
         let mut report = SyncReport::default();
+        // Registries after a key rotation are signed by keys only the new root lists.
+        report.root = self.sync_root().await?;
         if let Some(bytes) = c.get_record(RecordKey::Registry).await? {
             report.registry = Signed::<Registry>::decode(&bytes)
                 .ok()
@@ -554,6 +595,8 @@ impl Node {
 /// What [`Node::sync`] found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
+    /// The trusted root's version after walking the chain.
+    pub root: u64,
     /// The version of the newest registry found, if any.
     pub registry: Option<u64>,
     /// Claims newly stored.

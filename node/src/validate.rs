@@ -1,8 +1,10 @@
 //! Validation of what peers offer: DHT records (on every inbound PUT and every GET result) and
 //! the cheap checks of gossip messages. Pure functions of (trusted state, now, bytes) -> outcome.
 
-use btm_protocol::{Claim, ContentId, ElmRecord, Record, Registry, SeedManifest, Signed};
-use btm_registry::{Decision, Reject, Trusted, decide_registry};
+use std::collections::BTreeMap;
+
+use btm_protocol::{Claim, ContentId, ElmRecord, Record, Registry, Root, SeedManifest, Signed};
+use btm_registry::{Decision, Reject, Trusted, decide_registry, decide_root};
 
 use crate::addr::{AddrError, AddrRecord};
 use crate::keys::RecordKey;
@@ -29,6 +31,8 @@ impl Default for Horizons {
 #[derive(Debug, Clone, Copy)]
 pub struct View<'a> {
     pub trusted: &'a Trusted,
+    /// The ids of the roots this node accepted, by version (the trusted one included).
+    pub roots: &'a BTreeMap<u64, ContentId>,
     pub now: u64,
     pub horizons: Horizons,
 }
@@ -69,20 +73,28 @@ pub enum Invalid {
     /// A bad address record.
     #[error(transparent)]
     Addr(#[from] AddrError),
+    /// A root whose version this node accepted with other content.
+    #[error("root v{0} differs from the root v{0} this node accepted")]
+    RootConflict(u64),
     /// An address record that has expired or lives too long.
     #[error("address record expiry {expires} is not within ({now}, now + horizon]")]
     AddrExpiry { expires: u64, now: u64 },
 }
 
-/// How a valid record compares with what is trusted (only registries have versions).
+/// How a valid record compares with what is trusted (only roots and registries have
+/// versions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
-    /// A registry newer than the trusted one: adopt it.
+    /// A registry, or the next root, newer than the trusted one: adopt it.
     Newer,
     /// Valid and not older than what is trusted.
     Current,
-    /// A validly signed registry older than the trusted one: keep ours, do not store it.
+    /// A validly signed registry older than the trusted one, or an older root this node
+    /// never held: keep ours, do not store it.
     Older,
+    /// A root more than one version ahead: it cannot be checked until the roots between are
+    /// known (walk the chain), so it is neither stored nor held against the sender.
+    Ahead,
 }
 
 /// Checks a claim envelope (everything but the per-node quota, which needs the store).
@@ -148,10 +160,42 @@ pub fn check_registry(view: &View<'_>, bytes: &[u8]) -> Result<Freshness, Invali
     }
 }
 
+/// Checks a root envelope (of `version`, when it was found under a key) against the chain this
+/// node accepted: a root it holds is current, the next one must pass the rotation rules
+/// (thresholds of the trusted keys and of its own), a later one waits for the chain.
+pub fn check_root(
+    view: &View<'_>,
+    version: Option<u64>,
+    bytes: &[u8],
+) -> Result<Freshness, Invalid> {
+    let root = Signed::<Root>::decode(bytes).map_err(Reject::from)?;
+    let v = root.record().version;
+    if version.is_some_and(|k| k != v) {
+        return Err(Invalid::KeyMismatch);
+    }
+    let current = view.trusted.root.record().version;
+    if v <= current {
+        return match view.roots.get(&v) {
+            Some(id) if *id == root.id() => Ok(Freshness::Current),
+            Some(_) => Err(Invalid::RootConflict(v)),
+            None => Ok(Freshness::Older),
+        };
+    }
+    if v > current.saturating_add(1) {
+        return Ok(Freshness::Ahead);
+    }
+    match decide_root(&view.trusted.root, bytes) {
+        Decision::Accept(_) => Ok(Freshness::Newer),
+        Decision::Unchanged => Ok(Freshness::Current),
+        Decision::Reject(r) => Err(r.into()),
+    }
+}
+
 /// Checks a value offered under a DHT key (inbound PUT or GET result).
 pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Freshness, Invalid> {
     match key {
         RecordKey::Registry => check_registry(view, value),
+        RecordKey::Root(v) => check_root(view, Some(*v), value),
         RecordKey::Seed => {
             let seed = SeedManifest::decode(value).map_err(Reject::from)?;
             match &view.registry()?.seed {
@@ -229,7 +273,8 @@ pub fn supersedes(key: &RecordKey, new: &[u8], held: &[u8]) -> bool {
             matches!((e(new), e(held)), (Some(n), Some(h)) if n > h) || e(held).is_none()
         }
         RecordKey::ElmOf { .. } => true,
-        RecordKey::Seed | RecordKey::Elm(_) => false,
+        // One version, one root; content-addressed records never change.
+        RecordKey::Root(_) | RecordKey::Seed | RecordKey::Elm(_) => false,
     }
 }
 

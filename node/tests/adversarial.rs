@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use btm_net::blobs::{BlobConfig, Blobs, Provider};
 use btm_net::{Identity, Node, Observed, RecordKey, Topic};
-use btm_protocol::{Claim, ContentId, Record, Signed, test_key};
+use btm_protocol::{Claim, ContentId, Record, Root, Signed, test_key};
 use tokio::sync::broadcast;
 
 use crate::common::*;
@@ -518,5 +518,108 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
         assert!(held <= DOMAINS.len(), "{held} attacker claims stored");
     }
     let _ = Record::encode(claim.record());
+    net.shutdown().await;
+}
+
+/// THREATS: a compromised or retired maintainer key. The maintainers rotate the root (v2,
+/// signed by a threshold of the old keys and of the new ones); running nodes adopt it from
+/// gossip, a node started later with the shipped v1 root walks the chain on the DHT, and from
+/// then on only the new keys sign registries. A forged root is refused and costs its sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_root_rotation_reaches_running_and_late_nodes() {
+    let f = fixture();
+    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
+    let honest = net.nodes[..3].to_vec();
+    let new_key = test_key("btm-net rotated maintainer");
+    let root_v2 = |signers: &[&btm_protocol::SigningKey], keys: Vec<btm_protocol::PublicKey>| {
+        let mut r = Signed::new(Root {
+            version: 2,
+            expires: now() + 365 * 86400,
+            threshold: 1,
+            keys,
+        });
+        for k in signers {
+            r.sign(k);
+        }
+        r.encode()
+    };
+    let registry_by = |version: u64, key: &btm_protocol::SigningKey| {
+        let mut r = Signed::new(f.registry(version, now() + 86400));
+        r.sign(key);
+        r.encode()
+    };
+
+    // A root v2 listing only the attacker's key, signed only by it: refused by every honest
+    // node, which keeps root v1; the attacker's score drops.
+    let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
+    let forged = root_v2(
+        &[attacker.identity().signing_key()],
+        vec![btm_protocol::PublicKey::of(
+            attacker.identity().signing_key(),
+        )],
+    );
+    attacker
+        .client()
+        .publish_raw(Topic::Registry, forged.clone())
+        .await
+        .expect("publish");
+    for r in rx.iter_mut() {
+        let o = wait_observed(r, "the forged root refused", |o| {
+            matches!(o, Observed::Refused { what: "root", .. })
+        })
+        .await;
+        assert!(format!("{o:?}").contains("trusted keys"), "{o:?}");
+    }
+    // On the DHT too.
+    let key = RecordKey::Root(2).to_bytes(&attacker.client().network());
+    let _ = attacker.client().put_record_raw(key, forged).await;
+    for n in &honest {
+        assert_eq!(n.root_version().await.expect("root"), 1);
+    }
+    scores_drop(&honest[1..], &attacker).await;
+
+    // The real rotation: v2 lists only the new key and is signed by the old and the new key.
+    let v2 = root_v2(
+        &[&f.maintainer, &new_key],
+        vec![btm_protocol::PublicKey::of(&new_key)],
+    );
+    let d = honest[0].publish_root(&v2).await.expect("offer root");
+    assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+    for n in &honest {
+        let n = n.clone();
+        wait_for("root v2", Duration::from_secs(30), move || {
+            let n = n.clone();
+            async move { n.root_version().await.is_ok_and(|v| v == 2) }
+        })
+        .await;
+    }
+    // Registries: the new key alone now suffices, the old key no longer counts.
+    let d = honest[0]
+        .publish_registry(&registry_by(2, &new_key))
+        .await
+        .expect("v2");
+    assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+    wait_registry(&honest, 2).await;
+    let d = honest[1]
+        .publish_registry(&registry_by(3, &f.maintainer))
+        .await
+        .expect("v3 by the old key");
+    let r = d.rejection().expect("refused").to_string();
+    assert!(r.contains("signed by 0 distinct"), "{r}");
+
+    // A node started later from the shipped root v1 walks the chain and trusts registry v2.
+    let late = net.add(|c| c).await;
+    wait_connected(std::slice::from_ref(&late), 1).await;
+    assert_eq!(late.root_version().await.expect("root"), 1);
+    let report = late.sync().await.expect("sync");
+    assert_eq!(report.root, 2, "{report:?}");
+    assert_eq!(report.registry, Some(2), "{report:?}");
+    wait_registry(std::slice::from_ref(&late), 2).await;
+    // And it persists: the store holds the chain, the trusted root is v2.
+    let chain = late
+        .with_store(|s| s.roots().expect("roots"))
+        .expect("store");
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1], v2);
     net.shutdown().await;
 }

@@ -297,6 +297,16 @@ impl Store {
         Ok(decision)
     }
 
+    /// The accepted roots, oldest first (envelopes): the chain a node that trusts an older
+    /// root walks to reach the current one.
+    pub fn roots(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT envelope FROM roots ORDER BY version")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Offers a registry. See [`rules::decide_registry`]. An equivocation is recorded as
     /// evidence (see [`Store::equivocations`]); the trusted registry stays.
     pub fn update_registry(

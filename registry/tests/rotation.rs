@@ -1,5 +1,6 @@
 //! Root rotation N -> N+1: thresholds of both the old and the new keys (TUF 5.3).
 
+use btm_protocol::{Root, Signed};
 use btm_registry::{Decision, KeyRole, Reject};
 
 use crate::common::*;
@@ -142,6 +143,15 @@ fn after_rotation_only_new_keys_sign_registries() {
         Decision::Accept(_)
     ));
     assert_eq!(store.trusted().unwrap().unwrap().root.record().version, 3);
+    // The chain a node on v1 walks: every accepted root, oldest first.
+    let chain: Vec<u64> = store
+        .roots()
+        .unwrap()
+        .iter()
+        .map(|b| Signed::<Root>::decode(b).unwrap().record().version)
+        .collect();
+    assert_eq!(chain, [1, 2, 3]);
+    assert_eq!(store.roots().unwrap()[1], v2);
 }
 
 #[test]

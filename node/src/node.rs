@@ -524,9 +524,11 @@ impl Node {
     /// registry, which are queued for verification.
     pub async fn sync(&self) -> Result<SyncReport, NodeError> {
         let c = &self.inner.client;
-        let mut report = SyncReport::default();
         // Registries after a key rotation are signed by keys only the new root lists.
-        report.root = self.sync_root().await?;
+        let mut report = SyncReport {
+            root: self.sync_root().await?,
+            ..SyncReport::default()
+        };
         if let Some(bytes) = c.get_record(RecordKey::Registry).await? {
             report.registry = Signed::<Registry>::decode(&bytes)
                 .ok()

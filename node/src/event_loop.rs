@@ -25,6 +25,77 @@ use crate::validate::{self, Freshness, Horizons, Invalid, View};
 
 type Reply<T> = oneshot::Sender<Result<T, NetError>>;
 
+/// Which store write a gossip message asks for.
+#[derive(Debug, Clone, Copy)]
+enum StoreKind {
+    Claim,
+    Attestation,
+}
+
+impl StoreKind {
+    fn what(self) -> &'static str {
+        match self {
+            StoreKind::Claim => "claim",
+            StoreKind::Attestation => "attestation",
+        }
+    }
+}
+
+/// A gossip message whose SQLite write runs on the store thread, off the event loop.
+struct StoreJob {
+    kind: StoreKind,
+    data: Vec<u8>,
+    message: (gossipsub::MessageId, PeerId),
+}
+
+enum StoreOutcome {
+    Claim(Decision<Signed<btm_protocol::Claim>>),
+    Attestation(Decision<Signed<Attestation>>),
+}
+
+struct StoreDone {
+    kind: StoreKind,
+    message: (gossipsub::MessageId, PeerId),
+    outcome: Result<StoreOutcome, String>,
+}
+
+/// The store thread: performs the writes in arrival order (claims need the store's quota
+/// and supersession rules in one transaction) and sends each result back. It ends when the
+/// event loop drops its sender.
+fn spawn_store_thread(
+    store: Arc<Mutex<Store>>,
+    jobs: std::sync::mpsc::Receiver<StoreJob>,
+    done: mpsc::Sender<StoreDone>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("btm-store".into())
+        .spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                let outcome = match store.lock() {
+                    Err(_) => Err("store lock poisoned".to_string()),
+                    Ok(mut s) => match job.kind {
+                        StoreKind::Claim => {
+                            s.put_claim(&job.data, now_secs()).map(StoreOutcome::Claim)
+                        }
+                        StoreKind::Attestation => {
+                            s.put_attestation(&job.data).map(StoreOutcome::Attestation)
+                        }
+                    }
+                    .map_err(|e| e.to_string()),
+                };
+                let result = StoreDone {
+                    kind: job.kind,
+                    message: job.message,
+                    outcome,
+                };
+                if done.blocking_send(result).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
 struct GetQuery {
     key: RecordKey,
     best: Option<Vec<u8>>,
@@ -45,6 +116,8 @@ pub(crate) struct EventLoop {
     limits: Limits,
     puts: RateLimiter<PeerId>,
     gossip: RateLimiter<PeerId>,
+    store_jobs: std::sync::mpsc::SyncSender<StoreJob>,
+    store_done: mpsc::Receiver<StoreDone>,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<PeerId, Vec<Reply<()>>>,
     pending_get: HashMap<kad::QueryId, GetQuery>,
@@ -78,7 +151,15 @@ impl EventLoop {
             }),
             Err(_) => Vec::new(),
         };
+        let (store_jobs, jobs) = std::sync::mpsc::sync_channel(limits.store_queue.max(1));
+        let (done_tx, store_done) = mpsc::channel(limits.store_queue.max(1));
+        if let Err(e) = spawn_store_thread(store.clone(), jobs, done_tx) {
+            // Without the thread every queued write is dropped (gossip ignored, never wrong).
+            tracing::error!(error = %e, "starting the store thread");
+        }
         let mut el = EventLoop {
+            store_jobs,
+            store_done,
             swarm,
             net,
             commands,
@@ -136,6 +217,7 @@ impl EventLoop {
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(done) = self.store_done.recv() => self.on_store_done(done),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown(reply)) => {
                         let _ = reply.send(Ok(()));
@@ -809,8 +891,17 @@ impl EventLoop {
                 MessageAcceptance::Ignore
             }
             Some(Topic::Registry) => self.on_registry_message(source, &message.data),
-            Some(Topic::Claims) => self.on_claim_message(source, &message.data),
-            Some(Topic::Attestations) => self.on_attestation_message(source, &message.data),
+            Some(Topic::Claims) => match self.on_claim_message(source, &id, message.data) {
+                // Held back until the store thread has decided.
+                None => return,
+                Some(a) => a,
+            },
+            Some(Topic::Attestations) => {
+                match self.on_attestation_message(source, &id, message.data) {
+                    None => return,
+                    Some(a) => a,
+                }
+            }
             Some(Topic::Elms) => match self.on_elm_message(source, &id, message.data) {
                 // Held back until the worker has verified it.
                 None => return,
@@ -884,17 +975,71 @@ impl EventLoop {
         }
     }
 
-    fn on_claim_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
-        if let Err(e) = validate::check_claim(&self.view(), data) {
+    /// Cheap checks here; the SQLite write happens on the store thread and the verdict comes
+    /// back through [`EventLoop::on_store_done`]. `None`: held until then.
+    fn on_claim_message(
+        &mut self,
+        source: PeerId,
+        id: &gossipsub::MessageId,
+        data: Vec<u8>,
+    ) -> Option<MessageAcceptance> {
+        if let Err(e) = validate::check_claim(&self.view(), &data) {
             self.refused("claim", Some(source), e.to_string());
-            return MessageAcceptance::Reject;
+            return Some(MessageAcceptance::Reject);
         }
-        let decision = match self.store.lock() {
-            Ok(mut s) => s.put_claim(data, now_secs()),
-            Err(_) => return MessageAcceptance::Ignore,
+        self.queue_write(StoreJob {
+            kind: StoreKind::Claim,
+            data,
+            message: (id.clone(), source),
+        })
+    }
+
+    fn on_attestation_message(
+        &mut self,
+        source: PeerId,
+        id: &gossipsub::MessageId,
+        data: Vec<u8>,
+    ) -> Option<MessageAcceptance> {
+        let att = match Signed::<Attestation>::decode(&data) {
+            Ok(a) => a,
+            Err(e) => {
+                self.refused("attestation", Some(source), e.to_string());
+                return Some(MessageAcceptance::Reject);
+            }
         };
-        match decision {
-            Ok(Decision::Accept(c)) => {
+        if let Err(e) = att.verify_by(&att.record().verifier) {
+            self.refused("attestation", Some(source), e.to_string());
+            return Some(MessageAcceptance::Reject);
+        }
+        self.queue_write(StoreJob {
+            kind: StoreKind::Attestation,
+            data,
+            message: (id.clone(), source),
+        })
+    }
+
+    /// Queues a write for the store thread; a full queue drops the message (ignored, not
+    /// held against the sender).
+    fn queue_write(&mut self, job: StoreJob) -> Option<MessageAcceptance> {
+        let (what, source) = (job.kind.what(), job.message.1);
+        match self.store_jobs.try_send(job) {
+            Ok(()) => None,
+            Err(_) => {
+                self.refused(what, Some(source), "store queue full".into());
+                Some(MessageAcceptance::Ignore)
+            }
+        }
+    }
+
+    /// A write finished on the store thread: observe it and release the held message.
+    fn on_store_done(&mut self, done: StoreDone) {
+        let (id, source) = done.message;
+        let acceptance = match done.outcome {
+            Err(e) => {
+                tracing::warn!(error = %e, "storing a {}", done.kind.what());
+                MessageAcceptance::Ignore
+            }
+            Ok(StoreOutcome::Claim(Decision::Accept(c))) => {
                 let r = c.record();
                 observe(
                     &self.observers,
@@ -906,38 +1051,7 @@ impl EventLoop {
                 );
                 MessageAcceptance::Accept
             }
-            Ok(Decision::Unchanged) | Ok(Decision::Reject(Reject::Stale)) => {
-                MessageAcceptance::Ignore
-            }
-            Ok(Decision::Reject(r)) => {
-                self.refused("claim", Some(source), r.to_string());
-                MessageAcceptance::Reject
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "storing a claim");
-                MessageAcceptance::Ignore
-            }
-        }
-    }
-
-    fn on_attestation_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
-        let att = match Signed::<Attestation>::decode(data) {
-            Ok(a) => a,
-            Err(e) => {
-                self.refused("attestation", Some(source), e.to_string());
-                return MessageAcceptance::Reject;
-            }
-        };
-        if let Err(e) = att.verify_by(&att.record().verifier) {
-            self.refused("attestation", Some(source), e.to_string());
-            return MessageAcceptance::Reject;
-        }
-        let decision = match self.store.lock() {
-            Ok(mut s) => s.put_attestation(data),
-            Err(_) => return MessageAcceptance::Ignore,
-        };
-        match decision {
-            Ok(Decision::Accept(a)) => {
+            Ok(StoreOutcome::Attestation(Decision::Accept(a))) => {
                 let r = a.record();
                 observe(
                     &self.observers,
@@ -949,20 +1063,26 @@ impl EventLoop {
                 );
                 MessageAcceptance::Accept
             }
-            Ok(Decision::Reject(Reject::UnknownElm(elm))) => {
+            Ok(StoreOutcome::Attestation(Decision::Reject(Reject::UnknownElm(elm)))) => {
                 let _ = self.events.try_send(Event::UnknownElm(elm));
                 MessageAcceptance::Ignore
             }
-            Ok(Decision::Unchanged) => MessageAcceptance::Ignore,
-            Ok(Decision::Reject(r)) => {
-                self.refused("attestation", Some(source), r.to_string());
+            Ok(
+                StoreOutcome::Claim(Decision::Unchanged | Decision::Reject(Reject::Stale))
+                | StoreOutcome::Attestation(Decision::Unchanged),
+            ) => MessageAcceptance::Ignore,
+            Ok(
+                StoreOutcome::Claim(Decision::Reject(r))
+                | StoreOutcome::Attestation(Decision::Reject(r)),
+            ) => {
+                self.refused(done.kind.what(), Some(source), r.to_string());
                 MessageAcceptance::Reject
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "storing an attestation");
-                MessageAcceptance::Ignore
-            }
-        }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
     }
 
     /// `None`: held back for verification by the worker.

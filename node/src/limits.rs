@@ -36,6 +36,8 @@ pub struct Limits {
     pub command_queue: usize,
     /// Capacity of the event channel from the event loop to the node's worker.
     pub event_queue: usize,
+    /// Gossip messages waiting for their SQLite write on the store thread (beyond: ignored).
+    pub store_queue: usize,
     /// Most concurrent DHT queries started by commands.
     pub max_pending_queries: usize,
     /// How many peers' rate buckets are remembered.
@@ -62,6 +64,7 @@ impl Default for Limits {
             max_pending_incoming: 64,
             command_queue: 256,
             event_queue: 256,
+            store_queue: 1024,
             max_pending_queries: 256,
             max_tracked_peers: 10_000,
         }

@@ -125,3 +125,62 @@ async fn node_key_is_created_once_and_names_everything() {
     assert_eq!(b.node_id(), id);
     b.shutdown().await;
 }
+
+/// The event loop never waits for SQLite: while a node's store is locked (a slow disk, a long
+/// transaction), it keeps answering, and a claim gossiped meanwhile is written once the store
+/// is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_store_does_not_stall_the_event_loop() {
+    let net = Net::start(2).await;
+    let nodes = net.nodes.clone();
+    wait_connected(&nodes, 1).await;
+    wait_gossip_peers(&nodes[..1], &nodes[1..]).await;
+    wait_gossip_peers(&nodes[1..], &nodes[..1]).await;
+    publish_world(&nodes[0]).await;
+    wait_registry(&nodes, 1).await;
+
+    let busy = nodes[1].clone();
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    let holder = tokio::task::spawn_blocking(move || {
+        busy.with_store(|_| {
+            let _ = locked_tx.send(());
+            std::thread::sleep(Duration::from_secs(4));
+        })
+    });
+    locked_rx.await.expect("store locked");
+    let claim = nodes[0].claim(None).await.expect("claim");
+    // The claim reaches node 1 (loopback gossip: milliseconds) and waits for the store.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        nodes[1]
+            .client()
+            .connected_peers()
+            .await
+            .expect("the event loop answers");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "{:?} for 20 commands",
+        t.elapsed()
+    );
+    assert!(!holder.is_finished(), "the store was released too early");
+    holder.await.expect("join").expect("store");
+    let (domain, who) = (claim.record().domain.clone(), nodes[0].node_id());
+    let n = nodes[1].clone();
+    wait_for("the claim written", Duration::from_secs(10), move || {
+        let n = n.clone();
+        let domain = domain.clone();
+        async move {
+            n.with_store(|s| {
+                s.claims(&domain, now())
+                    .map(|c| c.iter().any(|c| c.record().node == who))
+            })
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    net.shutdown().await;
+}

@@ -4,7 +4,6 @@
 //! stream (bao), resume from what is already stored, and are retried from other providers with
 //! per-peer error budgets and timeouts.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobsProtocol, Hash};
 
 use crate::identity::{Identity, endpoint_id_of};
+use crate::limits::ErrorBudget;
 
 /// Limits of the data plane.
 #[derive(Debug, Clone)]
@@ -33,8 +33,10 @@ pub struct BlobConfig {
     pub transfer_timeout: Duration,
     /// Longest time without progress before an attempt is abandoned (a stalled peer).
     pub stall_timeout: Duration,
-    /// Failed attempts a provider may cause before we stop asking it (per process lifetime).
+    /// Failed attempts a provider may have outstanding before we stop asking it.
     pub peer_error_budget: u32,
+    /// One failed attempt is forgiven every this long (a restarted peer is asked again).
+    pub peer_error_forgive: Duration,
     /// Largest blob we download.
     pub max_blob_bytes: u64,
     /// Most providers tried for one blob.
@@ -49,6 +51,7 @@ impl Default for BlobConfig {
             transfer_timeout: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(30),
             peer_error_budget: 3,
+            peer_error_forgive: Duration::from_secs(600),
             max_blob_bytes: btm_model::weights::MAX_FILE_BYTES,
             max_attempts: 8,
         }
@@ -125,8 +128,8 @@ struct Inner {
     router: Router,
     store: FsStore,
     config: BlobConfig,
-    /// Failed attempts per provider.
-    errors: Mutex<HashMap<NodeId, u32>>,
+    /// Failed attempts per provider, forgiven over time.
+    errors: Mutex<ErrorBudget<NodeId>>,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -170,12 +173,17 @@ impl Blobs {
         let router = Router::builder(endpoint)
             .accept(iroh_blobs::ALPN, blobs)
             .spawn();
+        let errors = Mutex::new(ErrorBudget::new(
+            config.peer_error_budget,
+            config.peer_error_forgive,
+            10_000,
+        ));
         Ok(Blobs {
             inner: Arc::new(Inner {
                 router,
                 store,
                 config,
-                errors: Mutex::new(HashMap::new()),
+                errors,
             }),
         })
     }
@@ -296,18 +304,18 @@ impl Blobs {
             .map_err(|e| BlobError::Store(e.to_string()))
     }
 
-    /// Failed attempts charged to a provider so far.
+    /// Failed attempts charged to a provider and not yet forgiven.
     pub fn errors_of(&self, node: &NodeId) -> u32 {
         self.inner
             .errors
             .lock()
-            .map(|m| m.get(node).copied().unwrap_or(0))
+            .map(|m| m.outstanding(node, Instant::now()))
             .unwrap_or(0)
     }
 
     fn charge(&self, node: &NodeId) {
         if let Ok(mut m) = self.inner.errors.lock() {
-            *m.entry(*node).or_insert(0) += 1;
+            m.charge(node, Instant::now());
         }
     }
 
@@ -335,7 +343,13 @@ impl Blobs {
             if p.node.as_bytes() == me.as_bytes() {
                 continue;
             }
-            if self.errors_of(&p.node) >= cfg.peer_error_budget {
+            let spent = self
+                .inner
+                .errors
+                .lock()
+                .map(|m| m.spent(&p.node, Instant::now()))
+                .unwrap_or(false);
+            if spent {
                 failures.push((p.node, "error budget spent".to_string()));
                 continue;
             }

@@ -123,6 +123,77 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
+/// Failures charged to peers and forgiven over time: each failure costs one unit and one unit
+/// is forgiven every `forgive_every`; a peer with `budget` or more units outstanding is not
+/// asked. A peer that failed for a passing reason (a restart, a flaky link) is tried again
+/// later; one that keeps failing stays out.
+#[derive(Debug)]
+pub struct ErrorBudget<K> {
+    budget: u32,
+    forgive_every: Duration,
+    max_keys: usize,
+    charged: HashMap<K, (f64, Instant)>,
+}
+
+impl<K: Hash + Eq + Clone> ErrorBudget<K> {
+    pub fn new(budget: u32, forgive_every: Duration, max_keys: usize) -> Self {
+        ErrorBudget {
+            budget,
+            forgive_every,
+            max_keys: max_keys.max(1),
+            charged: HashMap::new(),
+        }
+    }
+
+    fn outstanding_at(&self, units: f64, at: Instant, now: Instant) -> f64 {
+        let forgiven = if self.forgive_every.is_zero() {
+            f64::INFINITY
+        } else {
+            now.saturating_duration_since(at).as_secs_f64() / self.forgive_every.as_secs_f64()
+        };
+        (units - forgiven).max(0.0)
+    }
+
+    /// Units outstanding for `key` at `now`, rounded up.
+    pub fn outstanding(&self, key: &K, now: Instant) -> u32 {
+        self.charged
+            .get(key)
+            .map_or(0, |&(u, at)| self.outstanding_at(u, at, now).ceil() as u32)
+    }
+
+    /// Whether `key` has spent its budget.
+    pub fn spent(&self, key: &K, now: Instant) -> bool {
+        self.outstanding(key, now) >= self.budget
+    }
+
+    /// Charges one failure to `key`.
+    pub fn charge(&mut self, key: &K, now: Instant) {
+        if !self.charged.contains_key(key) && self.charged.len() >= self.max_keys {
+            let charged = std::mem::take(&mut self.charged);
+            self.charged = charged
+                .into_iter()
+                .filter(|&(_, (u, at))| self.outstanding_at(u, at, now) > 0.0)
+                .collect();
+            if self.charged.len() >= self.max_keys {
+                // Full of peers still in debt: forget the one charged longest ago.
+                if let Some(oldest) = self
+                    .charged
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.charged.remove(&oldest);
+                }
+            }
+        }
+        let units = self
+            .charged
+            .get(key)
+            .map_or(0.0, |&(u, at)| self.outstanding_at(u, at, now));
+        self.charged.insert(key.clone(), (units + 1.0, now));
+    }
+}
+
 fn refill(rate: Rate, b: Bucket, now: Instant) -> f64 {
     let dt = now.saturating_duration_since(b.at).as_secs_f64();
     (b.tokens + dt * rate.per_sec).min(rate.burst)
@@ -158,5 +229,29 @@ mod tests {
         assert!(!r.allow(&"c", t0));
         // Once "b" has refilled it is forgotten and "c" gets a bucket.
         assert!(r.allow(&"c", t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn error_budget_is_spent_then_forgiven() {
+        let t0 = Instant::now();
+        let min = Duration::from_secs(60);
+        let mut b = ErrorBudget::new(3, min, 2);
+        assert!(!b.spent(&"p", t0));
+        for _ in 0..3 {
+            b.charge(&"p", t0);
+        }
+        assert!(b.spent(&"p", t0));
+        assert_eq!(b.outstanding(&"p", t0), 3);
+        // One unit forgiven per minute: asked again after one, spent again at the next failure.
+        assert!(b.spent(&"p", t0 + min / 2));
+        assert!(!b.spent(&"p", t0 + min));
+        b.charge(&"p", t0 + min);
+        assert!(b.spent(&"p", t0 + min));
+        assert_eq!(b.outstanding(&"p", t0 + 10 * min), 0);
+        // Bounded memory: a third peer pushes out the one charged longest ago.
+        b.charge(&"q", t0 + min);
+        b.charge(&"r", t0 + 2 * min);
+        assert_eq!(b.outstanding(&"r", t0 + 2 * min), 1);
+        assert_eq!(b.charged.len(), 2);
     }
 }

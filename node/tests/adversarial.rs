@@ -105,6 +105,89 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
     }
 }
 
+/// THREATS: "a transfer cut off part-way" (and a node restarted in between). The verified
+/// prefix of a failed download stays in the store across a restart; the retry asks only for
+/// what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_download_resumes_after_a_restart() {
+    const SIZE: usize = 4 << 20;
+    let blob: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 9) as u8)
+        .collect();
+    let id = ContentId::of(&blob);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let (honest_id, cut_id, me_id) = (
+        Identity::from_key(test_key("resume honest")),
+        Identity::from_key(test_key("resume cut")),
+        Identity::from_key(test_key("resume me")),
+    );
+    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
+        .await
+        .expect("honest");
+    honest.add_bytes(blob.clone()).await.expect("add");
+    // A provider whose copy breaks near the end: the transfer stops there, as a cut
+    // connection would, after ~3.9 MB of verified data.
+    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
+        .await
+        .expect("cut");
+    cut.add_bytes(blob.clone()).await.expect("add");
+    cut.shutdown().await;
+    let data = dirs[1].path().join("data").join(format!("{id}.data"));
+    let mut bytes = std::fs::read(&data).expect("data file");
+    bytes[3_900_000] ^= 0x5a;
+    std::fs::write(&data, bytes).expect("tamper");
+    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
+        .await
+        .expect("cut again");
+
+    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
+        .await
+        .expect("me");
+    let cut_p = Provider {
+        node: cut_id.node_id(),
+        addrs: cut.addrs(),
+    };
+    me.fetch(&id, std::slice::from_ref(&cut_p))
+        .await
+        .expect_err("cut off");
+    assert!(!me.has(&id).await);
+    me.shutdown().await;
+
+    // Restart: the verified prefix is still there.
+    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
+        .await
+        .expect("me restarted");
+    let status = me.status(&id).await.expect("status");
+    assert!(
+        matches!(status, iroh_blobs::api::blobs::BlobStatus::Partial { .. }),
+        "{status:?}"
+    );
+    let fetched = me
+        .fetch(
+            &id,
+            &[Provider {
+                node: honest_id.node_id(),
+                addrs: honest.addrs(),
+            }],
+        )
+        .await
+        .expect("resumed");
+    assert_eq!(fetched.from, Some(honest_id.node_id()));
+    // Measured: 1,310,720 bytes (iroh-blobs keeps what it had written to disk when the
+    // transfer failed, not every verified byte received).
+    assert!(
+        fetched.bytes <= SIZE as u64 / 2,
+        "the retry downloaded {} of {SIZE} bytes",
+        fetched.bytes
+    );
+    assert_eq!(me.read(&id, u64::MAX).await.expect("read"), blob);
+    for b in [honest, cut, me] {
+        b.shutdown().await;
+    }
+}
+
 /// A stalled provider: accepts the connection and never answers.
 #[derive(Debug, Clone)]
 struct Stall;

@@ -184,3 +184,34 @@ async fn a_busy_store_does_not_stall_the_event_loop() {
     .await;
     net.shutdown().await;
 }
+
+/// mDNS on a local network: two nodes with no bootstrap address find and connect to each
+/// other. They listen on all interfaces (mDNS announces the LAN addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mdns_finds_peers_on_the_local_network() {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let mut c = config(d.path());
+        c.swarm.mdns = true;
+        c.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("addr")];
+        c.bootstrap.clear();
+        nodes.push(btm_net::Node::start(c).await.expect("start"));
+    }
+    let (a, b) = (nodes[0].clone(), nodes[1].peer_id());
+    wait_for("mDNS discovery", Duration::from_secs(30), move || {
+        let a = a.clone();
+        async move {
+            a.client()
+                .connected_peers()
+                .await
+                .is_ok_and(|p| p.contains(&b))
+        }
+    })
+    .await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

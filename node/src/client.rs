@@ -65,6 +65,7 @@ pub(crate) enum Command {
     GetProviders(ProviderKey, Reply<Vec<PeerId>>),
     PeerScore(PeerId, Reply<Option<f64>>),
     GossipPeers(Reply<Vec<(PeerId, usize)>>),
+    RoutingTable(Reply<Vec<PeerId>>),
     Trusted(Reply<Trusted>),
     OfferRegistry(Vec<u8>, Reply<Decision<Signed<Registry>>>),
     OfferRoot(Vec<u8>, Reply<Decision<Signed<Root>>>),
@@ -209,6 +210,11 @@ impl Client {
     /// Gossip peers and how many of this network's topics each is subscribed to.
     pub async fn gossip_peers(&self) -> Result<Vec<(PeerId, usize)>, NetError> {
         self.call(Command::GossipPeers).await
+    }
+
+    /// The peers in the Kademlia routing table.
+    pub async fn routing_table(&self) -> Result<Vec<PeerId>, NetError> {
+        self.call(Command::RoutingTable).await
     }
 
     /// The trusted root and registry.

@@ -17,6 +17,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::client::{Command, Event, NetError, Observed};
+use crate::diversity;
 use crate::identity::node_id_of;
 use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
 use crate::limits::{Limits, RateLimiter, now_secs};
@@ -446,6 +447,16 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(Ok(peers));
             }
+            Command::RoutingTable(reply) => {
+                let peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+                    .collect();
+                let _ = reply.send(Ok(peers));
+            }
             Command::Trusted(reply) => {
                 let _ = reply.send(Ok(self.trusted.clone()));
             }
@@ -695,6 +706,12 @@ impl EventLoop {
 
     fn on_kad(&mut self, event: kad::Event) {
         match event {
+            kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer: true,
+                addresses,
+                ..
+            } => self.keep_diverse(peer, addresses.first()),
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::PutRecord {
@@ -823,6 +840,44 @@ impl EventLoop {
                 _ => {}
             },
             _ => {}
+        }
+    }
+
+    /// Eclipse defence: a peer that just entered the routing table leaves it again if its
+    /// subnet already has `max_peers_per_subnet` peers there (`diversity`).
+    fn keep_diverse(&mut self, peer: PeerId, addr: &Multiaddr) {
+        let (max, local) = (
+            self.limits.max_peers_per_subnet,
+            self.limits.limit_local_subnets,
+        );
+        let Some(net) = diversity::subnet(addr, local) else {
+            return;
+        };
+        let others: Vec<diversity::Subnet> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .flat_map(|b| {
+                b.iter()
+                    .filter(|e| *e.node.key.preimage() != peer)
+                    .filter_map(|e| {
+                        e.node
+                            .value
+                            .iter()
+                            .next()
+                            .and_then(|a| diversity::subnet(a, local))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if diversity::over_limit(others, net, max) {
+            self.swarm.behaviour_mut().kad.remove_peer(&peer);
+            self.refused(
+                "routing table",
+                Some(peer),
+                format!("its subnet already has {max} peers in the routing table"),
+            );
         }
     }
 

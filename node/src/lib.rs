@@ -9,6 +9,8 @@
 //!   records and blob addresses under `btm/1/<network>/...`, validated on every inbound PUT
 //!   and every GET result.
 //! - **Data plane** ([`blobs`]): iroh-blobs, BLAKE3-verified streaming, relays disabled.
+//! - **Eclipse defences** ([`diversity`]): at most a few routing-table peers per subnet;
+//!   Kademlia lookups over disjoint paths.
 //! - **Claims** ([`claims`]) and **verification** ([`verify`]) as pure functions.
 //! - [`Node`] starts it all. The wire formats are in `specs/network.md`.
 //!
@@ -30,6 +32,7 @@ pub mod addr;
 pub mod blobs;
 pub mod claims;
 pub mod client;
+pub mod diversity;
 mod event_loop;
 pub mod identity;
 pub mod keys;

@@ -36,6 +36,12 @@ pub struct Limits {
     pub command_queue: usize,
     /// Capacity of the event channel from the event loop to the node's worker.
     pub event_queue: usize,
+    /// Most Kademlia routing-table peers from one subnet (IPv4 /24, IPv6 /48): an eclipse
+    /// defence (`diversity`).
+    pub max_peers_per_subnet: usize,
+    /// Apply that limit to loopback, private and link-local addresses too (off: a LAN or a
+    /// test network shares a subnet honestly).
+    pub limit_local_subnets: bool,
     /// Gossip messages waiting for their SQLite write on the store thread (beyond: ignored).
     pub store_queue: usize,
     /// Most concurrent DHT queries started by commands.
@@ -65,6 +71,8 @@ impl Default for Limits {
             command_queue: 256,
             event_queue: 256,
             store_queue: 1024,
+            max_peers_per_subnet: 8,
+            limit_local_subnets: false,
             max_pending_queries: 256,
             max_tracked_peers: 10_000,
         }

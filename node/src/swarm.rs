@@ -184,6 +184,9 @@ pub(crate) fn build(
             let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             kcfg.set_record_filtering(kad::StoreInserts::FilterBoth)
                 .set_query_timeout(query_timeout)
+                // S/Kademlia: lookups proceed over disjoint paths, so one honest path suffices
+                // to find a record even when other paths run through liars (eclipse).
+                .disjoint_query_paths(true)
                 .set_max_packet_size(registry_message_max() + 4096)
                 .set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN))
                 .set_publication_interval(Some(Duration::from_secs(3600)))

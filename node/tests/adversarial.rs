@@ -706,3 +706,46 @@ async fn a_root_rotation_reaches_running_and_late_nodes() {
     assert_eq!(chain[1], v2);
     net.shutdown().await;
 }
+
+/// THREATS: eclipse. Many node ids behind one subnet cannot fill a node's routing table:
+/// with at most 2 per subnet (loopback counted here), a node that five peers on 127.0.0.1
+/// connect to keeps 2 of them in its table, stays connected to all, and gossip still reaches
+/// everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_subnet_cannot_fill_the_routing_table() {
+    let net = Net::start_with(6, |i, mut c| {
+        if i == 0 {
+            c.swarm.limits.max_peers_per_subnet = 2;
+            c.swarm.limits.limit_local_subnets = true;
+        }
+        c
+    })
+    .await;
+    let nodes = net.nodes.clone();
+    wait_connected(&nodes[..1], 5).await;
+    // Every peer has been offered to the table by now (identify and Kademlia traffic on
+    // connection); a lookup makes sure.
+    let _ = nodes[0].client().bootstrap().await;
+    let table = nodes[0].client().routing_table().await.expect("table");
+    assert!(
+        (1..=2).contains(&table.len()),
+        "{} peers in the table",
+        table.len()
+    );
+    assert!(
+        nodes[0]
+            .client()
+            .connected_peers()
+            .await
+            .expect("peers")
+            .len()
+            >= 5
+    );
+    // The others apply the default (loopback exempt) and keep everyone.
+    let t1 = nodes[1].client().routing_table().await.expect("table");
+    assert!(t1.len() >= 3, "{} peers in node 1's table", t1.len());
+    wait_gossip_peers(&nodes[1..], &nodes[..1]).await;
+    publish_world(&nodes[0]).await;
+    wait_registry(&nodes, 1).await;
+    net.shutdown().await;
+}

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use btm_net::blobs::{CertificateDer, RelayUrl};
 use btm_net::libp2p::Multiaddr;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{Registry, Signed};
@@ -49,6 +50,13 @@ pub struct NetArgs {
     /// Also discover peers on the local network with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// iroh relay URL(s) for blob transfers through NAT (default: none, direct connections
+    /// only), comma-separated.
+    #[arg(long = "relay", value_delimiter = ',')]
+    pub relays: Vec<String>,
+    /// PEM file with extra trust anchors for a self-hosted relay's TLS certificate.
+    #[arg(long)]
+    pub relay_ca: Option<PathBuf>,
     /// Seconds to wait for a registry with a seed to reach this node.
     #[arg(long)]
     pub wait_registry: Option<u64>,
@@ -68,6 +76,11 @@ pub struct ConfigFile {
     pub listen: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub mdns: Option<bool>,
+    /// iroh relay URLs (none: direct connections only).
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// PEM trust anchors for a self-hosted relay.
+    pub relay_ca: Option<PathBuf>,
     pub wait_registry: Option<u64>,
     /// Compute device for training: cpu, wgpu or cuda.
     pub device: Option<String>,
@@ -134,9 +147,14 @@ impl ConfigFile {
         };
         let mut c: ConfigFile = toml::from_str(&read_small(path)?)
             .with_context(|| format!("{} is not a valid btm config", path.display()))?;
-        for p in [&mut c.network, &mut c.root, &mut c.data_dir]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut c.network,
+            &mut c.root,
+            &mut c.data_dir,
+            &mut c.relay_ca,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = relative_to(path, p);
         }
@@ -191,6 +209,8 @@ pub struct NodeSettings {
     pub bootstrap: Vec<Multiaddr>,
     pub listen: Vec<Multiaddr>,
     pub mdns: bool,
+    pub relays: Vec<RelayUrl>,
+    pub relay_roots: Vec<CertificateDer<'static>>,
     pub wait_registry: Duration,
     pub lease_secs: Option<u64>,
 }
@@ -251,6 +271,22 @@ impl NodeSettings {
         if listen.is_empty() {
             listen = parse_addrs(&c.listen, "listen")?;
         }
+        let relay_strings = if a.relays.is_empty() {
+            &c.relays
+        } else {
+            &a.relays
+        };
+        let relays = relay_strings
+            .iter()
+            .map(|s| {
+                s.parse::<RelayUrl>()
+                    .with_context(|| format!("relay {s:?} is not a URL (https://host[:port])"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let relay_roots = match a.relay_ca.as_ref().or(c.relay_ca.as_ref()) {
+            Some(p) => btm_net::blobs::read_pem_certs(p)?,
+            None => Vec::new(),
+        };
         let data_dir = a
             .data_dir
             .clone()
@@ -262,6 +298,8 @@ impl NodeSettings {
             bootstrap,
             listen,
             mdns: a.mdns || c.mdns.unwrap_or(false),
+            relays,
+            relay_roots,
             wait_registry: Duration::from_secs(a.wait_registry.or(c.wait_registry).unwrap_or(120)),
             lease_secs: c.claims.lease_secs,
         })
@@ -281,6 +319,8 @@ impl NodeSettings {
         }
         cfg.bootstrap = self.bootstrap.clone();
         cfg.swarm.mdns = self.mdns;
+        cfg.blobs.relays = self.relays.clone();
+        cfg.blobs.relay_roots = self.relay_roots.clone();
         if let Some(l) = self.lease_secs {
             cfg.claims.lease_secs = l;
             cfg.claims.renew_before_secs = l / 2;
@@ -532,5 +572,58 @@ impl Say {
         if !self.quiet {
             eprintln!("[{}] {}", self.prefix, m.as_ref());
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn args(relays: &[&str], relay_ca: Option<PathBuf>) -> NetArgs {
+        NetArgs {
+            root: Some(PathBuf::from("Cargo.toml")),
+            relays: relays.iter().map(|s| s.to_string()).collect(),
+            relay_ca,
+            ..NetArgs::default()
+        }
+    }
+
+    #[test]
+    fn relays_reach_the_node_config_and_bad_ones_are_named() {
+        let c = ConfigFile::default();
+        let s = NodeSettings::resolve(&args(&[], None), &c, "d").unwrap();
+        assert!(
+            s.node_config().blobs.relays.is_empty(),
+            "relays are off by default"
+        );
+
+        let s =
+            NodeSettings::resolve(&args(&["https://relay.example.org"], None), &c, "d").unwrap();
+        let cfg = s.node_config();
+        assert_eq!(cfg.blobs.relays.len(), 1);
+        assert!(cfg.blobs.relay_roots.is_empty());
+
+        let e = NodeSettings::resolve(&args(&["not a url"], None), &c, "d").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("relay \"not a url\" is not a URL"),
+            "{e:#}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ca.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let e = NodeSettings::resolve(&args(&[], Some(empty)), &c, "d").unwrap_err();
+        assert!(format!("{e:#}").contains("no PEM certificate"), "{e:#}");
+        let e = NodeSettings::resolve(&args(&[], Some(dir.path().join("missing.pem"))), &c, "d")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("missing.pem"), "{e:#}");
+
+        // From the config file, relative to it.
+        let cfg_path = dir.path().join("node.toml");
+        std::fs::write(&cfg_path, "relays = [\"https://relay.example.org:8443\"]\n").unwrap();
+        let c = ConfigFile::load(Some(&cfg_path)).unwrap();
+        let s = NodeSettings::resolve(&args(&[], None), &c, "d").unwrap();
+        assert_eq!(s.relays[0].to_string(), "https://relay.example.org:8443/");
     }
 }

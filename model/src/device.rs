@@ -13,6 +13,8 @@ pub enum DeviceKind {
     Wgpu,
     /// burn-cuda.
     Cuda,
+    /// burn's deprecated `ndarray` CPU backend (feature `ndarray`; for benchmarks).
+    NdArray,
 }
 
 impl std::str::FromStr for DeviceKind {
@@ -23,8 +25,9 @@ impl std::str::FromStr for DeviceKind {
             "cpu" => Ok(DeviceKind::Cpu),
             "wgpu" => Ok(DeviceKind::Wgpu),
             "cuda" => Ok(DeviceKind::Cuda),
+            "ndarray" => Ok(DeviceKind::NdArray),
             other => Err(Error::Device(format!(
-                "unknown device {other:?} (expected cpu, wgpu or cuda)"
+                "unknown device {other:?} (expected cpu, wgpu, cuda or ndarray)"
             ))),
         }
     }
@@ -36,6 +39,7 @@ impl std::fmt::Display for DeviceKind {
             DeviceKind::Cpu => "cpu",
             DeviceKind::Wgpu => "wgpu",
             DeviceKind::Cuda => "cuda",
+            DeviceKind::NdArray => "ndarray",
         })
     }
 }
@@ -47,6 +51,7 @@ impl DeviceKind {
             DeviceKind::Cpu => true,
             DeviceKind::Wgpu => cfg!(feature = "wgpu"),
             DeviceKind::Cuda => cfg!(feature = "cuda"),
+            DeviceKind::NdArray => cfg!(feature = "ndarray"),
         }
     }
 
@@ -58,6 +63,9 @@ impl DeviceKind {
             DeviceKind::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
             #[cfg(feature = "cuda")]
             DeviceKind::Cuda => Ok(Device::cuda(0)),
+            #[cfg(feature = "ndarray")]
+            #[allow(deprecated)] // measured against flex in BENCHMARKS.md only
+            DeviceKind::NdArray => Ok(Device::ndarray()),
             #[allow(unreachable_patterns)]
             other => Err(Error::Device(format!(
                 "this btm-node was built without the `{other}` feature; rebuild with `--features {other}`"

@@ -53,13 +53,7 @@ async fn blob_transfer(mib: usize) {
     .expect("b");
     let t = Instant::now();
     let f = b
-        .fetch(
-            &id,
-            &[Provider {
-                node: a_id.node_id(),
-                addrs: a.addrs(),
-            }],
-        )
+        .fetch(&id, &[Provider::direct(a_id.node_id(), a.addrs())])
         .await
         .expect("fetch");
     let dt = t.elapsed();

@@ -1,24 +1,30 @@
 //! The blob-address record: where a node's iroh endpoint listens. Published on the DHT under
 //! [`RecordKey::Addr`](crate::keys::RecordKey::Addr) so that a node that learned a provider's id
 //! from a provider record can dial its blob endpoint directly (relays and address-lookup
-//! services are disabled). Format (`specs/network.md`, "Address record"):
+//! services are disabled unless relays are configured). Format (`specs/network.md`, "Address
+//! record"):
 //!
 //! ```text
-//! body = 0x01 || node (32) || expires (u64 big-endian) || n (u8, 1..=8) || n x (len u8 || UTF-8 socket address)
+//! body = 0x01 || node (32) || expires (u64 big-endian) || n (u8, 1..=8)
+//!        || n x (len u8 || UTF-8 socket address, or http(s) relay URL after the addresses)
 //! record = body || ed25519 signature by node over "btm-node-addr-v1:" || body
 //! ```
 
 use std::net::SocketAddr;
+
+use iroh::RelayUrl;
 
 use btm_protocol::{NodeId, PublicKey, SigningKey};
 use ed25519_dalek::Signer;
 
 /// The signature context of address records.
 pub const CONTEXT: &[u8] = b"btm-node-addr-v1:";
-/// Most addresses in one record.
+/// Most entries (addresses and relay URLs) in one record.
 pub const MAX_ADDRS: usize = 8;
+/// Longest entry.
+pub const MAX_ENTRY: usize = 255;
 /// Largest encoded record.
-pub const MAX_LEN: usize = 1 + 32 + 8 + 1 + MAX_ADDRS * 65 + 64;
+pub const MAX_LEN: usize = 1 + 32 + 8 + 1 + MAX_ADDRS * (1 + MAX_ENTRY) + 64;
 
 /// A node's signed blob addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +33,8 @@ pub struct AddrRecord {
     /// Unix seconds; expired at `now >= expires`.
     pub expires: u64,
     pub addrs: Vec<SocketAddr>,
+    /// The node's home relay(s), when it uses relays.
+    pub relays: Vec<RelayUrl>,
 }
 
 /// Why bytes are not a valid address record.
@@ -46,8 +54,10 @@ impl AddrRecord {
         let addrs: Vec<String> = self
             .addrs
             .iter()
-            .take(MAX_ADDRS)
             .map(|a| a.to_string())
+            .chain(self.relays.iter().map(|r| r.to_string()))
+            .filter(|e| e.len() <= MAX_ENTRY)
+            .take(MAX_ADDRS)
             .collect();
         b.push(addrs.len() as u8);
         for a in addrs {
@@ -83,7 +93,7 @@ impl AddrRecord {
             return Err(bad("address count"));
         }
         let mut rest = &body[42..];
-        let mut addrs = Vec::with_capacity(n);
+        let (mut addrs, mut relays) = (Vec::with_capacity(n), Vec::new());
         for _ in 0..n {
             let (&len, tail) = rest.split_first().ok_or(bad("truncated"))?;
             let len = len as usize;
@@ -91,7 +101,11 @@ impl AddrRecord {
                 return Err(bad("truncated"));
             }
             let s = std::str::from_utf8(&tail[..len]).map_err(|_| bad("address"))?;
-            addrs.push(s.parse().map_err(|_| bad("address"))?);
+            if s.starts_with("https://") || s.starts_with("http://") {
+                relays.push(s.parse().map_err(|_| bad("relay url"))?);
+            } else {
+                addrs.push(s.parse().map_err(|_| bad("address"))?);
+            }
             rest = &tail[len..];
         }
         if !rest.is_empty() {
@@ -101,6 +115,7 @@ impl AddrRecord {
             node,
             expires,
             addrs,
+            relays,
         };
         if record.body() != body {
             return Err(bad("not canonical"));
@@ -131,6 +146,7 @@ mod tests {
                 "127.0.0.1:4000".parse().unwrap(),
                 "[::1]:4001".parse().unwrap(),
             ],
+            relays: vec!["https://relay.example.org./".parse().unwrap()],
         };
         let bytes = r.sign(&key);
         assert_eq!(AddrRecord::decode(&bytes).unwrap(), r);
@@ -145,6 +161,30 @@ mod tests {
         assert_eq!(
             AddrRecord::decode(&r.sign(&other)),
             Err(AddrError::Signature)
+        );
+        // Relay URLs come after the addresses (canonical order); a relay-only record is fine.
+        let relay_only = AddrRecord {
+            addrs: vec![],
+            ..r.clone()
+        };
+        assert_eq!(
+            AddrRecord::decode(&relay_only.sign(&key)).unwrap(),
+            relay_only
+        );
+        let mut body = vec![1u8];
+        body.extend_from_slice(r.node.as_bytes());
+        body.extend_from_slice(&r.expires.to_be_bytes());
+        body.push(2);
+        for e in ["https://relay.example.org./", "127.0.0.1:4000"] {
+            body.push(e.len() as u8);
+            body.extend_from_slice(e.as_bytes());
+        }
+        let mut msg = CONTEXT.to_vec();
+        msg.extend_from_slice(&body);
+        body.extend_from_slice(&key.sign(&msg).to_bytes());
+        assert_eq!(
+            AddrRecord::decode(&body),
+            Err(AddrError::Malformed("not canonical"))
         );
     }
 }

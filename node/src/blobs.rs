@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use btm_protocol::{ContentId, NodeId};
 use futures::StreamExt;
+pub use iroh::RelayUrl;
 use iroh::endpoint::presets;
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, TransportAddr};
@@ -18,15 +19,35 @@ use iroh_blobs::api::blobs::BlobStatus;
 use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::{BlobsProtocol, Hash};
+pub use rustls_pki_types::CertificateDer;
 
 use crate::identity::{Identity, endpoint_id_of};
 use crate::limits::ErrorBudget;
+
+/// Reads the PEM certificates in `path` (trust anchors of a self-hosted relay).
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, BlobError> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |e: String| BlobError::Start(format!("relay certificates {}: {e}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
+}
 
 /// Limits of the data plane.
 #[derive(Debug, Clone)]
 pub struct BlobConfig {
     /// Where the iroh endpoint binds (UDP).
     pub bind: SocketAddr,
+    /// iroh relays to use (for nodes behind NAT); none by default: direct addresses only.
+    pub relays: Vec<RelayUrl>,
+    /// Extra trust anchors for the relays' TLS certificates (a self-hosted relay), on top of
+    /// the built-in web PKI roots.
+    pub relay_roots: Vec<CertificateDer<'static>>,
     /// Time to connect to one provider.
     pub connect_timeout: Duration,
     /// Longest time one transfer attempt may take.
@@ -47,6 +68,8 @@ impl Default for BlobConfig {
     fn default() -> Self {
         BlobConfig {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            relays: Vec::new(),
+            relay_roots: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             transfer_timeout: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(30),
@@ -63,6 +86,19 @@ impl Default for BlobConfig {
 pub struct Provider {
     pub node: NodeId,
     pub addrs: Vec<SocketAddr>,
+    /// Relays the node can be reached through (its address record's relay URLs).
+    pub relays: Vec<RelayUrl>,
+}
+
+impl Provider {
+    /// A provider reachable at direct addresses only.
+    pub fn direct(node: NodeId, addrs: Vec<SocketAddr>) -> Provider {
+        Provider {
+            node,
+            addrs,
+            relays: Vec::new(),
+        }
+    }
 }
 
 /// Why a blob operation failed.
@@ -158,9 +194,20 @@ impl Blobs {
         let store = FsStore::load(dir)
             .await
             .map_err(|e| BlobError::Start(format!("store in {}: {e}", dir.display())))?;
-        let endpoint = Endpoint::builder(presets::Minimal)
+        let relay_mode = if config.relays.is_empty() {
+            iroh::RelayMode::Disabled
+        } else {
+            iroh::RelayMode::Custom(config.relays.iter().cloned().collect())
+        };
+        let mut builder = Endpoint::builder(presets::Minimal)
             .secret_key(identity.iroh_secret())
-            .relay_mode(iroh::RelayMode::Disabled)
+            .relay_mode(relay_mode);
+        if !config.relay_roots.is_empty() {
+            builder = builder.ca_tls_config(
+                iroh::tls::CaTlsConfig::embedded().with_extra_roots(config.relay_roots.clone()),
+            );
+        }
+        let endpoint = builder
             .clear_address_lookup()
             .clear_ip_transports()
             .bind_addr(config.bind)
@@ -211,6 +258,38 @@ impl Blobs {
         out.dedup();
         out.truncate(crate::addr::MAX_ADDRS);
         out
+    }
+
+    /// The relays peers can reach this node through: its home relay once connected, else the
+    /// configured ones. Empty without relays.
+    pub fn relay_urls(&self) -> Vec<RelayUrl> {
+        if self.inner.config.relays.is_empty() {
+            return Vec::new();
+        }
+        let home: Vec<RelayUrl> = self
+            .inner
+            .router
+            .endpoint()
+            .addr()
+            .relay_urls()
+            .cloned()
+            .collect();
+        if home.is_empty() {
+            self.inner.config.relays.clone()
+        } else {
+            home
+        }
+    }
+
+    /// Waits (at most `within`) until the endpoint is connected to its home relay; true at
+    /// once without relays.
+    pub async fn wait_relay(&self, within: Duration) -> bool {
+        if self.inner.config.relays.is_empty() {
+            return true;
+        }
+        tokio::time::timeout(within, self.inner.router.endpoint().online())
+            .await
+            .is_ok()
     }
 
     /// Adds bytes; returns their content id. The blob is kept (named tag `btm/<id>`).
@@ -384,8 +463,16 @@ impl Blobs {
     async fn attempt(&self, id: &ContentId, p: &Provider) -> Result<u64, String> {
         let cfg = &self.inner.config;
         let endpoint_id = endpoint_id_of(&p.node).ok_or("not a valid endpoint id")?;
-        let addr =
-            EndpointAddr::from_parts(endpoint_id, p.addrs.iter().map(|a| TransportAddr::Ip(*a)));
+        if p.addrs.is_empty() && p.relays.is_empty() {
+            return Err("no address".into());
+        }
+        let addr = EndpointAddr::from_parts(
+            endpoint_id,
+            p.addrs
+                .iter()
+                .map(|a| TransportAddr::Ip(*a))
+                .chain(p.relays.iter().map(|r| TransportAddr::Relay(r.clone()))),
+        );
         let conn = tokio::time::timeout(
             cfg.connect_timeout,
             self.inner.router.endpoint().connect(addr, iroh_blobs::ALPN),

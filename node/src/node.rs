@@ -127,7 +127,7 @@ struct Inner {
     observers: broadcast::Sender<Observed>,
     config: NodeConfig,
     /// Known blob addresses of other nodes.
-    addrs: Mutex<HashMap<NodeId, (Vec<std::net::SocketAddr>, u64)>>,
+    addrs: Mutex<HashMap<NodeId, (Provider, u64)>>,
     verifier: Arc<Mutex<Option<Verifier>>>,
     queue: mpsc::Sender<Job>,
 }
@@ -338,6 +338,7 @@ impl Node {
             node: self.node_id(),
             expires: now_secs() + self.inner.config.horizons.max_addr_secs,
             addrs: self.inner.blobs.addrs(),
+            relays: self.inner.blobs.relay_urls(),
         };
         let bytes = rec.sign(self.inner.identity.signing_key());
         self.inner
@@ -868,11 +869,11 @@ async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fe
         .into_iter()
         .take(inner.config.blobs.max_attempts.max(1))
     {
-        let Some(addrs) = resolve(inner, &node).await else {
+        let Some(provider) = resolve(inner, &node).await else {
             failures.push((node, "no address record".to_string()));
             continue;
         };
-        match inner.blobs.fetch(&id, &[Provider { node, addrs }]).await {
+        match inner.blobs.fetch(&id, &[provider]).await {
             Ok(mut f) => {
                 failures.append(&mut f.failures);
                 f.failures = std::mem::take(&mut failures);
@@ -898,13 +899,13 @@ async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fe
 }
 
 /// A node's blob addresses, from the cache or its DHT address record.
-async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Vec<std::net::SocketAddr>> {
+async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Provider> {
     let now = now_secs();
     if let Ok(cache) = inner.addrs.lock()
-        && let Some((addrs, exp)) = cache.get(node)
+        && let Some((provider, exp)) = cache.get(node)
         && *exp > now
     {
-        return Some(addrs.clone());
+        return Some(provider.clone());
     }
     let bytes = inner
         .client
@@ -915,12 +916,17 @@ async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Vec<std::net::Sock
     if rec.node != *node || rec.expires <= now {
         return None;
     }
+    let provider = Provider {
+        node: *node,
+        addrs: rec.addrs,
+        relays: rec.relays,
+    };
     if let Ok(mut cache) = inner.addrs.lock() {
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(*node, (rec.addrs.clone(), rec.expires));
+        cache.insert(*node, (provider.clone(), rec.expires));
     }
     let _ = peer_id_of(node);
-    Some(rec.addrs)
+    Some(provider)
 }

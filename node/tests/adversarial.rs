@@ -55,14 +55,8 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
     let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
         .await
         .expect("me");
-    let liar_p = Provider {
-        node: liar_id.node_id(),
-        addrs: liar.addrs(),
-    };
-    let honest_p = Provider {
-        node: honest_id.node_id(),
-        addrs: honest.addrs(),
-    };
+    let liar_p = Provider::direct(liar_id.node_id(), liar.addrs());
+    let honest_p = Provider::direct(honest_id.node_id(), honest.addrs());
     let err = me
         .fetch(&id, std::slice::from_ref(&liar_p))
         .await
@@ -145,10 +139,7 @@ async fn an_interrupted_download_resumes_after_a_restart() {
     let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
         .await
         .expect("me");
-    let cut_p = Provider {
-        node: cut_id.node_id(),
-        addrs: cut.addrs(),
-    };
+    let cut_p = Provider::direct(cut_id.node_id(), cut.addrs());
     me.fetch(&id, std::slice::from_ref(&cut_p))
         .await
         .expect_err("cut off");
@@ -167,10 +158,7 @@ async fn an_interrupted_download_resumes_after_a_restart() {
     let fetched = me
         .fetch(
             &id,
-            &[Provider {
-                node: honest_id.node_id(),
-                addrs: honest.addrs(),
-            }],
+            &[Provider::direct(honest_id.node_id(), honest.addrs())],
         )
         .await
         .expect("resumed");
@@ -186,6 +174,83 @@ async fn an_interrupted_download_resumes_after_a_restart() {
     for b in [honest, cut, me] {
         b.shutdown().await;
     }
+}
+
+/// Relays are off unless configured. With a relay (a real iroh relay server on loopback, its
+/// self-signed certificate added as a trust anchor), a provider given by its relay URL alone,
+/// with no direct address, serves a blob; a node without relays cannot reach it that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_fetched_through_a_configured_relay() {
+    use iroh_relay::server::{CertConfig, RelayConfig, Server, ServerConfig, TlsConfig};
+    let (certs, tls) = iroh_relay::server::testing::self_signed_tls_certs_and_config();
+    let mut relay = RelayConfig::new((std::net::Ipv4Addr::LOCALHOST, 0));
+    relay.tls = Some(TlsConfig::new(
+        (std::net::Ipv4Addr::LOCALHOST, 0),
+        CertConfig::Manual { server_config: tls },
+    ));
+    let mut server_config = ServerConfig::default();
+    server_config.relay = Some(relay);
+    let server = Server::spawn(server_config).await.expect("relay server");
+    let url: iroh::RelayUrl = format!("https://{}", server.https_addr().expect("https"))
+        .parse()
+        .expect("url");
+    let with_relay = || BlobConfig {
+        relays: vec![url.clone()],
+        relay_roots: certs.clone(),
+        ..blob_config()
+    };
+
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let id = ContentId::of(&blob);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let provider_id = Identity::from_key(test_key("relay provider"));
+    let provider = Blobs::open(dirs[0].path(), &provider_id, with_relay())
+        .await
+        .expect("provider");
+    provider.add_bytes(blob.clone()).await.expect("add");
+    assert!(
+        provider.wait_relay(Duration::from_secs(20)).await,
+        "no home relay"
+    );
+    assert_eq!(provider.relay_urls(), vec![url.clone()]);
+    let via_relay = Provider {
+        node: provider_id.node_id(),
+        addrs: vec![],
+        relays: provider.relay_urls(),
+    };
+
+    // Without relays configured, a relay-only provider is unreachable.
+    let direct_only = Blobs::open(
+        dirs[1].path(),
+        &Identity::from_key(test_key("relay none")),
+        blob_config(),
+    )
+    .await
+    .expect("direct only");
+    direct_only
+        .fetch(&id, std::slice::from_ref(&via_relay))
+        .await
+        .expect_err("relays are disabled");
+
+    let me = Blobs::open(
+        dirs[2].path(),
+        &Identity::from_key(test_key("relay me")),
+        with_relay(),
+    )
+    .await
+    .expect("me");
+    let fetched = me
+        .fetch(&id, std::slice::from_ref(&via_relay))
+        .await
+        .expect("fetched through the relay");
+    assert_eq!(fetched.from, Some(provider_id.node_id()));
+    assert_eq!(me.read(&id, u64::MAX).await.expect("read"), blob);
+    for b in [provider, direct_only, me] {
+        b.shutdown().await;
+    }
+    let _ = server.shutdown().await;
 }
 
 /// A stalled provider: accepts the connection and never answers.
@@ -240,14 +305,8 @@ async fn a_stalled_provider_times_out_and_another_is_tried() {
         .fetch(
             &id,
             &[
-                Provider {
-                    node: stall_id.node_id(),
-                    addrs: stall_addrs,
-                },
-                Provider {
-                    node: honest_id.node_id(),
-                    addrs: honest.addrs(),
-                },
+                Provider::direct(stall_id.node_id(), stall_addrs),
+                Provider::direct(honest_id.node_id(), honest.addrs()),
             ],
         )
         .await

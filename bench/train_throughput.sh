@@ -4,6 +4,7 @@
 #
 #   bash bench/train_throughput.sh                # preset small, 2 threads
 #   PRESET=tiny THREADS=2 bash bench/train_throughput.sh
+#   BTM_X86V4=path BTM_NDARRAY=path bash bench/train_throughput.sh   # more burn CPU backends
 #
 # Needs: a release build of btm-node (BTM=path, default target/release/btm-node) and a Python with
 # torch (PY=path; see BENCHMARKS.md). TORCH_GPT defaults to ../shared/bench/torch_gpt.py.
@@ -15,6 +16,8 @@ BATCH=${BATCH:-8}
 STEPS=${STEPS:-12}
 BTM=${BTM:-target/release/btm-node}
 BTM_X86V4=${BTM_X86V4:-}
+# A binary built with `--features ndarray` also measures burn's deprecated ndarray backend.
+BTM_NDARRAY=${BTM_NDARRAY:-}
 PY=${PY:-python3}
 TORCH_GPT=${TORCH_GPT:-../shared/bench/torch_gpt.py}
 
@@ -28,9 +31,9 @@ esac
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores visible, threads used: $THREADS"
 echo "shapes: preset $PRESET ($shape --batch $BATCH), $STEPS timed steps after 2 warm-up"
 rows=()
-run_btm() {  # label binary
+run_btm() {  # label binary [device]
   local out
-  out=$(RAYON_NUM_THREADS=$THREADS "$2" bench --preset "$PRESET" --batch "$BATCH" --steps "$STEPS" --warmup 2 --matmul 2048)
+  out=$(RAYON_NUM_THREADS=$THREADS "$2" bench --preset "$PRESET" --batch "$BATCH" --steps "$STEPS" --warmup 2 --matmul 2048 --device "${3:-cpu}")
   echo "$out" | grep -E '^(MATMUL|RESULT)' >&2
   local tps gf peak
   tps=$(echo "$out" | sed -n 's/^RESULT.*tokens_per_s=\([0-9.]*\).*/\1/p')
@@ -39,7 +42,8 @@ run_btm() {  # label binary
   rows+=("$1|$tps|$gf|$peak")
 }
 run_btm "burn flex" "$BTM"
-[ -n "$BTM_X86V4" ] && run_btm "burn flex + x86-v4" "$BTM_X86V4"
+if [ -n "$BTM_X86V4" ]; then run_btm "burn flex + x86-v4" "$BTM_X86V4"; fi
+if [ -n "$BTM_NDARRAY" ]; then run_btm "burn ndarray" "$BTM_NDARRAY" ndarray; fi
 
 tout=$("$PY" "$TORCH_GPT" $shape --batch "$BATCH" --steps "$STEPS" --threads "$THREADS")
 echo "$tout" | grep RESULT >&2

@@ -480,18 +480,23 @@ impl EventLoop {
         }
     }
 
+    /// A write in the event loop itself (root and registry adoption only: rare, and the
+    /// trusted state must change before the next message is judged).
+    fn write_store<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, btm_registry::StoreError>,
+    ) -> Result<T, NetError> {
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| NetError::Store("store lock poisoned".into()))?;
+        f(&mut store).map_err(|e| NetError::Store(e.to_string()))
+    }
+
     /// Offers the next root to the store's rules; on acceptance it becomes the trusted root
     /// (registries are checked against its keys from now on) and is held on the DHT.
     fn adopt_root(&mut self, bytes: &[u8]) -> Result<Decision<Signed<Root>>, NetError> {
-        let decision = {
-            let mut store = self
-                .store
-                .lock()
-                .map_err(|_| NetError::Store("store lock poisoned".into()))?;
-            store
-                .update_root(bytes, now_secs())
-                .map_err(|e| NetError::Store(e.to_string()))?
-        };
+        let decision = self.write_store(|s| s.update_root(bytes, now_secs()))?;
         if let Decision::Accept(root) = &decision {
             let version = root.record().version;
             self.trusted.root = root.clone();
@@ -529,15 +534,7 @@ impl EventLoop {
         &mut self,
         bytes: &[u8],
     ) -> Result<Decision<Signed<btm_protocol::Registry>>, NetError> {
-        let decision = {
-            let mut store = self
-                .store
-                .lock()
-                .map_err(|_| NetError::Store("store lock poisoned".into()))?;
-            store
-                .update_registry(bytes, now_secs())
-                .map_err(|e| NetError::Store(e.to_string()))?
-        };
+        let decision = self.write_store(|s| s.update_registry(bytes, now_secs()))?;
         if let Decision::Accept(reg) = &decision {
             self.trusted.registry = Some(reg.clone());
             tracing::info!(version = reg.record().version, "registry adopted");

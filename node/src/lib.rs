@@ -8,7 +8,8 @@
 //! - **Records on the DHT** ([`keys`], [`validate`]): registry, seed manifest, claims, ELM
 //!   records and blob addresses under `btm/1/<network>/...`, validated on every inbound PUT
 //!   and every GET result.
-//! - **Data plane** ([`blobs`]): iroh-blobs, BLAKE3-verified streaming, relays disabled.
+//! - **Data plane** ([`blobs`]): iroh-blobs, BLAKE3-verified streaming, resumable; iroh
+//!   relays only when configured.
 //! - **Eclipse defences** ([`diversity`]): at most a few routing-table peers per subnet;
 //!   Kademlia lookups over disjoint paths.
 //! - **Claims** ([`claims`]) and **verification** ([`verify`]) as pure functions.

@@ -384,3 +384,21 @@ pub async fn wait_verdict(node: &Node, elm: ContentId) -> bool {
         .flatten()
         .is_some_and(|a| a.verdict == btm_protocol::Verdict::Accept)
 }
+
+/// Waits until `node` has stored a live claim by `who` on `domain`.
+pub async fn wait_claim(node: &Node, domain: &str, who: btm_protocol::NodeId, within: Duration) {
+    let (n, domain) = (node.clone(), domain.to_string());
+    wait_for("the claim", within, move || {
+        let (n, domain) = (n.clone(), domain.clone());
+        async move {
+            n.with_store(|s| {
+                s.claims(&domain, now())
+                    .map(|c| c.iter().any(|c| c.record().node == who))
+            })
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+        }
+    })
+    .await;
+}

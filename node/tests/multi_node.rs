@@ -46,23 +46,7 @@ async fn maintainer_and_three_nodes() {
     let claim = nodes[1].claim(None).await.expect("claim");
     let domain = claim.record().domain.clone();
     for n in &nodes {
-        let n = n.clone();
-        let domain = domain.clone();
-        let who = nodes[1].node_id();
-        wait_for("the claim", Duration::from_secs(30), move || {
-            let n = n.clone();
-            let domain = domain.clone();
-            async move {
-                n.with_store(|s| {
-                    s.claims(&domain, now())
-                        .map(|c| c.iter().any(|c| c.record().node == who))
-                })
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(false)
-            }
-        })
-        .await;
+        wait_claim(n, &domain, nodes[1].node_id(), Duration::from_secs(30)).await;
     }
     // Node 2 chooses among the other domains: the fewest live claims.
     let other = nodes[2].claim(None).await.expect("claim 2");
@@ -166,21 +150,12 @@ async fn a_busy_store_does_not_stall_the_event_loop() {
     );
     assert!(!holder.is_finished(), "the store was released too early");
     holder.await.expect("join").expect("store");
-    let (domain, who) = (claim.record().domain.clone(), nodes[0].node_id());
-    let n = nodes[1].clone();
-    wait_for("the claim written", Duration::from_secs(10), move || {
-        let n = n.clone();
-        let domain = domain.clone();
-        async move {
-            n.with_store(|s| {
-                s.claims(&domain, now())
-                    .map(|c| c.iter().any(|c| c.record().node == who))
-            })
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(false)
-        }
-    })
+    wait_claim(
+        &nodes[1],
+        &claim.record().domain,
+        nodes[0].node_id(),
+        Duration::from_secs(10),
+    )
     .await;
     net.shutdown().await;
 }

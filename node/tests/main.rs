@@ -6,3 +6,4 @@
 mod adversarial;
 mod common;
 mod multi_node;
+mod netns;

@@ -161,9 +161,24 @@ async fn a_busy_store_does_not_stall_the_event_loop() {
 }
 
 /// mDNS on a local network: two nodes with no bootstrap address find and connect to each
-/// other. They listen on all interfaces (mDNS announces the LAN addresses).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mdns_finds_peers_on_the_local_network() {
+/// other. They listen on all interfaces (mDNS announces the LAN addresses), so the test runs in a
+/// network namespace of its own whose only non-loopback interface is a veth pair: discovery is
+/// real multicast and none of it leaves the host (`netns.rs`).
+#[test]
+fn mdns_finds_peers_on_the_local_network() {
+    match crate::netns::run_confined("multi_node::mdns_finds_peers_on_the_local_network") {
+        crate::netns::Confined::Inside => {}
+        crate::netns::Confined::Passed | crate::netns::Confined::Skipped => return,
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(mdns_discovery());
+}
+
+async fn mdns_discovery() {
     let dirs: Vec<_> = (0..2)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -186,6 +201,14 @@ async fn mdns_finds_peers_on_the_local_network() {
         }
     })
     .await;
+    // The peer was found through the namespace's interface: its announced addresses include
+    // the veth address (loopback is never announced by mDNS).
+    let addrs = nodes[1].listen_addrs().await.expect("addrs");
+    assert!(
+        addrs.iter().any(|a| a.to_string().contains(crate::netns::ADDR)),
+        "listen addresses {addrs:?} lack {}",
+        crate::netns::ADDR
+    );
     for n in nodes {
         n.shutdown().await;
     }

@@ -1,0 +1,114 @@
+//! Network namespaces for tests whose traffic must not use loopback alone (mDNS skips loopback
+//! interfaces) and must not leave the host either.
+//!
+//! A test calls [`run_confined`] with its own name. Outside a namespace that re-runs the test
+//! binary, filtered to that one test, inside a new network namespace (`unshare --net`, or with a
+//! user namespace when not root) in which a veth pair carries the documentation address
+//! 192.0.2.1/24 (RFC 5737, TEST-NET-1) and the multicast route. Both ends of the pair are in
+//! the namespace, so nothing it sends can reach a real interface. Inside, `run_confined`
+//! returns `Inside` and the test does its work.
+//!
+//! Where namespaces cannot be made (no `unshare`/`ip`, no privileges) the test prints SKIPPED,
+//! unless `BTM_REQUIRE_NETNS` is set (as `.ci/run` does), which turns that into a failure.
+
+use std::process::Command;
+
+/// Set in the re-run child: the namespace is ready.
+const CHILD: &str = "BTM_TEST_IN_NETNS";
+/// The veth end that carries the namespace's non-loopback address.
+pub const IFACE: &str = "btmtest0";
+pub const ADDR: &str = "192.0.2.1";
+
+pub enum Confined {
+    /// This process is inside the namespace: do the test's work here.
+    Inside,
+    /// The test ran in a child inside the namespace and passed.
+    Passed,
+    /// Namespaces are not available here (and not required).
+    Skipped,
+}
+
+fn setup_script() -> String {
+    format!(
+        "set -e
+ip link set lo up
+ip link add {IFACE} type veth peer name btmtest1
+ip addr add {ADDR}/24 dev {IFACE}
+ip link set {IFACE} up
+ip link set btmtest1 up
+ip route add 224.0.0.0/4 dev {IFACE}"
+    )
+}
+
+fn unshare() -> Command {
+    let mut c = Command::new("unshare");
+    // Root makes the namespace directly; anyone else needs a user namespace for it.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        c.arg("--user").arg("--map-root-user");
+    }
+    c.arg("--net");
+    c
+}
+
+/// Whether this process is in a namespace made by [`run_confined`]: the test's interface is in
+/// this process's own view of the network (`/proc/self/net/dev` follows the namespace).
+pub fn inside() -> bool {
+    std::env::var_os(CHILD).is_some()
+        && std::fs::read_to_string("/proc/self/net/dev").is_ok_and(|d| d.contains(IFACE))
+}
+
+/// Runs the test named `test` (its full path in this binary) inside a fresh network namespace.
+pub fn run_confined(test: &str) -> Confined {
+    if std::env::var_os(CHILD).is_some() {
+        assert!(
+            inside(),
+            "{CHILD} is set but {IFACE} is not in this network namespace"
+        );
+        return Confined::Inside;
+    }
+    let required = std::env::var_os("BTM_REQUIRE_NETNS").is_some();
+    // Probe: can a namespace with the veth pair be made here?
+    let probe = unshare()
+        .args(["sh", "-c", &setup_script()])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => format!("unshare: {e}"),
+            };
+            assert!(
+                !required,
+                "BTM_REQUIRE_NETNS is set but a network namespace cannot be made: {why}"
+            );
+            eprintln!("SKIPPED {test}: no network namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it");
+            return Confined::Skipped;
+        }
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let script = format!("{}\nexec \"$0\" \"$@\"", setup_script());
+    let out = unshare()
+        .args(["sh", "-c", &script])
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .expect("run the test in a network namespace");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} failed inside its network namespace ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    Confined::Passed
+}

@@ -1,9 +1,3 @@
-//! Integration tests of btm-net: real libp2p swarms and iroh endpoints on loopback, several
-//! nodes in one process. One binary (`autotests = false`), so the link happens once.
+//! Integration tests of btm-roles: the roles in one process over loopback. One binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod adversarial;
-mod common;
-mod multi_node;
-mod netns;

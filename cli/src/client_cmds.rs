@@ -8,27 +8,26 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Split};
 use btm_model::device::DeviceKind;
 use btm_model::forest::average::{self, Input};
 use btm_model::forest::ensemble::{self, Ensemble};
-use btm_model::forest::manifest::{InitKind, Parent, TrainRecord};
 use btm_model::forest::posterior::{PriorConfig, Weighting};
 use btm_model::forest::{Forest, manifest};
 use btm_model::generate::SampleConfig;
 use btm_model::tokenizer::Tokenizer;
 use btm_model::{eval, fsutil, weights};
 use btm_net::Node;
-use btm_protocol::{ElmRecord, Registry, Signed, Verdict, milli_to_ppl};
+use btm_roles::{Client, ClientConfig, Events, FetchRequest, Listing, Stop};
 use clap::Args;
 use serde::Serialize;
 
 use crate::forest_cmds::{self, PALETTE};
-use crate::join::own_verdicts;
-use crate::net::{self, ConfigFile, NetArgs, NodeSettings, Say, Stop, short};
+use crate::net::{self, ConfigFile, NetArgs, NodeSettings, Say, short};
+use crate::report::Reporter;
 
 // ---- forest list -------------------------------------------------------------------------
 
@@ -41,147 +40,43 @@ pub struct ListArgs {
     wait: u64,
 }
 
-#[derive(Debug, Serialize)]
-struct ListedElm {
-    id: String,
-    domain: String,
-    trainer: String,
-    claimed_ppl: f64,
-    in_registry: bool,
-    /// This node's verdict (None: not verified yet).
-    verified_here: Option<bool>,
-    /// Verifier node id -> (accepted, measured perplexity).
-    attestations: BTreeMap<String, (bool, f64)>,
-}
-
-#[derive(Debug, Serialize)]
-struct ListedDomain {
-    name: String,
-    /// Node id -> seconds of lease left.
-    claims: BTreeMap<String, u64>,
-    elms: Vec<ListedElm>,
-}
-
-#[derive(Debug, Serialize)]
-struct Listing {
-    registry_version: u64,
-    registry_expires: u64,
-    seed: String,
-    domains: Vec<ListedDomain>,
-}
-
 fn client_settings(a: &NetArgs) -> Result<NodeSettings> {
     let config = ConfigFile::load(a.config.as_deref())?;
     NodeSettings::resolve(a, &config, "runs/client")
 }
 
-/// Starts the client node, waits for the registry, catches up from the DHT and lets the
-/// verifier work for up to `wait` (less once every ELM found has a verdict and `enough` holds).
-async fn catch_up(
-    node: &Node,
-    settings: &NodeSettings,
-    wait: Duration,
-    stop: &Stop,
-    say: &Say,
-    enough: impl Fn(&[(Signed<ElmRecord>, Option<bool>)]) -> bool,
-) -> Result<Option<Signed<Registry>>> {
-    let Some(reg) = net::wait_registry(node, settings.wait_registry, stop).await? else {
-        return Ok(None);
-    };
-    say.line(format!(
-        "registry v{} with {} domains; looking for ELMs and verifying them",
-        reg.record().version,
-        reg.record().domains.len()
-    ));
-    let deadline = Instant::now() + wait;
-    let mut last_sync = Instant::now() - Duration::from_secs(60);
-    loop {
-        if last_sync.elapsed() > Duration::from_secs(5) {
-            let _ = node.sync().await;
-            last_sync = Instant::now();
-        }
-        let elms = own_verdicts(node)?;
-        let pending = elms.iter().filter(|(_, v)| v.is_none()).count();
-        if (pending == 0 && enough(&elms)) || Instant::now() >= deadline {
-            break;
-        }
-        if net::sleep_or_stop(stop, Duration::from_millis(500)).await {
-            return Ok(None);
-        }
-    }
-    Ok(node.registry().await?)
-}
-
-fn listing(node: &Node, reg: &Registry) -> Result<Listing> {
-    let now = btm_net::limits::now_secs();
-    let elms = own_verdicts(node)?;
-    let mut domains = Vec::new();
-    for d in &reg.domains {
-        let claims = node
-            .with_store(|s| s.claims(&d.name, now))??
-            .into_iter()
-            .map(|c| {
-                let c = c.into_record();
-                (
-                    net::to_hex(c.node.as_bytes()),
-                    c.lease_expires.saturating_sub(now),
-                )
-            })
-            .collect();
-        let mut listed = Vec::new();
-        for (env, verdict) in elms.iter().filter(|(e, _)| e.record().domain == d.name) {
-            let id = env.id();
-            let attestations = node
-                .with_store(|s| s.attestations(&id))??
-                .into_iter()
-                .map(|a| {
-                    let a = a.into_record();
-                    (
-                        net::to_hex(a.verifier.as_bytes()),
-                        (
-                            a.verdict == Verdict::Accept,
-                            milli_to_ppl(a.measured_ppl_milli),
-                        ),
-                    )
-                })
-                .collect();
-            let e = env.record();
-            listed.push(ListedElm {
-                id: net::to_hex(&id.0),
-                domain: e.domain.clone(),
-                trainer: net::to_hex(e.trainer.as_bytes()),
-                claimed_ppl: milli_to_ppl(e.claimed_valid_ppl_milli),
-                in_registry: reg.elms.iter().any(|x| x.record == id),
-                verified_here: *verdict,
-                attestations,
-            });
-        }
-        domains.push(ListedDomain {
-            name: d.name.clone(),
-            claims,
-            elms: listed,
+/// Runs `work` with a client node started from `net`, and always shuts the node down.
+fn with_client<T>(
+    net_args: &NetArgs,
+    wait: u64,
+    role: &str,
+    json: bool,
+    work: impl AsyncFnOnce(&Client, &Node, &Stop, &Events, &Reporter) -> Result<T>,
+) -> Result<T> {
+    let settings = client_settings(net_args)?;
+    net::runtime()?.block_on(async {
+        let stop = net::install_stop();
+        let node = net::start(&settings).await?;
+        let reporter = Reporter::new(role, json, None);
+        let client = Client::new(ClientConfig {
+            wait_registry: settings.wait_registry,
+            wait: Duration::from_secs(wait),
         });
-    }
-    Ok(Listing {
-        registry_version: reg.version,
-        registry_expires: reg.expires,
-        seed: reg
-            .seed
-            .as_ref()
-            .map(|s| net::to_hex(&s.weights.0))
-            .unwrap_or_default(),
-        domains,
+        let result = work(&client, &node, &stop, &reporter.events(), &reporter).await;
+        node.shutdown().await;
+        result
     })
 }
 
 fn print_listing(l: &Listing, me: &str) {
+    let seed = l.seed.map(|s| s.to_string()).unwrap_or_default();
     println!(
         "registry v{} (expires in {} h), seed {}",
         l.registry_version,
         l.registry_expires
             .saturating_sub(btm_net::limits::now_secs())
             / 3600,
-        &l.seed[..l.seed.len().min(8)]
+        &seed[..seed.len().min(8)]
     );
     println!(
         "{:<20} {:<22} {:<9} {:<9} {:>9} {:<5} {:<8} verified by (+ accept, - reject)",
@@ -215,8 +110,8 @@ fn print_listing(l: &Listing, me: &str) {
                 "{:<20} {:<22} {:<9} {:<9} {:>9.2} {:<5} {:<8} {}",
                 if i == 0 { d.name.as_str() } else { "" },
                 if i == 0 { claims.as_str() } else { "" },
-                &e.id[..8],
-                &e.trainer[..8],
+                short(&e.id.0),
+                short(e.trainer.as_bytes()),
                 e.claimed_ppl,
                 if e.in_registry { "yes" } else { "no" },
                 match e.verified_here {
@@ -231,35 +126,17 @@ fn print_listing(l: &Listing, me: &str) {
 }
 
 pub fn list(a: ListArgs, json: bool) -> Result<()> {
-    let settings = client_settings(&a.net)?;
-    net::runtime()?.block_on(async {
-        let say = Say::new("client", json);
-        let stop = Stop::install();
-        let node = net::start(&settings).await?;
-        let result = async {
-            let Some(reg) = catch_up(
-                &node,
-                &settings,
-                Duration::from_secs(a.wait),
-                &stop,
-                &say,
-                |_| true,
-            )
-            .await?
-            else {
-                return Ok(());
-            };
-            let l = listing(&node, reg.record())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&l)?);
-            } else {
-                print_listing(&l, &net::to_hex(node.node_id().as_bytes()));
-            }
-            Ok(())
+    with_client(&a.net, a.wait, "client", json, async |client, node, stop, events, _| {
+        let Some(reg) = client.catch_up(node, stop, events, |_| true).await? else {
+            return Ok(());
+        };
+        let l = Client::listing(node, reg.record())?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&l)?);
+        } else {
+            print_listing(&l, &node.node_id().to_string());
         }
-        .await;
-        node.shutdown().await;
-        result
+        Ok(())
     })
 }
 
@@ -287,188 +164,21 @@ pub struct FetchArgs {
     min_elms: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
-struct FetchedElm {
-    name: String,
-    domain: String,
-    id: String,
-    weights: String,
-    verified_here: Option<bool>,
-    measured_ppl: Option<f64>,
-    claimed_ppl: f64,
-    verifiers: usize,
-}
-
 pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
-    let settings = client_settings(&a.net)?;
-    net::runtime()?.block_on(async {
-        let say = Say::new("fetch", json);
-        let stop = Stop::install();
-        let node = net::start(&settings).await?;
-        let result = fetch_with(&a, &settings, &node, &stop, &say, json).await;
-        node.shutdown().await;
-        result
-    })
-}
-
-async fn fetch_with(
-    a: &FetchArgs,
-    settings: &NodeSettings,
-    node: &Node,
-    stop: &Stop,
-    say: &Say,
-    json: bool,
-) -> Result<()> {
-    let wanted = |d: &str| a.domain.is_empty() || a.domain.iter().any(|x| x == d);
-    let min = a.min_elms;
-    let Some(reg) = catch_up(
-        node,
-        settings,
-        Duration::from_secs(a.wait),
-        stop,
-        say,
-        |elms| {
-            let ok = elms
-                .iter()
-                .filter(|(e, v)| *v == Some(true) && wanted(&e.record().domain))
-                .count();
-            min.is_none_or(|m| ok >= m)
-        },
-    )
-    .await?
-    else {
-        return Ok(());
+    let req = FetchRequest {
+        out: a.out.clone(),
+        domains: a.domain.clone(),
+        unverified: a.unverified,
+        min_elms: a.min_elms,
     };
-    let reg = reg.into_record();
-    let seed = reg.seed.clone().context("the registry has no seed")?;
-    let elms: Vec<_> = own_verdicts(node)?
-        .into_iter()
-        .filter(|(e, v)| wanted(&e.record().domain) && (a.unverified || *v == Some(true)))
-        .collect();
-    if let Some(m) = a.min_elms
-        && elms.len() < m
-    {
-        bail!(
-            "only {} verified ELMs after {} s (wanted {m}); try again later or raise --wait",
-            elms.len(),
-            a.wait
-        );
-    }
-    if elms.is_empty() {
-        bail!("no verified ELMs on the network yet");
-    }
-    let max = btm_net::blobs::BlobConfig::default().max_blob_bytes;
-    let out = &a.out;
-    std::fs::create_dir_all(out.join("elms"))?;
-    // Seed and tokenizer.
-    for id in [seed.weights, seed.tokenizer] {
-        node.fetch_blob(id, &[]).await?;
-    }
-    let seed_path = out.join("seed.safetensors");
-    let tok_path = out.join("tokenizer.json");
-    node.blobs().export(&seed.weights, &seed_path).await?;
-    node.blobs().export(&seed.tokenizer, &tok_path).await?;
-    let tok = Tokenizer::load(&tok_path)?;
-    let arch = btm_net::verify::config_of(&seed.architecture);
-    let manifest_path = out.join(manifest::MANIFEST_FILE);
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path)?;
-    }
-    let mut forest = Forest::create(out, arch, &tok_path)?;
-    forest.set_seed(&seed_path)?;
-    // Each domain's validation and test data, for `forest report` and priors.
-    let mut domains_done = Vec::new();
-    let mut rows = Vec::new();
-    let mut names_of: BTreeMap<btm_protocol::ContentId, String> = BTreeMap::new();
-    names_of.insert(seed.weights, "seed".into());
-    for (env, verdict) in &elms {
-        let e = env.record();
-        let id = env.id();
-        node.fetch_blob(e.weights, &[e.trainer])
-            .await
-            .with_context(|| format!("downloading ELM {}", short(&id.0)))?;
-        let path = out
-            .join("elms")
-            .join(format!("{}-{}.safetensors", e.domain, short(&id.0)));
-        node.blobs().export(&e.weights, &path).await?;
-        let name = if forest.elms.iter().any(|x| x.name == e.domain) {
-            format!("{}-{}", e.domain, short(&id.0))
-        } else {
-            e.domain.clone()
+    with_client(&a.net, a.wait, "fetch", json, async |client, node, stop, events, _| {
+        let Some(rows) = client.fetch(node, &req, stop, events).await? else {
+            return Ok(());
         };
-        let init = if e.parents.len() == 1 && e.parents[0].weights == seed.weights {
-            InitKind::Seed
-        } else {
-            InitKind::PosteriorAverage
-        };
-        let parents = e
-            .parents
-            .iter()
-            .map(|p| Parent {
-                name: names_of
-                    .get(&p.weights)
-                    .cloned()
-                    .unwrap_or_else(|| short(&p.weights.0)),
-                id: net::to_hex(&p.weights.0),
-                weight: f64::from(p.weight_ppm) / 1e6,
-            })
-            .collect();
-        forest.add(
-            &name,
-            vec![e.domain.clone()],
-            &path,
-            &tok.id(),
-            init,
-            parents,
-            Some(TrainRecord {
-                steps: e.steps,
-                tokens: e.tokens,
-                flops: e.flops as f64,
-            }),
-        )?;
-        names_of.insert(e.weights, name.clone());
-        if !domains_done.contains(&e.domain)
-            && let Some(d) = reg.domain(&e.domain)
-        {
-            for (split, blob) in [("valid", d.valid), ("test", d.test)] {
-                node.fetch_blob(blob, &[]).await?;
-                let bytes = node.blobs().read(&blob, max).await?;
-                let ext = if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                    "jsonl.zst"
-                } else {
-                    "jsonl"
-                };
-                let dir = out.join("data").join(&e.domain);
-                std::fs::create_dir_all(&dir)?;
-                fsutil::write_atomic(&dir.join(format!("{split}.{ext}")), &bytes)?;
-            }
-            domains_done.push(e.domain.clone());
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(());
         }
-        let atts = node.with_store(|s| s.attestations(&id))??;
-        let me = node.node_id();
-        let measured = atts
-            .iter()
-            .map(|a| a.record())
-            .find(|a| a.verifier == me && a.verdict == Verdict::Accept)
-            .map(|a| milli_to_ppl(a.measured_ppl_milli));
-        rows.push(FetchedElm {
-            name,
-            domain: e.domain.clone(),
-            id: net::to_hex(&id.0),
-            weights: net::to_hex(&e.weights.0),
-            verified_here: *verdict,
-            measured_ppl: measured,
-            claimed_ppl: milli_to_ppl(e.claimed_valid_ppl_milli),
-            verifiers: atts
-                .iter()
-                .filter(|a| a.record().verdict == Verdict::Accept)
-                .count(),
-        });
-    }
-    forest.save()?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
         println!(
             "{:<24} {:<9} {:>10} {:>10} {:>9}  here",
             "ELM", "record", "claimed", "measured", "accepts"
@@ -477,7 +187,7 @@ async fn fetch_with(
             println!(
                 "{:<24} {:<9} {:>10.2} {:>10} {:>9}  {}",
                 r.name,
-                &r.id[..8],
+                short(&r.id.0),
                 r.claimed_ppl,
                 r.measured_ppl.map_or("-".into(), |p| format!("{p:.2}")),
                 r.verifiers,
@@ -491,10 +201,10 @@ async fn fetch_with(
         println!(
             "forest of {} ELMs written to {}",
             rows.len(),
-            manifest_path.display()
+            req.out.join(manifest::MANIFEST_FILE).display()
         );
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 // ---- forest report -----------------------------------------------------------------------

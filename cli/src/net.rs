@@ -8,15 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use btm_net::blobs::{CertificateDer, RelayUrl};
 use btm_net::libp2p::Multiaddr;
 use btm_net::{Node, NodeConfig};
-use btm_protocol::{Registry, Signed};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -353,7 +351,7 @@ pub async fn run_node(
     role: &str,
     work: impl AsyncFnOnce(&Node, &StatusFile, &Stop) -> Result<()>,
 ) -> Result<()> {
-    let stop = Stop::install();
+    let stop = install_stop();
     let node = start(settings).await?;
     let status = StatusFile::new(&settings.data_dir, role, node.node_id().as_bytes());
     let result = work(&node, &status, &stop).await;
@@ -367,108 +365,38 @@ pub async fn run_node(
     result
 }
 
-/// A stop request (Ctrl-C or SIGTERM), as a flag blocking code can poll and a future.
-#[derive(Debug, Clone)]
-pub struct Stop {
-    flag: Arc<AtomicBool>,
-    notify: Arc<tokio::sync::Notify>,
-}
+pub use btm_roles::Stop;
 
-impl Stop {
-    /// Installs the signal handlers (call inside the runtime).
-    pub fn install() -> Stop {
-        let stop = Stop {
-            flag: Arc::new(AtomicBool::new(false)),
-            notify: Arc::new(tokio::sync::Notify::new()),
-        };
-        let s = stop.clone();
-        tokio::spawn(async move {
-            #[cfg(unix)]
-            {
-                let term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-                match term {
-                    Ok(mut term) => {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = term.recv() => {}
-                        }
-                    }
-                    Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
+/// A stop request on Ctrl-C or SIGTERM (call inside the runtime).
+pub fn install_stop() -> Stop {
+    let stop = Stop::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            match term {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
                     }
                 }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            #[cfg(not(unix))]
-            {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-            s.flag.store(true, Ordering::SeqCst);
-            s.notify.notify_waiters();
-        });
-        stop
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once a stop was requested.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_set() {
-                return;
-            }
-            notified.await;
         }
-    }
-
-    /// The flag itself (for blocking code).
-    pub fn flag(&self) -> Arc<AtomicBool> {
-        self.flag.clone()
-    }
-}
-
-/// Sleeps `d` unless a stop comes first; returns whether to stop.
-pub async fn sleep_or_stop(stop: &Stop, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => stop.is_set(),
-        _ = stop.wait() => true,
-    }
-}
-
-/// Waits until the node trusts a registry that names a seed, asking the DHT now and then.
-pub async fn wait_registry(
-    node: &Node,
-    within: Duration,
-    stop: &Stop,
-) -> Result<Option<Signed<Registry>>> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(r) = node.registry().await?
-            && r.record().seed.is_some()
+        #[cfg(not(unix))]
         {
-            return Ok(Some(r));
+            let _ = tokio::signal::ctrl_c().await;
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "no registry with a seed reached this node within {} s: is a maintainer node running, \
-                 and are the network file / --bootstrap addresses right?",
-                within.as_secs()
-            );
-        }
-        let _ = node.sync().await;
-        if sleep_or_stop(stop, Duration::from_millis(500)).await {
-            return Ok(None);
-        }
-    }
+        s.request();
+    });
+    stop
 }
 
-/// The first 8 hex digits of an id, for tables.
-pub fn short(b: &[u8]) -> String {
-    to_hex(&b[..b.len().min(4)])
-}
+pub use btm_roles::short;
 
 /// What a running node is doing, kept in `<data dir>/status.json` (written atomically) for
 /// people and for `btm-node demo`.
@@ -562,10 +490,6 @@ impl Say {
             prefix: prefix.into(),
             quiet,
         }
-    }
-
-    pub fn quiet(&self) -> bool {
-        self.quiet
     }
 
     pub fn line(&self, m: impl AsRef<str>) {

@@ -1,0 +1,303 @@
+//! The command-line subscriber of a role's events: one line per event on stderr (prefixed with
+//! the role), a progress bar while training, `status.json` kept current for people and for
+//! `btm-node demo`; with `--json`, one JSON event a line on stdout instead of the lines and bars.
+
+use std::sync::{Arc, Mutex};
+
+use btm_roles::{Event, Events, Phase};
+
+use crate::net::{Say, StatusFile, short};
+
+/// How a phase reads in lines and in `status.json` (the demo and the end-to-end tests read it).
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::WaitingForRegistry => "waiting for the registry",
+        Phase::WaitingForDomain => "waiting for a free domain",
+        Phase::AddingBlobs => "adding blobs",
+        Phase::Downloading => "downloading",
+        Phase::Training => "training",
+        Phase::Measuring => "measuring",
+        Phase::Serving => "serving",
+        Phase::Stopped => "stopped",
+    }
+}
+
+/// Draws a role's events for a person (or a script, with `--json`).
+pub struct Reporter {
+    say: Say,
+    json: bool,
+    status: Option<StatusFile>,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Reporter {
+    pub fn new(role: &str, json: bool, status: Option<StatusFile>) -> Arc<Reporter> {
+        Arc::new(Reporter {
+            say: Say::new(role, json),
+            json,
+            status,
+            bar: Mutex::new(None),
+        })
+    }
+
+    /// The role's event sink.
+    pub fn events(self: &Arc<Self>) -> Events {
+        let me = self.clone();
+        Events::new(move |e| me.on(e))
+    }
+
+    pub fn line(&self, m: impl AsRef<str>) {
+        if let Ok(b) = self.bar.lock()
+            && let Some(b) = b.as_ref()
+        {
+            b.suspend(|| self.say.line(m.as_ref()));
+            return;
+        }
+        self.say.line(m);
+    }
+
+    fn status(&self, f: impl FnOnce(&mut crate::net::Status)) {
+        if let Some(s) = &self.status {
+            s.update(f);
+        }
+    }
+
+    fn finish_bar(&self) {
+        if let Ok(mut b) = self.bar.lock()
+            && let Some(b) = b.take()
+        {
+            b.finish_and_clear();
+        }
+    }
+
+    fn on(&self, e: &Event) {
+        if self.json {
+            if let Ok(s) = serde_json::to_string(e) {
+                println!("{s}");
+            }
+        }
+        match e {
+            Event::Phase { phase } => {
+                if !matches!(phase, Phase::Training) {
+                    self.finish_bar();
+                }
+                match phase {
+                    Phase::WaitingForDomain => self.line(
+                        "every domain without an ELM is claimed; waiting for a lease to lapse",
+                    ),
+                    Phase::Serving => {
+                        self.line("serving blobs and verifying other ELMs (Ctrl-C to stop)")
+                    }
+                    Phase::Stopped => self.line("stopping"),
+                    _ => {}
+                }
+                self.status(|s| s.phase = phase_name(*phase).into());
+            }
+            Event::Registry {
+                version,
+                domains,
+                seed,
+                accepted,
+            } => {
+                self.line(format!(
+                    "registry v{version} verified: {domains} domains, seed {}, {} accepted ELMs",
+                    seed.map_or("-".into(), |s| short(&s.0)),
+                    accepted.len()
+                ));
+                self.status(|s| {
+                    s.registry_version = Some(*version);
+                    s.accepted = accepted.iter().map(ToString::to_string).collect();
+                });
+            }
+            Event::Claimed { domain, lease_secs } => {
+                self.line(format!(
+                    "claimed {domain} (lease {lease_secs} s, renewed while training)"
+                ));
+                self.status(|s| s.domain = Some(domain.clone()));
+            }
+            Event::ClaimLost { domain, keeper } => self.line(format!(
+                "{domain} was claimed by {} at the same time; it keeps it, choosing again",
+                short(keeper.as_bytes())
+            )),
+            Event::Fetching { what, id } => {
+                self.line(format!("fetching the {what} ({})", short(&id.0)))
+            }
+            Event::Branched { init, parents } => {
+                let how = match init.as_str() {
+                    "seed" => "from the seed",
+                    "posterior_average" => "from the posterior-weighted average",
+                    _ => "from a random initialisation",
+                };
+                let desc = format!(
+                    "{how} ({})",
+                    parents
+                        .iter()
+                        .map(|(n, w)| format!("{n} {w:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.line(format!("branching {desc}"));
+                self.status(|s| s.branch = Some(desc));
+            }
+            Event::Posterior { domain, weights } => self.line(format!(
+                "posterior of {domain}'s validation data over the accepted ELMs: {}",
+                weights
+                    .iter()
+                    .map(|(n, p)| format!("{n} {p:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Event::TrainingStarted {
+                domain,
+                steps,
+                tokens_per_step,
+                resumed_from,
+            } => {
+                match resumed_from {
+                    Some(k) => self.line(format!(
+                        "resuming the run on {domain} at update {k}/{steps} from its checkpoint"
+                    )),
+                    None => self.line(format!(
+                        "training {steps} updates of {tokens_per_step} tokens on {domain}"
+                    )),
+                }
+                self.status(|s| {
+                    s.steps = *steps;
+                    s.resumed_from = *resumed_from;
+                });
+                if !self.json {
+                    let bar = indicatif::ProgressBar::new(*steps);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    bar.set_position(resumed_from.unwrap_or(0));
+                    if let Ok(mut b) = self.bar.lock() {
+                        *b = Some(bar);
+                    }
+                }
+            }
+            Event::Step {
+                step,
+                loss,
+                tokens_per_s,
+                ..
+            } => {
+                if let Ok(b) = self.bar.lock()
+                    && let Some(b) = b.as_ref()
+                {
+                    b.set_position(*step);
+                    b.set_message(format!("loss {loss:.3} {tokens_per_s:.0} tok/s"));
+                }
+                self.status(|s| {
+                    s.step = *step;
+                    s.loss = Some(*loss);
+                });
+            }
+            Event::TrainingStopped { step } => {
+                self.finish_bar();
+                self.line(format!(
+                    "stopped at update {step}; run the same command again to resume from the checkpoint"
+                ));
+            }
+            Event::Trained { ppl, seed_ppl } => {
+                self.finish_bar();
+                self.line(format!(
+                    "trained: validation perplexity {ppl:.2} (seed {seed_ppl:.2})"
+                ));
+                self.status(|s| {
+                    s.claimed_ppl = Some(*ppl);
+                    s.seed_ppl = Some(*seed_ppl);
+                });
+            }
+            Event::Announced {
+                elm,
+                weights,
+                domain,
+                again,
+            } => {
+                self.line(if *again {
+                    format!(
+                        "resuming: ELM {} on {domain} was announced before; announced again",
+                        short(&elm.0)
+                    )
+                } else {
+                    format!(
+                        "announced ELM {} on {domain}: weights {} served from this node",
+                        short(&elm.0),
+                        short(&weights.0)
+                    )
+                });
+                self.status(|s| {
+                    s.domain = Some(domain.clone());
+                    s.elm = Some(elm.to_string());
+                });
+            }
+            Event::Verdict {
+                elm,
+                accepted,
+                measured_ppl,
+                reason,
+            } => {
+                self.line(format!(
+                    "verified ELM {}: {}",
+                    short(&elm.0),
+                    match (accepted, measured_ppl) {
+                        (true, Some(p)) => format!("accepted, perplexity {p:.2}"),
+                        (true, None) => format!("accepted ({reason})"),
+                        (false, _) => format!("rejected: {reason}"),
+                    }
+                ));
+                self.status(|s| {
+                    s.verified.insert(elm.to_string(), *accepted);
+                });
+            }
+            Event::ClaimSeen {
+                domain,
+                node,
+                lease_left_secs,
+            } => self.line(format!(
+                "claim: {} on {domain} for {lease_left_secs} s",
+                short(node.as_bytes())
+            )),
+            Event::Attestation {
+                elm,
+                verifier,
+                accepted,
+            } => self.line(format!(
+                "attestation: {} {} ELM {}",
+                short(verifier.as_bytes()),
+                if *accepted { "accepts" } else { "rejects" },
+                short(&elm.0)
+            )),
+            Event::Published {
+                version,
+                domains,
+                seed,
+                added,
+            } => {
+                if added.is_empty() {
+                    self.line(format!(
+                        "published registry v{version}: {domains} domains, seed {}",
+                        short(&seed.0)
+                    ));
+                } else {
+                    self.line(format!(
+                        "registry v{version} accepts {}",
+                        added
+                            .iter()
+                            .map(|(id, d)| format!("{} ({d})", short(&id.0)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                self.status(|s| s.registry_version = Some(*version));
+            }
+            Event::Note { message } => self.line(message),
+            _ => {}
+        }
+    }
+}

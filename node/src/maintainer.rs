@@ -1,0 +1,376 @@
+//! The maintainers' node: holds the seed and every domain's data as blobs, publishes a signed
+//! registry version naming them (or one signed with the file workflow), publishes rotated roots,
+//! and keeps serving; with `accept_verified` it verifies announced ELMs itself and accepts the
+//! ones that pass into a new registry version.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use btm_model::fsutil;
+use btm_net::{Node, Observed};
+use btm_protocol::{
+    AcceptedElm, Architecture, ClientVersion, ContentId, Domain, EvalSettings, Registry,
+    SeedManifest, Signed, SigningKey, TrainingSummary, ppl_to_milli,
+};
+use btm_registry::Decision;
+
+use crate::common::short;
+use crate::error::{Error, Result};
+use crate::{Event, Events, Phase, Stop};
+
+/// The seed as `btm-node seed train` leaves it.
+#[derive(Debug, Clone)]
+pub struct SeedFiles {
+    pub weights: Vec<u8>,
+    pub tokenizer: Vec<u8>,
+    pub training: TrainingSummary,
+}
+
+/// The weights and tokenizer files of a seed directory.
+pub const SEED_WEIGHTS_FILE: &str = "model.safetensors";
+pub const SEED_TOKENIZER_FILE: &str = "tokenizer.json";
+
+impl SeedFiles {
+    /// Reads `model.safetensors`, `tokenizer.json` and (if present) `summary.json` of `dir`.
+    pub fn load(dir: &Path) -> Result<SeedFiles> {
+        let read = |name: &str| -> Result<Vec<u8>> {
+            let p = dir.join(name);
+            Ok(fsutil::read_limited(&p, 4 << 30)?)
+        };
+        Ok(SeedFiles {
+            weights: read(SEED_WEIGHTS_FILE)?,
+            tokenizer: read(SEED_TOKENIZER_FILE)?,
+            training: training_summary(dir),
+        })
+    }
+
+    /// The seed's architecture from its weights.
+    pub fn architecture(&self) -> Result<Architecture> {
+        let (cfg, _) = btm_model::weights::parse(&self.weights, None)?;
+        Ok(Architecture {
+            vocab_size: cfg.vocab_size as u32,
+            context: cfg.n_ctx as u32,
+            d_model: cfg.d_model as u32,
+            heads: cfg.n_heads as u32,
+            layers: cfg.n_layers as u32,
+        })
+    }
+}
+
+/// What `seed train` recorded in summary.json, if anything.
+fn training_summary(seed_dir: &Path) -> TrainingSummary {
+    let v: serde_json::Value = std::fs::read(seed_dir.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let u = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    TrainingSummary {
+        steps: u("steps") as u64,
+        tokens: u("tokens") as u64,
+        flops: u("flops") as u64,
+        valid_ppl_milli: v
+            .pointer("/valid_after/perplexity")
+            .and_then(serde_json::Value::as_f64)
+            .and_then(ppl_to_milli)
+            .unwrap_or(0),
+    }
+}
+
+/// One domain's data files.
+#[derive(Debug, Clone)]
+pub struct DomainFiles {
+    pub name: String,
+    pub train: PathBuf,
+    pub valid: PathBuf,
+    pub test: PathBuf,
+}
+
+/// Everything the maintainers' node is told.
+#[derive(Debug, Clone)]
+pub struct MaintainerConfig {
+    /// Maintainer keys that sign new registry versions (a threshold of the root's).
+    pub keys: Vec<SigningKey>,
+    pub seed: SeedFiles,
+    /// A registry signed with the file workflow, published instead of building one.
+    pub registry: Option<Signed<Registry>>,
+    /// Rotated roots (each version trusted + 1), oldest first, published before the registry.
+    pub rotate_roots: Vec<Vec<u8>>,
+    /// The domains and their data.
+    pub domains: Vec<DomainFiles>,
+    /// Validation tokens verifiers score per domain.
+    pub eval_tokens: u64,
+    /// How far a claimed perplexity may be from a verifier's measurement (ppm).
+    pub tolerance_ppm: u32,
+    /// Days until a registry version expires.
+    pub expires_days: u64,
+    /// Verify announced ELMs and accept the ones that pass into a new registry version.
+    pub accept_verified: bool,
+}
+
+/// What `publish` put on the network.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub version: u64,
+    pub seed: SeedManifest,
+}
+
+/// The maintainers' node.
+#[derive(Debug, Clone)]
+pub struct Maintainer {
+    config: MaintainerConfig,
+}
+
+async fn offer(node: &Node, env: &[u8]) -> Result<()> {
+    match node.publish_registry(env).await? {
+        Decision::Accept(_) | Decision::Unchanged => Ok(()),
+        Decision::Reject(r) => Err(Error::Refused {
+            what: "the registry".into(),
+            why: r.to_string(),
+        }),
+    }
+}
+
+fn sign(registry: Registry, keys: &[SigningKey]) -> Signed<Registry> {
+    let mut env = Signed::new(registry);
+    for k in keys {
+        env.sign(k);
+    }
+    env
+}
+
+impl Maintainer {
+    pub fn new(config: MaintainerConfig) -> Maintainer {
+        Maintainer { config }
+    }
+
+    /// Adds the seed and the domains' data as blobs, publishes rotated roots and the registry.
+    pub async fn publish(&self, node: &Node, events: &Events) -> Result<Published> {
+        let c = &self.config;
+        events.phase(Phase::AddingBlobs);
+        let seed = SeedManifest {
+            architecture: c.seed.architecture()?,
+            tokenizer: node.add_blob(c.seed.tokenizer.clone()).await?,
+            weights: node.add_blob(c.seed.weights.clone()).await?,
+            training: c.seed.training.clone(),
+        };
+        // Key rotation: each root is checked by this node's rules, adopted, stored on the DHT
+        // under its version and gossiped; nodes that started from an older root walk the chain.
+        for (i, bytes) in c.rotate_roots.iter().enumerate() {
+            if let Decision::Reject(r) = node.publish_root(bytes).await? {
+                return Err(Error::Refused {
+                    what: format!("rotated root {}", i + 1),
+                    why: r.to_string(),
+                });
+            }
+        }
+        let names: Vec<String> = match &c.registry {
+            Some(env) => env.record().domains.iter().map(|d| d.name.clone()).collect(),
+            None => c.domains.iter().map(|d| d.name.clone()).collect(),
+        };
+        let ids = self.add_domain_blobs(node, &names).await?;
+        let envelope = match &c.registry {
+            Some(env) => {
+                if env.record().seed.as_ref() != Some(&seed) {
+                    return Err(Error::Refused {
+                        what: "the registry file".into(),
+                        why: "it names another seed than the one given".into(),
+                    });
+                }
+                env.clone()
+            }
+            None => {
+                let trusted = node.registry().await?;
+                let version = trusted.as_ref().map_or(1, |r| r.record().version + 1);
+                let elms = trusted.map(|r| r.record().elms.clone()).unwrap_or_default();
+                let mut domains: Vec<Domain> = names
+                    .iter()
+                    .zip(ids)
+                    .map(|(n, [train, valid, test])| Domain {
+                        name: n.clone(),
+                        description: format!("{n} (bundled btm corpus)"),
+                        train,
+                        valid,
+                        test,
+                        eval: EvalSettings {
+                            block_size: seed.architecture.context,
+                            max_eval_tokens: c.eval_tokens,
+                            ppl_tolerance_ppm: c.tolerance_ppm,
+                        },
+                    })
+                    .collect();
+                domains.sort_by(|x, y| x.name.cmp(&y.name));
+                let registry = Registry {
+                    version,
+                    expires: btm_net::limits::now_secs() + c.expires_days * 86_400,
+                    min_client_version: ClientVersion {
+                        major: 0,
+                        minor: 1,
+                        patch: 0,
+                    },
+                    domains,
+                    seed: Some(seed.clone()),
+                    elms: elms
+                        .into_iter()
+                        .filter(|e| names.contains(&e.domain))
+                        .collect(),
+                };
+                sign(registry, &c.keys)
+            }
+        };
+        offer(node, &envelope.encode()).await?;
+        let version = envelope.record().version;
+        events.emit(Event::Published {
+            version,
+            domains: envelope.record().domains.len(),
+            seed: seed.weights,
+            added: vec![],
+        });
+        Ok(Published { version, seed })
+    }
+
+    /// Each domain's train, valid and test splits as blobs (from the config's files by name).
+    async fn add_domain_blobs(&self, node: &Node, names: &[String]) -> Result<Vec<[ContentId; 3]>> {
+        let mut out = Vec::new();
+        for n in names {
+            let files = self
+                .config
+                .domains
+                .iter()
+                .find(|d| d.name == *n)
+                .ok_or_else(|| Error::UnknownDomain {
+                    domain: n.clone(),
+                    known: self
+                        .config
+                        .domains
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let mut ids = [ContentId([0; 32]); 3];
+            for (i, path) in [&files.train, &files.valid, &files.test].into_iter().enumerate() {
+                ids[i] = node.add_blob_path(path).await?;
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// Serves until `stop`: reports claims, attestations and verdicts; with `accept_verified`
+    /// accepts what this node verified into a new registry version.
+    pub async fn serve(&self, node: &Node, stop: &Stop, events: &Events) -> Result<()> {
+        events.phase(Phase::Serving);
+        let mut observed = node.observe();
+        let mut pending: BTreeSet<ContentId> = BTreeSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut sync_every = 0u32;
+        loop {
+            tokio::select! {
+                _ = stop.wait() => break,
+                ev = observed.recv() => match ev {
+                    Ok(Observed::Claim { domain, node: who, lease_expires }) => {
+                        events.emit(Event::ClaimSeen {
+                            domain,
+                            node: who,
+                            lease_left_secs: lease_expires.saturating_sub(btm_net::limits::now_secs()),
+                        });
+                    }
+                    Ok(Observed::Attestation { elm, verifier, accepted }) => {
+                        events.emit(Event::Attestation { elm, verifier, accepted });
+                    }
+                    Ok(Observed::Verdict { elm, accepted, measured_ppl, reason }) => {
+                        events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
+                        if accepted && self.config.accept_verified {
+                            pending.insert(elm);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    if !pending.is_empty() {
+                        let ids = std::mem::take(&mut pending);
+                        if let Err(e) = self.accept(node, &ids, events).await {
+                            events.note(format!("accepting ELMs failed: {e}"));
+                        }
+                    }
+                    sync_every += 1;
+                    if sync_every.is_multiple_of(20) {
+                        let _ = node.sync().await;
+                    }
+                }
+            }
+        }
+        events.phase(Phase::Stopped);
+        Ok(())
+    }
+
+    /// A new registry version with these verified ELM records accepted (those whose domain is
+    /// in the registry and whose parents are the seed or accepted ELMs).
+    pub async fn accept(&self, node: &Node, ids: &BTreeSet<ContentId>, events: &Events) -> Result<()> {
+        let c = &self.config;
+        if c.keys.is_empty() {
+            return Err(Error::Refused {
+                what: "accepting ELMs".into(),
+                why: "no maintainer keys to sign with".into(),
+            });
+        }
+        let trusted = node.registry().await?.ok_or(Error::NoSeed)?;
+        let mut reg = trusted.record().clone();
+        let mut added = Vec::new();
+        for id in ids {
+            if reg.elms.iter().any(|e| e.record == *id) {
+                continue;
+            }
+            let Some(env) = node.with_store(|s| s.elm(id))?? else {
+                continue;
+            };
+            let e = env.record();
+            if reg.domain(&e.domain).is_none() {
+                continue;
+            }
+            // TODO(rules): btm_registry::rules::parents_known once it lands.
+            let seed_w = reg.seed.as_ref().map(|s| s.weights);
+            let known =
+                |w: &ContentId| Some(*w) == seed_w || reg.elms.iter().any(|a| a.weights == *w);
+            if let Some(p) = e.parents.iter().find(|p| !known(&p.weights)) {
+                events.note(format!(
+                    "not accepting ELM {}: parent {} is neither the seed nor an accepted ELM",
+                    short(&id.0),
+                    short(&p.weights.0)
+                ));
+                continue;
+            }
+            reg.elms.push(AcceptedElm {
+                record: *id,
+                domain: e.domain.clone(),
+                weights: e.weights,
+            });
+            added.push((*id, e.domain.clone()));
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        reg.elms.sort_by_key(|e| e.record);
+        reg.version += 1;
+        reg.expires = btm_net::limits::now_secs() + c.expires_days * 86_400;
+        let env = sign(reg, &c.keys);
+        offer(node, &env.encode()).await?;
+        let r = env.record();
+        events.emit(Event::Published {
+            version: r.version,
+            domains: r.domains.len(),
+            seed: r.seed.as_ref().map_or(ContentId([0; 32]), |s| s.weights),
+            added,
+        });
+        events.emit(Event::Registry {
+            version: r.version,
+            domains: r.domains.len(),
+            seed: r.seed.as_ref().map(|s| s.weights),
+            accepted: r.elms.iter().map(|e| e.record).collect(),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,762 @@
+//! The volunteer: joins the network, verifies the registry, downloads the seed and its domain's
+//! data by content id, claims a domain (renewing the lease while it trains), branches, trains
+//! with checkpoints, measures its ELM the way verifiers will, announces it, and keeps serving
+//! blobs and verifying other peers' ELMs until stopped.
+//!
+//! Everything a restart needs is in the data directory: `join.json` (the domain this node
+//! works on and, once announced, its ELM record), `runs/<domain>/` (the training run with its
+//! checkpoint and `branch.json`). Stopped or killed, the next start resumes the same claim
+//! from the last checkpoint.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use btm_model::data::{DomainStream, Mixture};
+use btm_model::device::DeviceKind;
+use btm_model::forest::manifest::InitKind;
+use btm_model::forest::{Forest, branch, ensemble, posterior};
+use btm_model::tokenizer::Tokenizer;
+use btm_model::train::{CHECKPOINT_FILE, TrainConfig, Trainer};
+use btm_model::{fsutil, weights};
+use btm_net::Node;
+use btm_net::claims::{self, Choice};
+use btm_net::verify::{self, Verifier};
+use btm_protocol::{ContentId, ElmRecord, Parent, Registry, SeedManifest, Signed, ppl_to_milli};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{own_verdicts, short, wait_registry};
+use crate::error::{Error, Result, io};
+use crate::{Event, Events, Phase, Stop, serve};
+
+/// How a new ELM is initialised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchPolicy {
+    /// The posterior-weighted average of the registry's accepted ELMs when it lists any on other
+    /// domains, else the seed.
+    #[default]
+    Auto,
+    /// A copy of the seed.
+    Seed,
+    /// The posterior-weighted average of the registry's accepted ELMs (an error if there are none).
+    Average,
+}
+
+/// The training settings a volunteer controls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Optimiser updates of the ELM.
+    pub steps: u64,
+    /// Blocks per update.
+    pub batch_size: usize,
+    /// Peak learning rate (`None`: by model width, 2e-3 up to d=128, 1e-3 up to 512, 5e-4 beyond).
+    pub lr: Option<f64>,
+    /// Checkpoint every this many updates.
+    pub checkpoint_every: u64,
+    /// Data order seed.
+    pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            steps: 300,
+            batch_size: 8,
+            lr: None,
+            checkpoint_every: 25,
+            seed: 0,
+        }
+    }
+}
+
+/// Everything a volunteer is told.
+#[derive(Debug, Clone)]
+pub struct VolunteerConfig {
+    /// The node's data directory (join.json and training runs live here).
+    pub data_dir: PathBuf,
+    /// Domain to claim (default: an open domain with no ELM yet that nobody else holds).
+    pub domain: Option<String>,
+    /// Compute device for training.
+    pub device: DeviceKind,
+    pub train: TrainSettings,
+    pub branch: BranchPolicy,
+    /// ELMs averaged when branching from an average (the largest posterior weights).
+    pub branch_top_k: usize,
+    /// The claim's lease (renewed every quarter lease while training).
+    pub lease_secs: u64,
+    /// How long to wait for a registry with a seed.
+    pub wait_registry: Duration,
+    /// Return once the ELM is announced instead of serving until stopped.
+    pub exit_after_announce: bool,
+}
+
+impl VolunteerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> VolunteerConfig {
+        VolunteerConfig {
+            data_dir: data_dir.into(),
+            domain: None,
+            device: DeviceKind::Cpu,
+            train: TrainSettings::default(),
+            branch: BranchPolicy::Auto,
+            branch_top_k: 3,
+            lease_secs: 15 * 60,
+            wait_registry: Duration::from_secs(120),
+            exit_after_announce: false,
+        }
+    }
+}
+
+/// How a volunteer's run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The ELM is announced (and, unless `exit_after_announce`, the node served until stopped).
+    Announced(Box<Signed<ElmRecord>>),
+    /// Stopped before announcing; the next run resumes.
+    Stopped,
+}
+
+/// `join.json`: what this data directory is working on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct JoinState {
+    /// The network (root id) this directory belongs to.
+    network: String,
+    domain: Option<String>,
+    /// The announced ELM record envelope, hex.
+    announced: Option<String>,
+}
+
+const JOIN_FILE: &str = "join.json";
+const BRANCH_FILE: &str = "branch.json";
+
+fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = fsutil::read_limited(path, 1 << 20)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Damaged {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
+fn save_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Task(e.to_string()))?;
+    fsutil::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+impl JoinState {
+    fn load(path: &Path) -> Result<JoinState> {
+        if !path.exists() {
+            return Ok(JoinState::default());
+        }
+        load_json(path)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(path: &Path, s: &str) -> Result<Vec<u8>> {
+    let damaged = || Error::Damaged {
+        path: path.to_path_buf(),
+        why: "not hex".into(),
+    };
+    if !s.len().is_multiple_of(2) {
+        return Err(damaged());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            s.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(damaged)
+        })
+        .collect()
+}
+
+/// `runs/<domain>/branch.json`: how the run was initialised (kept so a resumed run announces
+/// the same parents).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BranchRecord {
+    init: InitKind,
+    /// (weights id hex, weight)
+    parents: Vec<(String, f64)>,
+    /// Names of the parents (seed, or the domains of averaged ELMs).
+    names: Vec<String>,
+}
+
+/// A volunteer of the network.
+#[derive(Debug, Clone)]
+pub struct Volunteer {
+    config: VolunteerConfig,
+}
+
+impl Volunteer {
+    pub fn new(config: VolunteerConfig) -> Volunteer {
+        Volunteer { config }
+    }
+
+    /// Works on `node` until the ELM is announced (and then serves until `stop`, unless
+    /// `exit_after_announce`), or until `stop`.
+    pub async fn run(&self, node: &Node, stop: &Stop, events: &Events) -> Result<Outcome> {
+        let c = &self.config;
+        events.phase(Phase::WaitingForRegistry);
+        let Some(registry) = wait_registry(node, c.wait_registry, stop).await? else {
+            events.phase(Phase::Stopped);
+            return Ok(Outcome::Stopped);
+        };
+        let reg = registry.record().clone();
+        let seed = reg.seed.clone().ok_or(Error::NoSeed)?;
+        events.emit(Event::Registry {
+            version: reg.version,
+            domains: reg.domains.len(),
+            seed: Some(seed.weights),
+            accepted: reg.elms.iter().map(|e| e.record).collect(),
+        });
+
+        let state_path = c.data_dir.join(JOIN_FILE);
+        let mut state = JoinState::load(&state_path)?;
+        let network = hex(&node.client().network().0.0);
+        if !state.network.is_empty() && state.network != network {
+            return Err(Error::OtherNetwork {
+                dir: c.data_dir.clone(),
+            });
+        }
+        state.network = network;
+        if let (Some(w), Some(d)) = (&c.domain, &state.domain)
+            && w != d
+        {
+            return Err(Error::OtherDomain {
+                current: d.clone(),
+                wanted: w.clone(),
+            });
+        }
+
+        // Already announced: announce again (refreshes the DHT) and serve.
+        if let Some(h) = &state.announced {
+            let envelope = Signed::<ElmRecord>::decode(&unhex(&state_path, h)?).map_err(|e| {
+                Error::Damaged {
+                    path: state_path.clone(),
+                    why: format!("its ELM record: {e}"),
+                }
+            })?;
+            node.announce_signed(&envelope).await?;
+            events.emit(Event::Announced {
+                elm: envelope.id(),
+                weights: envelope.record().weights,
+                domain: envelope.record().domain.clone(),
+                again: true,
+            });
+            if !c.exit_after_announce {
+                serve::serve(node, stop, events).await?;
+            }
+            return Ok(Outcome::Announced(Box::new(envelope)));
+        }
+
+        // A domain: the remembered one, the asked one, or an open one.
+        let domain = match state.domain.clone().or(c.domain.clone()) {
+            Some(d) => {
+                if reg.domain(&d).is_none() {
+                    let known: Vec<&str> = reg.domains.iter().map(|d| d.name.as_str()).collect();
+                    return Err(Error::UnknownDomain {
+                        domain: d,
+                        known: known.join(", "),
+                    });
+                }
+                node.claim(Some(&d)).await?;
+                d
+            }
+            None => match claim_open_domain(node, &reg, stop, events).await? {
+                Some(d) => d,
+                None => {
+                    events.phase(Phase::Stopped);
+                    return Ok(Outcome::Stopped);
+                }
+            },
+        };
+        state.domain = Some(domain.clone());
+        save_json(&state_path, &state)?;
+        events.emit(Event::Claimed {
+            domain: domain.clone(),
+            lease_secs: c.lease_secs,
+        });
+        let renewer = tokio::spawn(renew(
+            node.clone(),
+            domain.clone(),
+            c.lease_secs,
+            events.clone(),
+        ));
+        let result = self
+            .train_and_announce(node, &reg, &seed, &domain, stop, events)
+            .await;
+        renewer.abort();
+        match result? {
+            Some(envelope) => {
+                state.announced = Some(hex(&envelope.encode()));
+                save_json(&state_path, &state)?;
+                if !c.exit_after_announce {
+                    serve::serve(node, stop, events).await?;
+                }
+                Ok(Outcome::Announced(Box::new(envelope)))
+            }
+            None => {
+                events.phase(Phase::Stopped);
+                Ok(Outcome::Stopped)
+            }
+        }
+    }
+
+    async fn fetch(&self, node: &Node, what: &str, id: ContentId, events: &Events) -> Result<Vec<u8>> {
+        events.emit(Event::Fetching {
+            what: what.into(),
+            id,
+        });
+        node.fetch_blob(id, &[]).await?;
+        let max = btm_net::blobs::BlobConfig::default().max_blob_bytes;
+        Ok(node.blobs().read(&id, max).await?)
+    }
+
+    async fn train_and_announce(
+        &self,
+        node: &Node,
+        reg: &Registry,
+        seed: &SeedManifest,
+        domain: &str,
+        stop: &Stop,
+        events: &Events,
+    ) -> Result<Option<Signed<ElmRecord>>> {
+        let c = &self.config;
+        let d = reg.domain(domain).ok_or_else(|| Error::UnknownDomain {
+            domain: domain.into(),
+            known: String::new(),
+        })?;
+        events.phase(Phase::Downloading);
+        let seed_weights = self.fetch(node, "seed weights", seed.weights, events).await?;
+        let tokenizer = self.fetch(node, "tokenizer", seed.tokenizer, events).await?;
+        let train_data = self.fetch(node, "training data", d.train, events).await?;
+        let valid_data = self.fetch(node, "validation data", d.valid, events).await?;
+
+        let run_dir = c.data_dir.join("runs").join(domain);
+        std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+        let resuming = run_dir.join(CHECKPOINT_FILE).exists();
+        let others: Vec<_> = reg.elms.iter().filter(|e| e.domain != domain).collect();
+        let average = !resuming
+            && match c.branch {
+                BranchPolicy::Seed => false,
+                BranchPolicy::Auto => !others.is_empty(),
+                BranchPolicy::Average => {
+                    if others.is_empty() {
+                        return Err(Error::NoParents);
+                    }
+                    true
+                }
+            };
+        let mut parents = Vec::new();
+        if average {
+            for e in &others {
+                let what = format!("accepted ELM on {}", e.domain);
+                let bytes = self.fetch(node, &what, e.weights, events).await?;
+                parents.push((e.domain.clone(), e.weights, bytes));
+            }
+        }
+        let t = &c.train;
+        let cfg = TrainConfig {
+            steps: t.steps,
+            batch_size: t.batch_size,
+            lr: t.lr.unwrap_or_else(|| default_lr(seed.architecture.d_model)),
+            checkpoint_every: t.checkpoint_every,
+            seed: t.seed,
+            ..TrainConfig::default()
+        };
+        events.phase(Phase::Training);
+        let job = TrainJob {
+            run_dir,
+            registry: reg.clone(),
+            domain: domain.to_string(),
+            seed: seed.clone(),
+            seed_weights,
+            tokenizer,
+            train_data,
+            valid_data,
+            parents,
+            top_k: c.branch_top_k.max(1),
+            cfg,
+            device: c.device,
+        };
+        let flag = stop.flag();
+        let ev = events.clone();
+        let outcome = tokio::task::spawn_blocking(move || train_blocking(job, &flag, &ev))
+            .await
+            .map_err(|e| Error::Task(format!("training: {e}")))??;
+        let trained = match outcome {
+            TrainOutcome::Stopped { step } => {
+                events.emit(Event::TrainingStopped { step });
+                return Ok(None);
+            }
+            TrainOutcome::Done(t) => t,
+        };
+        events.emit(Event::Trained {
+            ppl: trained.ppl,
+            seed_ppl: trained.seed_ppl,
+        });
+        if trained.ppl >= trained.seed_ppl {
+            return Err(Error::NotBetterThanSeed {
+                domain: domain.into(),
+                ppl: trained.ppl,
+                seed_ppl: trained.seed_ppl,
+            });
+        }
+        let claimed = ppl_to_milli(trained.ppl).ok_or_else(|| Error::Data {
+            domain: domain.into(),
+            what: "measured perplexity",
+            why: format!("{} is out of range", trained.ppl),
+        })?;
+        let path = c.data_dir.join("runs").join(domain).join(BRANCH_FILE);
+        let record = ElmRecord {
+            domain: domain.to_string(),
+            parents: parents_of(&path, &trained.branch)?,
+            weights: ContentId::of(&trained.weights),
+            architecture: seed.architecture.id(),
+            tokenizer: seed.tokenizer,
+            steps: trained.steps,
+            tokens: trained.tokens,
+            flops: trained.flops.max(0.0) as u64,
+            claimed_valid_ppl_milli: claimed,
+            trainer: node.node_id(),
+        };
+        let envelope = node.announce(record, trained.weights.clone()).await?;
+        events.emit(Event::Announced {
+            elm: envelope.id(),
+            weights: envelope.record().weights,
+            domain: domain.into(),
+            again: false,
+        });
+        Ok(Some(envelope))
+    }
+}
+
+/// The record's parent list from the branch record: ids as stored, weights in parts per million
+/// that always decode (ascending ids, exactly 1,000,000 in all).
+fn parents_of(path: &Path, b: &BranchRecord) -> Result<Vec<Parent>> {
+    let mut ids = Vec::new();
+    for (id, w) in &b.parents {
+        let bytes: [u8; 32] = unhex(path, id)?.try_into().map_err(|_| Error::Damaged {
+            path: path.to_path_buf(),
+            why: format!("parent id {id} is not 32 bytes"),
+        })?;
+        ids.push((ContentId(bytes), *w));
+    }
+    parent_weights(&ids).ok_or_else(|| Error::Damaged {
+        path: path.to_path_buf(),
+        why: "parent weights do not sum to a positive number".into(),
+    })
+}
+
+/// Parents sorted by id with weights in ppm summing to exactly 1,000,000 (largest remainder).
+fn parent_weights(ws: &[(ContentId, f64)]) -> Option<Vec<Parent>> {
+    let total: f64 = ws.iter().map(|(_, w)| w.max(0.0)).sum();
+    if !(total.is_finite() && total > 0.0) {
+        return None;
+    }
+    let mut v: Vec<(ContentId, f64)> = ws.iter().map(|(id, w)| (*id, w.max(0.0) / total * 1e6)).collect();
+    v.sort_by_key(|(id, _)| *id);
+    let mut out: Vec<Parent> = v
+        .iter()
+        .map(|(id, x)| Parent { weights: *id, weight_ppm: x.floor() as u32 })
+        .collect();
+    let given: u32 = out.iter().map(|p| p.weight_ppm).sum();
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| (v[b].1 - v[b].1.floor()).total_cmp(&(v[a].1 - v[a].1.floor())));
+    for &i in order.iter().cycle().take(btm_protocol::PPM_ONE.saturating_sub(given) as usize) {
+        out[i].weight_ppm += 1;
+    }
+    Some(out)
+}
+
+fn default_lr(d_model: u32) -> f64 {
+    match d_model {
+        0..=128 => 2e-3,
+        129..=512 => 1e-3,
+        _ => 5e-4,
+    }
+}
+
+/// Claims a domain nobody else holds, waiting while all open ones are claimed; steps aside when
+/// another node claimed the same domain at the same moment and keeps it.
+async fn claim_open_domain(
+    node: &Node,
+    reg: &Registry,
+    stop: &Stop,
+    events: &Events,
+) -> Result<Option<String>> {
+    let me = node.node_id();
+    let mut told = false;
+    let mut lost: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let _ = node.sync().await;
+        let mut skip = domains_with_elms(node, reg)?;
+        skip.extend(lost.iter().cloned());
+        let board = node.board(reg)?;
+        let now = btm_net::limits::now_secs();
+        match claims::choose_open_domain(&board, reg, &me, now, &skip) {
+            Choice::Free(d) => {
+                node.claim(Some(&d)).await?;
+                // Claims travel in about a second; look again before starting.
+                if stop.sleep(Duration::from_secs(3)).await {
+                    return Ok(None);
+                }
+                let _ = node.sync().await;
+                let board = node.board(reg)?;
+                match claims::keeper(&board, &d, btm_net::limits::now_secs()) {
+                    Some(k) if k != me => {
+                        events.emit(Event::ClaimLost {
+                            domain: d.clone(),
+                            keeper: k,
+                        });
+                        lost.insert(d);
+                    }
+                    _ => return Ok(Some(d)),
+                }
+            }
+            Choice::AllClaimed => {
+                if !told {
+                    events.phase(Phase::WaitingForDomain);
+                    told = true;
+                }
+                lost.clear();
+                if stop.sleep(Duration::from_secs(2)).await {
+                    return Ok(None);
+                }
+            }
+            Choice::AllDone => return Err(Error::AllDomainsDone),
+        }
+    }
+}
+
+/// Domains with an ELM accepted in the registry or accepted by this node's verification.
+fn domains_with_elms(node: &Node, reg: &Registry) -> Result<BTreeSet<String>> {
+    let mut done: BTreeSet<String> = reg.elms.iter().map(|e| e.domain.clone()).collect();
+    done.extend(
+        own_verdicts(node)?
+            .into_iter()
+            .filter(|(_, verdict)| *verdict == Some(true))
+            .map(|(e, _)| e.record().domain.clone()),
+    );
+    Ok(done)
+}
+
+/// Renews the claim every quarter lease.
+async fn renew(node: Node, domain: String, lease: u64, events: Events) {
+    let every = Duration::from_secs((lease / 4).max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = node.claim(Some(&domain)).await {
+            events.note(format!(
+                "renewing the claim on {domain} failed: {e} (will retry)"
+            ));
+        }
+    }
+}
+
+struct TrainJob {
+    run_dir: PathBuf,
+    registry: Registry,
+    domain: String,
+    seed: SeedManifest,
+    seed_weights: Vec<u8>,
+    tokenizer: Vec<u8>,
+    train_data: Vec<u8>,
+    valid_data: Vec<u8>,
+    /// Accepted ELMs to average from: (domain, weights id, bytes).
+    parents: Vec<(String, ContentId, Vec<u8>)>,
+    top_k: usize,
+    cfg: TrainConfig,
+    device: DeviceKind,
+}
+
+struct Trained {
+    weights: Vec<u8>,
+    branch: BranchRecord,
+    steps: u64,
+    tokens: u64,
+    flops: f64,
+    ppl: f64,
+    seed_ppl: f64,
+}
+
+enum TrainOutcome {
+    Done(Box<Trained>),
+    Stopped { step: u64 },
+}
+
+fn documents_stream(tok: &Tokenizer, data: &[u8], domain: &str, n_ctx: usize) -> Result<Vec<u32>> {
+    let docs = verify::parse_documents(data).map_err(|why| Error::Data {
+        domain: domain.into(),
+        what: "data",
+        why,
+    })?;
+    let (tokens, _) = btm_model::data::tokenize_documents(tok, &docs, None)?;
+    if tokens.len() < n_ctx + 2 {
+        return Err(Error::Data {
+            domain: domain.into(),
+            what: "data",
+            why: format!("only {} tokens", tokens.len()),
+        });
+    }
+    Ok(tokens)
+}
+
+fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Result<TrainOutcome> {
+    let device = job.device.device()?;
+    let tok = Tokenizer::from_bytes(&job.tokenizer)?;
+    let arch = verify::config_of(&job.seed.architecture);
+    let seed_model = {
+        let (cfg, tensors) = weights::parse(&job.seed_weights, Some(&arch))?;
+        weights::from_named_tensors(&cfg, tensors, &device)?
+    };
+    let branch_path = job.run_dir.join(BRANCH_FILE);
+    let resuming = job.run_dir.join(CHECKPOINT_FILE).exists() && branch_path.exists();
+    let (init_model, branch) = if resuming {
+        (seed_model, load_json::<BranchRecord>(&branch_path)?)
+    } else if job.parents.is_empty() {
+        let b = BranchRecord {
+            init: InitKind::Seed,
+            parents: vec![(hex(&job.seed.weights.0), 1.0)],
+            names: vec!["seed".into()],
+        };
+        (seed_model, b)
+    } else {
+        posterior_branch(&job, &tok, &arch, &device, events)?
+    };
+    if !resuming {
+        save_json(&branch_path, &branch)?;
+    }
+    events.emit(Event::Branched {
+        init: match branch.init {
+            InitKind::Seed => "seed",
+            InitKind::PosteriorAverage => "posterior_average",
+            InitKind::Random => "random",
+        }
+        .into(),
+        parents: branch
+            .names
+            .iter()
+            .zip(&branch.parents)
+            .map(|(n, (_, w))| (n.clone(), *w))
+            .collect(),
+    });
+
+    let tokens = documents_stream(&tok, &job.train_data, &job.domain, arch.n_ctx)?;
+    let stream = DomainStream::new(job.domain.clone(), tokens, arch.n_ctx)?;
+    let data = Mixture::new(vec![stream], job.cfg.seed)?;
+    let mut trainer = Trainer::new(init_model, job.cfg.clone(), &device, Some(&job.run_dir))?;
+    let start = trainer.state.step;
+    events.emit(Event::TrainingStarted {
+        domain: job.domain.clone(),
+        steps: job.cfg.steps,
+        tokens_per_step: job.cfg.tokens_per_step(arch.n_ctx),
+        resumed_from: (start > 0).then_some(start),
+    });
+    let every = job.cfg.checkpoint_every;
+    while !trainer.finished() {
+        if stop.load(Ordering::SeqCst) {
+            trainer.save_checkpoint()?;
+            return Ok(TrainOutcome::Stopped {
+                step: trainer.state.step,
+            });
+        }
+        let s = trainer.step(&data)?;
+        events.emit(Event::Step {
+            step: s.step,
+            steps: job.cfg.steps,
+            loss: s.loss,
+            tokens_per_s: s.tokens_per_s,
+        });
+        if every > 0 && s.step % every == 0 && !trainer.finished() {
+            trainer.save_checkpoint()?;
+        }
+    }
+    trainer.save_checkpoint()?;
+    let model = trainer.model();
+    let bytes = weights::to_bytes(&model.config(), &weights::named_tensors(&model))?;
+    fsutil::write_atomic(&job.run_dir.join(branch::WEIGHTS_FILE), &bytes)?;
+    events.phase(Phase::Measuring);
+    // Measured exactly as verifiers measure it (CPU, the registry's settings).
+    let cpu = DeviceKind::Cpu.device()?;
+    let mut v = Verifier::new(&job.seed, &job.seed_weights, &job.tokenizer, cpu)
+        .map_err(Error::Measure)?;
+    let m = v
+        .measure(&job.registry, &job.domain, &bytes, &job.valid_data)
+        .map_err(Error::Measure)?;
+    Ok(TrainOutcome::Done(Box::new(Trained {
+        weights: bytes,
+        branch,
+        steps: trainer.state.step,
+        tokens: trainer.state.tokens,
+        flops: trainer.state.flops,
+        ppl: m.ppl,
+        seed_ppl: m.seed_ppl,
+    })))
+}
+
+/// The paper's branching rule for a new domain: the average of existing ELMs weighted by their
+/// domain posterior (cached prior) on the new domain's validation data, top-k.
+fn posterior_branch(
+    job: &TrainJob,
+    tok: &Tokenizer,
+    arch: &btm_model::GptConfig,
+    device: &burn::tensor::Device,
+    events: &Events,
+) -> Result<(btm_model::Gpt, BranchRecord)> {
+    let dir = job.run_dir.join("parents");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tok_path = dir.join("tokenizer.json");
+    fsutil::write_atomic(&tok_path, &job.tokenizer)?;
+    let mut forest = Forest::create(&dir, *arch, &tok_path)?;
+    for (domain, id, bytes) in &job.parents {
+        let path = dir.join(format!("{domain}-{}.safetensors", short(&id.0)));
+        fsutil::write_atomic(&path, bytes)?;
+        let name = if forest.elms.iter().any(|e| e.name == *domain) {
+            format!("{domain}-{}", short(&id.0))
+        } else {
+            domain.clone()
+        };
+        forest.add(
+            &name,
+            vec![domain.clone()],
+            &path,
+            &tok.id(),
+            InitKind::Seed,
+            vec![],
+            None,
+        )?;
+    }
+    let valid = documents_stream(tok, &job.valid_data, &job.domain, arch.n_ctx)?;
+    let cfg = posterior::PriorConfig {
+        max_blocks: 64,
+        ..posterior::PriorConfig::default()
+    };
+    let prior = ensemble::cached_prior(&forest, &valid, &cfg, 8, device)?;
+    let init = job.run_dir.join("init.safetensors");
+    let parents = branch::posterior_average_init(&forest, &prior, Some(job.top_k), &init)?;
+    events.emit(Event::Posterior {
+        domain: job.domain.clone(),
+        weights: forest
+            .elms
+            .iter()
+            .zip(&prior)
+            .map(|(e, p)| (e.name.clone(), *p))
+            .collect(),
+    });
+    let model = weights::load(&init, Some(arch), device)?;
+    Ok((
+        model,
+        BranchRecord {
+            init: InitKind::PosteriorAverage,
+            parents: parents.iter().map(|p| (p.id.clone(), p.weight)).collect(),
+            names: parents.iter().map(|p| p.name.clone()).collect(),
+        },
+    ))
+}

@@ -1,0 +1,155 @@
+//! Fixtures: a maintainer key and root, a tokenizer and a (random, hence easy to beat) tiny seed
+//! written as `seed train` leaves it, small JSONL slices of four bundled domains, and nodes on
+//! loopback.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use btm_model::GptConfig;
+use btm_model::data::{Corpus, Split};
+use btm_model::gpt::Gpt;
+use btm_model::tokenizer::Tokenizer;
+use btm_model::weights;
+use btm_net::{Node, NodeConfig};
+use btm_protocol::{PublicKey, Root, Signed, SigningKey, test_key};
+use btm_roles::{DomainFiles, Event, Events, MaintainerConfig, SeedFiles};
+
+pub const DOMAINS: [&str; 4] = ["bible_kjv", "manpages", "novels_austen", "python_code"];
+
+pub struct Fixture {
+    /// Holds the files below alive.
+    _dir: tempfile::TempDir,
+    pub maintainer: SigningKey,
+    pub root: Vec<u8>,
+    pub seed_dir: PathBuf,
+    pub domains: Vec<DomainFiles>,
+}
+
+fn slice(corpus: &Corpus, domain: &str, split: Split, docs: usize, out: &Path) -> PathBuf {
+    let mut text = String::new();
+    for d in corpus.documents(domain, split).expect("corpus").into_iter().take(docs) {
+        text.push_str(&serde_json::json!({"id": d.id, "text": d.text}).to_string());
+        text.push('\n');
+    }
+    let path = out.join(format!("{domain}-{}.jsonl", split.name()));
+    std::fs::write(&path, text).expect("write slice");
+    path
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let maintainer = test_key("btm-roles maintainer");
+        let mut root = Signed::new(Root {
+            version: 1,
+            expires: btm_net::limits::now_secs() + 365 * 86400,
+            threshold: 1,
+            keys: vec![PublicKey::of(&maintainer)],
+        });
+        root.sign(&maintainer);
+        let corpus = Corpus::bundled();
+        let domains: Vec<DomainFiles> = DOMAINS
+            .iter()
+            .map(|d| DomainFiles {
+                name: d.to_string(),
+                train: slice(&corpus, d, Split::Train, 40, dir.path()),
+                valid: slice(&corpus, d, Split::Valid, 10, dir.path()),
+                test: slice(&corpus, d, Split::Test, 10, dir.path()),
+            })
+            .collect();
+        let texts: Vec<String> = domains
+            .iter()
+            .map(|d| std::fs::read_to_string(&d.train).expect("slice"))
+            .collect();
+        let tok = Tokenizer::train(texts.iter().map(String::as_str), 320).expect("tokenizer");
+        let config = GptConfig {
+            vocab_size: tok.vocab_size(),
+            n_ctx: 32,
+            d_model: 32,
+            n_heads: 2,
+            n_layers: 1,
+        };
+        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let seed = Gpt::init(&config, 7, &device);
+        let seed_dir = dir.path().join("seed");
+        std::fs::create_dir_all(&seed_dir).expect("seed dir");
+        std::fs::write(
+            seed_dir.join("model.safetensors"),
+            weights::to_bytes(&config, &weights::named_tensors(&seed)).expect("weights"),
+        )
+        .expect("write seed");
+        std::fs::write(seed_dir.join("tokenizer.json"), tok.json()).expect("write tokenizer");
+        Fixture {
+            _dir: dir,
+            maintainer,
+            root: root.encode(),
+            seed_dir,
+            domains,
+        }
+    })
+}
+
+impl Fixture {
+    pub fn maintainer_config(&self) -> MaintainerConfig {
+        MaintainerConfig {
+            keys: vec![self.maintainer.clone()],
+            seed: SeedFiles::load(&self.seed_dir).expect("seed files"),
+            registry: None,
+            rotate_roots: vec![],
+            domains: self.domains.clone(),
+            eval_tokens: 512,
+            tolerance_ppm: 10_000,
+            expires_days: 1,
+            accept_verified: true,
+        }
+    }
+}
+
+/// A node on loopback in `dir`, bootstrapping from `bootstrap`.
+pub async fn node(dir: &Path, bootstrap: Option<&Node>) -> Node {
+    let mut c = NodeConfig::loopback(dir, fixture().root.clone());
+    c.swarm.query_timeout = Duration::from_secs(10);
+    c.blobs.connect_timeout = Duration::from_secs(5);
+    c.blobs.stall_timeout = Duration::from_secs(10);
+    c.call_timeout = Duration::from_secs(30);
+    if let Some(b) = bootstrap {
+        c.bootstrap = b.listen_addrs().await.expect("addrs");
+    }
+    let node = Node::start(c).await.expect("start");
+    let start = Instant::now();
+    while node.listen_addrs().await.map(|a| a.len()).unwrap_or(0) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no listen addresses");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node
+}
+
+/// Events kept for assertions.
+#[derive(Clone, Default)]
+pub struct Recorded(pub Arc<Mutex<Vec<Event>>>);
+
+impl Recorded {
+    pub fn events(&self) -> Events {
+        let r = self.0.clone();
+        Events::new(move |e| r.lock().expect("events").push(e.clone()))
+    }
+
+    pub fn all(&self) -> Vec<Event> {
+        self.0.lock().expect("events").clone()
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes (then fails the test).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

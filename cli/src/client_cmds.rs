@@ -57,7 +57,7 @@ fn with_client<T>(
     net::runtime()?.block_on(async {
         let stop = net::install_stop();
         let node = net::start(&settings).await?;
-        let reporter = Reporter::new(role, json, None);
+        let reporter = Reporter::for_command(role, json);
         let client = Client::new(ClientConfig {
             wait_registry: settings.wait_registry,
             wait: Duration::from_secs(wait),

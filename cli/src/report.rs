@@ -1,6 +1,8 @@
 //! The command-line subscriber of a role's events: one line per event on stderr (prefixed with
 //! the role), a progress bar while training, `status.json` kept current for people and for
-//! `btm-node demo`; with `--json`, one JSON event a line on stdout instead of the lines and bars.
+//! `btm-node demo`; with `--json`, one JSON event a line instead of the lines and bars: on stdout
+//! for the long-running roles (`join`, `seed publish`), on stderr for commands whose result is
+//! the JSON document on stdout (`fetch`, `forest list`).
 
 use std::sync::{Arc, Mutex};
 
@@ -26,15 +28,33 @@ pub fn phase_name(p: Phase) -> &'static str {
 pub struct Reporter {
     say: Say,
     json: bool,
+    /// Whether `--json` events go to stdout (else stderr).
+    events_on_stdout: bool,
     status: Option<StatusFile>,
     bar: Mutex<Option<indicatif::ProgressBar>>,
 }
 
 impl Reporter {
+    /// A reporter for a long-running role: `--json` events on stdout.
     pub fn new(role: &str, json: bool, status: Option<StatusFile>) -> Arc<Reporter> {
+        Self::with_output(role, json, status, true)
+    }
+
+    /// A reporter for a command whose result goes to stdout: `--json` events on stderr.
+    pub fn for_command(role: &str, json: bool) -> Arc<Reporter> {
+        Self::with_output(role, json, None, false)
+    }
+
+    fn with_output(
+        role: &str,
+        json: bool,
+        status: Option<StatusFile>,
+        events_on_stdout: bool,
+    ) -> Arc<Reporter> {
         Arc::new(Reporter {
             say: Say::new(role, json),
             json,
+            events_on_stdout,
             status,
             bar: Mutex::new(None),
         })
@@ -71,9 +91,13 @@ impl Reporter {
     }
 
     fn on(&self, e: &Event) {
-        if self.json {
-            if let Ok(s) = serde_json::to_string(e) {
+        if self.json
+            && let Ok(s) = serde_json::to_string(e)
+        {
+            if self.events_on_stdout {
                 println!("{s}");
+            } else {
+                eprintln!("{s}");
             }
         }
         match e {

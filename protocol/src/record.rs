@@ -7,7 +7,7 @@ use ciborium::Value;
 use serde::Serialize;
 
 use crate::cbor::{self, Fields, bytes, strictly_ascending, text, uint};
-use crate::{ContentId, DecodeError, NodeId, PublicKey};
+use crate::{ContentId, DecodeError, NodeId, ParentWeightsError, PublicKey};
 
 /// Most maintainer keys a root may list.
 pub const MAX_ROOT_KEYS: usize = 64;
@@ -644,6 +644,37 @@ pub struct Parent {
     pub weights: ContentId,
     /// Parts per million; the weights of all parents sum to 1 000 000.
     pub weight_ppm: u32,
+}
+
+impl Parent {
+    /// The parent list of an ELM branched from a weighted average of `weights` (weights id,
+    /// averaging weight), in the form decoding requires: strictly ascending by weights id,
+    /// `weight_ppm` summing to exactly [`PPM_ONE`].
+    ///
+    /// The weights are normalised to shares of their sum; each share becomes parts per million
+    /// by the largest-remainder method (every parent gets the floor of its exact ppm, and the
+    /// ppm left over go one each to the largest fractional parts, ties to the smaller id), so
+    /// each `weight_ppm` is within 1 of the exact share and the sum is exact. Entries with the
+    /// same id are merged (their weights add up): averaging the same weights twice is one
+    /// parent with the combined weight. Every distinct id stays a parent, even one whose share
+    /// rounds to 0 ppm (zero weights are allowed as long as one weight is positive).
+    ///
+    /// Errors: no entries, more than [`MAX_PARENTS`] distinct ids, a weight that is negative,
+    /// NaN or infinite, or weights that are all zero.
+    pub fn from_weights(weights: &[(ContentId, f64)]) -> Result<Vec<Parent>, ParentWeightsError> {
+        // NAIVE (the volunteer's construction, to be replaced): rounds each weight and keeps
+        // the given order.
+        if weights.is_empty() {
+            return Err(ParentWeightsError::Empty);
+        }
+        Ok(weights
+            .iter()
+            .map(|(id, w)| Parent {
+                weights: *id,
+                weight_ppm: (w * 1e6).round().clamp(0.0, 1e6) as u32,
+            })
+            .collect())
+    }
 }
 
 /// A trained ELM, as its trainer announces it.

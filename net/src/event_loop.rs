@@ -609,8 +609,14 @@ impl EventLoop {
                 max_lease_secs: self.horizons.max_lease_secs,
             };
             let registry = self.trusted.registry.as_ref().ok_or(Invalid::NoRegistry)?;
-            rules::decide_claim(registry.record(), claim.record(), &held, &limits, now_secs())
-                .map_err(Invalid::Rules)?;
+            rules::decide_claim(
+                registry.record(),
+                claim.record(),
+                &held,
+                &limits,
+                now_secs(),
+            )
+            .map_err(Invalid::Rules)?;
         }
         let mut record = kad::Record::new(kkey, value);
         record.publisher = from;

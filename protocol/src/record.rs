@@ -667,10 +667,7 @@ impl Parent {
         if weights.is_empty() {
             return Err(ParentWeightsError::Empty);
         }
-        if let Some(&(id, weight)) = weights
-            .iter()
-            .find(|(_, w)| !(w.is_finite() && *w >= 0.0))
-        {
+        if let Some(&(id, weight)) = weights.iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
             return Err(ParentWeightsError::BadWeight {
                 weights: id,
                 weight,

@@ -25,7 +25,9 @@ fn exact_ppm(weights: &[f64]) -> Vec<f64> {
 }
 
 fn ids(n: usize) -> Vec<ContentId> {
-    (0..n).map(|i| fixtures::id(&format!("parent {i}"))).collect()
+    (0..n)
+        .map(|i| fixtures::id(&format!("parent {i}")))
+        .collect()
 }
 
 #[test]
@@ -71,8 +73,7 @@ fn huge_weights_do_not_overflow() {
 #[test]
 fn duplicate_ids_merge() {
     let ids = ids(2);
-    let parents =
-        Parent::from_weights(&[(ids[0], 0.25), (ids[1], 0.5), (ids[0], 0.25)]).unwrap();
+    let parents = Parent::from_weights(&[(ids[0], 0.25), (ids[1], 0.5), (ids[0], 0.25)]).unwrap();
     assert_eq!(parents.len(), 2);
     assert!(parents.iter().all(|p| p.weight_ppm == 500_000));
     decoded(parents).unwrap();
@@ -138,9 +139,13 @@ fn weight() -> impl Strategy<Value = f64> {
 
 /// 1 to 64 positive finite weights with distinct ids, in any order.
 fn weights() -> impl Strategy<Value = Vec<(ContentId, f64)>> {
-    prop::collection::btree_map(any::<[u8; 32]>().prop_map(ContentId), weight(), 1..=MAX_PARENTS)
-        .prop_map(|m| m.into_iter().collect::<Vec<_>>())
-        .prop_shuffle()
+    prop::collection::btree_map(
+        any::<[u8; 32]>().prop_map(ContentId),
+        weight(),
+        1..=MAX_PARENTS,
+    )
+    .prop_map(|m| m.into_iter().collect::<Vec<_>>())
+    .prop_shuffle()
 }
 
 proptest! {

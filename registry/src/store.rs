@@ -227,7 +227,9 @@ fn insert_versioned(
 ) -> Result<i64, StoreError> {
     let v = version_i64(version)?;
     tx.execute(
-        &format!("INSERT INTO {table} (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)"),
+        &format!(
+            "INSERT INTO {table} (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)"
+        ),
         params![v, &id.0[..], bytes, time_i64(now)],
     )?;
     Ok(v)
@@ -333,7 +335,8 @@ impl Store {
             now,
             |trusted| rules::decide_root(&trusted.root, bytes),
             |tx, root| {
-                let v = insert_versioned(tx, "roots", root.record().version, root.id(), bytes, now)?;
+                let v =
+                    insert_versioned(tx, "roots", root.record().version, root.id(), bytes, now)?;
                 tx.execute(
                     "UPDATE trusted SET root_version = ?1 WHERE singleton = 0",
                     [v],
@@ -646,11 +649,15 @@ fn check_claim(conn: &Connection, bytes: &[u8], now: u64) -> Checked<Claim> {
     if held.as_deref() == Some(bytes) {
         return Ok(Ok(None));
     }
-    let mut stmt =
-        conn.prepare("SELECT domain, lease_expires FROM claims WHERE node = ?1 AND lease_expires > ?2")?;
+    let mut stmt = conn.prepare(
+        "SELECT domain, lease_expires FROM claims WHERE node = ?1 AND lease_expires > ?2",
+    )?;
     let live = stmt
         .query_map(params![&c.node.0[..], time_i64(now)], |r| {
-            Ok((r.get::<_, String>(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
+            Ok((
+                r.get::<_, String>(0)?,
+                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rules::decide_claim(&registry, c, &live, &CLAIM_LIMITS, now).map(|_| Some(claim)))

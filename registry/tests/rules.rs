@@ -60,10 +60,13 @@ fn claims_stale_quota_unknown_expired() {
     );
     // After the leases end the quota is free again, and an ended lease is no renewal.
     assert_eq!(offer(claim(1, "math", 900), 400), Ok(ClaimFit::New));
-    assert_eq!(offer(claim(1, "legal", 250), 400), Err(Reject::LeaseExpired {
-        lease_expires: 250,
-        now: 400
-    }));
+    assert_eq!(
+        offer(claim(1, "legal", 250), 400),
+        Err(Reject::LeaseExpired {
+            lease_expires: 250,
+            now: 400
+        })
+    );
     assert_eq!(offer(claim(1, "legal", 900), 400), Ok(ClaimFit::New));
 }
 
@@ -114,10 +117,7 @@ fn elm_fits_the_seed_and_a_domain() {
     let mut tok = elm(3, 1);
     tok.tokenizer = ContentId::of(b"another tokenizer");
     assert!(matches!(elm_fits(&reg, &tok), Err(Reject::SeedMismatch(_))));
-    let seedless = Registry {
-        seed: None,
-        ..reg
-    };
+    let seedless = Registry { seed: None, ..reg };
     assert!(matches!(
         elm_fits(&seedless, &elm(3, 1)),
         Err(Reject::SeedMismatch(_))

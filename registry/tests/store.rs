@@ -100,11 +100,15 @@ fn signed_claim(node: u32, domain: &str, lease: u64) -> Vec<u8> {
 fn claims() {
     let (_dir, mut store) = store();
     assert!(matches!(
-        store.put_claim(&signed_claim(3, "legal", NOW + 100), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert_eq!(
-        store.put_claim(&signed_claim(3, "legal", NOW + 100), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
+            .unwrap(),
         Decision::Unchanged
     );
     let before = dump(&store);
@@ -130,11 +134,15 @@ fn claims() {
     }
     assert_eq!(dump(&store), before);
     assert!(matches!(
-        store.put_claim(&signed_claim(3, "legal", NOW + 200), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 200), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert!(matches!(
-        store.put_claim(&signed_claim(4, "legal", NOW + 200), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(4, "legal", NOW + 200), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert_eq!(store.claims("legal", NOW).unwrap().len(), 2);
@@ -172,7 +180,9 @@ fn claim_flood_from_one_node_hits_its_quota() {
     );
     // Another node is not affected.
     assert!(matches!(
-        store.put_claim(&signed_claim(4, "d000", LATER), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(4, "d000", LATER), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
 }

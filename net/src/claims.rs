@@ -1,11 +1,13 @@
 //! Domain claims: a volunteer claims a domain with a signed lease that it renews while it
-//! trains. Arbitration is pure: functions of (board, input, now) -> decision.
+//! trains. Choosing is pure: functions of (board, input, now) -> decision.
 //!
 //! Rules (`specs/network.md`, "Claims"): a claim is live while `now < lease_expires`; expired
-//! claims free their domain; a node holds at most `max_own_claims` live claims (the protocol's
-//! store caps every node at 16); a node choosing a domain picks, among the registry's domains,
-//! one with the fewest live claims by *other* nodes, ties broken by BLAKE3(node || domain) so
-//! that simultaneous choosers spread out instead of all picking the first name.
+//! claims free their domain; a node holds at most `max_own_claims` live claims (its own
+//! restraint; whether a peer's claim is accepted, stale or over the quota every node enforces
+//! is `btm_registry::rules::decide_claim`, called by the store and the DHT); a node choosing a
+//! domain picks, among the registry's domains, one with the fewest live claims by *other*
+//! nodes, ties broken by BLAKE3(node || domain) so that simultaneous choosers spread out
+//! instead of all picking the first name.
 
 use std::collections::BTreeMap;
 
@@ -36,21 +38,6 @@ impl Default for ClaimPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Board {
     leases: BTreeMap<String, BTreeMap<NodeId, u64>>,
-}
-
-/// What arbitration decided about an offered claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Arbitration {
-    /// Recorded (new, or a later lease of the same node on the same domain).
-    Accept,
-    /// Not newer than the lease already held for that node and domain.
-    Stale,
-    /// The lease has ended.
-    Expired,
-    /// The domain is not in the registry.
-    UnknownDomain,
-    /// The node already holds its quota of live claims.
-    Quota,
 }
 
 impl Board {
@@ -84,42 +71,6 @@ impl Board {
             .collect()
     }
 
-    /// Arbitrates an offered claim (already signature-checked) and records it if accepted.
-    pub fn offer(
-        &mut self,
-        registry: &Registry,
-        claim: &Claim,
-        now: u64,
-        max_per_node: usize,
-    ) -> Arbitration {
-        if claim.lease_expires <= now {
-            return Arbitration::Expired;
-        }
-        if registry.domain(&claim.domain).is_none() {
-            return Arbitration::UnknownDomain;
-        }
-        let held = self
-            .leases
-            .get(&claim.domain)
-            .and_then(|m| m.get(&claim.node))
-            .copied()
-            .filter(|l| *l > now);
-        match held {
-            Some(l) if l >= claim.lease_expires => return Arbitration::Stale,
-            Some(_) => {}
-            None => {
-                if self.held_by(&claim.node, now).len() >= max_per_node {
-                    return Arbitration::Quota;
-                }
-            }
-        }
-        self.leases
-            .entry(claim.domain.clone())
-            .or_default()
-            .insert(claim.node, claim.lease_expires);
-        Arbitration::Accept
-    }
-
     /// Forgets expired leases.
     pub fn prune(&mut self, now: u64) {
         for m in self.leases.values_mut() {
@@ -136,12 +87,9 @@ pub fn choose_domain(board: &Board, registry: &Registry, me: &NodeId, now: u64) 
         .domains
         .iter()
         .map(|d| {
-            let mut h = blake3::Hasher::new();
-            h.update(me.as_bytes());
-            h.update(d.name.as_bytes());
             (
                 board.live(&d.name, now, Some(me)),
-                *h.finalize().as_bytes(),
+                rank(me, &d.name),
                 d.name.clone(),
             )
         })
@@ -149,6 +97,7 @@ pub fn choose_domain(board: &Board, registry: &Registry, me: &NodeId, now: u64) 
         .map(|(_, _, name)| name)
 }
 
+/// The tie-break rank of `node` on `domain`: BLAKE3(node || domain), smallest first.
 fn rank(node: &NodeId, domain: &str) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(node.as_bytes());
@@ -333,47 +282,6 @@ mod tests {
     }
 
     #[test]
-    fn arbitration_stale_quota_unknown_expired() {
-        let reg = registry(&["a", "b", "c"]);
-        let mut b = Board::default();
-        assert_eq!(
-            b.offer(&reg, &claim("a", 1, 200), 100, 2),
-            Arbitration::Accept
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("a", 1, 150), 100, 2),
-            Arbitration::Stale
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("a", 1, 300), 100, 2),
-            Arbitration::Accept
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("b", 1, 300), 100, 2),
-            Arbitration::Accept
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("c", 1, 300), 100, 2),
-            Arbitration::Quota
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("zz", 2, 300), 100, 2),
-            Arbitration::UnknownDomain
-        );
-        assert_eq!(
-            b.offer(&reg, &claim("a", 2, 90), 100, 2),
-            Arbitration::Expired
-        );
-        // After the leases end the quota is free again.
-        assert_eq!(
-            b.offer(&reg, &claim("c", 1, 900), 400, 2),
-            Arbitration::Accept
-        );
-        b.prune(400);
-        assert_eq!(b.held_by(&PublicKey([1; 32]), 400).len(), 1);
-    }
-
-    #[test]
     fn renew_before_the_lease_ends_and_claim_below_quota() {
         let reg = registry(&["a", "b"]);
         let me = PublicKey([1; 32]);
@@ -429,26 +337,15 @@ mod tests {
             }],
             10,
         );
+        let pick = |now, done: &_| choose_open_domain(&board, &r, &me, now, done);
         done.insert("b".to_string());
-        assert_eq!(
-            choose_open_domain(&board, &r, &me, 10, &done),
-            Choice::Free("c".into())
-        );
+        assert_eq!(pick(10, &done), Choice::Free("c".into()));
         done.insert("c".to_string());
-        assert_eq!(
-            choose_open_domain(&board, &r, &me, 10, &done),
-            Choice::AllClaimed
-        );
+        assert_eq!(pick(10, &done), Choice::AllClaimed);
         // The lease lapses: the domain is free again.
-        assert_eq!(
-            choose_open_domain(&board, &r, &me, 100, &done),
-            Choice::Free("a".into())
-        );
+        assert_eq!(pick(100, &done), Choice::Free("a".into()));
         done.insert("a".to_string());
-        assert_eq!(
-            choose_open_domain(&board, &r, &me, 10, &done),
-            Choice::AllDone
-        );
+        assert_eq!(pick(10, &done), Choice::AllDone);
     }
 
     #[test]

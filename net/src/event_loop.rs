@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use btm_protocol::{Attestation, ContentId, Kind, Record, Root, Signed};
-use btm_registry::{Decision, Reject, Store, Trusted};
+use btm_registry::{ClaimLimits, Decision, Reject, Store, Trusted, rules};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::kad::{self, store::RecordStore};
@@ -25,6 +25,32 @@ use crate::swarm::{Behaviour, BehaviourEvent};
 use crate::validate::{self, Freshness, Horizons, Invalid, View};
 
 type Reply<T> = oneshot::Sender<Result<T, NetError>>;
+
+/// The reply, unless too many queries are in flight: then it is answered `Busy`.
+fn unless_busy<T>(busy: bool, reply: Reply<T>) -> Option<Reply<T>> {
+    if busy {
+        let _ = reply.send(Err(NetError::Busy));
+        None
+    } else {
+        Some(reply)
+    }
+}
+
+/// Files the reply of a DHT query that started, or answers it with the error that stopped it.
+fn pending<T, E: std::fmt::Display>(
+    queries: &mut HashMap<kad::QueryId, Reply<T>>,
+    started: Result<kad::QueryId, E>,
+    reply: Reply<T>,
+) {
+    match started {
+        Ok(id) => {
+            queries.insert(id, reply);
+        }
+        Err(e) => {
+            let _ = reply.send(Err(NetError::Dht(e.to_string())));
+        }
+    }
+}
 
 /// Which store write a gossip message asks for.
 #[derive(Debug, Clone, Copy)]
@@ -304,14 +330,10 @@ impl EventLoop {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(Ok(self.swarm.connected_peers().copied().collect()));
             }
-            Command::Bootstrap(reply) => match self.swarm.behaviour_mut().kad.bootstrap() {
-                Ok(id) => {
-                    self.pending_bootstrap.insert(id, reply);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(NetError::Dht(e.to_string())));
-                }
-            },
+            Command::Bootstrap(reply) => {
+                let started = self.swarm.behaviour_mut().kad.bootstrap();
+                pending(&mut self.pending_bootstrap, started, reply);
+            }
             Command::Publish(topic, data, reply) => {
                 let hash = self.topic_hash(topic);
                 let r = self
@@ -332,57 +354,38 @@ impl EventLoop {
                 let _ = reply.send(Ok(found));
             }
             Command::PutRecord(key, value, reply) => {
-                if busy {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = unless_busy(busy, reply) else {
                     return;
-                }
+                };
                 match self.check_and_store(&key, value, None) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                     Ok(record) => {
-                        match self
-                            .swarm
-                            .behaviour_mut()
-                            .kad
-                            .put_record(record, kad::Quorum::One)
-                        {
-                            Ok(id) => {
-                                self.pending_put.insert(id, reply);
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(NetError::Dht(e.to_string())));
-                            }
-                        }
+                        let dht = &mut self.swarm.behaviour_mut().kad;
+                        pending(
+                            &mut self.pending_put,
+                            dht.put_record(record, kad::Quorum::One),
+                            reply,
+                        );
                     }
                 }
             }
             Command::PutRaw(key, value, reply) => {
                 let record = kad::Record::new(kad::RecordKey::new(&key), value);
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .put_record(record, kad::Quorum::One)
-                {
-                    Ok(id) => {
-                        self.pending_put.insert(id, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Dht(e.to_string())));
-                    }
-                }
+                let dht = &mut self.swarm.behaviour_mut().kad;
+                pending(
+                    &mut self.pending_put,
+                    dht.put_record(record, kad::Quorum::One),
+                    reply,
+                );
             }
             Command::GetRecord(key, reply) => {
-                if busy {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = unless_busy(busy, reply) else {
                     return;
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_record(key.kad(&self.net));
+                };
+                let dht = &mut self.swarm.behaviour_mut().kad;
+                let id = dht.get_record(key.kad(&self.net));
                 self.pending_get.insert(
                     id,
                     GetQuery {
@@ -403,34 +406,19 @@ impl EventLoop {
                 let _ = reply.send(Ok(v));
             }
             Command::Provide(key, reply) => {
-                if busy {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = unless_busy(busy, reply) else {
                     return;
-                }
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .start_providing(key.kad(&self.net))
-                {
-                    Ok(id) => {
-                        self.pending_provide.insert(id, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Dht(e.to_string())));
-                    }
-                }
+                };
+                let dht = &mut self.swarm.behaviour_mut().kad;
+                let started = dht.start_providing(key.kad(&self.net));
+                pending(&mut self.pending_provide, started, reply);
             }
             Command::GetProviders(key, reply) => {
-                if busy {
-                    let _ = reply.send(Err(NetError::Busy));
+                let Some(reply) = unless_busy(busy, reply) else {
                     return;
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(key.kad(&self.net));
+                };
+                let dht = &mut self.swarm.behaviour_mut().kad;
+                let id = dht.get_providers(key.kad(&self.net));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
             Command::PeerScore(peer, reply) => {
@@ -557,13 +545,13 @@ impl EventLoop {
             .registry
             .as_ref()
             .and_then(|r| r.record().seed.clone());
-        let kad = &mut self.swarm.behaviour_mut().kad;
-        let _ = kad.put_record(
+        let dht = &mut self.swarm.behaviour_mut().kad;
+        let _ = dht.put_record(
             kad::Record::new(RecordKey::Registry.kad(&net), bytes.clone()),
             kad::Quorum::One,
         );
         if let Some(seed) = seed {
-            let _ = kad.put_record(
+            let _ = dht.put_record(
                 kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()),
                 kad::Quorum::One,
             );
@@ -602,22 +590,33 @@ impl EventLoop {
             return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));
         }
         if let RecordKey::Claim { node, .. } = key {
+            // The node's other claims held here decide its quota (`rules::decide_claim`).
             let prefix = format!("btm/1/{}/claim/", self.net);
             let suffix = format!("/{node}");
-            let held = store
+            let held: Vec<(String, u64)> = store
                 .records()
                 .filter(|r| {
                     let k = r.key.as_ref();
-                    k.starts_with(prefix.as_bytes())
-                        && k.ends_with(suffix.as_bytes())
-                        && r.key != kkey
+                    k.starts_with(prefix.as_bytes()) && k.ends_with(suffix.as_bytes())
                 })
-                .count();
-            if held >= self.limits.max_dht_claims_per_node {
-                return Err(NetError::Invalid(Invalid::Rules(Reject::Quota {
-                    max: self.limits.max_dht_claims_per_node,
-                })));
-            }
+                .filter_map(|r| Signed::<btm_protocol::Claim>::decode(&r.value).ok())
+                .map(|c| (c.record().domain.clone(), c.record().lease_expires))
+                .collect();
+            let claim = Signed::<btm_protocol::Claim>::decode(&value)
+                .map_err(|e| Invalid::Rules(e.into()))?;
+            let limits = ClaimLimits {
+                max_live_per_node: self.limits.max_dht_claims_per_node,
+                max_lease_secs: self.horizons.max_lease_secs,
+            };
+            let registry = self.trusted.registry.as_ref().ok_or(Invalid::NoRegistry)?;
+            rules::decide_claim(
+                registry.record(),
+                claim.record(),
+                &held,
+                &limits,
+                now_secs(),
+            )
+            .map_err(Invalid::Rules)?;
         }
         let mut record = kad::Record::new(kkey, value);
         record.publisher = from;

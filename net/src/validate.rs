@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use btm_protocol::{Claim, ContentId, ElmRecord, Record, Registry, Root, SeedManifest, Signed};
-use btm_registry::{Decision, Reject, Trusted, decide_registry, decide_root};
+use btm_registry::{Decision, Reject, Trusted, decide_registry, decide_root, rules};
 
 use crate::addr::{AddrError, AddrRecord};
 use crate::keys::RecordKey;
@@ -63,13 +63,6 @@ pub enum Invalid {
     /// Nothing can be checked against a registry yet.
     #[error("no trusted registry yet")]
     NoRegistry,
-    /// A claim asking for a lease beyond the horizon.
-    #[error("lease until {lease_expires} is more than {max}s ahead of {now}")]
-    LeaseTooLong {
-        lease_expires: u64,
-        now: u64,
-        max: u64,
-    },
     /// A bad address record.
     #[error(transparent)]
     Addr(#[from] AddrError),
@@ -97,28 +90,18 @@ pub enum Freshness {
     Ahead,
 }
 
-/// Checks a claim envelope (everything but the per-node quota, which needs the store).
+/// Checks a claim envelope: signed by its node, and [`rules::claim_fits`] (a domain of the
+/// trusted registry, a lease that has not ended and ends within the horizon). The node's
+/// held claims and quota ([`rules::decide_claim`]) are checked where they are known: by the
+/// store and the DHT store.
 pub fn check_claim(view: &View<'_>, bytes: &[u8]) -> Result<Signed<Claim>, Invalid> {
-    let claim = Signed::<Claim>::decode(bytes).map_err(Reject::from)?;
-    let c = claim.record();
-    claim.verify_by(&c.node).map_err(Reject::from)?;
-    if c.lease_expires <= view.now {
-        return Err(Reject::LeaseExpired {
-            lease_expires: c.lease_expires,
-            now: view.now,
-        }
-        .into());
-    }
-    if c.lease_expires > view.now.saturating_add(view.horizons.max_lease_secs) {
-        return Err(Invalid::LeaseTooLong {
-            lease_expires: c.lease_expires,
-            now: view.now,
-            max: view.horizons.max_lease_secs,
-        });
-    }
-    if view.registry()?.domain(&c.domain).is_none() {
-        return Err(Reject::UnknownDomain(c.domain.clone()).into());
-    }
+    let claim = rules::signed_by::<Claim>(bytes, |c| &c.node)?;
+    rules::claim_fits(
+        view.registry()?,
+        claim.record(),
+        view.horizons.max_lease_secs,
+        view.now,
+    )?;
     Ok(claim)
 }
 
@@ -130,23 +113,12 @@ pub fn check_elm(view: &View<'_>, bytes: &[u8]) -> Result<Signed<ElmRecord>, Inv
     Ok(elm)
 }
 
-/// The registry-dependent checks of an ELM record.
+/// The registry-dependent checks of an ELM record: its trainer's signature and
+/// [`rules::elm_fits`].
 pub fn check_elm_record(registry: &Registry, elm: &Signed<ElmRecord>) -> Result<(), Reject> {
     let e = elm.record();
     elm.verify_by(&e.trainer)?;
-    if registry.domain(&e.domain).is_none() {
-        return Err(Reject::UnknownDomain(e.domain.clone()));
-    }
-    let Some(seed) = &registry.seed else {
-        return Err(Reject::SeedMismatch("the registry has no seed yet"));
-    };
-    if e.architecture != seed.architecture.id() {
-        return Err(Reject::SeedMismatch("architecture differs from the seed's"));
-    }
-    if e.tokenizer != seed.tokenizer {
-        return Err(Reject::SeedMismatch("tokenizer differs from the seed's"));
-    }
-    Ok(())
+    rules::elm_fits(registry, e)
 }
 
 /// Checks a registry envelope against the trusted state.
@@ -252,30 +224,28 @@ pub fn supersedes(key: &RecordKey, new: &[u8], held: &[u8]) -> bool {
         return false;
     }
     match key {
-        RecordKey::Registry => {
-            let v = |b: &[u8]| {
-                Signed::<Registry>::decode(b)
-                    .map(|r| r.record().version)
-                    .ok()
-            };
-            matches!((v(new), v(held)), (Some(n), Some(h)) if n > h) || v(held).is_none()
-        }
-        RecordKey::Claim { .. } => {
-            let l = |b: &[u8]| {
-                Signed::<Claim>::decode(b)
-                    .map(|c| c.record().lease_expires)
-                    .ok()
-            };
-            matches!((l(new), l(held)), (Some(n), Some(h)) if n > h) || l(held).is_none()
-        }
-        RecordKey::Addr(_) => {
-            let e = |b: &[u8]| AddrRecord::decode(b).map(|a| a.expires).ok();
-            matches!((e(new), e(held)), (Some(n), Some(h)) if n > h) || e(held).is_none()
-        }
+        RecordKey::Registry => newer(new, held, |b| {
+            Signed::<Registry>::decode(b)
+                .map(|r| r.record().version)
+                .ok()
+        }),
+        RecordKey::Claim { .. } => newer(new, held, |b| {
+            Signed::<Claim>::decode(b)
+                .map(|c| c.record().lease_expires)
+                .ok()
+        }),
+        RecordKey::Addr(_) => newer(new, held, |b| AddrRecord::decode(b).map(|a| a.expires).ok()),
         RecordKey::ElmOf { .. } => true,
         // One version, one root; content-addressed records never change.
         RecordKey::Root(_) | RecordKey::Seed | RecordKey::Elm(_) => false,
     }
+}
+
+/// Whether `new` comes after `held` by `order` (a held value without an order, one that does
+/// not decode, is always replaced).
+fn newer(new: &[u8], held: &[u8], order: impl Fn(&[u8]) -> Option<u64>) -> bool {
+    let held = order(held);
+    matches!((order(new), held), (Some(n), Some(h)) if n > h) || held.is_none()
 }
 
 /// The content id a record key's value must hash to, if it is content-addressed by record id.

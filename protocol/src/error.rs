@@ -81,3 +81,24 @@ pub enum SignatureError {
     #[error("signature by {0} does not verify")]
     Invalid(crate::PublicKey),
 }
+
+/// Why averaging weights cannot become an ELM's parent list ([`crate::Parent::from_weights`]).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParentWeightsError {
+    /// No parents at all.
+    #[error("no parent weights")]
+    Empty,
+    /// More distinct parents than an ELM record may list.
+    #[error("{count} distinct parents, at most {max} allowed")]
+    TooMany { count: usize, max: usize },
+    /// A weight that is negative, NaN or infinite.
+    #[error("parent {weights}: weight {weight} is not a finite number >= 0")]
+    BadWeight {
+        weights: crate::ContentId,
+        weight: f64,
+    },
+    /// Every weight is zero: nothing to normalise.
+    #[error("every parent weight is zero")]
+    AllZero,
+}

@@ -24,7 +24,7 @@ mod signed;
 
 pub use cbor::MAX_DEPTH;
 pub use ed25519_dalek::SigningKey;
-pub use error::{DecodeError, SignatureError};
+pub use error::{DecodeError, ParentWeightsError, SignatureError};
 pub use ids::{ContentId, NodeId, ParseIdError, PublicKey};
 pub use record::{
     AcceptedElm, Architecture, Attestation, Claim, ClientVersion, Domain, ElmRecord, EvalSettings,

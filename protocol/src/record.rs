@@ -3,11 +3,13 @@
 //! Each top-level record is a CBOR array whose first element is the format version (1); nested
 //! structs are arrays in the order of their fields. `specs/protocol.md` lists every field.
 
+use std::collections::BTreeMap;
+
 use ciborium::Value;
 use serde::Serialize;
 
 use crate::cbor::{self, Fields, bytes, strictly_ascending, text, uint};
-use crate::{ContentId, DecodeError, NodeId, PublicKey};
+use crate::{ContentId, DecodeError, NodeId, ParentWeightsError, PublicKey};
 
 /// Most maintainer keys a root may list.
 pub const MAX_ROOT_KEYS: usize = 64;
@@ -644,6 +646,94 @@ pub struct Parent {
     pub weights: ContentId,
     /// Parts per million; the weights of all parents sum to 1 000 000.
     pub weight_ppm: u32,
+}
+
+impl Parent {
+    /// The parent list of an ELM branched from a weighted average of `weights` (weights id,
+    /// averaging weight), in the form decoding requires: strictly ascending by weights id,
+    /// `weight_ppm` summing to exactly [`PPM_ONE`].
+    ///
+    /// The weights are normalised to shares of their sum; each share becomes parts per million
+    /// by the largest-remainder method (every parent gets the floor of its exact ppm, and the
+    /// ppm left over go one each to the largest fractional parts, ties to the smaller id), so
+    /// each `weight_ppm` is within 1 of the exact share and the sum is exact. Entries with the
+    /// same id are merged (their weights add up): averaging the same weights twice is one
+    /// parent with the combined weight. Every distinct id stays a parent, even one whose share
+    /// rounds to 0 ppm (zero weights are allowed as long as one weight is positive).
+    ///
+    /// Errors: no entries, more than [`MAX_PARENTS`] distinct ids, a weight that is negative,
+    /// NaN or infinite, or weights that are all zero.
+    pub fn from_weights(weights: &[(ContentId, f64)]) -> Result<Vec<Parent>, ParentWeightsError> {
+        if weights.is_empty() {
+            return Err(ParentWeightsError::Empty);
+        }
+        if let Some(&(id, weight)) = weights.iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
+            return Err(ParentWeightsError::BadWeight {
+                weights: id,
+                weight,
+            });
+        }
+        // Scaled by the largest weight first, so that sums of huge weights stay finite.
+        let max = weights.iter().map(|(_, w)| *w).fold(0.0, f64::max);
+        if max <= 0.0 {
+            return Err(ParentWeightsError::AllZero);
+        }
+        let mut merged: BTreeMap<ContentId, f64> = BTreeMap::new();
+        for (id, w) in weights {
+            *merged.entry(*id).or_insert(0.0) += w / max;
+        }
+        if merged.len() > MAX_PARENTS {
+            return Err(ParentWeightsError::TooMany {
+                count: merged.len(),
+                max: MAX_PARENTS,
+            });
+        }
+        let total: f64 = merged.values().sum();
+        // Exact shares in ppm (in id order), and their floors.
+        let exact: Vec<f64> = merged
+            .values()
+            .map(|w| w / total * f64::from(PPM_ONE))
+            .collect();
+        let mut ppm: Vec<u32> = exact
+            .iter()
+            .map(|e| e.floor().clamp(0.0, f64::from(PPM_ONE)) as u32)
+            .collect();
+        let mut sum: u32 = ppm.iter().sum();
+        // The ppm left over go one each to the largest fractional parts, ties to the smaller
+        // id, never to a zero share. Exactly, fewer are left than there are positive fractional
+        // parts; the loops also absorb a float rounding error either way.
+        let fraction = |i: usize| exact.get(i).map_or(0.0, |e| e - e.floor());
+        let mut order: Vec<usize> = (0..exact.len())
+            .filter(|&i| exact.get(i).is_some_and(|e| *e > 0.0))
+            .collect();
+        order.sort_by(|&a, &b| fraction(b).total_cmp(&fraction(a)).then(a.cmp(&b)));
+        for &i in order.iter().cycle() {
+            if sum >= PPM_ONE {
+                break;
+            }
+            if let Some(p) = ppm.get_mut(i) {
+                *p += 1;
+                sum += 1;
+            }
+        }
+        for &i in order.iter().rev().cycle() {
+            if sum <= PPM_ONE {
+                break;
+            }
+            if let Some(p) = ppm.get_mut(i).filter(|p| **p > 0) {
+                *p -= 1;
+                sum -= 1;
+            }
+        }
+        Ok(merged
+            .into_keys()
+            .zip(ppm)
+            .map(|(weights, weight_ppm)| Parent {
+                weights,
+                weight_ppm,
+            })
+            .collect())
+    }
 }
 
 /// A trained ELM, as its trainer announces it.

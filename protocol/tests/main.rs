@@ -5,6 +5,7 @@
 
 mod fixtures;
 mod malformed;
+mod parents;
 mod roundtrip;
 mod signatures;
 mod vectors;

@@ -170,6 +170,19 @@ fn malformed_claims_table() {
     }
 }
 
+/// Each record breaks a field rule: decoding its encoding, and `validate`, fail with `want`.
+fn refused<R: Record>(cases: impl IntoIterator<Item = (&'static str, R, &'static str)>) {
+    for (what, record, want) in cases {
+        let e = R::decode(&record.encode()).expect_err(what);
+        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
+        assert_eq!(
+            record.validate().map_err(|e| kind_of(&e)),
+            Err(want.to_owned()),
+            "{what}"
+        );
+    }
+}
+
 #[test]
 fn record_rules_table() {
     let mut unsorted = fixtures::root();
@@ -185,22 +198,14 @@ fn record_rules_table() {
     no_keys.threshold = 1;
     let mut version0 = fixtures::root();
     version0.version = 0;
-    let roots = [
+    refused([
         ("unsorted keys", unsorted, "NotSorted"),
         ("duplicate keys", duplicated, "NotSorted"),
         ("threshold 0", zero_threshold, "Invalid"),
         ("threshold over the key count", high_threshold, "Invalid"),
         ("no keys", no_keys, "Invalid"),
         ("version 0", version0, "Invalid"),
-    ];
-    for (what, root, want) in roots {
-        let e = Root::decode(&root.encode()).expect_err(what);
-        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
-        assert_eq!(
-            root.validate().map_err(|e| kind_of(&e)),
-            Err(want.to_owned())
-        );
-    }
+    ]);
 
     let mut unknown_domain = fixtures::registry();
     unknown_domain.elms[0].domain = "medicine".into();
@@ -212,25 +217,21 @@ fn record_rules_table() {
     if let Some(seed) = bad_arch.seed.as_mut() {
         seed.architecture.heads = 7;
     }
-    let registries = [
+    refused([
         ("ELM of an unknown domain", unknown_domain, "Invalid"),
         ("domains not sorted", unsorted_domains, "NotSorted"),
         ("block size 0", bad_eval, "Invalid"),
         ("d_model not divisible by heads", bad_arch, "Invalid"),
-    ];
-    for (what, registry, want) in registries {
-        let e = Registry::decode(&registry.encode()).expect_err(what);
-        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
-    }
+    ]);
 
     let mut weights = fixtures::elm();
     weights.parents[0].weight_ppm += 1;
     let mut orphan = fixtures::elm();
     orphan.parents.clear();
-    for (what, elm) in [("weights sum to 1000001", weights), ("no parents", orphan)] {
-        let e = ElmRecord::decode(&elm.encode()).expect_err(what);
-        assert_eq!(kind_of(&e), "Invalid", "{what}: {e:?}");
-    }
+    refused([
+        ("weights sum to 1000001", weights, "Invalid"),
+        ("no parents", orphan, "Invalid"),
+    ]);
 
     let mut bad_verdict = fixtures::attestation().encode();
     let last = bad_verdict.len() - 1;

@@ -1,6 +1,7 @@
-//! btm-registry: the maintainers' signed registry. The acceptance rules ([`rules`], pure,
-//! after TUF), the node's SQLite store ([`store`]), and the file-based maintainer workflow
-//! behind `btm-node keys` and `btm-node registry` ([`maintainer`]).
+//! btm-registry: the maintainers' signed registry. The acceptance rules, each written once
+//! ([`rules`], pure; roots and registries after TUF, ELM records, claims), the node's SQLite
+//! store ([`store`]), and the file-based maintainer workflow behind `btm-node keys` and
+//! `btm-node registry` ([`maintainer`]).
 //!
 //! ```
 //! use btm_protocol::{ClientVersion, Registry, Root, PublicKey, Signed, test_key};
@@ -30,7 +31,7 @@ pub mod rules;
 pub mod store;
 
 pub use rules::{
-    Decision, KeyRole, Reject, Tally, Trusted, decide_initial_root, decide_registry, decide_root,
-    tally,
+    ClaimFit, ClaimLimits, Decision, KeyRole, Reject, Tally, Trusted, claim_fits, decide_claim,
+    decide_initial_root, decide_registry, decide_root, elm_fits, parents_known, signed_by, tally,
 };
 pub use store::{Store, StoreError};

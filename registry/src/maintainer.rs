@@ -44,8 +44,6 @@ pub enum MaintainerError {
     DuplicateDomain(String),
     #[error("ELM record refused: {0}")]
     Refused(#[from] Reject),
-    #[error("ELM parent {0} is neither the seed nor an accepted ELM")]
-    UnknownParent(ContentId),
     #[error("{0} and {1} hold different bodies: signatures combine only over identical bytes")]
     DifferentBodies(PathBuf, PathBuf),
     #[error("verifying a registry needs the trusted root file (--root)")]
@@ -134,17 +132,23 @@ pub fn read_envelope<R: Record>(path: &Path) -> Result<Signed<R>> {
     Signed::<R>::decode(&bytes).map_err(decode_err)
 }
 
-fn file_kind(path: &Path) -> Result<Kind> {
+/// Reads an envelope file of any kind: its bytes and its record kind.
+fn read_any(path: &Path) -> Result<(Vec<u8>, Kind)> {
     let max = Kind::ALL
         .iter()
         .map(|k| max_envelope_size(*k))
         .max()
         .unwrap_or(0);
     let bytes = read_limited(path, max, Kind::Registry)?;
-    envelope_kind(&bytes).map_err(|source| MaintainerError::Decode {
+    let kind = envelope_kind(&bytes).map_err(|source| MaintainerError::Decode {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok((bytes, kind))
+}
+
+fn file_kind(path: &Path) -> Result<Kind> {
+    read_any(path).map(|(_, kind)| kind)
 }
 
 // --- keys -------------------------------------------------------------------------------------
@@ -296,30 +300,16 @@ pub fn set_seed(path: &Path, seed: SeedManifest) -> Result<Edited> {
     })
 }
 
-/// Accepts the ELM record in `elm_path` into the draft, after checking its trainer's signature,
-/// its domain, that it matches the seed's architecture and tokenizer, and that its parents are
-/// the seed or accepted ELMs.
+/// Accepts the ELM record in `elm_path` into the draft, after checking its trainer's signature
+/// and, against the draft, that it fits the seed and a domain ([`rules::elm_fits`]) and that
+/// its parents are the seed or accepted ELMs ([`rules::parents_known`]).
 pub fn accept_elm(path: &Path, elm_path: &Path) -> Result<Edited> {
     let elm = read_envelope::<ElmRecord>(elm_path)?;
     let e = elm.record();
     elm.verify_by(&e.trainer).map_err(Reject::from)?;
     edit(path, |r| {
-        if r.domain(&e.domain).is_none() {
-            return Err(Reject::UnknownDomain(e.domain.clone()).into());
-        }
-        let Some(seed) = &r.seed else {
-            return Err(Reject::SeedMismatch("the registry has no seed yet").into());
-        };
-        if e.architecture != seed.architecture.id() {
-            return Err(Reject::SeedMismatch("architecture differs from the seed's").into());
-        }
-        if e.tokenizer != seed.tokenizer {
-            return Err(Reject::SeedMismatch("tokenizer differs from the seed's").into());
-        }
-        let known = |w: &ContentId| *w == seed.weights || r.elms.iter().any(|a| a.weights == *w);
-        if let Some(p) = e.parents.iter().find(|p| !known(&p.weights)) {
-            return Err(MaintainerError::UnknownParent(p.weights));
-        }
+        rules::elm_fits(r, e)?;
+        rules::parents_known(r, e)?;
         let accepted = AcceptedElm {
             record: elm.id(),
             domain: e.domain.clone(),
@@ -486,16 +476,7 @@ pub fn verify(
     previous: Option<&Path>,
     now: u64,
 ) -> Result<Verification> {
-    let max = Kind::ALL
-        .iter()
-        .map(|k| max_envelope_size(*k))
-        .max()
-        .unwrap_or(0);
-    let bytes = read_limited(path, max, Kind::Registry)?;
-    let kind = envelope_kind(&bytes).map_err(|source| MaintainerError::Decode {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (bytes, kind) = read_any(path)?;
     let decode_err = |source| MaintainerError::Decode {
         path: path.to_path_buf(),
         source,
@@ -510,14 +491,8 @@ pub fn verify(
                 }
                 None => (rules::decide_initial_root(&bytes), offered.record().clone()),
             };
-            Ok(Verification {
-                kind,
-                id: offered.id(),
-                version: offered.record().version,
-                tally: rules::tally(&offered, &keys.keys),
-                threshold: keys.threshold,
-                rejection: decision.rejection().cloned(),
-            })
+            let version = offered.record().version;
+            Ok(verification(&offered, version, &keys, decision.rejection()))
         }
         Kind::Registry => {
             let offered = Signed::<Registry>::decode(&bytes).map_err(decode_err)?;
@@ -525,21 +500,36 @@ pub fn verify(
             let registry = previous.map(read_envelope::<Registry>).transpose()?;
             let trusted = Trusted { root, registry };
             let decision = rules::decide_registry(&trusted, &bytes, now);
-            let r = trusted.root.record();
-            Ok(Verification {
-                kind,
-                id: offered.id(),
-                version: offered.record().version,
-                tally: rules::tally(&offered, &r.keys),
-                threshold: r.threshold,
-                rejection: decision.rejection().cloned(),
-            })
+            let version = offered.record().version;
+            Ok(verification(
+                &offered,
+                version,
+                trusted.root.record(),
+                decision.rejection(),
+            ))
         }
         found => Err(MaintainerError::WrongKind {
             path: path.to_path_buf(),
             expected: "root or registry",
             found,
         }),
+    }
+}
+
+/// What `verify` reports on `offered` (of `version`), whose signatures count against `keys`.
+fn verification<R: Record>(
+    offered: &Signed<R>,
+    version: u64,
+    keys: &Root,
+    rejection: Option<&Reject>,
+) -> Verification {
+    Verification {
+        kind: R::KIND,
+        id: offered.id(),
+        version,
+        tally: rules::tally(offered, &keys.keys),
+        threshold: keys.threshold,
+        rejection: rejection.cloned(),
     }
 }
 

@@ -1,10 +1,20 @@
-//! The acceptance rules for roots and registries, after TUF: pure functions of
-//! (trusted state, offered bytes, now) to a [`Decision`]. No I/O, no clock.
+//! The acceptance rules, each written once: pure functions of (trusted state, offered record,
+//! now) to a [`Decision`] or a `Result<_, Reject>`. No I/O, no clock.
+//!
+//! - Roots and registries, after TUF: [`decide_initial_root`], [`decide_root`],
+//!   [`decide_registry`].
+//! - ELM records: [`elm_fits`] (domain and seed; the store, the maintainers' workflow and the
+//!   network check it) and [`parents_known`] (the parents are the seed or accepted ELMs; what a
+//!   maintainer checks before accepting an ELM into the forest).
+//! - Claims: [`claim_fits`] (lease bounds and domain) and [`decide_claim`] (that, plus the
+//!   node's held claims and its quota, under [`ClaimLimits`]); the store, the network's DHT
+//!   and gossip validation call them.
 
 use std::collections::BTreeSet;
 
 use btm_protocol::{
-    ContentId, DecodeError, PublicKey, Record, Registry, Root, SignatureError, Signed,
+    Claim, ContentId, DecodeError, ElmRecord, PublicKey, Record, Registry, Root, SignatureError,
+    Signed,
 };
 use serde::Serialize;
 
@@ -141,6 +151,13 @@ pub enum Reject {
     /// A claim whose lease has already ended.
     #[error("lease ended at {lease_expires} (now {now})")]
     LeaseExpired { lease_expires: u64, now: u64 },
+    /// A claim asking for a lease further ahead than the limits allow.
+    #[error("lease until {lease_expires} is more than {max}s ahead of {now}")]
+    LeaseTooLong {
+        lease_expires: u64,
+        now: u64,
+        max: u64,
+    },
     /// A record naming a domain the trusted registry does not have.
     #[error("unknown domain {0:?}")]
     UnknownDomain(String),
@@ -156,6 +173,9 @@ pub enum Reject {
     /// The trusted registry has no seed, or the record does not match it.
     #[error("does not match the seed: {0}")]
     SeedMismatch(&'static str),
+    /// An ELM parent that is neither the seed nor an ELM the registry accepted.
+    #[error("ELM parent {0} is neither the seed nor an accepted ELM")]
+    UnknownParent(ContentId),
 }
 
 fn threshold_met(tally: Tally, threshold: u32, role: KeyRole) -> Result<(), Reject> {
@@ -291,5 +311,133 @@ fn registry_update(
             });
         }
         Ok(Decision::Accept(offered))
+    }
+}
+
+// --- single-signer records ---------------------------------------------------------------------
+
+/// Decodes an envelope of a single-signer record (claim, ELM record, attestation) and checks
+/// that it carries a valid signature by the key the record names (`signer`).
+pub fn signed_by<R: Record>(
+    bytes: &[u8],
+    signer: impl FnOnce(&R) -> &PublicKey,
+) -> Result<Signed<R>, Reject> {
+    let envelope = Signed::<R>::decode(bytes)?;
+    envelope.verify_by(signer(envelope.record()))?;
+    Ok(envelope)
+}
+
+// --- ELM records -------------------------------------------------------------------------------
+
+/// Whether an ELM record fits the forest of `registry`: its domain is one of the registry's
+/// (`UnknownDomain`), the registry has a seed, and the record's architecture id and tokenizer
+/// equal the seed's (`SeedMismatch`). The trainer's signature is the caller's to check (on the
+/// envelope); the parents are [`parents_known`]'s.
+pub fn elm_fits(registry: &Registry, elm: &ElmRecord) -> Result<(), Reject> {
+    if registry.domain(&elm.domain).is_none() {
+        return Err(Reject::UnknownDomain(elm.domain.clone()));
+    }
+    let Some(seed) = &registry.seed else {
+        return Err(Reject::SeedMismatch("the registry has no seed yet"));
+    };
+    if elm.architecture != seed.architecture.id() {
+        return Err(Reject::SeedMismatch("architecture differs from the seed's"));
+    }
+    if elm.tokenizer != seed.tokenizer {
+        return Err(Reject::SeedMismatch("tokenizer differs from the seed's"));
+    }
+    Ok(())
+}
+
+/// Whether every parent of an ELM record is the seed of `registry` or an ELM it accepted
+/// (compared by weights id), else `UnknownParent` naming the first that is not. An ELM branched
+/// from weights the maintainers never accepted does not enter the forest: the maintainers'
+/// workflow (`accept-elm`) checks this, and so must a maintainer role accepting ELMs from the
+/// network. Without a seed only accepted ELMs count.
+pub fn parents_known(registry: &Registry, elm: &ElmRecord) -> Result<(), Reject> {
+    let known = |w: &ContentId| {
+        registry.seed.as_ref().is_some_and(|s| s.weights == *w)
+            || registry.elms.iter().any(|a| a.weights == *w)
+    };
+    match elm.parents.iter().find(|p| !known(&p.weights)) {
+        Some(p) => Err(Reject::UnknownParent(p.weights)),
+        None => Ok(()),
+    }
+}
+
+// --- claims ------------------------------------------------------------------------------------
+
+/// The policy numbers of claim acceptance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// Most live claims one node may hold (a renewal of a held claim does not count again).
+    pub max_live_per_node: usize,
+    /// Longest lease a claim may ask for, in seconds after now (`u64::MAX`: no bound).
+    pub max_lease_secs: u64,
+}
+
+/// What an acceptable claim is to the claims already held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimFit {
+    /// The node holds no live claim on the domain: one more toward its quota.
+    New,
+    /// A later lease for a live claim the node already holds on the domain.
+    Renewal,
+}
+
+/// The claim's own bounds: its lease has not ended (`LeaseExpired`; a lease ending at `now`
+/// has ended), it is at most `max_lease_secs` ahead of `now` (`LeaseTooLong`), and its domain
+/// is one of the registry's (`UnknownDomain`). The node's signature is the caller's to check.
+pub fn claim_fits(
+    registry: &Registry,
+    claim: &Claim,
+    max_lease_secs: u64,
+    now: u64,
+) -> Result<(), Reject> {
+    if claim.lease_expires <= now {
+        return Err(Reject::LeaseExpired {
+            lease_expires: claim.lease_expires,
+            now,
+        });
+    }
+    if claim.lease_expires > now.saturating_add(max_lease_secs) {
+        return Err(Reject::LeaseTooLong {
+            lease_expires: claim.lease_expires,
+            now,
+            max: max_lease_secs,
+        });
+    }
+    if registry.domain(&claim.domain).is_none() {
+        return Err(Reject::UnknownDomain(claim.domain.clone()));
+    }
+    Ok(())
+}
+
+/// Whether a claim is acceptable, given the claims its node already holds (`held`: (domain,
+/// lease end) of the claims by `claim.node` that the deciding party holds; expired ones are
+/// ignored), the limits and `now`: [`claim_fits`]; then, if the node holds a live claim on the
+/// domain, the offered lease must be later (`Stale`), else the node must hold fewer than
+/// `max_live_per_node` live claims (`Quota`).
+pub fn decide_claim(
+    registry: &Registry,
+    claim: &Claim,
+    held: &[(String, u64)],
+    limits: &ClaimLimits,
+    now: u64,
+) -> Result<ClaimFit, Reject> {
+    claim_fits(registry, claim, limits.max_lease_secs, now)?;
+    let live: Vec<&(String, u64)> = held.iter().filter(|(_, lease)| *lease > now).collect();
+    let same = live
+        .iter()
+        .filter(|(domain, _)| *domain == claim.domain)
+        .map(|(_, lease)| *lease)
+        .max();
+    match same {
+        Some(lease) if lease >= claim.lease_expires => Err(Reject::Stale),
+        Some(_) => Ok(ClaimFit::Renewal),
+        None if live.len() >= limits.max_live_per_node => Err(Reject::Quota {
+            max: limits.max_live_per_node,
+        }),
+        None => Ok(ClaimFit::New),
     }
 }

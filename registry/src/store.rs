@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use btm_protocol::{Attestation, Claim, ContentId, ElmRecord, PublicKey, Registry, Root, Signed};
+use btm_protocol::{
+    Attestation, Claim, ContentId, ElmRecord, PublicKey, Record, Registry, Root, Signed,
+};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use crate::rules::{self, Decision, Reject, Trusted};
+use crate::rules::{self, ClaimLimits, Decision, Reject, Trusted};
 
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -213,6 +215,26 @@ fn record_equivocation(
     Ok(())
 }
 
+/// Writes an accepted root or registry envelope (`bytes`, of record `id`) into `table`
+/// (`roots` or `registries`); returns its version as stored.
+fn insert_versioned(
+    tx: &Transaction<'_>,
+    table: &str,
+    version: u64,
+    id: ContentId,
+    bytes: &[u8],
+    now: u64,
+) -> Result<i64, StoreError> {
+    let v = version_i64(version)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {table} (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)"
+        ),
+        params![v, &id.0[..], bytes, time_i64(now)],
+    )?;
+    Ok(v)
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
@@ -237,6 +259,42 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
     }
 
+    /// One peer record's transaction: `check` decides (`Ok(None)`: already held), `insert`
+    /// writes an accepted one.
+    fn put<R: Record>(
+        &mut self,
+        check: impl FnOnce(&Connection) -> Checked<R>,
+        insert: impl FnOnce(&Transaction<'_>, &Signed<R>) -> rusqlite::Result<usize>,
+    ) -> Result<Decision<Signed<R>>, StoreError> {
+        let tx = self.write()?;
+        let decision = match check(&tx)? {
+            Err(r) => Decision::Reject(r),
+            Ok(None) => Decision::Unchanged,
+            Ok(Some(envelope)) => {
+                insert(&tx, &envelope)?;
+                Decision::Accept(envelope)
+            }
+        };
+        tx.commit()?;
+        Ok(decision)
+    }
+
+    /// The envelopes of record type `R` that `sql` selects (one column), decoded.
+    fn envelopes<R: Record>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        what: &'static str,
+    ) -> Result<Vec<Signed<R>>, StoreError> {
+        let mut stmt = self.conn.prepare(sql)?;
+        let rows = stmt.query_map(params, |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(Signed::<R>::decode(&row?).map_err(corrupt(what))?);
+        }
+        Ok(out)
+    }
+
     /// The trusted root and registry, if a root has been installed.
     pub fn trusted(&self) -> Result<Option<Trusted>, StoreError> {
         load_trusted(&self.conn)
@@ -255,11 +313,7 @@ impl Store {
         }
         let decision = rules::decide_initial_root(bytes);
         if let Decision::Accept(root) = &decision {
-            let v = version_i64(root.record().version)?;
-            tx.execute(
-                "INSERT INTO roots (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)",
-                params![v, &root.id().0[..], bytes, time_i64(now)],
-            )?;
+            let v = insert_versioned(&tx, "roots", root.record().version, root.id(), bytes, now)?;
             tx.execute(
                 "INSERT INTO trusted (singleton, root_version) VALUES (0, ?1)",
                 [v],
@@ -275,26 +329,21 @@ impl Store {
         bytes: &[u8],
         now: u64,
     ) -> Result<Decision<Signed<Root>>, StoreError> {
-        let tx = self.write()?;
-        let trusted = load_trusted(&tx)?.ok_or(StoreError::NoRoot)?;
-        let decision = rules::decide_root(&trusted.root, bytes);
-        match &decision {
-            Decision::Accept(root) => {
-                let v = version_i64(root.record().version)?;
-                tx.execute(
-                    "INSERT INTO roots (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![v, &root.id().0[..], bytes, time_i64(now)],
-                )?;
+        self.update(
+            "root",
+            bytes,
+            now,
+            |trusted| rules::decide_root(&trusted.root, bytes),
+            |tx, root| {
+                let v =
+                    insert_versioned(tx, "roots", root.record().version, root.id(), bytes, now)?;
                 tx.execute(
                     "UPDATE trusted SET root_version = ?1 WHERE singleton = 0",
                     [v],
                 )?;
-            }
-            Decision::Reject(r) => record_equivocation(&tx, "root", r, bytes, now)?,
-            Decision::Unchanged => {}
-        }
-        tx.commit()?;
-        Ok(decision)
+                Ok(())
+            },
+        )
     }
 
     /// The accepted roots, oldest first (envelopes): the chain a node that trusts an older
@@ -314,23 +363,45 @@ impl Store {
         bytes: &[u8],
         now: u64,
     ) -> Result<Decision<Signed<Registry>>, StoreError> {
-        let tx = self.write()?;
-        let trusted = load_trusted(&tx)?.ok_or(StoreError::NoRoot)?;
-        let decision = rules::decide_registry(&trusted, bytes, now);
-        match &decision {
-            Decision::Accept(registry) => {
-                let v = version_i64(registry.record().version)?;
-                let id = registry.id();
-                tx.execute(
-                    "INSERT INTO registries (version, id, envelope, accepted_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![v, &id.0[..], bytes, time_i64(now)],
+        self.update(
+            "registry",
+            bytes,
+            now,
+            |trusted| rules::decide_registry(trusted, bytes, now),
+            |tx, registry| {
+                let v = insert_versioned(
+                    tx,
+                    "registries",
+                    registry.record().version,
+                    registry.id(),
+                    bytes,
+                    now,
                 )?;
                 tx.execute(
                     "UPDATE trusted SET registry_version = ?1, registry_id = ?2 WHERE singleton = 0",
-                    params![v, &id.0[..]],
+                    params![v, &registry.id().0[..]],
                 )?;
-            }
-            Decision::Reject(r) => record_equivocation(&tx, "registry", r, bytes, now)?,
+                Ok(())
+            },
+        )
+    }
+
+    /// A root or registry update's transaction: `decide` against the trusted state, `accept`
+    /// writes an accepted one, an equivocation is recorded as evidence.
+    fn update<R: Record>(
+        &mut self,
+        kind: &str,
+        bytes: &[u8],
+        now: u64,
+        decide: impl FnOnce(&Trusted) -> Decision<Signed<R>>,
+        accept: impl FnOnce(&Transaction<'_>, &Signed<R>) -> Result<(), StoreError>,
+    ) -> Result<Decision<Signed<R>>, StoreError> {
+        let tx = self.write()?;
+        let trusted = load_trusted(&tx)?.ok_or(StoreError::NoRoot)?;
+        let decision = decide(&trusted);
+        match &decision {
+            Decision::Accept(envelope) => accept(&tx, envelope)?,
+            Decision::Reject(r) => record_equivocation(&tx, kind, r, bytes, now)?,
             Decision::Unchanged => {}
         }
         tx.commit()?;
@@ -363,41 +434,34 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a claim signed by its node, for a domain of the trusted registry, whose lease has
-    /// not ended. A later lease from the same node for the same domain replaces an earlier one.
+    /// Stores a claim signed by its node that [`rules::decide_claim`] accepts under
+    /// [`CLAIM_LIMITS`] against the node's stored claims (a domain of the trusted registry, a
+    /// lease that has not ended; a later lease from the same node for the same domain replaces
+    /// an earlier one; the per-node quota). Identical bytes are `Unchanged`.
     pub fn put_claim(
         &mut self,
         bytes: &[u8],
         now: u64,
     ) -> Result<Decision<Signed<Claim>>, StoreError> {
-        let tx = self.write()?;
-        let decision = match check_claim(&tx, bytes, now)? {
-            Err(r) => Decision::Reject(r),
-            Ok(None) => Decision::Unchanged,
-            Ok(Some(claim)) => {
+        self.put(
+            |conn| check_claim(conn, bytes, now),
+            |tx, claim| {
                 let c = claim.record();
                 tx.execute(
                     "INSERT OR REPLACE INTO claims (domain, node, lease_expires, envelope) VALUES (?1, ?2, ?3, ?4)",
                     params![c.domain, &c.node.0[..], time_i64(c.lease_expires), bytes],
-                )?;
-                Decision::Accept(claim)
-            }
-        };
-        tx.commit()?;
-        Ok(decision)
+                )
+            },
+        )
     }
 
     /// The stored claims on `domain` whose lease has not ended at `now`.
     pub fn claims(&self, domain: &str, now: u64) -> Result<Vec<Signed<Claim>>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.envelopes(
             "SELECT envelope FROM claims WHERE domain = ?1 AND lease_expires > ?2 ORDER BY node",
-        )?;
-        let rows = stmt.query_map(params![domain, time_i64(now)], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(Signed::<Claim>::decode(&row?).map_err(corrupt("claim"))?);
-        }
-        Ok(out)
+            params![domain, time_i64(now)],
+            "claim",
+        )
     }
 
     /// Deletes claims whose lease has ended; returns how many.
@@ -411,57 +475,45 @@ impl Store {
         Ok(n)
     }
 
-    /// Stores an ELM record signed by its trainer, for a domain of the trusted registry, with
-    /// the seed's architecture and tokenizer.
+    /// Stores an ELM record signed by its trainer that fits the trusted registry
+    /// ([`rules::elm_fits`]: a domain of the registry, the seed's architecture and tokenizer),
+    /// at most [`MAX_ELMS_PER_TRAINER`] per trainer.
     pub fn put_elm(
         &mut self,
         bytes: &[u8],
         now: u64,
     ) -> Result<Decision<Signed<ElmRecord>>, StoreError> {
-        let tx = self.write()?;
-        let decision = match check_elm(&tx, bytes)? {
-            Err(r) => Decision::Reject(r),
-            Ok(None) => Decision::Unchanged,
-            Ok(Some(elm)) => {
+        self.put(
+            |conn| check_elm(conn, bytes),
+            |tx, elm| {
                 let e = elm.record();
                 tx.execute(
                     "INSERT INTO elms (id, domain, trainer, envelope, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![&elm.id().0[..], e.domain, &e.trainer.0[..], bytes, time_i64(now)],
-                )?;
-                Decision::Accept(elm)
-            }
-        };
-        tx.commit()?;
-        Ok(decision)
+                )
+            },
+        )
     }
 
     /// The ELM record with this id.
     pub fn elm(&self, id: &ContentId) -> Result<Option<Signed<ElmRecord>>, StoreError> {
-        let bytes: Option<Vec<u8>> = self
-            .conn
-            .query_row(
+        Ok(self
+            .envelopes(
                 "SELECT envelope FROM elms WHERE id = ?1",
                 [&id.0[..]],
-                |r| r.get(0),
-            )
-            .optional()?;
-        bytes
-            .map(|b| Signed::<ElmRecord>::decode(&b).map_err(corrupt("ELM record")))
-            .transpose()
+                "ELM record",
+            )?
+            .pop())
     }
 
     /// Every ELM record held, oldest first (at most `limit`).
     pub fn elms(&self, limit: usize) -> Result<Vec<Signed<ElmRecord>>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT envelope FROM elms ORDER BY received_at, id LIMIT ?1")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map([limit], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(Signed::<ElmRecord>::decode(&row?).map_err(corrupt("ELM record"))?);
-        }
-        Ok(out)
+        self.envelopes(
+            "SELECT envelope FROM elms ORDER BY received_at, id LIMIT ?1",
+            [limit],
+            "ELM record",
+        )
     }
 
     /// Stores an attestation signed by its verifier, of an ELM record held here. A newer
@@ -470,34 +522,25 @@ impl Store {
         &mut self,
         bytes: &[u8],
     ) -> Result<Decision<Signed<Attestation>>, StoreError> {
-        let tx = self.write()?;
-        let decision = match check_attestation(&tx, bytes)? {
-            Err(r) => Decision::Reject(r),
-            Ok(None) => Decision::Unchanged,
-            Ok(Some(att)) => {
+        self.put(
+            |conn| check_attestation(conn, bytes),
+            |tx, att| {
                 let a = att.record();
                 tx.execute(
                     "INSERT OR REPLACE INTO attestations (elm, verifier, envelope) VALUES (?1, ?2, ?3)",
                     params![&a.elm.0[..], &a.verifier.0[..], bytes],
-                )?;
-                Decision::Accept(att)
-            }
-        };
-        tx.commit()?;
-        Ok(decision)
+                )
+            },
+        )
     }
 
     /// The attestations of an ELM record.
     pub fn attestations(&self, elm: &ContentId) -> Result<Vec<Signed<Attestation>>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT envelope FROM attestations WHERE elm = ?1 ORDER BY verifier")?;
-        let rows = stmt.query_map([&elm.0[..]], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(Signed::<Attestation>::decode(&row?).map_err(corrupt("attestation"))?);
-        }
-        Ok(out)
+        self.envelopes(
+            "SELECT envelope FROM attestations WHERE elm = ?1 ORDER BY verifier",
+            [&elm.0[..]],
+            "attestation",
+        )
     }
 
     /// Records that `node` was seen at `addr`. Keeps at most [`MAX_PEERS`] peers.
@@ -580,115 +623,77 @@ fn trusted_registry(conn: &Connection) -> Result<Option<Registry>, StoreError> {
         .map(Signed::into_record))
 }
 
+/// The claim rules' numbers here: at most [`MAX_CLAIMS_PER_NODE`] live claims per node; leases
+/// are not bounded by the store (the network bounds them on the way in).
+pub const CLAIM_LIMITS: ClaimLimits = ClaimLimits {
+    max_live_per_node: MAX_CLAIMS_PER_NODE,
+    max_lease_secs: u64::MAX,
+};
+
 fn check_claim(conn: &Connection, bytes: &[u8], now: u64) -> Checked<Claim> {
-    let claim = match Signed::<Claim>::decode(bytes) {
+    let claim = match rules::signed_by::<Claim>(bytes, |c| &c.node) {
         Ok(c) => c,
-        Err(e) => return Ok(Err(e.into())),
+        Err(r) => return Ok(Err(r)),
     };
     let c = claim.record();
-    if let Err(e) = claim.verify_by(&c.node) {
-        return Ok(Err(e.into()));
-    }
-    if c.lease_expires <= now {
-        return Ok(Err(Reject::LeaseExpired {
-            lease_expires: c.lease_expires,
-            now,
-        }));
-    }
-    if trusted_registry(conn)?.is_none_or(|r| r.domain(&c.domain).is_none()) {
+    let Some(registry) = trusted_registry(conn)? else {
         return Ok(Err(Reject::UnknownDomain(c.domain.clone())));
-    }
-    let held: Option<(i64, Vec<u8>)> = conn
+    };
+    let held: Option<Vec<u8>> = conn
         .query_row(
-            "SELECT lease_expires, envelope FROM claims WHERE domain = ?1 AND node = ?2",
+            "SELECT envelope FROM claims WHERE domain = ?1 AND node = ?2",
             params![c.domain, &c.node.0[..]],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| r.get(0),
         )
         .optional()?;
-    match held {
-        Some((_, envelope)) if envelope == bytes => return Ok(Ok(None)),
-        Some((lease, _)) if lease >= time_i64(c.lease_expires) => return Ok(Err(Reject::Stale)),
-        Some(_) => {}
-        None => {
-            let live: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM claims WHERE node = ?1 AND lease_expires > ?2",
-                params![&c.node.0[..], time_i64(now)],
-                |r| r.get(0),
-            )?;
-            if live >= MAX_CLAIMS_PER_NODE as i64 {
-                return Ok(Err(Reject::Quota {
-                    max: MAX_CLAIMS_PER_NODE,
-                }));
-            }
-        }
+    if held.as_deref() == Some(bytes) {
+        return Ok(Ok(None));
     }
-    Ok(Ok(Some(claim)))
+    let mut stmt = conn.prepare(
+        "SELECT domain, lease_expires FROM claims WHERE node = ?1 AND lease_expires > ?2",
+    )?;
+    let live = stmt
+        .query_map(params![&c.node.0[..], time_i64(now)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rules::decide_claim(&registry, c, &live, &CLAIM_LIMITS, now).map(|_| Some(claim)))
 }
 
 fn check_elm(conn: &Connection, bytes: &[u8]) -> Checked<ElmRecord> {
-    let elm = match Signed::<ElmRecord>::decode(bytes) {
+    let elm = match rules::signed_by::<ElmRecord>(bytes, |e| &e.trainer) {
         Ok(e) => e,
-        Err(e) => return Ok(Err(e.into())),
+        Err(r) => return Ok(Err(r)),
     };
     let e = elm.record();
-    if let Err(err) = elm.verify_by(&e.trainer) {
-        return Ok(Err(err.into()));
-    }
     let Some(registry) = trusted_registry(conn)? else {
         return Ok(Err(Reject::UnknownDomain(e.domain.clone())));
     };
-    if registry.domain(&e.domain).is_none() {
-        return Ok(Err(Reject::UnknownDomain(e.domain.clone())));
+    if let Err(r) = rules::elm_fits(&registry, e) {
+        return Ok(Err(r));
     }
-    let Some(seed) = &registry.seed else {
-        return Ok(Err(Reject::SeedMismatch("the registry has no seed yet")));
-    };
-    if e.architecture != seed.architecture.id() {
-        return Ok(Err(Reject::SeedMismatch(
-            "architecture differs from the seed's",
-        )));
-    }
-    if e.tokenizer != seed.tokenizer {
-        return Ok(Err(Reject::SeedMismatch(
-            "tokenizer differs from the seed's",
-        )));
-    }
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM elms WHERE id = ?1)",
-        [&elm.id().0[..]],
-        |r| r.get(0),
-    )?;
-    if exists {
+    if elm_held(conn, &elm.id())? {
         return Ok(Ok(None));
     }
-    let count: i64 = conn.query_row(
+    let quota = below_quota(
+        conn,
         "SELECT COUNT(*) FROM elms WHERE trainer = ?1",
-        [&e.trainer.0[..]],
-        |r| r.get(0),
+        &e.trainer.0,
+        MAX_ELMS_PER_TRAINER,
     )?;
-    if count >= MAX_ELMS_PER_TRAINER as i64 {
-        return Ok(Err(Reject::Quota {
-            max: MAX_ELMS_PER_TRAINER,
-        }));
-    }
-    Ok(Ok(Some(elm)))
+    Ok(quota.map(|()| Some(elm)))
 }
 
 fn check_attestation(conn: &Connection, bytes: &[u8]) -> Checked<Attestation> {
-    let att = match Signed::<Attestation>::decode(bytes) {
+    let att = match rules::signed_by::<Attestation>(bytes, |a| &a.verifier) {
         Ok(a) => a,
-        Err(e) => return Ok(Err(e.into())),
+        Err(r) => return Ok(Err(r)),
     };
     let a = att.record();
-    if let Err(e) = att.verify_by(&a.verifier) {
-        return Ok(Err(e.into()));
-    }
-    let known: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM elms WHERE id = ?1)",
-        [&a.elm.0[..]],
-        |r| r.get(0),
-    )?;
-    if !known {
+    if !elm_held(conn, &a.elm)? {
         return Ok(Err(Reject::UnknownElm(a.elm)));
     }
     let held: Option<Vec<u8>> = conn
@@ -698,21 +703,39 @@ fn check_attestation(conn: &Connection, bytes: &[u8]) -> Checked<Attestation> {
             |r| r.get(0),
         )
         .optional()?;
-    match held {
+    let quota = match held {
         Some(envelope) if envelope == bytes => return Ok(Ok(None)),
-        Some(_) => {}
-        None => {
-            let count: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM attestations WHERE elm = ?1",
-                [&a.elm.0[..]],
-                |r| r.get(0),
-            )?;
-            if count >= MAX_ATTESTATIONS_PER_ELM as i64 {
-                return Ok(Err(Reject::Quota {
-                    max: MAX_ATTESTATIONS_PER_ELM,
-                }));
-            }
-        }
-    }
-    Ok(Ok(Some(att)))
+        Some(_) => Ok(()),
+        None => below_quota(
+            conn,
+            "SELECT COUNT(*) FROM attestations WHERE elm = ?1",
+            &a.elm.0,
+            MAX_ATTESTATIONS_PER_ELM,
+        )?,
+    };
+    Ok(quota.map(|()| Some(att)))
+}
+
+/// Whether the ELM record with this id is held.
+fn elm_held(conn: &Connection, id: &ContentId) -> Result<bool, StoreError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM elms WHERE id = ?1)",
+        [&id.0[..]],
+        |r| r.get(0),
+    )?)
+}
+
+/// `Quota` if the rows that `count_sql` counts for `key` have reached `max`.
+fn below_quota(
+    conn: &Connection,
+    count_sql: &str,
+    key: &[u8],
+    max: usize,
+) -> Result<Result<(), Reject>, StoreError> {
+    let count: i64 = conn.query_row(count_sql, [key], |r| r.get(0))?;
+    Ok(if usize::try_from(count).unwrap_or(usize::MAX) >= max {
+        Err(Reject::Quota { max })
+    } else {
+        Ok(())
+    })
 }

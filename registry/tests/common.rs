@@ -1,7 +1,7 @@
 //! Keys, records and store helpers shared by the tests.
 
 use btm_protocol::*;
-use btm_registry::Store;
+use btm_registry::{Store, maintainer};
 
 pub const NOW: u64 = 1_800_000_000;
 pub const LATER: u64 = 1_900_000_000;
@@ -91,6 +91,15 @@ pub fn registry(version: u64, note: &str) -> Registry {
     }
 }
 
+/// A claim by test key `node` on `domain` until `lease_expires`.
+pub fn claim(node: u32, domain: &str, lease_expires: u64) -> Claim {
+    Claim {
+        domain: domain.into(),
+        node: pk(node),
+        lease_expires,
+    }
+}
+
 pub fn elm(trainer: u32, steps: u64) -> ElmRecord {
     ElmRecord {
         domain: "legal".into(),
@@ -107,6 +116,22 @@ pub fn elm(trainer: u32, steps: u64) -> ElmRecord {
         claimed_valid_ppl_milli: 50_000,
         trainer: pk(trainer),
     }
+}
+
+/// An unsigned registry draft file in `dir` (v1, expiring `LATER`) with the domain "legal".
+pub fn legal_draft(dir: &std::path::Path) -> std::path::PathBuf {
+    let draft = dir.join("registry.cbor");
+    maintainer::init_registry(
+        &draft,
+        maintainer::RegistryInit {
+            expires: LATER,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    maintainer::add_domain(&draft, domain("legal")).unwrap();
+    draft
 }
 
 /// A fresh store trusting root v1 (keys 0, 1, 2; threshold 2) and registry v5.

@@ -8,5 +8,6 @@ mod crash;
 mod maintainer;
 mod properties;
 mod rotation;
+mod rules;
 mod store;
 mod threats;

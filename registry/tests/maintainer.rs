@@ -66,17 +66,7 @@ fn three_maintainers_publish_a_registry() {
     );
 
     // Registry v1 draft, edited, then signed by two maintainers on separate copies.
-    let draft = d.join("registry.cbor");
-    maintainer::init_registry(
-        &draft,
-        RegistryInit {
-            expires: LATER,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
-    maintainer::add_domain(&draft, domain("legal")).unwrap();
+    let draft = legal_draft(d);
     maintainer::add_domain(&draft, domain("code")).unwrap();
     assert!(matches!(
         maintainer::add_domain(&draft, domain("code")),
@@ -186,17 +176,7 @@ fn three_maintainers_publish_a_registry() {
 fn accept_elm_checks_signature_domain_seed_and_parents() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let draft = d.join("registry.cbor");
-    maintainer::init_registry(
-        &draft,
-        RegistryInit {
-            expires: LATER,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
-    maintainer::add_domain(&draft, domain("legal")).unwrap();
+    let draft = legal_draft(d);
     let elm_path = d.join("elm.cbor");
     let write = |r: ElmRecord, signer: u32| {
         std::fs::write(&elm_path, signed(r, &[signer]).encode()).unwrap()
@@ -228,7 +208,7 @@ fn accept_elm_checks_signature_domain_seed_and_parents() {
     write(orphan, 7);
     assert!(matches!(
         maintainer::accept_elm(&draft, &elm_path),
-        Err(MaintainerError::UnknownParent(_))
+        Err(MaintainerError::Refused(Reject::UnknownParent(_)))
     ));
     write(elm(7, 1), 7);
     maintainer::accept_elm(&draft, &elm_path).unwrap();
@@ -282,20 +262,9 @@ fn bad_files_give_typed_errors() {
             ..
         })
     ));
-    let claim = d.join("claim.cbor");
-    std::fs::write(
-        &claim,
-        signed(
-            Claim {
-                domain: "legal".into(),
-                node: pk(3),
-                lease_expires: LATER,
-            },
-            &[3],
-        )
-        .encode(),
-    )
-    .unwrap();
+    let claim_path = d.join("claim.cbor");
+    std::fs::write(&claim_path, signed(claim(3, "legal", LATER), &[3]).encode()).unwrap();
+    let claim = claim_path;
     let good_key = d.join("good.key");
     maintainer::generate_key(&good_key, false).unwrap();
     assert!(matches!(

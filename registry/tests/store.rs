@@ -92,41 +92,37 @@ fn a_corrupt_row_is_a_typed_error() {
     ));
 }
 
-fn claim(node: u32, domain: &str, lease: u64) -> Vec<u8> {
-    signed(
-        Claim {
-            domain: domain.into(),
-            node: pk(node),
-            lease_expires: lease,
-        },
-        &[node],
-    )
-    .encode()
+fn signed_claim(node: u32, domain: &str, lease: u64) -> Vec<u8> {
+    signed(claim(node, domain, lease), &[node]).encode()
 }
 
 #[test]
 fn claims() {
     let (_dir, mut store) = store();
     assert!(matches!(
-        store.put_claim(&claim(3, "legal", NOW + 100), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert_eq!(
-        store.put_claim(&claim(3, "legal", NOW + 100), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
+            .unwrap(),
         Decision::Unchanged
     );
     let before = dump(&store);
     let rejected = [
-        (claim(3, "legal", NOW + 50), Reject::Stale),
+        (signed_claim(3, "legal", NOW + 50), Reject::Stale),
         (
-            claim(3, "legal", NOW),
+            signed_claim(3, "legal", NOW),
             Reject::LeaseExpired {
                 lease_expires: NOW,
                 now: NOW,
             },
         ),
         (
-            claim(3, "medicine", NOW + 100),
+            signed_claim(3, "medicine", NOW + 100),
             Reject::UnknownDomain("medicine".into()),
         ),
     ];
@@ -138,11 +134,15 @@ fn claims() {
     }
     assert_eq!(dump(&store), before);
     assert!(matches!(
-        store.put_claim(&claim(3, "legal", NOW + 200), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(3, "legal", NOW + 200), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert!(matches!(
-        store.put_claim(&claim(4, "legal", NOW + 200), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(4, "legal", NOW + 200), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
     assert_eq!(store.claims("legal", NOW).unwrap().len(), 2);
@@ -166,12 +166,12 @@ fn claim_flood_from_one_node_hits_its_quota() {
     for i in 0..MAX_CLAIMS_PER_NODE {
         assert!(matches!(
             store
-                .put_claim(&claim(3, &format!("d{i:03}"), LATER), NOW)
+                .put_claim(&signed_claim(3, &format!("d{i:03}"), LATER), NOW)
                 .unwrap(),
             Decision::Accept(_)
         ));
     }
-    let last = claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), LATER);
+    let last = signed_claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), LATER);
     assert_eq!(
         store.put_claim(&last, NOW).unwrap().rejection(),
         Some(&Reject::Quota {
@@ -180,7 +180,9 @@ fn claim_flood_from_one_node_hits_its_quota() {
     );
     // Another node is not affected.
     assert!(matches!(
-        store.put_claim(&claim(4, "d000", LATER), NOW).unwrap(),
+        store
+            .put_claim(&signed_claim(4, "d000", LATER), NOW)
+            .unwrap(),
         Decision::Accept(_)
     ));
 }

@@ -200,15 +200,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "a claim offered as a registry",
-            bytes: signed(
-                Claim {
-                    domain: "legal".into(),
-                    node: pk(3),
-                    lease_expires: LATER,
-                },
-                &[3],
-            )
-            .encode(),
+            bytes: signed(claim(3, "legal", LATER), &[3]).encode(),
             now: NOW,
             check: |r| {
                 matches!(
@@ -289,11 +281,7 @@ fn the_valid_update_is_accepted() {
 #[test]
 fn single_signer_records_reject_bad_signatures_and_change_nothing() {
     let (_dir, mut store) = store();
-    let claim = Claim {
-        domain: "legal".into(),
-        node: pk(3),
-        lease_expires: LATER,
-    };
+    let claim = claim(3, "legal", LATER);
     let mut lifted = Signed::new(claim.clone());
     lifted.push_signature(sig(3, Kind::Elm, lifted.body()));
     let mut elm_lifted = Signed::new(elm(3, 10));

@@ -105,7 +105,12 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
     let names: Vec<String> = match (&registry, a.domains.is_empty()) {
         (Some(r), _) => r.record().domains.iter().map(|d| d.name.clone()).collect(),
         (None, true) => TRAIN_DOMAINS.iter().map(|s| s.to_string()).collect(),
-        (None, false) => a.domains.clone(),
+        (None, false) => {
+            let mut d = a.domains.clone();
+            d.sort();
+            d.dedup();
+            d
+        }
     };
     let domains = names
         .iter()

@@ -13,7 +13,7 @@ use btm_protocol::{
     AcceptedElm, Architecture, ClientVersion, ContentId, Domain, EvalSettings, Registry,
     SeedManifest, Signed, SigningKey, TrainingSummary, ppl_to_milli,
 };
-use btm_registry::Decision;
+use btm_registry::{Decision, rules};
 
 use crate::common::short;
 use crate::error::{Error, Result};
@@ -328,19 +328,9 @@ impl Maintainer {
                 continue;
             };
             let e = env.record();
-            if reg.domain(&e.domain).is_none() {
-                continue;
-            }
-            // TODO(rules): btm_registry::rules::parents_known once it lands.
-            let seed_w = reg.seed.as_ref().map(|s| s.weights);
-            let known =
-                |w: &ContentId| Some(*w) == seed_w || reg.elms.iter().any(|a| a.weights == *w);
-            if let Some(p) = e.parents.iter().find(|p| !known(&p.weights)) {
-                events.note(format!(
-                    "not accepting ELM {}: parent {} is neither the seed nor an accepted ELM",
-                    short(&id.0),
-                    short(&p.weights.0)
-                ));
+            let fits = rules::elm_fits(&reg, e).and_then(|()| rules::parents_known(&reg, e));
+            if let Err(r) = fits {
+                events.note(format!("not accepting ELM {}: {r}", short(&id.0)));
                 continue;
             }
             reg.elms.push(AcceptedElm {

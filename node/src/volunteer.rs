@@ -448,31 +448,10 @@ fn parents_of(path: &Path, b: &BranchRecord) -> Result<Vec<Parent>> {
         })?;
         ids.push((ContentId(bytes), *w));
     }
-    parent_weights(&ids).ok_or_else(|| Error::Damaged {
+    Parent::from_weights(&ids).map_err(|e| Error::Damaged {
         path: path.to_path_buf(),
-        why: "parent weights do not sum to a positive number".into(),
+        why: format!("parent weights: {e}"),
     })
-}
-
-/// Parents sorted by id with weights in ppm summing to exactly 1,000,000 (largest remainder).
-fn parent_weights(ws: &[(ContentId, f64)]) -> Option<Vec<Parent>> {
-    let total: f64 = ws.iter().map(|(_, w)| w.max(0.0)).sum();
-    if !(total.is_finite() && total > 0.0) {
-        return None;
-    }
-    let mut v: Vec<(ContentId, f64)> = ws.iter().map(|(id, w)| (*id, w.max(0.0) / total * 1e6)).collect();
-    v.sort_by_key(|(id, _)| *id);
-    let mut out: Vec<Parent> = v
-        .iter()
-        .map(|(id, x)| Parent { weights: *id, weight_ppm: x.floor() as u32 })
-        .collect();
-    let given: u32 = out.iter().map(|p| p.weight_ppm).sum();
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| (v[b].1 - v[b].1.floor()).total_cmp(&(v[a].1 - v[a].1.floor())));
-    for &i in order.iter().cycle().take(btm_protocol::PPM_ONE.saturating_sub(given) as usize) {
-        out[i].weight_ppm += 1;
-    }
-    Some(out)
 }
 
 fn default_lr(d_model: u32) -> f64 {

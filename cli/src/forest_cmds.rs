@@ -9,7 +9,7 @@ use btm_model::device::DeviceKind;
 use btm_model::forest::average::{self, Input};
 use btm_model::forest::branch::OptimizerInit;
 use btm_model::forest::ensemble::{self, Ensemble};
-use btm_model::forest::experiment::{self, Report};
+use btm_model::experiment::{self, Report};
 use btm_model::forest::manifest::{InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
 use btm_model::forest::{Forest, manifest};

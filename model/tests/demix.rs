@@ -6,7 +6,8 @@
 
 use btm_model::data::{self, DomainStream, Mixture, Split};
 use btm_model::demix::{self, Demix, DemixTrainer};
-use btm_model::forest::experiment::{Config, Plan};
+use btm_model::experiment::demix_row::{self, DemixEval};
+use btm_model::experiment::{Config, Plan};
 use btm_model::train::{CHECKPOINT_FILE, TrainConfig};
 use btm_model::{Gpt, GptConfig};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -267,7 +268,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     let devs: Vec<(String, Vec<u32>)> = all.iter().map(|d| (d.to_string(), dev(d, 64))).collect();
     let dir = tempfile::tempdir().unwrap();
     let mut lines = Vec::new();
-    let r = demix::experiment_system(
+    let r = demix_row::system(
         &cfg,
         &plan,
         &a,
@@ -289,7 +290,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     assert!((r.train_flops - plan.dense_flops()).abs() <= 1e-9 * plan.dense_flops());
     let run = dir.path().join("demix");
     assert!(run.join("trained.json").exists() && run.join("model.safetensors").exists());
-    let priors: demix::DemixEval =
+    let priors: DemixEval =
         serde_json::from_slice(&std::fs::read(run.join("priors.json")).unwrap()).unwrap();
     assert_eq!(priors.experts, train);
     for p in priors.priors.values() {
@@ -297,7 +298,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     }
     // A second call finds the finished run and gives the same row without training.
     let weights_before = std::fs::read(run.join("model.safetensors")).unwrap();
-    let again = demix::experiment_system(
+    let again = demix_row::system(
         &cfg,
         &plan,
         &a,

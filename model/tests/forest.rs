@@ -519,7 +519,7 @@ fn stream(domain: &str, n_ctx: usize) -> btm_model::data::DomainStream {
 
 #[test]
 fn compute_accounting_sums_correctly() {
-    use btm_model::forest::experiment::{Config, Plan};
+    use btm_model::experiment::{Config, Plan};
     let a = arch();
     // The paper's split: seed 50%, eight ELMs share the rest; seed + ELMs = dense exactly.
     let cfg = Config {

@@ -28,7 +28,6 @@
 pub mod average;
 pub mod branch;
 pub mod ensemble;
-pub mod experiment;
 pub mod manifest;
 pub mod posterior;
 

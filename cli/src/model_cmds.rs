@@ -8,7 +8,7 @@ use btm_model::data::{self, Corpus, Mixture, Split};
 use btm_model::device::DeviceKind;
 use btm_model::eval::{self, EvalResult};
 use btm_model::generate::SampleConfig;
-use btm_model::tokenizer::{self, Tokenizer};
+use btm_model::tokenizer::Tokenizer;
 use btm_model::train::{TrainConfig, Trainer};
 use btm_model::{Gpt, Preset, weights};
 use clap::Args;
@@ -159,7 +159,7 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
                 "training a {}-token byte-level BPE on the seed mix...",
                 preset_cfg.vocab_size
             ));
-            tokenizer::train_seed_mix(&corpus, preset_cfg.vocab_size, 256 << 10)?
+            data::seed_mix_tokenizer(&corpus, preset_cfg.vocab_size, 256 << 10)?
         }
     };
     tok.save(&run_tok)?;
@@ -488,7 +488,7 @@ pub struct TokenizerArgs {
 }
 
 pub fn tokenizer(a: TokenizerArgs, json: bool) -> Result<()> {
-    let tok = tokenizer::train_seed_mix(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
+    let tok = data::seed_mix_tokenizer(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
     tok.save(&a.out)?;
     if json {
         println!(

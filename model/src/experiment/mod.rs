@@ -38,7 +38,7 @@ use crate::forest::manifest::{InitKind, Parent};
 use crate::forest::posterior::{self, PriorConfig, Weighting};
 use crate::forest::{Error, Forest};
 use crate::gpt::Gpt;
-use crate::tokenizer::{self, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::train::{TrainConfig, Trainer};
 use crate::{eval, fsutil, weights};
 
@@ -328,7 +328,7 @@ pub fn run(
     } else {
         say("training the tokenizer on the seed mix");
         let t =
-            tokenizer::train_seed_mix(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
+            data::seed_mix_tokenizer(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
         t.save(&tok_path)?;
         t
     };

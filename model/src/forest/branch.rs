@@ -17,8 +17,8 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::average::{self, Input};
-use super::manifest::{InitKind, Parent, TrainRecord};
-use super::{Error, Forest};
+use super::error::Error;
+use super::manifest::{Forest, InitKind, Parent, TrainRecord};
 use crate::data::Mixture;
 use crate::gpt::Gpt;
 use crate::train::{CHECKPOINT_FILE, StepStats, TrainConfig, Trainer};

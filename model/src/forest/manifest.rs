@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::Error;
+use super::error::Error;
 use crate::config::GptConfig;
 use crate::gpt::Gpt;
 use crate::{content_id, fsutil, weights};

@@ -12,6 +12,7 @@ mod maintainer;
 mod model_cmds;
 mod net;
 mod publish;
+mod sampling;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -77,6 +77,24 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+/// The architecture of a decoder with these embeddings, read back from their shapes.
+pub(crate) fn shape_config(
+    wte: &Embedding,
+    wpe: &Embedding,
+    n_heads: usize,
+    n_layers: usize,
+) -> GptConfig {
+    let [vocab_size, d_model] = wte.weight.lazy_shape().dims();
+    let [n_ctx, _] = wpe.weight.lazy_shape().dims();
+    GptConfig {
+        vocab_size,
+        n_ctx,
+        d_model,
+        n_heads,
+        n_layers,
+    }
+}
+
 /// The GPT decoder. Build one with [`Gpt::init`] or load one with [`crate::weights::load`].
 #[derive(Module, Debug)]
 pub struct Gpt {
@@ -173,15 +191,7 @@ impl Gpt {
 
     /// The architecture, read back from the parameter shapes.
     pub fn config(&self) -> GptConfig {
-        let [vocab_size, d_model] = self.wte.weight.lazy_shape().dims();
-        let [n_ctx, _] = self.wpe.weight.lazy_shape().dims();
-        GptConfig {
-            vocab_size,
-            n_ctx,
-            d_model,
-            n_heads: self.n_heads,
-            n_layers: self.h.len(),
-        }
+        shape_config(&self.wte, &self.wpe, self.n_heads, self.h.len())
     }
 
     /// Next-token logits `[batch, time, vocab]` for tokens `[batch, time]`, `time ≤ n_ctx`.

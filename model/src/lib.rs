@@ -19,6 +19,7 @@ pub mod demix;
 pub mod device;
 pub mod eval;
 pub mod experiment;
+pub mod files;
 pub mod forest;
 pub mod fsutil;
 pub mod generate;

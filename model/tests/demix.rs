@@ -155,7 +155,7 @@ fn a_tiny_demix_learns_two_domains_with_its_two_experts() {
         ..Default::default()
     };
     let mut t = DemixTrainer::new(Demix::init(&a, 2, 0, &cpu()), cfg, &cpu(), None).unwrap();
-    t.run(&mix, |_| {}).unwrap();
+    t.run_to_end(&mix, |_| {}).unwrap();
     let losses = &t.state.losses;
     let first = losses[..5].iter().sum::<f32>() / 5.0;
     let last = losses[losses.len() - 5..].iter().sum::<f32>() / 5.0;
@@ -208,9 +208,9 @@ fn a_demix_run_resumes_from_its_checkpoint_and_its_weights_round_trip() {
     // ...then restarted: it resumes at update 4.
     let mut resumed = DemixTrainer::new(init(), cfg.clone(), &cpu(), Some(dir.path())).unwrap();
     assert_eq!(resumed.state.step, 4);
-    resumed.run(&mix, |_| {}).unwrap();
+    resumed.run_to_end(&mix, |_| {}).unwrap();
     let mut straight = DemixTrainer::new(init(), cfg.clone(), &cpu(), None).unwrap();
-    straight.run(&mix, |_| {}).unwrap();
+    straight.run_to_end(&mix, |_| {}).unwrap();
     assert_eq!(resumed.state.data_position, straight.state.data_position);
     for (x, y) in resumed.state.losses.iter().zip(&straight.state.losses) {
         assert!((x - y).abs() < 1e-4, "{x} vs {y}");
@@ -277,8 +277,8 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
         &devs,
         dir.path(),
         &cpu(),
-        false,
         &mut |s| lines.push(s.to_string()),
+        &mut |_| {},
     )
     .unwrap()
     .expect("a DEMix row");
@@ -307,7 +307,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
         &devs,
         dir.path(),
         &cpu(),
-        false,
+        &mut |_| {},
         &mut |_| {},
     )
     .unwrap()

@@ -10,13 +10,12 @@ use serde::{Deserialize, Serialize};
 use super::plan::{Config, Plan, SystemResult, ppl, result, train_once};
 use crate::config::GptConfig;
 use crate::data::{DomainStream, Mixture};
-use crate::demix::{self, Demix, DemixTrainer};
+use crate::demix::{self, Demix};
 use crate::forest::Error;
-use crate::forest::branch::{self, Trained};
-use crate::forest::manifest::TrainRecord;
+use crate::forest::branch;
 use crate::forest::posterior::PriorConfig;
 use crate::fsutil;
-use crate::train::TrainConfig;
+use crate::train::{StepStats, TrainConfig};
 
 /// What the experiment writes next to the DEMix run: the cached prior of each target domain
 /// over the experts.
@@ -43,8 +42,8 @@ pub fn system(
     dev: &[(String, Vec<u32>)],
     out_dir: &Path,
     device: &Device,
-    progress: bool,
     say: &mut dyn FnMut(&str),
+    on_step: &mut dyn FnMut(&StepStats),
 ) -> Result<Option<SystemResult>, Error> {
     let n = streams.len();
     if n == 0 {
@@ -66,26 +65,8 @@ pub fn system(
     };
     let trained = train_once(&dir, || {
         let data = Mixture::new(streams.to_vec(), cfg.seed)?;
-        let mut t = DemixTrainer::new(
-            Demix::init(arch, n, cfg.seed, device),
-            tc,
-            device,
-            Some(&dir),
-        )?;
-        t.progress = progress;
-        t.run(&data, |_| {})?;
-        let path = dir.join(branch::WEIGHTS_FILE);
-        demix::save(&t.model(), &path)?;
-        Ok(Trained {
-            id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
-            weights: path,
-            record: TrainRecord {
-                steps: t.state.step,
-                tokens: t.state.tokens,
-                flops: t.state.flops,
-            },
-            losses: t.state.losses.clone(),
-        })
+        let model = Demix::init(arch, n, cfg.seed, device);
+        branch::train(model, &data, tc, &dir, device, on_step)
     })?;
     let model = demix::load(&trained.weights, Some(arch), device)?;
     let prior_cfg = PriorConfig {

@@ -32,14 +32,15 @@ use serde::{Deserialize, Serialize};
 use self::plan::{ppl, result, train_once};
 use crate::config::GptConfig;
 use crate::data::{self, Corpus, DomainStream, EVAL_DOMAINS, Mixture, Split, TRAIN_DOMAINS};
+use crate::files::TOKENIZER_FILE;
 use crate::forest::average::{self, Input};
-use crate::forest::branch::{self, OptimizerInit, Trained};
+use crate::forest::branch::{self, OptimizerInit};
 use crate::forest::manifest::{InitKind, Parent};
 use crate::forest::posterior::{self, PriorConfig, Weighting};
 use crate::forest::{Error, Forest};
 use crate::gpt::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::{TrainConfig, Trainer};
+use crate::train::{StepStats, TrainConfig, Trainer};
 use crate::{eval, fsutil, weights};
 
 /// A point of a learning curve.
@@ -157,7 +158,6 @@ fn forest_systems(
     flops: f64,
     data: &EvalData,
     cfg: &Config,
-    averages: bool,
     tmp: &Path,
     device: &Device,
     say: &mut dyn FnMut(&str),
@@ -222,22 +222,11 @@ fn forest_systems(
                 Weighting::Uniform,
             )),
         );
-        if averages {
-            let inputs: Vec<Input> = (0..e)
-                .map(|j| Input {
-                    path: forest.resolve(&forest.elms[j].weights),
-                    weight: prior[j],
-                    id: Some(forest.elms[j].weights.id.clone()),
-                })
-                .collect();
-            let out = tmp.join("average.safetensors");
-            average::average_files(&inputs, Some(&forest.architecture), &out)?;
-            let m = weights::load(&out, Some(&forest.architecture), device)?;
-            push(
-                "average_posterior",
-                ppl(&eval::token_logprobs(&m, t, 8, device)?),
-            );
-        }
+        let m = average_model(forest, |j| prior[j], tmp, device)?;
+        push(
+            "average_posterior",
+            ppl(&eval::token_logprobs(&m, t, 8, device)?),
+        );
         priors.push(prior);
     }
     let mut out = Vec::new();
@@ -252,27 +241,37 @@ fn forest_systems(
             out.push(result(&format!("{prefix}_{k}"), flops, models, r));
         }
     }
-    if averages {
-        let inputs: Vec<Input> = forest
-            .elms
-            .iter()
-            .map(|el| Input {
-                path: forest.resolve(&el.weights),
-                weight: 1.0,
-                id: Some(el.weights.id.clone()),
-            })
-            .collect();
-        let path = tmp.join("average.safetensors");
-        average::average_files(&inputs, Some(&forest.architecture), &path)?;
-        let m = weights::load(&path, Some(&forest.architecture), device)?;
-        out.push(result(
-            &format!("{prefix}_average_uniform"),
-            flops,
-            1,
-            &eval_model(&m, data, device)?,
-        ));
-    }
+    let m = average_model(forest, |_| 1.0, tmp, device)?;
+    out.push(result(
+        &format!("{prefix}_average_uniform"),
+        flops,
+        1,
+        &eval_model(&m, data, device)?,
+    ));
     Ok((out, priors))
+}
+
+/// The parameter average of a forest's ELMs, ELM `j` with weight `weight(j)`, written to
+/// `tmp/average.safetensors` and loaded.
+fn average_model(
+    forest: &Forest,
+    weight: impl Fn(usize) -> f64,
+    tmp: &Path,
+    device: &Device,
+) -> Result<Gpt, Error> {
+    let inputs: Vec<Input> = forest
+        .elms
+        .iter()
+        .enumerate()
+        .map(|(j, el)| Input {
+            path: forest.resolve(&el.weights),
+            weight: weight(j),
+            id: Some(el.weights.id.clone()),
+        })
+        .collect();
+    let path = tmp.join("average.safetensors");
+    average::average_files(&inputs, Some(&forest.architecture), &path)?;
+    Ok(weights::load(&path, Some(&forest.architecture), device)?)
 }
 
 fn mixture(streams: Vec<DomainStream>, seed: u64) -> Result<Mixture, Error> {
@@ -311,18 +310,19 @@ fn random_split(
     Ok(out)
 }
 
-/// Runs the whole comparison in `out_dir`; `say` receives progress lines.
+/// Runs the whole comparison in `out_dir`; `say` receives progress lines and `on_step` every
+/// training update with the name of its run (`dense`, `seed`, `btm/<elm>`, `demix`, ...).
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     out_dir: &Path,
     device: &Device,
-    progress: bool,
     say: &mut dyn FnMut(&str),
+    on_step: &mut dyn FnMut(&str, &StepStats),
 ) -> Result<Report, Error> {
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(|e| crate::Error::io(out_dir, e))?;
-    let tok_path = out_dir.join("tokenizer.json");
+    let tok_path = out_dir.join(TOKENIZER_FILE);
     let tok = if tok_path.exists() {
         Tokenizer::load(&tok_path)?
     } else {
@@ -377,7 +377,6 @@ pub fn run(
     ));
     let dense = train_once(&dense_dir, || {
         let mut t = Trainer::new(init(), tc(plan.dense_steps), device, Some(&dense_dir))?;
-        t.progress = progress;
         let every = if cfg.curve_points > 0 {
             (plan.dense_steps / cfg.curve_points as u64).max(1)
         } else {
@@ -385,7 +384,7 @@ pub fn run(
         };
         let mut points = Vec::new();
         while !t.finished() {
-            t.step(&mix_all)?;
+            on_step("dense", &t.step(&mix_all)?);
             if t.state.step % every == 0 && !t.finished() {
                 let r = result(
                     "dense",
@@ -408,19 +407,7 @@ pub fn run(
         }
         t.save_checkpoint()?;
         fsutil::write_atomic(&dense_dir.join("curve.json"), &serde_json::to_vec(&points)?)?;
-        let model = t.model();
-        let path = dense_dir.join(branch::WEIGHTS_FILE);
-        weights::save(&model, &path)?;
-        Ok(Trained {
-            id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
-            weights: path,
-            record: crate::forest::manifest::TrainRecord {
-                steps: t.state.step,
-                tokens: t.state.tokens,
-                flops: t.state.flops,
-            },
-            losses: t.state.losses.clone(),
-        })
+        branch::finish(&t, 0, &dense_dir)
     })?;
     if let Ok(bytes) = std::fs::read(dense_dir.join("curve.json")) {
         curves.extend(serde_json::from_slice::<Vec<CurvePoint>>(&bytes).unwrap_or_default());
@@ -452,15 +439,9 @@ pub fn run(
     let seed = if plan.seed_steps > 0 {
         say(&format!("seed: {} updates on the mix", plan.seed_steps));
         let s = train_once(&seed_dir, || {
-            branch::train(
-                init(),
-                &mix_all,
-                seed_cfg,
-                &seed_dir,
-                device,
-                progress,
-                |_| {},
-            )
+            branch::train(init(), &mix_all, seed_cfg, &seed_dir, device, |s| {
+                on_step("seed", s)
+            })
         })?;
         let m = weights::load(&s.weights, Some(&arch), device)?;
         let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
@@ -483,7 +464,8 @@ pub fn run(
                         elm_steps: u64,
                         from_seed: bool,
                         parts: &[(String, Vec<DomainStream>)],
-                        say: &mut dyn FnMut(&str)|
+                        say: &mut dyn FnMut(&str),
+                        on_step: &mut dyn FnMut(&str, &StepStats)|
      -> Result<(Forest, f64), Error> {
         let dir = out_dir.join(name);
         let mut forest = Forest::create(&dir, arch, &tok_path)?;
@@ -495,35 +477,21 @@ pub fn run(
             let run_dir = dir.join(elm);
             let data = mixture(part.clone(), cfg.seed)?;
             say(&format!("{name}/{elm}: {elm_steps} updates"));
+            let run_name = format!("{name}/{elm}");
+            let mut on_step = |s: &StepStats| on_step(&run_name, s);
             let trained = train_once(&run_dir, || match (&seed, from_seed) {
                 (Some(_), true) if continuing => {
                     let c = TrainConfig {
                         schedule_steps: Some(plan.seed_steps + plan.elm_steps),
                         ..tc(plan.seed_steps + elm_steps)
                     };
-                    branch::train_continuing(
-                        &seed_dir,
-                        &data,
-                        c,
-                        &run_dir,
-                        device,
-                        progress,
-                        |_| {},
-                    )
+                    branch::train_continuing(&seed_dir, &data, c, &run_dir, device, &mut on_step)
                 }
                 (Some(s), true) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
-                    branch::train(m, &data, tc(elm_steps), &run_dir, device, progress, |_| {})
+                    branch::train(m, &data, tc(elm_steps), &run_dir, device, &mut on_step)
                 }
-                _ => branch::train(
-                    init(),
-                    &data,
-                    tc(elm_steps),
-                    &run_dir,
-                    device,
-                    progress,
-                    |_| {},
-                ),
+                _ => branch::train(init(), &data, tc(elm_steps), &run_dir, device, &mut on_step),
             })?;
             flops += trained.record.flops;
             let (init_kind, parents) = match (&seed, from_seed) {
@@ -556,14 +524,13 @@ pub fn run(
         .iter()
         .map(|s| (s.domain.clone(), vec![s.clone()]))
         .collect();
-    let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say)?;
+    let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say, on_step)?;
     let (mut rs, priors) = forest_systems(
         "btm",
         &btm,
         seed_flops + btm_flops,
         &data,
         cfg,
-        true,
         &tmp,
         device,
         say,
@@ -592,14 +559,13 @@ pub fn run(
             .enumerate()
             .map(|(i, p)| (format!("split{i}"), p))
             .collect();
-        let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say)?;
+        let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say, on_step)?;
         let (rs, _) = forest_systems(
             "random_split",
             &f,
             seed_flops + fl,
             &data,
             cfg,
-            true,
             &tmp,
             device,
             say,
@@ -610,8 +576,15 @@ pub fn run(
             }));
     }
     if cfg.no_seed && plan.seed_steps > 0 {
-        let (f, fl) = build_forest("no_seed", plan.no_seed_elm_steps, false, &domain_parts, say)?;
-        let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, true, &tmp, device, say)?;
+        let (f, fl) = build_forest(
+            "no_seed",
+            plan.no_seed_elm_steps,
+            false,
+            &domain_parts,
+            say,
+            on_step,
+        )?;
+        let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, &tmp, device, say)?;
         systems
             .extend(rs.into_iter().filter(|r| {
                 r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
@@ -619,7 +592,16 @@ pub fn run(
     }
     if cfg.demix
         && let Some(r) = demix_row::system(
-            cfg, &plan, &arch, &streams, &data.test, &data.dev, out_dir, device, progress, say,
+            cfg,
+            &plan,
+            &arch,
+            &streams,
+            &data.test,
+            &data.dev,
+            out_dir,
+            device,
+            say,
+            &mut |s| on_step("demix", s),
         )?
     {
         systems.push(r);

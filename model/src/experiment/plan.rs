@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{GptConfig, Preset};
 use crate::data::TRAIN_DOMAINS;
 use crate::forest::Error;
-use crate::forest::branch::{self, OptimizerInit, Trained};
+use crate::files::{TRAINED_FILE, WEIGHTS_FILE};
+use crate::forest::branch::{OptimizerInit, Trained};
 use crate::forest::manifest::TrainRecord;
 use crate::fsutil;
 
@@ -211,13 +212,13 @@ pub(crate) fn train_once(
     dir: &Path,
     f: impl FnOnce() -> Result<Trained, Error>,
 ) -> Result<Trained, Error> {
-    let marker = dir.join("trained.json");
+    let marker = dir.join(TRAINED_FILE);
     if let Ok(bytes) = std::fs::read(&marker)
         && let Ok(t) = serde_json::from_slice::<TrainedOnDisk>(&bytes)
-        && dir.join(branch::WEIGHTS_FILE).exists()
+        && dir.join(WEIGHTS_FILE).exists()
     {
         return Ok(Trained {
-            weights: dir.join(branch::WEIGHTS_FILE),
+            weights: dir.join(WEIGHTS_FILE),
             id: t.id,
             record: t.record,
             losses: t.losses,

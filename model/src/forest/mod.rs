@@ -5,7 +5,8 @@
 //! 1. **Seed**: one LM trained on the domain-balanced mix of the training domains
 //!    ([`branch::train`] on a [`crate::data::Mixture`] of all of them).
 //! 2. **Branch**: a new ELM starts from the seed or from the parameter average of existing ELMs
-//!    weighted by their domain posterior on the new domain's dev data ([`branch::Init`]).
+//!    weighted by their domain posterior on the new domain's dev data
+//!    ([`manifest::InitKind`]).
 //! 3. **Train**: on its own domain only, independently ([`branch::train`]).
 //! 4. **Merge**: add it to the [`Forest`] manifest (which refuses a different architecture or
 //!    tokenizer).

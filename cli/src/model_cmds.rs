@@ -469,7 +469,7 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
 }
 
 #[derive(Debug, Args)]
-#[command(mut_arg("sample_top_k", |a| a.long("top-k")))]
+#[command(mut_arg("sample_top_k", |a| a.long("top-k").value_name("TOP_K")))]
 pub struct GenerateArgs {
     /// Model directory or .safetensors file.
     #[arg(long)]

@@ -90,10 +90,7 @@ impl TrainBar {
         self.ema_tps = Some(tps);
         if let Some(bar) = &self.bar {
             bar.set_position(s.step);
-            bar.set_message(format!(
-                "loss {:.3} lr {:.2e} {tps:.0} tok/s",
-                s.loss, s.lr
-            ));
+            bar.set_message(format!("loss {:.3} lr {:.2e} {tps:.0} tok/s", s.loss, s.lr));
         }
         if s.step >= s.steps {
             self.finish();

@@ -377,7 +377,10 @@ pub fn load(
     let load = || -> Result<Demix, crate::Error> {
         let raw = weights::read_raw(&bytes)?;
         if let Some(t) = raw.other.first() {
-            return Err(crate::Error::Weights(format!("unexpected tensor {}", t.name)));
+            return Err(crate::Error::Weights(format!(
+                "unexpected tensor {}",
+                t.name
+            )));
         }
         let model = Demix::from_tensors(&raw.meta, raw.model, device)?;
         if let Some(want) = expected

@@ -15,8 +15,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-pub use crate::config::LAYER_NORM_EPS;
 use crate::config::GptConfig;
+pub use crate::config::LAYER_NORM_EPS;
 
 /// Standard deviation of the GPT-2 initialisation.
 const INIT_STD: f64 = 0.02;

@@ -771,8 +771,7 @@ impl<M: Trainable> Trainer<M> {
         data: &Mixture,
         on_step: impl FnMut(&StepStats),
     ) -> Result<(), Error> {
-        self.run(data, &AtomicBool::new(false), on_step)
-            .map(|_| ())
+        self.run(data, &AtomicBool::new(false), on_step).map(|_| ())
     }
 
     /// The trained model without autodiff (for evaluation and saving).

@@ -369,9 +369,8 @@ fn f32_values(bytes: &[u8]) -> Vec<f32> {
 /// Reads a safetensors file's bytes whose tensors are all f32 (a weights file or a checkpoint
 /// of any model); checks nothing about the model.
 pub fn read_raw(bytes: &[u8]) -> Result<RawFile, Error> {
-    let bad = |e: safetensors::SafeTensorError| {
-        Error::Weights(format!("not a safetensors file: {e}"))
-    };
+    let bad =
+        |e: safetensors::SafeTensorError| Error::Weights(format!("not a safetensors file: {e}"));
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes).map_err(bad)?;

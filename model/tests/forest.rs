@@ -850,7 +850,11 @@ fn the_init_kind_keeps_the_manifest_names() {
     )
     .unwrap();
     assert_eq!(elm.init, InitKind::PosteriorAverage);
-    assert!(serde_json::to_string(&elm).unwrap().contains(r#""init":"posterior_average""#));
+    assert!(
+        serde_json::to_string(&elm)
+            .unwrap()
+            .contains(r#""init":"posterior_average""#)
+    );
     // The command line's names.
     assert_eq!("seed".parse::<InitKind>().unwrap(), InitKind::Seed);
     assert_eq!(

@@ -116,14 +116,12 @@ impl EvalData {
     }
 }
 
-
 fn eval_model(model: &Gpt, data: &EvalData, device: &Device) -> Result<Vec<(String, f64)>, Error> {
     data.test
         .iter()
         .map(|(d, t)| Ok((d.clone(), ppl(&eval::token_logprobs(model, t, 8, device)?))))
         .collect()
 }
-
 
 /// A forest's ELMs scored on every domain: `test[d][j]`, `dev[d][j]` per-token log-probs.
 struct ForestScores {
@@ -699,4 +697,3 @@ pub fn report_paths(out_dir: &Path) -> [PathBuf; 3] {
         out_dir.join("results.png"),
     ]
 }
-

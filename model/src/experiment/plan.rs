@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{GptConfig, Preset};
 use crate::data::TRAIN_DOMAINS;
-use crate::forest::Error;
 use crate::files::{TRAINED_FILE, WEIGHTS_FILE};
+use crate::forest::Error;
 use crate::forest::branch::{OptimizerInit, Trained};
 use crate::forest::manifest::TrainRecord;
 use crate::fsutil;

@@ -6,17 +6,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Split};
 use btm_model::device::DeviceKind;
+use btm_model::experiment::{self, Report};
 use btm_model::forest::average::{self, Input};
 use btm_model::forest::branch::OptimizerInit;
 use btm_model::forest::ensemble::{self, Ensemble};
-use btm_model::forest::experiment::{self, Report};
 use btm_model::forest::manifest::{InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
 use btm_model::forest::{Forest, manifest};
-use btm_model::generate::SampleConfig;
 use btm_model::tokenizer::Tokenizer;
 use btm_model::{Preset, eval, weights};
 use clap::{Args, Subcommand};
+
+use crate::model_cmds::{TrainBar, model_files};
+use crate::sampling::GenerationArgs;
 
 fn corpus(arg: &Option<PathBuf>) -> Corpus {
     arg.as_ref().map_or_else(Corpus::bundled, Corpus::new)
@@ -201,18 +203,8 @@ pub struct EnsembleGenerateArgs {
     /// Text to continue.
     #[arg(long, default_value = "")]
     prompt: String,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 100)]
-    max_new_tokens: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Sample from the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 40)]
-    sample_top_k: usize,
-    /// Sampler seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: GenerationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -264,11 +256,7 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
         ForestCmd::List(a) => crate::client_cmds::list(a, json),
         ForestCmd::Report(a) => crate::client_cmds::report(a, json),
         ForestCmd::Create(a) => {
-            let seed_w = if a.seed.is_dir() {
-                a.seed.join("model.safetensors")
-            } else {
-                a.seed.clone()
-            };
+            let (seed_w, _) = model_files(&a.seed);
             let (arch, _) = weights::read(&seed_w, None)?;
             let mut f = Forest::create(&a.dir, arch, &a.tokenizer)?;
             f.set_seed(&seed_w)?;
@@ -285,20 +273,7 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
         }
         ForestCmd::Add(a) => {
             let mut f = open(&a.forest)?;
-            let (w, t) = if a.elm.is_dir() {
-                (
-                    a.elm.join("model.safetensors"),
-                    a.elm.join("tokenizer.json"),
-                )
-            } else {
-                (
-                    a.elm.clone(),
-                    a.elm
-                        .parent()
-                        .unwrap_or(Path::new("."))
-                        .join("tokenizer.json"),
-                )
-            };
+            let (w, t) = model_files(&a.elm);
             let tok_id = btm_model::content_id(
                 &std::fs::read(&t).with_context(|| format!("reading {}", t.display()))?,
             );
@@ -308,12 +283,7 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "elm".into())
             });
-            let init = match a.init.as_str() {
-                "seed" => InitKind::Seed,
-                "posterior-average" | "posterior_average" => InitKind::PosteriorAverage,
-                "random" => InitKind::Random,
-                other => bail!("unknown --init {other:?} (seed, posterior-average or random)"),
-            };
+            let init: InitKind = a.init.parse()?;
             let mut parents = Vec::new();
             for p in &a.parent {
                 let (n, w) = p
@@ -465,13 +435,7 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             let prior = prior_of(&f, &a.opts, &tok)?;
             let (e, chosen) =
                 Ensemble::from_forest(&f, Some(&prior), a.opts.top_k, a.opts.weighting, &device)?;
-            let cfg = SampleConfig {
-                max_new_tokens: a.max_new_tokens,
-                temperature: a.temperature,
-                top_k: (a.sample_top_k > 0).then_some(a.sample_top_k),
-                seed: a.seed,
-            };
-            let text = e.generate(&tok, &a.prompt, &cfg)?;
+            let text = e.generate(&tok, &a.prompt, &a.sampling.config())?;
             if json {
                 let names: Vec<&str> = chosen.iter().map(|&i| f.elms[i].name.as_str()).collect();
                 println!(
@@ -601,11 +565,20 @@ pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
         cfg.demix = false;
     }
     let device = a.device.device()?;
-    let report = experiment::run(&cfg, &corpus(&a.corpus), &a.out, &device, !json, &mut |m| {
-        if !json {
-            eprintln!("{m}");
-        }
-    })?;
+    let bar = std::cell::RefCell::new(TrainBar::new(!json));
+    let report = experiment::run(
+        &cfg,
+        &corpus(&a.corpus),
+        &a.out,
+        &device,
+        &mut |m| {
+            if !json {
+                bar.borrow().suspend(|| eprintln!("{m}"));
+            }
+        },
+        &mut |run, s| bar.borrow_mut().update(run, s),
+    )?;
+    bar.borrow_mut().finish();
     let [js, md, png] = experiment::report_paths(&a.out);
     plot(&report, &png)?;
     if json {

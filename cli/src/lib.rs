@@ -13,6 +13,7 @@ mod model_cmds;
 mod net;
 mod publish;
 mod report;
+mod sampling;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -7,22 +7,20 @@ use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Mixture, Split};
 use btm_model::device::DeviceKind;
 use btm_model::eval::{self, EvalResult};
-use btm_model::generate::SampleConfig;
-use btm_model::tokenizer::{self, Tokenizer};
-use btm_model::train::{TrainConfig, Trainer};
+use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
+use btm_model::tokenizer::Tokenizer;
+use btm_model::train::{StepStats, TrainConfig, Trainer};
 use btm_model::{Gpt, Preset, weights};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::sampling::GenerationArgs;
+
 /// Where a model lives: a directory with `model.safetensors` and `tokenizer.json`, or a
-/// weights file plus `--tokenizer`.
-fn resolve_model(path: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
-    let (w, t) = if path.is_dir() {
-        (path.join("model.safetensors"), path.join("tokenizer.json"))
-    } else {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        (path.to_path_buf(), dir.join("tokenizer.json"))
-    };
+/// weights file plus `--tokenizer` (default: `tokenizer.json` beside it).
+pub(crate) fn resolve_model(path: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    let (w, t) = model_files(path);
     let t = tokenizer.map(Path::to_path_buf).unwrap_or(t);
     if !w.exists() {
         bail!(
@@ -34,6 +32,85 @@ fn resolve_model(path: &Path, tokenizer: Option<&Path>) -> Result<(PathBuf, Path
         bail!("no tokenizer at {} (pass --tokenizer)", t.display());
     }
     Ok((w, t))
+}
+
+/// The weights and tokenizer files of a model directory, or of a weights file (the tokenizer
+/// beside it).
+pub(crate) fn model_files(path: &Path) -> (PathBuf, PathBuf) {
+    if path.is_dir() {
+        (path.join(WEIGHTS_FILE), path.join(TOKENIZER_FILE))
+    } else {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        (path.to_path_buf(), dir.join(TOKENIZER_FILE))
+    }
+}
+
+/// A progress bar per training run, drawn from a trainer's per-update callback (nothing when
+/// hidden, as with `--json`). A run's bar is cleared after its last update.
+#[derive(Debug)]
+pub(crate) struct TrainBar {
+    shown: bool,
+    run: String,
+    bar: Option<ProgressBar>,
+    ema_tps: Option<f64>,
+}
+
+impl TrainBar {
+    pub(crate) fn new(shown: bool) -> Self {
+        TrainBar {
+            shown,
+            run: String::new(),
+            bar: None,
+            ema_tps: None,
+        }
+    }
+
+    /// Shows update `s` of the run named `run` (a new name starts a new bar).
+    pub(crate) fn update(&mut self, run: &str, s: &StepStats) {
+        if !self.shown {
+            return;
+        }
+        if self.bar.is_none() || self.run != run {
+            self.finish();
+            let bar = ProgressBar::new(s.steps);
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} {run} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})"
+                ))
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            self.run = run.to_string();
+            self.bar = Some(bar);
+            self.ema_tps = None;
+        }
+        let tps = self
+            .ema_tps
+            .map_or(s.tokens_per_s, |e| 0.9 * e + 0.1 * s.tokens_per_s);
+        self.ema_tps = Some(tps);
+        if let Some(bar) = &self.bar {
+            bar.set_position(s.step);
+            bar.set_message(format!("loss {:.3} lr {:.2e} {tps:.0} tok/s", s.loss, s.lr));
+        }
+        if s.step >= s.steps {
+            self.finish();
+        }
+    }
+
+    /// Runs `f` (which prints) with the current bar hidden.
+    pub(crate) fn suspend(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+
+    /// Clears the current bar.
+    pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn corpus(arg: &Option<PathBuf>) -> Corpus {
@@ -140,7 +217,7 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
     };
 
     // Tokenizer: explicit, the run's own (resume), the init model's, or a fresh seed-mix one.
-    let run_tok = out.join("tokenizer.json");
+    let run_tok = out.join(TOKENIZER_FILE);
     let tok_path = a
         .tokenizer
         .clone()
@@ -159,7 +236,7 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
                 "training a {}-token byte-level BPE on the seed mix...",
                 preset_cfg.vocab_size
             ));
-            tokenizer::train_seed_mix(&corpus, preset_cfg.vocab_size, 256 << 10)?
+            data::seed_mix_tokenizer(&corpus, preset_cfg.vocab_size, 256 << 10)?
         }
     };
     tok.save(&run_tok)?;
@@ -220,13 +297,14 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
         trainer.state.config.tokens_per_step(model_cfg.n_ctx),
         a.device
     ));
-    trainer.progress = !json;
+    let mut bar = TrainBar::new(!json);
     let started = Instant::now();
     let start_tokens = trainer.state.tokens;
-    trainer.run(&mixture, |_| {})?;
+    trainer.run_to_end(&mixture, |s| bar.update("train", s))?;
+    bar.finish();
     let secs = started.elapsed().as_secs_f64();
     let model = trainer.model();
-    let weights_path = out.join("model.safetensors");
+    let weights_path = out.join(WEIGHTS_FILE);
     weights::save(&model, &weights_path)?;
     let after = eval::evaluate(&model, Some(&tok), &valid, 8, &device)?;
     let weights_id = btm_model::content_id(&std::fs::read(&weights_path)?);
@@ -388,6 +466,7 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("sample_top_k", |a| a.long("top-k").value_name("TOP_K")))]
 pub struct GenerateArgs {
     /// Model directory or .safetensors file.
     #[arg(long)]
@@ -398,18 +477,8 @@ pub struct GenerateArgs {
     /// Text to continue.
     #[arg(long, default_value = "")]
     prompt: String,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 100)]
-    max_new_tokens: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Sample from the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    /// Sampler seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: GenerationArgs,
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
@@ -420,12 +489,7 @@ pub fn generate(a: GenerateArgs, json: bool) -> Result<()> {
     let device = a.device.device()?;
     let tok = Tokenizer::load(&t)?;
     let model = weights::load(&w, None, &device)?;
-    let cfg = SampleConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: (a.top_k > 0).then_some(a.top_k),
-        seed: a.seed,
-    };
+    let cfg = a.sampling.config();
     let text = btm_model::generate::generate(&model, &tok, &a.prompt, &cfg, &device)?;
     if json {
         println!(
@@ -480,7 +544,7 @@ pub struct TokenizerArgs {
     #[arg(long, default_value_t = 262144)]
     bytes_per_domain: usize,
     /// Output file.
-    #[arg(long, default_value = "tokenizer.json")]
+    #[arg(long, default_value = TOKENIZER_FILE)]
     out: PathBuf,
     /// Corpus root (default: the bundled data/corpus).
     #[arg(long)]
@@ -488,7 +552,7 @@ pub struct TokenizerArgs {
 }
 
 pub fn tokenizer(a: TokenizerArgs, json: bool) -> Result<()> {
-    let tok = tokenizer::train_seed_mix(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
+    let tok = data::seed_mix_tokenizer(&corpus(&a.corpus), a.vocab, a.bytes_per_domain)?;
     tok.save(&a.out)?;
     if json {
         println!(

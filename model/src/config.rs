@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+/// LayerNorm epsilon (GPT-2's), of every LayerNorm of the model.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
 /// The shape of a GPT-2-style decoder. Every ELM of a forest shares one `GptConfig`.
 ///
 /// Field names follow Hugging Face's `GPT2Config` where one exists (`n_embd`, `n_head`,
@@ -171,7 +174,7 @@ impl GptConfig {
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
-            "layer_norm_epsilon": crate::gpt::LAYER_NORM_EPS,
+            "layer_norm_epsilon": LAYER_NORM_EPS,
             "initializer_range": 0.02,
             "scale_attn_weights": true,
             "tie_word_embeddings": true,

@@ -362,6 +362,29 @@ pub fn load_streams(
         .collect()
 }
 
+/// Trains the network's tokenizer on the seed mix: the first `bytes_per_domain` bytes of each
+/// training domain's train split of `corpus`, domains in sorted order. Deterministic: the same
+/// corpus and settings give the same `tokenizer.json` bytes.
+pub fn seed_mix_tokenizer(
+    corpus: &Corpus,
+    vocab_size: usize,
+    bytes_per_domain: usize,
+) -> Result<Tokenizer, Error> {
+    let mut texts: Vec<String> = Vec::new();
+    for domain in TRAIN_DOMAINS {
+        let docs = corpus.documents(domain, Split::Train)?;
+        let mut used = 0;
+        for d in docs {
+            if used >= bytes_per_domain {
+                break;
+            }
+            used += d.text.len();
+            texts.push(d.text);
+        }
+    }
+    Tokenizer::train(texts.iter().map(String::as_str), vocab_size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

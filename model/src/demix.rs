@@ -17,7 +17,7 @@
 //!
 //! # Training (compute-matched)
 //!
-//! Jointly, with domain-routed batches ([`DemixTrainer`]): update `s` takes the same
+//! Jointly, with domain-routed batches (the one [`Trainer`], [`DemixTrainer`]): update `s` takes the same
 //! `batch_size` blocks as the dense LM's update `s`, from the same domain-balanced
 //! [`Mixture`] of the `E` training domains, whose sample `k` comes from domain `k mod E`; each
 //! block goes through its own domain's expert ([`routes`]). When `E` divides the batch size
@@ -55,27 +55,17 @@
 //! `btm.train_state`, like an ELM's, so a killed run resumes where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
-use safetensors::tensor::{Dtype, SafeTensors};
-use serde::{Deserialize, Serialize};
 
 use crate::config::GptConfig;
-use crate::data::{DomainStream, Mixture};
-use crate::forest::Error;
-use crate::forest::branch::{self, Trained};
-use crate::forest::experiment::{self, Config, Plan, SystemResult};
-use crate::forest::manifest::TrainRecord;
+use crate::data::Mixture;
 use crate::forest::posterior::{self, PriorConfig, Weighting};
-use crate::gpt::{Attention, Block, Conv1D, Embedding, Gpt, LayerNorm, Mlp};
-use crate::train::{
-    self, AdamState, CHECKPOINT_FILE, RngState, StepStats, TrainConfig, TrainState,
-};
+use crate::gpt::{self, Attention, Block, Conv1D, Embedding, Gpt, LayerNorm, Mlp};
+use crate::train::{self, Trainable, Trainer};
 use crate::weights::{self, NamedTensor};
 use crate::{eval, fsutil};
 
@@ -259,15 +249,7 @@ impl Demix {
 
     /// The architecture of each expert model, read back from the parameter shapes.
     pub fn config(&self) -> GptConfig {
-        let [vocab_size, d_model] = self.wte.weight.lazy_shape().dims();
-        let [n_ctx, _] = self.wpe.weight.lazy_shape().dims();
-        GptConfig {
-            vocab_size,
-            n_ctx,
-            d_model,
-            n_heads: self.n_heads,
-            n_layers: self.h.len(),
-        }
+        gpt::shape_config(&self.wte, &self.wpe, self.n_heads, self.h.len())
     }
 
     /// The shared model with expert `e` as its feed-forward layers: an ordinary GPT, which
@@ -328,122 +310,60 @@ pub fn routes(start: u64, batch: usize, n_domains: usize) -> Vec<usize> {
         .collect()
 }
 
-fn read_f32(bytes: &[u8], path: &Path) -> Result<Vec<f32>, crate::Error> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(crate::Error::Weights(format!(
-            "{}: a tensor's bytes are not f32",
-            path.display()
-        )));
+impl Trainable for Demix {
+    const MAX_CHECKPOINT_BYTES: u64 = 3 * 16 * weights::MAX_FILE_BYTES;
+
+    fn config(&self) -> GptConfig {
+        Demix::config(self)
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
 
-/// A DEMix safetensors file read: configuration, experts, metadata, and tensors by full name.
-struct RawFile {
-    config: GptConfig,
-    experts: usize,
-    meta: HashMap<String, String>,
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-}
-
-fn read_file(path: &Path, max_bytes: u64) -> Result<RawFile, crate::Error> {
-    let bytes = fsutil::read_limited(path, max_bytes)?;
-    let bad = |m: String| crate::Error::Weights(format!("{}: {m}", path.display()));
-    let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
-    let meta = meta.metadata().clone().unwrap_or_default();
-    let config: GptConfig = serde_json::from_str(
-        meta.get("btm.config")
-            .ok_or_else(|| bad("metadata entry btm.config is missing".into()))?,
-    )?;
-    config.validate()?;
-    let experts: usize = meta
-        .get(EXPERTS_KEY)
-        .and_then(|s| s.parse().ok())
-        .filter(|&e| e > 0)
-        .ok_or_else(|| bad(format!("metadata entry {EXPERTS_KEY} is missing or bad")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
-    let mut tensors = Vec::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor {name} is not f32")));
+    /// Refuses data whose domains are not one per expert (block `k` of the stream goes through
+    /// expert `k mod E`) or whose blocks exceed the context.
+    fn check_data(&self, data: &Mixture) -> Result<(), crate::Error> {
+        let e = self.n_experts();
+        if data.domains().len() != e {
+            return Err(crate::Error::Config(format!(
+                "DEMix has {e} experts but the data {} domains",
+                data.domains().len()
+            )));
         }
-        let values = read_f32(view.data(), path)?;
-        tensors.push((name, view.shape().to_vec(), values));
+        train::check_context(&Demix::config(self), data)
     }
-    Ok(RawFile {
-        config,
-        experts,
-        meta,
-        tensors,
-    })
-}
 
-fn model_metadata(model: &Demix) -> Result<BTreeMap<String, String>, crate::Error> {
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        "btm.config".to_string(),
-        serde_json::to_string(&model.config())?,
-    );
-    meta.insert(EXPERTS_KEY.to_string(), model.n_experts().to_string());
-    Ok(meta)
-}
-
-/// Builds the model of a file from its `transformer.*` tensors (the others are returned).
-fn model_from(
-    raw: RawFile,
-    expected: Option<&GptConfig>,
-    device: &Device,
-) -> Result<(Demix, RawFile), crate::Error> {
-    if let Some(want) = expected
-        && want != &raw.config
-    {
-        return Err(crate::Error::Weights(format!(
-            "architecture mismatch: the file holds {:?}, expected {want:?}",
-            raw.config
-        )));
+    /// Routes block `i` of the micro-batch to the expert of its domain ([`routes`]).
+    fn logits(&self, inputs: Tensor<2, Int>, start: u64, _data: &Mixture) -> Tensor<3> {
+        let [batch, _] = inputs.dims();
+        let r = routes(start, batch, self.n_experts());
+        self.forward(inputs, &r)
     }
-    let (mine, rest): (Vec<_>, Vec<_>) = raw
-        .tensors
-        .into_iter()
-        .partition(|(n, _, _)| n.starts_with(weights::PREFIX));
-    let named = mine
-        .into_iter()
-        .map(|(n, shape, values)| NamedTensor {
-            name: n[weights::PREFIX.len()..].to_string(),
-            shape,
-            values,
-        })
-        .collect();
-    let skeleton = Demix::from_dense(&Gpt::init(&raw.config, 0, device), raw.experts);
-    let model = weights::load_named(skeleton, named, device)?;
-    Ok((
-        model,
-        RawFile {
-            tensors: rest,
-            ..raw
-        },
-    ))
+
+    fn metadata(&self) -> Result<BTreeMap<String, String>, crate::Error> {
+        let mut meta = weights::metadata(&Demix::config(self))?;
+        meta.insert(EXPERTS_KEY.to_string(), self.n_experts().to_string());
+        Ok(meta)
+    }
+
+    fn from_tensors(
+        meta: &HashMap<String, String>,
+        tensors: Vec<NamedTensor>,
+        device: &Device,
+    ) -> Result<Self, crate::Error> {
+        let config = weights::config_from_metadata(meta)?;
+        let experts: usize = meta
+            .get(EXPERTS_KEY)
+            .and_then(|s| s.parse().ok())
+            .filter(|&e| e > 0)
+            .ok_or_else(|| {
+                crate::Error::Weights(format!("metadata entry {EXPERTS_KEY} is missing or bad"))
+            })?;
+        let skeleton = Demix::from_dense(&Gpt::init(&config, 0, device), experts);
+        weights::load_named(skeleton, tensors, device)
+    }
 }
 
 /// Saves a DEMix model atomically (format: see the module documentation).
 pub fn save(model: &Demix, path: &Path) -> Result<(), crate::Error> {
-    let tensors = weights::module_tensors(model);
-    let bytes = weights::write_safetensors(
-        tensors.iter().map(|t| {
-            (
-                format!("{}{}", weights::PREFIX, t.name),
-                t.shape.clone(),
-                t.values.as_slice(),
-            )
-        }),
-        &model_metadata(model)?,
-    )?;
-    fsutil::write_atomic(path, &bytes)
+    fsutil::write_atomic(path, &model.to_bytes()?)
 }
 
 /// Loads a DEMix model, checking every name, shape and value; `expected`, when given, must
@@ -453,298 +373,32 @@ pub fn load(
     expected: Option<&GptConfig>,
     device: &Device,
 ) -> Result<Demix, crate::Error> {
-    let raw = read_file(path, weights::MAX_FILE_BYTES * 16)?;
-    let (model, rest) = model_from(raw, expected, device).map_err(|e| e.in_file(path))?;
-    if let Some((n, _, _)) = rest.tensors.first() {
-        return Err(crate::Error::Weights(format!("unexpected tensor {n}")).in_file(path));
-    }
-    Ok(model)
-}
-
-/// A DEMix training run: the model, its AdamW state and its place in the data. It mirrors
-/// [`crate::train::Trainer`] (same settings, schedule, clipping, FLOPs accounting and
-/// checkpoint layout) with domain-routed batches.
-#[derive(Debug)]
-pub struct DemixTrainer {
-    /// The model being trained (on an autodiff device).
-    pub model: Demix,
-    /// Progress so far.
-    pub state: TrainState,
-    adam: AdamState,
-    device: Device,
-    run_dir: Option<PathBuf>,
-    /// Show an indicatif progress bar.
-    pub progress: bool,
-}
-
-impl DemixTrainer {
-    /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
-    /// holds a checkpoint, the run resumes from it instead (its settings, architecture and
-    /// number of experts must equal these).
-    pub fn new(
-        model: Demix,
-        cfg: TrainConfig,
-        device: &Device,
-        run_dir: Option<&Path>,
-    ) -> Result<Self, crate::Error> {
-        cfg.validate()?;
-        let device = device.clone().autodiff();
-        if let Some(dir) = run_dir {
-            let ckpt = dir.join(CHECKPOINT_FILE);
-            if ckpt.exists() {
-                let t = Self::resume(&ckpt, &device)?;
-                if t.state.config != cfg
-                    || t.model.config() != model.config()
-                    || t.model.n_experts() != model.n_experts()
-                {
-                    return Err(crate::Error::Checkpoint(format!(
-                        "{} was written with other settings or another model; use another run directory or the same settings",
-                        ckpt.display()
-                    )));
-                }
-                return Ok(t);
-            }
-        }
-        let plain = device.clone().without_autodiff();
-        let model = model.to_device(&plain).train();
-        let sizes: Vec<usize> = weights::module_shapes(&model)
-            .iter()
-            .map(|(_, s)| s.iter().product())
-            .collect();
-        let state = TrainState {
-            step: 0,
-            data_position: 0,
-            tokens: 0,
-            flops: 0.0,
-            last_loss: None,
-            losses: Vec::new(),
-            rng: RngState {
-                kind: "chacha8(seed, domain, epoch) permutations".into(),
-                seed: cfg.seed,
-                position: 0,
-            },
-            config: cfg,
-        };
-        Ok(DemixTrainer {
-            model,
-            state,
-            adam: AdamState::zeros(&sizes, &plain),
-            device,
-            run_dir: run_dir.map(Path::to_path_buf),
-            progress: false,
-        })
-    }
-
-    /// Loads a checkpoint file.
-    pub fn resume(path: &Path, device: &Device) -> Result<Self, crate::Error> {
-        let device = device.clone().autodiff();
-        let plain = device.clone().without_autodiff();
-        let raw = read_file(path, 3 * 16 * weights::MAX_FILE_BYTES)?;
-        let state: TrainState =
-            serde_json::from_str(raw.meta.get("btm.train_state").ok_or_else(|| {
-                crate::Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display()))
-            })?)?;
-        let (model, rest) = model_from(raw, None, &plain).map_err(|e| e.in_file(path))?;
-        let mut moments: HashMap<String, Vec<f32>> =
-            rest.tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
-        let mut adam = AdamState {
-            m: Vec::new(),
-            v: Vec::new(),
-        };
-        for (name, shape) in weights::module_shapes(&model) {
-            let n: usize = shape.iter().product();
-            for (kind, dst) in [("m", &mut adam.m), ("v", &mut adam.v)] {
-                let key = format!("adam.{kind}.{name}");
-                let values = moments.remove(&key).ok_or_else(|| {
-                    crate::Error::Checkpoint(format!("{}: {key} is missing", path.display()))
-                })?;
-                if values.len() != n || values.iter().any(|v| !v.is_finite()) {
-                    return Err(crate::Error::Checkpoint(format!(
-                        "{}: {key} is malformed",
-                        path.display()
-                    )));
-                }
-                dst.push(Tensor::from_data(TensorData::new(values, [n]), &plain));
-            }
-        }
-        Ok(DemixTrainer {
-            model: model.train(),
-            state,
-            adam,
-            device,
-            run_dir: path.parent().map(Path::to_path_buf),
-            progress: false,
-        })
-    }
-
-    /// Writes `checkpoint.safetensors` into the run directory atomically.
-    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, crate::Error> {
-        let Some(dir) = &self.run_dir else {
-            return Ok(None);
-        };
-        let tensors = weights::module_tensors(&self.model);
-        let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
-            for (t, tensor) in tensors.iter().zip(list) {
-                let values = tensor
-                    .to_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| {
-                        crate::Error::Checkpoint(format!("reading optimiser state: {e:?}"))
-                    })?;
-                moments.push((
-                    format!("adam.{kind}.{}", t.name),
-                    vec![values.len()],
-                    values,
-                ));
-            }
-        }
-        let entries = tensors
-            .iter()
-            .map(|t| {
-                (
-                    format!("{}{}", weights::PREFIX, t.name),
-                    t.shape.clone(),
-                    t.values.as_slice(),
-                )
-            })
-            .chain(
-                moments
-                    .iter()
-                    .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())),
-            );
-        let mut meta = model_metadata(&self.model)?;
-        meta.insert(
-            "btm.train_state".to_string(),
-            serde_json::to_string(&self.state)?,
-        );
-        let bytes = weights::write_safetensors(entries, &meta)?;
-        let path = dir.join(CHECKPOINT_FILE);
-        fsutil::write_atomic(&path, &bytes)?;
-        Ok(Some(path))
-    }
-
-    /// Whether every update has been done.
-    pub fn finished(&self) -> bool {
-        self.state.step >= self.state.config.steps
-    }
-
-    /// One optimiser update over `grad_accum` micro-batches of `data`, whose domains must be
-    /// the experts' in order (block `k` of the stream goes through expert `k mod E`).
-    pub fn step(&mut self, data: &Mixture) -> Result<StepStats, crate::Error> {
-        let cfg = self.state.config.clone();
-        let started = Instant::now();
-        let n_ctx = data.n_ctx();
-        let model_cfg = self.model.config();
-        let e = self.model.n_experts();
-        if data.domains().len() != e {
-            return Err(crate::Error::Config(format!(
-                "DEMix has {e} experts but the data {} domains",
-                data.domains().len()
+    let bytes = fsutil::read_limited(path, weights::MAX_FILE_BYTES * 16)?;
+    let load = || -> Result<Demix, crate::Error> {
+        let raw = weights::read_raw(&bytes)?;
+        if let Some(t) = raw.other.first() {
+            return Err(crate::Error::Weights(format!(
+                "unexpected tensor {}",
+                t.name
             )));
         }
-        if n_ctx > model_cfg.n_ctx {
-            return Err(crate::Error::Config(format!(
-                "data blocks of {n_ctx} tokens exceed the model's context {}",
-                model_cfg.n_ctx
+        let model = Demix::from_tensors(&raw.meta, raw.model, device)?;
+        if let Some(want) = expected
+            && want != &model.config()
+        {
+            return Err(crate::Error::Weights(format!(
+                "architecture mismatch: the file holds {:?}, expected {want:?}",
+                model.config()
             )));
         }
-        let mut acc: Option<Vec<Tensor<1>>> = None;
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.grad_accum {
-            let start = self.state.data_position;
-            let flat = data.batch(start, cfg.batch_size);
-            let r = routes(start, cfg.batch_size, e);
-            self.state.data_position += cfg.batch_size as u64;
-            let (x, y) = train::batch_tensors(&flat, cfg.batch_size, &self.device);
-            let loss = train::cross_entropy(self.model.forward(x, &r), y);
-            let grads = loss.clone().div_scalar(cfg.grad_accum as f64).backward();
-            loss_sum += train::scalar(loss.inner());
-            let g = train::collect_gradients(&self.model, &grads);
-            acc = Some(match acc {
-                None => g,
-                Some(prev) => prev.into_iter().zip(g).map(|(a, b)| a + b).collect(),
-            });
-        }
-        let loss = loss_sum / cfg.grad_accum as f64;
-        if !loss.is_finite() {
-            return Err(crate::Error::Diverged(format!(
-                "loss is {loss} at update {}",
-                self.state.step + 1
-            )));
-        }
-        let (model, grad_norm, lr) = train::adamw_update(
-            self.model.clone(),
-            acc.unwrap_or_default(),
-            &mut self.adam,
-            self.state.step,
-            &cfg,
-        )?;
-        self.model = model;
-        let tokens = cfg.tokens_per_step(n_ctx);
-        self.state.step += 1;
-        self.state.tokens += tokens;
-        // One expert is active per token: the dense model's FLOPs.
-        self.state.flops += model_cfg.train_flops_per_token() * tokens as f64;
-        self.state.last_loss = Some(loss);
-        self.state.losses.push(loss as f32);
-        self.state.rng.position = self.state.data_position;
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        Ok(StepStats {
-            step: self.state.step,
-            steps: cfg.steps,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_s: tokens as f64 / secs,
-        })
-    }
-
-    /// Trains until `steps` updates are done, checkpointing every `checkpoint_every` updates
-    /// and at the end. `on_step` sees every update.
-    pub fn run(
-        &mut self,
-        data: &Mixture,
-        mut on_step: impl FnMut(&StepStats),
-    ) -> Result<(), crate::Error> {
-        let cfg = self.state.config.clone();
-        let bar = if self.progress {
-            let bar = ProgressBar::new(cfg.steps);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} demix [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_position(self.state.step);
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        while !self.finished() {
-            let stats = self.step(data)?;
-            bar.set_position(stats.step);
-            bar.set_message(format!("loss {:.3} lr {:.2e}", stats.loss, stats.lr));
-            on_step(&stats);
-            if cfg.checkpoint_every > 0
-                && self.state.step.is_multiple_of(cfg.checkpoint_every)
-                && !self.finished()
-            {
-                self.save_checkpoint()?;
-            }
-        }
-        bar.finish_and_clear();
-        self.save_checkpoint()?;
-        Ok(())
-    }
-
-    /// The trained model without autodiff.
-    pub fn model(&self) -> Demix {
-        self.model.valid()
-    }
+        Ok(model)
+    };
+    load().map_err(|e| e.in_file(path))
 }
+
+/// A DEMix training run: the one [`Trainer`] with domain-routed batches (same settings,
+/// schedule, clipping, FLOPs accounting and checkpoint layout as an ELM's run).
+pub type DemixTrainer = Trainer<Demix>;
 
 /// Per-token log-probabilities of `tokens` ([`eval::token_logprobs`]) under each expert:
 /// `[expert][target]`.
@@ -784,107 +438,4 @@ pub fn mixture_logprobs(
         Weighting::Posterior,
     );
     Ok((lp, prior))
-}
-
-/// What the experiment writes next to the DEMix run: the cached prior of each target domain
-/// over the experts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DemixEval {
-    /// Expert `j` is training domain `experts[j]`.
-    pub experts: Vec<String>,
-    /// Cached prior per target domain.
-    pub priors: BTreeMap<String, Vec<f64>>,
-}
-
-/// The DEMix row of the compute-matched experiment: trains DEMix in `out_dir/demix` (skipped
-/// when `trained.json` says it is done; resumed from its checkpoint when killed) for the dense
-/// LM's `B` updates of `batch_size` blocks on the domain-balanced mixture of `streams` (one
-/// expert per stream, in order), then scores it on every test stream by the posterior mixture
-/// of its experts with a cached prior from the matching dev stream.
-#[allow(clippy::too_many_arguments)]
-pub fn experiment_system(
-    cfg: &Config,
-    plan: &Plan,
-    arch: &GptConfig,
-    streams: &[DomainStream],
-    test: &[(String, Vec<u32>)],
-    dev: &[(String, Vec<u32>)],
-    out_dir: &Path,
-    device: &Device,
-    progress: bool,
-    say: &mut dyn FnMut(&str),
-) -> Result<Option<SystemResult>, Error> {
-    let n = streams.len();
-    if n == 0 {
-        return Err(crate::Error::Config("DEMix needs at least one training domain".into()).into());
-    }
-    let dir = out_dir.join("demix");
-    std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
-    say(&format!(
-        "demix: {} updates of {} blocks routed by domain to {n} experts",
-        plan.dense_steps, cfg.batch_size
-    ));
-    let tc = TrainConfig {
-        steps: plan.dense_steps,
-        batch_size: cfg.batch_size,
-        lr: cfg.lr,
-        seed: cfg.seed,
-        checkpoint_every: 100,
-        ..TrainConfig::default()
-    };
-    let trained = experiment::train_once(&dir, || {
-        let data = Mixture::new(streams.to_vec(), cfg.seed)?;
-        let mut t = DemixTrainer::new(
-            Demix::init(arch, n, cfg.seed, device),
-            tc,
-            device,
-            Some(&dir),
-        )?;
-        t.progress = progress;
-        t.run(&data, |_| {})?;
-        let path = dir.join(branch::WEIGHTS_FILE);
-        save(&t.model(), &path)?;
-        Ok(Trained {
-            id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
-            weights: path,
-            record: TrainRecord {
-                steps: t.state.step,
-                tokens: t.state.tokens,
-                flops: t.state.flops,
-            },
-            losses: t.state.losses.clone(),
-        })
-    })?;
-    let model = load(&trained.weights, Some(arch), device)?;
-    let prior_cfg = PriorConfig {
-        max_blocks: cfg.prior_blocks,
-        ..PriorConfig::default()
-    };
-    say(&format!(
-        "demix: scoring {n} experts on {} domains",
-        test.len()
-    ));
-    let mut ppls = Vec::new();
-    let mut priors = BTreeMap::new();
-    for (name, t) in test {
-        let d = dev
-            .iter()
-            .find(|(dn, _)| dn == name)
-            .map(|(_, d)| d.as_slice())
-            .ok_or_else(|| crate::Error::Data(format!("no dev tokens for domain {name}")))?;
-        let (lp, prior) = mixture_logprobs(&model, t, d, &prior_cfg, device)?;
-        ppls.push((name.clone(), experiment::ppl(&lp)));
-        priors.insert(name.clone(), prior);
-    }
-    let record = DemixEval {
-        experts: streams.iter().map(|s| s.domain.clone()).collect(),
-        priors,
-    };
-    fsutil::write_atomic(
-        &dir.join("priors.json"),
-        &serde_json::to_vec_pretty(&record)?,
-    )?;
-    let r = experiment::result("demix", trained.record.flops, n, &ppls);
-    say(&format!("demix: in {:.2} out {:.2}", r.mean_in, r.mean_out));
-    Ok(Some(r))
 }

@@ -16,9 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::GptConfig;
-
-/// LayerNorm epsilon (GPT-2's).
-pub const LAYER_NORM_EPS: f64 = 1e-5;
+pub use crate::config::LAYER_NORM_EPS;
 
 /// Standard deviation of the GPT-2 initialisation.
 const INIT_STD: f64 = 0.02;
@@ -77,6 +75,24 @@ pub struct Block {
     pub ln_2: LayerNorm,
     /// Feed-forward.
     pub mlp: Mlp,
+}
+
+/// The architecture of a decoder with these embeddings, read back from their shapes.
+pub(crate) fn shape_config(
+    wte: &Embedding,
+    wpe: &Embedding,
+    n_heads: usize,
+    n_layers: usize,
+) -> GptConfig {
+    let [vocab_size, d_model] = wte.weight.lazy_shape().dims();
+    let [n_ctx, _] = wpe.weight.lazy_shape().dims();
+    GptConfig {
+        vocab_size,
+        n_ctx,
+        d_model,
+        n_heads,
+        n_layers,
+    }
 }
 
 /// The GPT decoder. Build one with [`Gpt::init`] or load one with [`crate::weights::load`].
@@ -175,15 +191,7 @@ impl Gpt {
 
     /// The architecture, read back from the parameter shapes.
     pub fn config(&self) -> GptConfig {
-        let [vocab_size, d_model] = self.wte.weight.lazy_shape().dims();
-        let [n_ctx, _] = self.wpe.weight.lazy_shape().dims();
-        GptConfig {
-            vocab_size,
-            n_ctx,
-            d_model,
-            n_heads: self.n_heads,
-            n_layers: self.h.len(),
-        }
+        shape_config(&self.wte, &self.wpe, self.n_heads, self.h.len())
     }
 
     /// Next-token logits `[batch, time, vocab]` for tokens `[batch, time]`, `time ≤ n_ctx`.

@@ -18,6 +18,8 @@ pub mod data;
 pub mod demix;
 pub mod device;
 pub mod eval;
+pub mod experiment;
+pub mod files;
 pub mod forest;
 pub mod fsutil;
 pub mod generate;

@@ -1,4 +1,5 @@
-//! Byte-level BPE, trained with Hugging Face's `tokenizers` on the seed mix.
+//! Byte-level BPE, trained with Hugging Face's `tokenizers` on the seed mix
+//! ([`crate::data::seed_mix_tokenizer`]).
 //!
 //! No normaliser and no prefix space, so `decode(encode(text)) == text` for every string.
 //! Token 0 is `<|endoftext|>`, placed between documents. The exact bytes of `tokenizer.json`
@@ -166,27 +167,4 @@ impl Tokenizer {
     pub fn token_bytes(&self, id: u32) -> u32 {
         self.token_bytes.get(id as usize).copied().unwrap_or(0)
     }
-}
-
-/// Trains the network's tokenizer on the seed mix: the first `bytes_per_domain` bytes of each
-/// training domain's train split of `corpus`, domains in sorted order. Deterministic: the same
-/// corpus and settings give the same `tokenizer.json` bytes.
-pub fn train_seed_mix(
-    corpus: &crate::data::Corpus,
-    vocab_size: usize,
-    bytes_per_domain: usize,
-) -> Result<Tokenizer, Error> {
-    let mut texts: Vec<String> = Vec::new();
-    for domain in crate::data::TRAIN_DOMAINS {
-        let docs = corpus.documents(domain, crate::data::Split::Train)?;
-        let mut used = 0;
-        for d in docs {
-            if used >= bytes_per_domain {
-                break;
-            }
-            used += d.text.len();
-            texts.push(d.text);
-        }
-    }
-    Tokenizer::train(texts.iter().map(String::as_str), vocab_size)
 }

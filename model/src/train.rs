@@ -6,16 +6,20 @@
 //! hold the optimiser state in a plain, documented file (`checkpoint.safetensors`: the
 //! weights under their GPT-2 names, `adam.m.<name>` and `adam.v.<name>` moments, and the
 //! training state as JSON metadata) so that a killed run resumes bit-for-bit.
+//!
+//! One [`Trainer`] trains every [`Trainable`] model (the ELM [`Gpt`] and
+//! [`crate::demix::Demix`]): [`Trainer::step`] does one update, [`Trainer::run`] trains until
+//! done or told to stop (checkpointing on the way and reporting each update to a callback, from
+//! which callers draw progress), and [`Trainer::new`] resumes a run directory's checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
-use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GptConfig;
@@ -24,8 +28,10 @@ use crate::gpt::Gpt;
 use crate::weights::{self, NamedTensor};
 use crate::{Error, fsutil};
 
-/// Name of the checkpoint file inside a run directory.
-pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub use crate::files::CHECKPOINT_FILE;
+
+/// Checkpoint metadata key holding the [`TrainState`] as JSON.
+pub const TRAIN_STATE_KEY: &str = "btm.train_state";
 
 /// Optimisation settings. Defaults are the paper's (`../shared/BTM-NOTES.md`): Adam β
 /// (0.9, 0.95), ε 1e-7, weight decay 0.1, gradient-norm clip 0.1, peak LR 5e-4 with 8% linear
@@ -178,14 +184,14 @@ pub struct StepStats {
 
 /// Adam moments, one flat tensor per parameter in visiting order.
 #[derive(Debug)]
-pub(crate) struct AdamState {
-    pub(crate) m: Vec<Tensor<1>>,
-    pub(crate) v: Vec<Tensor<1>>,
+struct AdamState {
+    m: Vec<Tensor<1>>,
+    v: Vec<Tensor<1>>,
 }
 
 impl AdamState {
     /// Zero moments for parameters of `sizes` elements each.
-    pub(crate) fn zeros(sizes: &[usize], device: &Device) -> Self {
+    fn zeros(sizes: &[usize], device: &Device) -> Self {
         let zeros = |n: &usize| Tensor::<1>::zeros([*n], device);
         AdamState {
             m: sizes.iter().map(zeros).collect(),
@@ -285,7 +291,7 @@ pub fn batch_tensors(
 
 /// The flattened gradient of every parameter of `model` in visiting order (zeros for a
 /// parameter the loss does not depend on).
-pub(crate) fn collect_gradients<M: Module>(model: &M, grads: &Gradients) -> Vec<Tensor<1>> {
+fn collect_gradients<M: Module>(model: &M, grads: &Gradients) -> Vec<Tensor<1>> {
     let mut c = GradCollector {
         grads,
         out: Vec::new(),
@@ -298,7 +304,7 @@ pub(crate) fn collect_gradients<M: Module>(model: &M, grads: &Gradients) -> Vec<
 /// One AdamW update of `model` (any module; `grads` from [`collect_gradients`]) with global
 /// gradient-norm clipping, as update `step` (0-based) of `cfg`'s schedule. Returns the updated
 /// model, the gradient norm before clipping and the learning rate used.
-pub(crate) fn adamw_update<M: Module>(
+fn adamw_update<M: Module>(
     model: M,
     grads: Vec<Tensor<1>>,
     adam: &mut AdamState,
@@ -333,7 +339,7 @@ pub(crate) fn adamw_update<M: Module>(
     Ok((model.map(&mut mapper), grad_norm, lr))
 }
 
-pub(crate) fn scalar(t: Tensor<1>) -> f64 {
+fn scalar(t: Tensor<1>) -> f64 {
     t.into_data()
         .convert::<f64>()
         .try_into_vec::<f64>()
@@ -342,41 +348,129 @@ pub(crate) fn scalar(t: Tensor<1>) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// A training run: the model, its optimiser state and where it is in the data.
+/// A model the [`Trainer`] can train: the ELM ([`Gpt`]) and DEMix ([`crate::demix::Demix`]).
+///
+/// AdamW visits and maps the parameters through [`Module`]; this trait adds the forward pass
+/// of a micro-batch, the architecture (FLOPs accounting and the checkpoint's `btm.config`) and
+/// the model's file format (the metadata its files carry and how to rebuild it from a file's
+/// tensors), so that one trainer, one checkpoint writer and one resume serve every model.
+pub trait Trainable: Module {
+    /// Largest checkpoint file [`Trainer::resume`] reads.
+    const MAX_CHECKPOINT_BYTES: u64;
+
+    /// The architecture (for DEMix, that of each expert model).
+    fn config(&self) -> GptConfig;
+
+    /// Refuses data the model cannot be trained on; by default, blocks longer than its context.
+    fn check_data(&self, data: &Mixture) -> Result<(), Error> {
+        check_context(&Trainable::config(self), data)
+    }
+
+    /// Next-token logits `[batch, time, vocab]` of the micro-batch `inputs`, whose first block
+    /// is sample `start` of `data`.
+    fn logits(&self, inputs: Tensor<2, Int>, start: u64, data: &Mixture) -> Tensor<3>;
+
+    /// The safetensors metadata of the model's files (`format`, `btm.config`, ...).
+    fn metadata(&self) -> Result<BTreeMap<String, String>, Error>;
+
+    /// Rebuilds a model from a file's metadata and its `transformer.*` tensors (names without
+    /// [`weights::PREFIX`]), checking every name, shape and value.
+    fn from_tensors(
+        meta: &HashMap<String, String>,
+        tensors: Vec<NamedTensor>,
+        device: &Device,
+    ) -> Result<Self, Error>;
+
+    /// The model's weights file: every parameter as `transformer.<name>` with
+    /// [`Self::metadata`], written deterministically.
+    fn to_bytes(&self) -> Result<Vec<u8>, Error> {
+        let tensors = weights::module_tensors(self);
+        weights::write_safetensors(
+            tensors.iter().map(|t| {
+                (
+                    format!("{}{}", weights::PREFIX, t.name),
+                    t.shape.clone(),
+                    t.values.as_slice(),
+                )
+            }),
+            &self.metadata()?,
+        )
+    }
+}
+
+/// Refuses data blocks longer than the context of `config`.
+pub fn check_context(config: &GptConfig, data: &Mixture) -> Result<(), Error> {
+    if data.n_ctx() > config.n_ctx {
+        return Err(Error::Config(format!(
+            "data blocks of {} tokens exceed the model's context {}",
+            data.n_ctx(),
+            config.n_ctx
+        )));
+    }
+    Ok(())
+}
+
+impl Trainable for Gpt {
+    const MAX_CHECKPOINT_BYTES: u64 = 3 * weights::MAX_FILE_BYTES;
+
+    fn config(&self) -> GptConfig {
+        Gpt::config(self)
+    }
+
+    fn logits(&self, inputs: Tensor<2, Int>, _start: u64, _data: &Mixture) -> Tensor<3> {
+        self.forward(inputs)
+    }
+
+    fn metadata(&self) -> Result<BTreeMap<String, String>, Error> {
+        weights::metadata(&Gpt::config(self))
+    }
+
+    fn from_tensors(
+        meta: &HashMap<String, String>,
+        tensors: Vec<NamedTensor>,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        weights::from_named_tensors(&weights::config_from_metadata(meta)?, tensors, device)
+    }
+}
+
+/// How [`Trainer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every update is done (and the final checkpoint written).
+    Finished,
+    /// The stop flag was raised; a checkpoint of update `step` was written.
+    Stopped {
+        /// Updates done.
+        step: u64,
+    },
+}
+
+/// A training run of any [`Trainable`] model: the model, its AdamW state and where it is in
+/// the data, checkpointed into a run directory (`checkpoint.safetensors`).
 #[derive(Debug)]
-pub struct Trainer {
+pub struct Trainer<M: Trainable = Gpt> {
     /// The model being trained (on an autodiff device).
-    pub model: Gpt,
+    pub model: M,
     /// Progress so far.
     pub state: TrainState,
     adam: AdamState,
     device: Device,
     run_dir: Option<PathBuf>,
-    /// Show an indicatif progress bar.
-    pub progress: bool,
 }
 
-impl Trainer {
-    /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
-    /// holds a checkpoint, the run resumes from it instead (its settings must equal `cfg`).
-    pub fn new(
-        model: Gpt,
-        cfg: TrainConfig,
-        device: &Device,
-        run_dir: Option<&Path>,
-    ) -> Result<Self, Error> {
-        cfg.validate()?;
-        let device = device.clone().autodiff();
-        if let Some(t) = Self::resume_run_dir(run_dir, &device, Some(&model.config()), &cfg)? {
-            return Ok(t);
-        }
-        let model = model.to_device(&device.clone().without_autodiff()).train();
-        let sizes: Vec<usize> = weights::expected_tensors(&model.config())
-            .iter()
-            .map(|(_, s)| s.iter().product())
-            .collect();
-        let adam = AdamState::zeros(&sizes, &device.clone().without_autodiff());
-        let state = TrainState {
+/// The element count of every parameter of `model`, in visiting order.
+fn param_sizes<M: Module>(model: &M) -> Vec<usize> {
+    weights::module_shapes(model)
+        .iter()
+        .map(|(_, s)| s.iter().product())
+        .collect()
+}
+
+impl TrainState {
+    /// The state of a run that has done nothing yet.
+    fn start(cfg: TrainConfig) -> Self {
+        TrainState {
             step: 0,
             data_position: 0,
             tokens: 0,
@@ -389,14 +483,34 @@ impl Trainer {
                 position: 0,
             },
             config: cfg,
-        };
+        }
+    }
+}
+
+impl<M: Trainable> Trainer<M> {
+    /// Starts a run from `model` (moved to the autodiff version of `device`). When `run_dir`
+    /// holds a checkpoint, the run resumes from it instead (its settings must equal `cfg`, its
+    /// model have `model`'s architecture).
+    pub fn new(
+        model: M,
+        cfg: TrainConfig,
+        device: &Device,
+        run_dir: Option<&Path>,
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        let device = device.clone().autodiff();
+        if let Some(t) = Self::resume_run_dir(run_dir, &device, Some(&model), &cfg)? {
+            return Ok(t);
+        }
+        let plain = device.clone().without_autodiff();
+        let model = model.to_device(&plain).train();
+        let adam = AdamState::zeros(&param_sizes(&model), &plain);
         Ok(Trainer {
             model,
-            state,
+            state: TrainState::start(cfg),
             adam,
             device,
             run_dir: run_dir.map(Path::to_path_buf),
-            progress: false,
         })
     }
 
@@ -417,36 +531,27 @@ impl Trainer {
         if let Some(t) = Self::resume_run_dir(run_dir, device, None, &cfg)? {
             return Ok(t);
         }
-        let mut t = Self::resume(parent, device, None)?;
+        let mut t = Self::resume(parent, device)?;
         if cfg.steps <= t.state.step {
             return Err(Error::Config(format!(
                 "steps ({}) counts from the parent's first update and must exceed its {} updates",
                 cfg.steps, t.state.step
             )));
         }
-        t.state = TrainState {
-            step: t.state.step,
-            data_position: 0,
-            tokens: 0,
-            flops: 0.0,
-            last_loss: None,
-            losses: Vec::new(),
-            rng: RngState {
-                kind: t.state.rng.kind.clone(),
-                seed: cfg.seed,
-                position: 0,
-            },
-            config: cfg,
-        };
+        let mut state = TrainState::start(cfg);
+        state.step = t.state.step;
+        state.rng.kind = std::mem::take(&mut t.state.rng.kind);
+        t.state = state;
         t.run_dir = run_dir.map(Path::to_path_buf);
         Ok(t)
     }
 
-    /// Resumes from `run_dir`'s checkpoint when there is one; its settings must equal `cfg`.
+    /// Resumes from `run_dir`'s checkpoint when there is one; its settings must equal `cfg` and
+    /// its model have `expected`'s architecture.
     fn resume_run_dir(
         run_dir: Option<&Path>,
         device: &Device,
-        expected: Option<&GptConfig>,
+        expected: Option<&M>,
         cfg: &TrainConfig,
     ) -> Result<Option<Self>, Error> {
         let Some(dir) = run_dir else { return Ok(None) };
@@ -454,7 +559,17 @@ impl Trainer {
         if !ckpt.exists() {
             return Ok(None);
         }
-        let t = Self::resume(&ckpt, device, expected)?;
+        let t = Self::resume(&ckpt, device)?;
+        if let Some(want) = expected
+            && want.metadata()? != t.model.metadata()?
+        {
+            return Err(Error::Checkpoint(format!(
+                "{}: its model ({:?}) differs from the one to train ({:?}); use another run directory",
+                ckpt.display(),
+                t.model.metadata()?,
+                want.metadata()?
+            )));
+        }
         if &t.state.config != cfg {
             return Err(Error::Checkpoint(format!(
                 "{} was written with different settings ({:?}); use another run directory or the same settings",
@@ -468,65 +583,26 @@ impl Trainer {
         }))
     }
 
-    /// Loads a checkpoint file.
-    pub fn resume(
-        path: &Path,
-        device: &Device,
-        expected: Option<&GptConfig>,
-    ) -> Result<Self, Error> {
+    /// Loads a checkpoint file; the run directory becomes the file's directory.
+    pub fn resume(path: &Path, device: &Device) -> Result<Self, Error> {
         let device = device.clone().autodiff();
-        let bytes = fsutil::read_limited(path, 3 * weights::MAX_FILE_BYTES)?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::Checkpoint(format!("{}: not a checkpoint: {e}", path.display())))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let state: TrainState =
-            serde_json::from_str(meta.get("btm.train_state").ok_or_else(|| {
-                Error::Checkpoint(format!("{}: no btm.train_state metadata", path.display()))
-            })?)?;
-        let config: GptConfig = serde_json::from_str(meta.get("btm.config").ok_or_else(|| {
-            Error::Checkpoint(format!("{}: no btm.config metadata", path.display()))
-        })?)?;
-        if let Some(want) = expected {
-            if want != &config {
-                return Err(Error::Checkpoint(format!(
-                    "{}: architecture {config:?} differs from the model's {want:?}",
-                    path.display()
-                )));
-            }
-        }
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::Checkpoint(format!("{}: not a checkpoint: {e}", path.display())))?;
-        let mut model_tensors = Vec::new();
-        let mut moments: HashMap<String, Vec<f32>> = HashMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(Error::Checkpoint(format!("tensor {name} is not f32")));
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            if let Some(n) = name.strip_prefix(weights::PREFIX) {
-                model_tensors.push(NamedTensor {
-                    name: n.to_string(),
-                    shape: view.shape().to_vec(),
-                    values,
-                });
-            } else {
-                moments.insert(name, values);
-            }
-        }
-        let model =
-            weights::from_named_tensors(&config, model_tensors, &device.clone().without_autodiff())
-                .map_err(|e| e.in_file(path))?
-                .train();
         let plain = device.clone().without_autodiff();
+        let bytes = fsutil::read_limited(path, M::MAX_CHECKPOINT_BYTES)?;
+        let raw = weights::read_raw(&bytes).map_err(|e| e.in_file(path))?;
+        let state: TrainState =
+            serde_json::from_str(raw.meta.get(TRAIN_STATE_KEY).ok_or_else(|| {
+                Error::Checkpoint(format!("{}: no {TRAIN_STATE_KEY} metadata", path.display()))
+            })?)?;
+        let model = M::from_tensors(&raw.meta, raw.model, &plain)
+            .map_err(|e| e.in_file(path))?
+            .train();
+        let mut moments: HashMap<String, Vec<f32>> =
+            raw.other.into_iter().map(|t| (t.name, t.values)).collect();
         let mut adam = AdamState {
             m: Vec::new(),
             v: Vec::new(),
         };
-        for (name, shape) in weights::expected_tensors(&config) {
+        for (name, shape) in weights::module_shapes(&model) {
             let n: usize = shape.iter().product();
             for (kind, dst) in [("m", &mut adam.m), ("v", &mut adam.v)] {
                 let key = format!("adam.{kind}.{name}");
@@ -548,17 +624,17 @@ impl Trainer {
             adam,
             device,
             run_dir: path.parent().map(Path::to_path_buf),
-            progress: false,
         })
     }
 
-    /// Writes `checkpoint.safetensors` into the run directory atomically.
+    /// Writes `checkpoint.safetensors` into the run directory atomically: the weights under
+    /// their file names, the Adam moments as `adam.m.<name>` / `adam.v.<name>`, the model's
+    /// metadata and the training state. Without a run directory, writes nothing.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, Error> {
         let Some(dir) = &self.run_dir else {
             return Ok(None);
         };
-        let config = self.model.config();
-        let tensors = weights::named_tensors(&self.model);
+        let tensors = weights::module_tensors(&self.model);
         let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
             for (t, tensor) in tensors.iter().zip(list) {
@@ -588,11 +664,9 @@ impl Trainer {
                     .iter()
                     .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())),
             );
-        let mut meta = std::collections::BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        meta.insert("btm.config".to_string(), serde_json::to_string(&config)?);
+        let mut meta = self.model.metadata()?;
         meta.insert(
-            "btm.train_state".to_string(),
+            TRAIN_STATE_KEY.to_string(),
             serde_json::to_string(&self.state)?,
         );
         let bytes = weights::write_safetensors(entries, &meta)?;
@@ -606,25 +680,21 @@ impl Trainer {
         self.state.step >= self.state.config.steps
     }
 
-    /// One optimiser update over `grad_accum` micro-batches.
+    /// One optimiser update over `grad_accum` micro-batches of `data`.
     pub fn step(&mut self, data: &Mixture) -> Result<StepStats, Error> {
         let cfg = self.state.config.clone();
         let started = Instant::now();
         let n_ctx = data.n_ctx();
-        let model_cfg = self.model.config();
-        if n_ctx > model_cfg.n_ctx {
-            return Err(Error::Config(format!(
-                "data blocks of {n_ctx} tokens exceed the model's context {}",
-                model_cfg.n_ctx
-            )));
-        }
+        let model_cfg = Trainable::config(&self.model);
+        self.model.check_data(data)?;
         let mut acc: Option<Vec<Tensor<1>>> = None;
         let mut loss_sum = 0.0;
         for _ in 0..cfg.grad_accum {
-            let flat = data.batch(self.state.data_position, cfg.batch_size);
+            let start = self.state.data_position;
+            let flat = data.batch(start, cfg.batch_size);
             self.state.data_position += cfg.batch_size as u64;
             let (x, y) = batch_tensors(&flat, cfg.batch_size, &self.device);
-            let loss = cross_entropy(self.model.forward(x), y);
+            let loss = cross_entropy(self.model.logits(x, start, data), y);
             let grads = loss.clone().div_scalar(cfg.grad_accum as f64).backward();
             loss_sum += scalar(loss.inner());
             let g = collect_gradients(&self.model, &grads);
@@ -652,6 +722,7 @@ impl Trainer {
         let tokens = cfg.tokens_per_step(n_ctx);
         self.state.step += 1;
         self.state.tokens += tokens;
+        // DEMix counts as its dense model: one expert is active per token.
         self.state.flops += model_cfg.train_flops_per_token() * tokens as f64;
         self.state.last_loss = Some(loss);
         self.state.losses.push(loss as f32);
@@ -667,53 +738,44 @@ impl Trainer {
         })
     }
 
-    /// Trains until `steps` updates are done, checkpointing every `checkpoint_every` updates
-    /// and at the end. `on_step` sees every update.
+    /// Trains until every update is done or `stop` is raised (it is read before each update),
+    /// checkpointing every `checkpoint_every` updates, when stopped and at the end. `on_step`
+    /// sees every update (callers draw progress from it).
     pub fn run(
         &mut self,
         data: &Mixture,
+        stop: &AtomicBool,
         mut on_step: impl FnMut(&StepStats),
-    ) -> Result<(), Error> {
-        let cfg = self.state.config.clone();
-        let bar = if self.progress {
-            let bar = ProgressBar::new(cfg.steps);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_position(self.state.step);
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        let mut ema_tps: Option<f64> = None;
+    ) -> Result<RunOutcome, Error> {
+        let every = self.state.config.checkpoint_every;
         while !self.finished() {
+            if stop.load(Ordering::SeqCst) {
+                self.save_checkpoint()?;
+                return Ok(RunOutcome::Stopped {
+                    step: self.state.step,
+                });
+            }
             let stats = self.step(data)?;
-            let tps = ema_tps.map_or(stats.tokens_per_s, |e| 0.9 * e + 0.1 * stats.tokens_per_s);
-            ema_tps = Some(tps);
-            bar.set_position(stats.step);
-            bar.set_message(format!(
-                "loss {:.3} lr {:.2e} {:.0} tok/s",
-                stats.loss, stats.lr, tps
-            ));
             on_step(&stats);
-            if cfg.checkpoint_every > 0
-                && self.state.step % cfg.checkpoint_every == 0
-                && !self.finished()
-            {
+            if every > 0 && self.state.step.is_multiple_of(every) && !self.finished() {
                 self.save_checkpoint()?;
             }
         }
-        bar.finish_and_clear();
         self.save_checkpoint()?;
-        Ok(())
+        Ok(RunOutcome::Finished)
+    }
+
+    /// [`Self::run`] with no way to stop it: trains every update.
+    pub fn run_to_end(
+        &mut self,
+        data: &Mixture,
+        on_step: impl FnMut(&StepStats),
+    ) -> Result<(), Error> {
+        self.run(data, &AtomicBool::new(false), on_step).map(|_| ())
     }
 
     /// The trained model without autodiff (for evaluation and saving).
-    pub fn model(&self) -> Gpt {
+    pub fn model(&self) -> M {
         self.model.valid()
     }
 }

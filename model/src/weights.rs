@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::config::GptConfig;
+use crate::files::{HF_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use crate::gpt::Gpt;
 use crate::{Error, fsutil};
 
@@ -322,11 +323,84 @@ pub fn write_safetensors<'a>(
     Ok(out)
 }
 
-/// Serialises named tensors with the `btm.config` metadata (deterministically).
-pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
+/// Metadata key holding the [`GptConfig`] as JSON.
+pub const CONFIG_KEY: &str = "btm.config";
+
+/// The metadata of a weights file of architecture `config`: `format = "pt"` and `btm.config`.
+pub fn metadata(config: &GptConfig) -> Result<BTreeMap<String, String>, Error> {
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert("btm.config".to_string(), serde_json::to_string(config)?);
+    metadata.insert(CONFIG_KEY.to_string(), serde_json::to_string(config)?);
+    Ok(metadata)
+}
+
+/// The checked architecture in a file's metadata.
+pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<GptConfig, Error> {
+    let json = meta
+        .get(CONFIG_KEY)
+        .ok_or_else(|| Error::Weights(format!("metadata entry {CONFIG_KEY} is missing")))?;
+    let config: GptConfig = serde_json::from_str(json).map_err(|e| {
+        Error::Weights(format!(
+            "metadata entry {CONFIG_KEY} is not a configuration: {e}"
+        ))
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// A safetensors file's metadata and f32 tensors, split by name.
+#[derive(Debug)]
+pub struct RawFile {
+    /// The metadata.
+    pub meta: HashMap<String, String>,
+    /// The model's tensors (names under [`PREFIX`], given without it).
+    pub model: Vec<NamedTensor>,
+    /// Every other tensor (a checkpoint's Adam moments), under its full name.
+    pub other: Vec<NamedTensor>,
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Reads a safetensors file's bytes whose tensors are all f32 (a weights file or a checkpoint
+/// of any model); checks nothing about the model.
+pub fn read_raw(bytes: &[u8]) -> Result<RawFile, Error> {
+    let bad =
+        |e: safetensors::SafeTensorError| Error::Weights(format!("not a safetensors file: {e}"));
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(bad)?;
+    let mut raw = RawFile {
+        meta,
+        model: Vec::new(),
+        other: Vec::new(),
+    };
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::Weights(format!(
+                "tensor {name} has dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let (list, name) = match name.strip_prefix(PREFIX) {
+            Some(n) => (&mut raw.model, n.to_string()),
+            None => (&mut raw.other, name),
+        };
+        list.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            values: f32_values(view.data()),
+        });
+    }
+    Ok(raw)
+}
+
+/// Serialises named tensors with the `btm.config` metadata (deterministically).
+pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
     write_safetensors(
         tensors.iter().map(|t| {
             (
@@ -335,7 +409,7 @@ pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, 
                 t.values.as_slice(),
             )
         }),
-        &metadata,
+        &metadata(config)?,
     )
 }
 
@@ -347,17 +421,7 @@ pub fn parse(
 ) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
-    let config_json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("btm.config"))
-        .ok_or_else(|| Error::Weights("metadata entry btm.config is missing".into()))?;
-    let config: GptConfig = serde_json::from_str(config_json).map_err(|e| {
-        Error::Weights(format!(
-            "metadata entry btm.config is not a configuration: {e}"
-        ))
-    })?;
-    config.validate()?;
+    let config = config_from_metadata(&meta.metadata().clone().unwrap_or_default())?;
     if let Some(want) = expected {
         if want != &config {
             return Err(Error::Weights(format!(
@@ -388,15 +452,10 @@ pub fn parse(
                 view.dtype()
             )));
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         out.push(NamedTensor {
             name: name.to_string(),
             shape: view.shape().to_vec(),
-            values,
+            values: f32_values(view.data()),
         });
     }
     out.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
@@ -431,11 +490,11 @@ pub fn load(path: &Path, expected: Option<&GptConfig>, device: &Device) -> Resul
 /// when given, `tokenizer.json`.
 pub fn export_hf(model: &Gpt, tokenizer_json: Option<&[u8]>, dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    save(model, &dir.join("model.safetensors"))?;
+    save(model, &dir.join(WEIGHTS_FILE))?;
     let cfg = serde_json::to_vec_pretty(&model.config().to_hf_config())?;
-    fsutil::write_atomic(&dir.join("config.json"), &cfg)?;
+    fsutil::write_atomic(&dir.join(HF_CONFIG_FILE), &cfg)?;
     if let Some(tok) = tokenizer_json {
-        fsutil::write_atomic(&dir.join("tokenizer.json"), tok)?;
+        fsutil::write_atomic(&dir.join(TOKENIZER_FILE), tok)?;
     }
     Ok(())
 }

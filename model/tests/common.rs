@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
-use btm_model::data::Corpus;
-use btm_model::tokenizer::{self, Tokenizer};
+use btm_model::data::{self, Corpus};
+use btm_model::tokenizer::Tokenizer;
 use btm_model::{GptConfig, Preset};
 use burn::tensor::Device;
 
@@ -14,7 +14,7 @@ pub fn corpus() -> Corpus {
 /// A 2048-token BPE trained on 64 kB of each training domain.
 pub fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| tokenizer::train_seed_mix(&corpus(), 2048, 64 << 10).unwrap())
+    TOK.get_or_init(|| data::seed_mix_tokenizer(&corpus(), 2048, 64 << 10).unwrap())
 }
 
 pub fn tiny() -> GptConfig {

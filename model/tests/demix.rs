@@ -6,7 +6,8 @@
 
 use btm_model::data::{self, DomainStream, Mixture, Split};
 use btm_model::demix::{self, Demix, DemixTrainer};
-use btm_model::forest::experiment::{Config, Plan};
+use btm_model::experiment::demix_row::{self, DemixEval};
+use btm_model::experiment::{Config, Plan};
 use btm_model::train::{CHECKPOINT_FILE, TrainConfig};
 use btm_model::{Gpt, GptConfig};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -154,7 +155,7 @@ fn a_tiny_demix_learns_two_domains_with_its_two_experts() {
         ..Default::default()
     };
     let mut t = DemixTrainer::new(Demix::init(&a, 2, 0, &cpu()), cfg, &cpu(), None).unwrap();
-    t.run(&mix, |_| {}).unwrap();
+    t.run_to_end(&mix, |_| {}).unwrap();
     let losses = &t.state.losses;
     let first = losses[..5].iter().sum::<f32>() / 5.0;
     let last = losses[losses.len() - 5..].iter().sum::<f32>() / 5.0;
@@ -207,9 +208,9 @@ fn a_demix_run_resumes_from_its_checkpoint_and_its_weights_round_trip() {
     // ...then restarted: it resumes at update 4.
     let mut resumed = DemixTrainer::new(init(), cfg.clone(), &cpu(), Some(dir.path())).unwrap();
     assert_eq!(resumed.state.step, 4);
-    resumed.run(&mix, |_| {}).unwrap();
+    resumed.run_to_end(&mix, |_| {}).unwrap();
     let mut straight = DemixTrainer::new(init(), cfg.clone(), &cpu(), None).unwrap();
-    straight.run(&mix, |_| {}).unwrap();
+    straight.run_to_end(&mix, |_| {}).unwrap();
     assert_eq!(resumed.state.data_position, straight.state.data_position);
     for (x, y) in resumed.state.losses.iter().zip(&straight.state.losses) {
         assert!((x - y).abs() < 1e-4, "{x} vs {y}");
@@ -267,7 +268,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     let devs: Vec<(String, Vec<u32>)> = all.iter().map(|d| (d.to_string(), dev(d, 64))).collect();
     let dir = tempfile::tempdir().unwrap();
     let mut lines = Vec::new();
-    let r = demix::experiment_system(
+    let r = demix_row::system(
         &cfg,
         &plan,
         &a,
@@ -276,8 +277,8 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
         &devs,
         dir.path(),
         &cpu(),
-        false,
         &mut |s| lines.push(s.to_string()),
+        &mut |_| {},
     )
     .unwrap()
     .expect("a DEMix row");
@@ -289,7 +290,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     assert!((r.train_flops - plan.dense_flops()).abs() <= 1e-9 * plan.dense_flops());
     let run = dir.path().join("demix");
     assert!(run.join("trained.json").exists() && run.join("model.safetensors").exists());
-    let priors: demix::DemixEval =
+    let priors: DemixEval =
         serde_json::from_slice(&std::fs::read(run.join("priors.json")).unwrap()).unwrap();
     assert_eq!(priors.experts, train);
     for p in priors.priors.values() {
@@ -297,7 +298,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     }
     // A second call finds the finished run and gives the same row without training.
     let weights_before = std::fs::read(run.join("model.safetensors")).unwrap();
-    let again = demix::experiment_system(
+    let again = demix_row::system(
         &cfg,
         &plan,
         &a,
@@ -306,7 +307,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
         &devs,
         dir.path(),
         &cpu(),
-        false,
+        &mut |_| {},
         &mut |_| {},
     )
     .unwrap()

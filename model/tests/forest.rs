@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use btm_model::forest::average::{self, Input};
 use btm_model::forest::ensemble::{self, Ensemble};
-use btm_model::forest::manifest::{InitKind, Parent};
+use btm_model::forest::manifest::{ForestElm, InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
 use btm_model::forest::{self, Error, Forest};
 use btm_model::generate::SampleConfig;
@@ -519,7 +519,7 @@ fn stream(domain: &str, n_ctx: usize) -> btm_model::data::DomainStream {
 
 #[test]
 fn compute_accounting_sums_correctly() {
-    use btm_model::forest::experiment::{Config, Plan};
+    use btm_model::experiment::{Config, Plan};
     let a = arch();
     // The paper's split: seed 50%, eight ELMs share the rest; seed + ELMs = dense exactly.
     let cfg = Config {
@@ -596,7 +596,6 @@ fn compute_accounting_sums_correctly() {
         tc(plan.seed_steps),
         &dir.path().join("seed"),
         &cpu(),
-        false,
         |_| {},
     )
     .unwrap();
@@ -610,7 +609,6 @@ fn compute_accounting_sums_correctly() {
             tc(plan.elm_steps),
             &dir.path().join(d),
             &cpu(),
-            false,
             |_| {},
         )
         .unwrap();
@@ -648,7 +646,6 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         seed_cfg,
         &dir.path().join("seed"),
         &cpu(),
-        false,
         |_| {},
     )
     .unwrap();
@@ -664,7 +661,6 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         cont.clone(),
         &dir.path().join("elm"),
         &cpu(),
-        false,
         |s| lrs.push((s.step, s.lr)),
     )
     .unwrap();
@@ -689,7 +685,6 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         cont,
         &dir.path().join("elm"),
         &cpu(),
-        false,
         |_| {},
     )
     .unwrap();
@@ -703,7 +698,6 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
             bad,
             &dir.path().join("elm2"),
             &cpu(),
-            false,
             |_| {}
         )
         .is_err()
@@ -834,4 +828,43 @@ fn top_k_cost_grows_with_k_not_forest_size() {
     // Top-1 on a forest of 16 costs about what top-1 on a forest of 4 costs.
     let t1 = |s| table.iter().find(|x| x.0 == s && x.1 == 1).unwrap().2;
     assert!(t1(16) < 2.0 * t1(4), "{table:?}");
+}
+
+#[test]
+fn the_init_kind_keeps_the_manifest_names() {
+    for (json, kind) in [
+        ("\"seed\"", InitKind::Seed),
+        ("\"posterior_average\"", InitKind::PosteriorAverage),
+        ("\"random\"", InitKind::Random),
+    ] {
+        assert_eq!(serde_json::from_str::<InitKind>(json).unwrap(), kind);
+        assert_eq!(serde_json::to_string(&kind).unwrap(), json);
+    }
+    assert!(serde_json::from_str::<InitKind>("\"posterior-average\"").is_err());
+    // An ELM entry as existing forest.json files hold it.
+    let elm: ForestElm = serde_json::from_str(
+        r#"{"name": "legal", "domains": ["legal"],
+            "weights": {"path": "legal/model.safetensors", "id": "ab"},
+            "init": "posterior_average",
+            "parents": [{"name": "seed", "id": "cd", "weight": 1.0}]}"#,
+    )
+    .unwrap();
+    assert_eq!(elm.init, InitKind::PosteriorAverage);
+    assert!(
+        serde_json::to_string(&elm)
+            .unwrap()
+            .contains(r#""init":"posterior_average""#)
+    );
+    // The command line's names.
+    assert_eq!("seed".parse::<InitKind>().unwrap(), InitKind::Seed);
+    assert_eq!(
+        "posterior-average".parse::<InitKind>().unwrap(),
+        InitKind::PosteriorAverage
+    );
+    assert_eq!(
+        "posterior_average".parse::<InitKind>().unwrap(),
+        InitKind::PosteriorAverage
+    );
+    assert_eq!("random".parse::<InitKind>().unwrap(), InitKind::Random);
+    assert!("average".parse::<InitKind>().is_err());
 }

@@ -40,7 +40,7 @@ fn odd_text_round_trips_too() {
 #[test]
 fn the_tokenizer_is_deterministic_and_its_bytes_are_its_identity() {
     let a = tokenizer();
-    let b = btm_model::tokenizer::train_seed_mix(&corpus(), 2048, 64 << 10).unwrap();
+    let b = btm_model::data::seed_mix_tokenizer(&corpus(), 2048, 64 << 10).unwrap();
     assert_eq!(
         a.json(),
         b.json(),

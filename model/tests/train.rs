@@ -1,9 +1,10 @@
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use btm_model::data::{self, Mixture, Split};
-use btm_model::train::{CHECKPOINT_FILE, TrainConfig, Trainer};
+use btm_model::train::{CHECKPOINT_FILE, RunOutcome, TrainConfig, Trainer};
 use btm_model::{Gpt, eval, weights};
 
 use crate::common::{corpus, cpu, tiny, tokenizer};
@@ -64,7 +65,7 @@ fn tiny_loss_falls_clearly_on_a_real_domain() {
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, cfg, &cpu(), None).unwrap();
-    trainer.run(&data, |_| {}).unwrap();
+    trainer.run_to_end(&data, |_| {}).unwrap();
     let losses = &trainer.state.losses;
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
@@ -106,7 +107,7 @@ fn run_to_end(dir: Option<&Path>) -> Trainer {
     let data = austen(Some(400_000));
     let model = Gpt::init(&tiny(), 21, &cpu());
     let mut t = Trainer::new(model, resume_config(), &cpu(), dir).unwrap();
-    t.run(&data, |_| {}).unwrap();
+    t.run_to_end(&data, |_| {}).unwrap();
     t
 }
 
@@ -142,7 +143,7 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
     let mut child = spawn_child(dir.path());
     let deadline = Instant::now() + Duration::from_secs(600);
     let killed_at = loop {
-        if let Ok(t) = Trainer::resume(&ckpt, &cpu(), None) {
+        if let Ok(t) = Trainer::<Gpt>::resume(&ckpt, &cpu()) {
             if t.state.step >= 10 {
                 child.kill().unwrap(); // SIGKILL on Unix
                 child.wait().unwrap();
@@ -156,7 +157,7 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
         assert!(Instant::now() < deadline, "no checkpoint appeared");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let partial = Trainer::resume(&ckpt, &cpu(), None).unwrap();
+    let partial = Trainer::<Gpt>::resume(&ckpt, &cpu()).unwrap();
     assert!(
         partial.state.step >= killed_at && partial.state.step < 40,
         "killed at {}",
@@ -165,7 +166,7 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
     // Restart: it continues from the checkpoint and finishes.
     let status = spawn_child(dir.path()).wait().unwrap();
     assert!(status.success());
-    let resumed = Trainer::resume(&ckpt, &cpu(), None).unwrap();
+    let resumed = Trainer::<Gpt>::resume(&ckpt, &cpu()).unwrap();
     assert_eq!(resumed.state.step, 40);
     // An uninterrupted run in this process.
     let straight = run_to_end(None);
@@ -214,7 +215,7 @@ fn a_checkpoint_with_other_settings_is_not_silently_reused() {
         Some(dir.path()),
     )
     .unwrap();
-    t.run(&data, |_| {}).unwrap();
+    t.run_to_end(&data, |_| {}).unwrap();
     let other = TrainConfig { lr: 1.0, ..cfg };
     let err = Trainer::new(
         Gpt::init(&tiny(), 0, &cpu()),
@@ -226,5 +227,61 @@ fn a_checkpoint_with_other_settings_is_not_silently_reused() {
     assert!(err.to_string().contains("different settings"), "{err}");
     // A garbage checkpoint is an error, not a panic.
     std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();
-    assert!(Trainer::resume(&dir.path().join(CHECKPOINT_FILE), &cpu(), None).is_err());
+    assert!(Trainer::<Gpt>::resume(&dir.path().join(CHECKPOINT_FILE), &cpu()).is_err());
+}
+
+#[test]
+fn a_run_stopped_at_update_k_and_resumed_ends_with_the_weights_of_an_uninterrupted_run() {
+    let data = austen(Some(100_000));
+    let cfg = TrainConfig {
+        steps: 6,
+        batch_size: 2,
+        grad_accum: 2,
+        lr: 2e-3,
+        checkpoint_every: 4,
+        seed: 3,
+        ..Default::default()
+    };
+    let init = || Gpt::init(&tiny(), 5, &cpu());
+    let dir = tempfile::tempdir().unwrap();
+    // A flag raised before the run starts stops it at once, with a checkpoint of update 0.
+    let raised = AtomicBool::new(true);
+    let mut t = Trainer::new(init(), cfg.clone(), &cpu(), Some(dir.path())).unwrap();
+    let outcome = t.run(&data, &raised, |_| panic!("no update")).unwrap();
+    assert_eq!(outcome, RunOutcome::Stopped { step: 0 });
+    assert_eq!(
+        Trainer::<Gpt>::resume(&dir.path().join(CHECKPOINT_FILE), &cpu())
+            .unwrap()
+            .state
+            .step,
+        0
+    );
+    // Stopped between updates 3 and 4 (not a checkpoint update): the stop writes one.
+    let stop = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    let outcome = t
+        .run(&data, &stop, |s| {
+            seen.push(s.step);
+            if s.step == 3 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Stopped { step: 3 });
+    drop(t);
+    // A new process would do this: the run directory's checkpoint resumes at update 3.
+    let mut resumed = Trainer::new(init(), cfg.clone(), &cpu(), Some(dir.path())).unwrap();
+    assert_eq!(resumed.state.step, 3);
+    let never = AtomicBool::new(false);
+    let outcome = resumed.run(&data, &never, |s| seen.push(s.step)).unwrap();
+    assert_eq!(outcome, RunOutcome::Finished);
+    assert_eq!(seen, [1, 2, 3, 4, 5, 6]);
+    let mut straight = Trainer::new(init(), cfg, &cpu(), None).unwrap();
+    straight.run_to_end(&data, |_| {}).unwrap();
+    assert_eq!(resumed.state, straight.state);
+    assert_eq!(
+        weights::named_tensors(&resumed.model()),
+        weights::named_tensors(&straight.model()),
+        "the resumed run's weights are exactly the uninterrupted run's"
+    );
 }

@@ -70,7 +70,7 @@ fn tiny_trains_on_wgpu_and_matches_the_cpu_forward_pass() {
         ..Default::default()
     };
     let mut t = Trainer::new(model, tc, &device, None).unwrap();
-    t.run(&mixture, |_| {}).unwrap();
+    t.run_to_end(&mixture, |_| {}).unwrap();
     let l = &t.state.losses;
     eprintln!("wgpu losses: {l:?}");
     assert!(l.iter().all(|x| x.is_finite()));

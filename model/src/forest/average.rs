@@ -12,7 +12,7 @@ use burn::tensor::Device;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Serialize;
 
-use super::Error;
+use super::error::Error;
 use crate::config::GptConfig;
 use crate::gpt::Gpt;
 use crate::weights::{self, NamedTensor};
@@ -206,7 +206,7 @@ pub fn average_files(
         files_read,
         weights: w,
         id: content_id(&bytes),
-        peak_rss_bytes: super::peak_rss_bytes(),
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }
 
@@ -280,4 +280,12 @@ pub fn average_models(models: &[(&Gpt, f64)], device: &Device) -> Result<Gpt, Er
         .collect();
     let avg = average_tensors(&inputs)?;
     Ok(weights::from_named_tensors(&config, avg, device)?)
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -2,10 +2,11 @@
 //!
 //! - The **seed** is an ordinary training run on a [`Mixture`] of all training domains
 //!   (domain-balanced batches): [`train`].
-//! - A **branch** starts from the seed ([`Init::Seed`]), from the parameter average of
+//! - A **branch** starts from the seed ([`InitKind::Seed`]), from the parameter average of
 //!   existing ELMs weighted by their domain posterior on the new domain's dev data
-//!   ([`Init::PosteriorAverage`], the paper's best; see [`posterior_average_init`]), or from a
-//!   random initialisation ([`Init::Random`], the "no seed phase" ablation).
+//!   ([`InitKind::PosteriorAverage`], the paper's best; see [`posterior_average_init`]), or
+//!   from a random initialisation ([`InitKind::Random`], the "no seed phase" ablation); the
+//!   manifest records which ([`super::manifest::ForestElm::init`]).
 //! - Each ELM then trains on its own domain only ([`train`] on a one-domain [`Mixture`]),
 //!   independently of every other. The paper restarts the optimiser (fresh Adam moments, a
 //!   new warm-up); [`OptimizerInit::ContinueSeed`] is the released code's behaviour: the seed's
@@ -17,42 +18,13 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::average::{self, Input};
-use super::manifest::{InitKind, Parent, TrainRecord};
-use super::{Error, Forest};
+use super::error::Error;
+pub use super::manifest::InitKind;
+use super::manifest::{Forest, Parent, TrainRecord};
 use crate::data::Mixture;
 use crate::gpt::Gpt;
-use crate::train::{CHECKPOINT_FILE, StepStats, TrainConfig, Trainer};
-use crate::{content_id, fsutil, weights};
-
-/// Where a new ELM's weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Init {
-    /// A copy of the seed LM.
-    Seed,
-    /// The parameter average of existing ELMs weighted by their domain posterior (cached prior)
-    /// on the new domain's dev data, over the `top_k` largest entries (all when `None`).
-    PosteriorAverage {
-        /// How many ELMs to average.
-        top_k: Option<usize>,
-    },
-    /// A fresh random initialisation with this seed (no seed phase).
-    Random {
-        /// Initialisation seed.
-        seed: u64,
-    },
-}
-
-impl Init {
-    /// The manifest's record of this kind of initialisation.
-    pub fn kind(self) -> InitKind {
-        match self {
-            Init::Seed => InitKind::Seed,
-            Init::PosteriorAverage { .. } => InitKind::PosteriorAverage,
-            Init::Random { .. } => InitKind::Random,
-        }
-    }
-}
+use crate::train::{CHECKPOINT_FILE, StepStats, TrainConfig, Trainable, Trainer};
+use crate::{content_id, fsutil};
 
 /// What a branch does with the optimiser.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,13 +51,17 @@ pub struct Trained {
     pub losses: Vec<f32>,
 }
 
-/// Name of the weights file a run writes.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub use crate::files::WEIGHTS_FILE;
 
-fn finish(trainer: &Trainer, start_step: u64, run_dir: &Path) -> Result<Trained, Error> {
-    let model = trainer.model();
+/// Writes the trained model of `trainer` to `run_dir/model.safetensors`; its record counts the
+/// updates after `start_step` (the parent's, for a run that continued another).
+pub fn finish<M: Trainable>(
+    trainer: &Trainer<M>,
+    start_step: u64,
+    run_dir: &Path,
+) -> Result<Trained, Error> {
     let path = run_dir.join(WEIGHTS_FILE);
-    let bytes = weights::to_bytes(&model.config(), &weights::named_tensors(&model))?;
+    let bytes = trainer.model().to_bytes()?;
     fsutil::write_atomic(&path, &bytes)?;
     Ok(Trained {
         weights: path,
@@ -101,21 +77,33 @@ fn finish(trainer: &Trainer, start_step: u64, run_dir: &Path) -> Result<Trained,
 
 /// Trains `model` on `data` with a fresh optimiser in `run_dir` (resuming a checkpoint there),
 /// then writes `run_dir/model.safetensors`. A seed is this on the mix of all training
-/// domains; an ELM is this on its one domain.
-pub fn train(
-    model: Gpt,
+/// domains; an ELM is this on its one domain. `on_step` sees every update.
+pub fn train<M: Trainable>(
+    model: M,
     data: &Mixture,
     cfg: TrainConfig,
     run_dir: &Path,
     device: &Device,
-    progress: bool,
     on_step: impl FnMut(&StepStats),
 ) -> Result<Trained, Error> {
-    std::fs::create_dir_all(run_dir).map_err(|e| crate::Error::io(run_dir, e))?;
-    let mut trainer = Trainer::new(model, cfg, device, Some(run_dir))?;
-    trainer.progress = progress;
-    trainer.run(data, on_step)?;
-    finish(&trainer, 0, run_dir)
+    create_dir(run_dir)?;
+    let trainer = Trainer::new(model, cfg, device, Some(run_dir))?;
+    run_and_finish(trainer, data, 0, run_dir, on_step)
+}
+
+fn create_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e).into())
+}
+
+fn run_and_finish<M: Trainable>(
+    mut trainer: Trainer<M>,
+    data: &Mixture,
+    start_step: u64,
+    run_dir: &Path,
+    on_step: impl FnMut(&StepStats),
+) -> Result<Trained, Error> {
+    trainer.run_to_end(data, on_step)?;
+    finish(&trainer, start_step, run_dir)
 }
 
 /// Trains on `data` continuing the optimiser state and schedule of the run whose checkpoint is
@@ -127,16 +115,13 @@ pub fn train_continuing(
     cfg: TrainConfig,
     run_dir: &Path,
     device: &Device,
-    progress: bool,
     on_step: impl FnMut(&StepStats),
 ) -> Result<Trained, Error> {
-    std::fs::create_dir_all(run_dir).map_err(|e| crate::Error::io(run_dir, e))?;
+    create_dir(run_dir)?;
     let parent = parent_run.join(CHECKPOINT_FILE);
-    let parent_steps = Trainer::resume(&parent, device, None)?.state.step;
-    let mut trainer = Trainer::continue_from(&parent, cfg, device, Some(run_dir))?;
-    trainer.progress = progress;
-    trainer.run(data, on_step)?;
-    finish(&trainer, parent_steps, run_dir)
+    let parent_steps = Trainer::<Gpt>::resume(&parent, device)?.state.step;
+    let trainer = Trainer::<Gpt>::continue_from(&parent, cfg, device, Some(run_dir))?;
+    run_and_finish(trainer, data, parent_steps, run_dir, on_step)
 }
 
 /// Writes the initial weights of a branch by the paper's best rule: the parameter average of

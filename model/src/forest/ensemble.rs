@@ -12,8 +12,9 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::error::Error;
+use super::manifest::Forest;
 use super::posterior::{self, PriorConfig, Weighting};
-use super::{Error, Forest};
 use crate::eval::{self, EvalResult};
 use crate::generate::{self, SampleConfig};
 use crate::gpt::Gpt;

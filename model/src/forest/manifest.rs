@@ -11,15 +11,14 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::Error;
+use super::error::Error;
 use crate::config::GptConfig;
 use crate::gpt::Gpt;
 use crate::{content_id, fsutil, weights};
 
 /// The `format` field of a manifest.
 pub const FORMAT: &str = "btm-forest/1";
-/// The usual manifest file name.
-pub const MANIFEST_FILE: &str = "forest.json";
+pub use crate::files::MANIFEST_FILE;
 /// Largest manifest we read.
 pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// Most ELMs a forest may hold.
@@ -45,16 +44,36 @@ pub struct Parent {
     pub weight: f64,
 }
 
-/// How an ELM was initialised.
+/// How a branch (a new ELM) starts, as the manifest records it (`"seed"`,
+/// `"posterior_average"` or `"random"`). What it starts from is in [`ForestElm::parents`]; the
+/// settings of each kind are arguments where it is made (the `top_k` of
+/// [`super::branch::posterior_average_init`], the seed of a random initialisation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitKind {
-    /// Branched from the seed LM.
+    /// Branched from (a copy of) the seed LM.
     Seed,
-    /// The domain-posterior-weighted parameter average of existing ELMs.
+    /// The parameter average of existing ELMs weighted by their domain posterior (cached
+    /// prior) on the new domain's dev data: the paper's best.
     PosteriorAverage,
     /// From a random initialisation (no seed phase).
     Random,
+}
+
+impl std::str::FromStr for InitKind {
+    type Err = crate::Error;
+
+    /// The command-line names: `seed`, `posterior-average` (or `posterior_average`), `random`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "seed" => Ok(InitKind::Seed),
+            "posterior-average" | "posterior_average" => Ok(InitKind::PosteriorAverage),
+            "random" => Ok(InitKind::Random),
+            other => Err(crate::Error::Config(format!(
+                "unknown initialisation {other:?} (seed, posterior-average or random)"
+            ))),
+        }
+    }
 }
 
 /// What training an ELM cost.

@@ -1,6 +1,7 @@
 //! The compute-matched comparison of the paper, at laptop scale: a dense Transformer-LM, BTM
 //! (seed + one ELM per training domain, used by ensembling and by parameter averaging), a
-//! random-split ensemble, BTM without a seed phase and DEMix ([`crate::demix`]), all with the
+//! random-split ensemble, BTM without a seed phase and DEMix ([`crate::demix`], its row in
+//! [`demix_row`]), all with the
 //! same training FLOPs, scored
 //! in domain (the 8 training domains' test splits) and out of domain (the 4 evaluation-only
 //! domains).
@@ -13,6 +14,11 @@
 //! Every training run lives in its own directory under the output directory and is skipped
 //! when already finished (`trained.json`), so a killed experiment continues where it stopped.
 
+pub mod demix_row;
+pub mod plan;
+
+pub use plan::{Config, Plan, SystemResult};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,174 +29,19 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::average::{self, Input};
-use super::branch::{self, OptimizerInit, Trained};
-use super::manifest::{InitKind, Parent};
-use super::posterior::{self, PriorConfig, Weighting};
-use super::{Error, Forest};
-use crate::config::{GptConfig, Preset};
+use self::plan::{ppl, result, train_once};
+use crate::config::GptConfig;
 use crate::data::{self, Corpus, DomainStream, EVAL_DOMAINS, Mixture, Split, TRAIN_DOMAINS};
+use crate::files::TOKENIZER_FILE;
+use crate::forest::average::{self, Input};
+use crate::forest::branch::{self, OptimizerInit};
+use crate::forest::manifest::{InitKind, Parent};
+use crate::forest::posterior::{self, PriorConfig, Weighting};
+use crate::forest::{Error, Forest};
 use crate::gpt::Gpt;
-use crate::tokenizer::{self, Tokenizer};
-use crate::train::{TrainConfig, Trainer};
+use crate::tokenizer::Tokenizer;
+use crate::train::{StepStats, TrainConfig, Trainer};
 use crate::{eval, fsutil, weights};
-
-/// Settings of an experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Config {
-    /// Architecture preset (every system has this architecture).
-    #[serde(with = "preset_name")]
-    pub preset: Preset,
-    /// `B`: the dense LM's updates; every system gets the FLOPs of these.
-    pub total_steps: u64,
-    /// Fraction of the budget spent on the seed (the paper: 0.5).
-    pub seed_share: f64,
-    /// Blocks per update (the same for every run).
-    pub batch_size: usize,
-    /// Peak learning rate (every run: warm-up 8%, linear decay).
-    pub lr: f64,
-    /// What a branch does with the seed's optimiser.
-    pub optimizer: OptimizerInit,
-    /// Test tokens per domain.
-    pub eval_tokens: usize,
-    /// Dev blocks per domain for the cached prior (the released code uses about 200).
-    pub prior_blocks: usize,
-    /// k of the top-k ensemble.
-    pub top_k: usize,
-    /// Bytes of each training domain's train split to use (None: all).
-    pub train_bytes: Option<usize>,
-    /// Bytes per training domain for the tokenizer.
-    pub tokenizer_bytes: usize,
-    /// Seed of the initialisation, the data order and the random split.
-    pub seed: u64,
-    /// Also train the random-split ensemble.
-    pub random_split: bool,
-    /// Also train ELMs without a seed phase (branched from the random initialisation).
-    pub no_seed: bool,
-    /// Also train DEMix.
-    pub demix: bool,
-    /// Points of the dense LM's learning curve to evaluate (0: only the end).
-    pub curve_points: usize,
-}
-
-impl Config {
-    /// A smoke run of a few minutes on 2 cores.
-    pub fn quick() -> Self {
-        Config {
-            preset: Preset::Tiny,
-            total_steps: 160,
-            seed_share: 0.5,
-            batch_size: 4,
-            lr: 2e-3,
-            optimizer: OptimizerInit::Fresh,
-            eval_tokens: 2048,
-            prior_blocks: 8,
-            top_k: 2,
-            train_bytes: Some(400_000),
-            tokenizer_bytes: 64 << 10,
-            seed: 0,
-            random_split: true,
-            no_seed: true,
-            demix: true,
-            curve_points: 2,
-        }
-    }
-
-    /// The default run: about an hour on 2 cores.
-    pub fn standard() -> Self {
-        Config {
-            total_steps: 2400,
-            batch_size: 8,
-            eval_tokens: 16_384,
-            prior_blocks: 100,
-            train_bytes: None,
-            tokenizer_bytes: 256 << 10,
-            curve_points: 4,
-            ..Config::quick()
-        }
-    }
-}
-
-/// The compute accounting of an experiment.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    /// ELMs (one per training domain).
-    pub n_elms: usize,
-    /// Dense LM updates (`B`).
-    pub dense_steps: u64,
-    /// Seed updates (`s·B`).
-    pub seed_steps: u64,
-    /// Updates of each ELM (`(1 - s)·B / E`).
-    pub elm_steps: u64,
-    /// Updates of each ELM without a seed phase (`B / E`).
-    pub no_seed_elm_steps: u64,
-    /// Tokens per update.
-    pub tokens_per_step: u64,
-    /// Training FLOPs per token of the architecture.
-    pub flops_per_token: f64,
-}
-
-impl Plan {
-    /// The plan for `cfg` with `n_elms` ELMs and architecture `arch`.
-    pub fn new(cfg: &Config, n_elms: usize, arch: &GptConfig) -> Result<Self, Error> {
-        if !(0.0..1.0).contains(&cfg.seed_share) {
-            return Err(crate::Error::Config("seed_share must be in [0, 1)".into()).into());
-        }
-        let e = n_elms.max(1) as u64;
-        let seed_steps = (cfg.seed_share * cfg.total_steps as f64).round() as u64;
-        let elm_steps = (cfg.total_steps - seed_steps) / e;
-        if elm_steps == 0 {
-            return Err(crate::Error::Config(format!(
-                "{} updates leave none for {n_elms} ELMs after the seed's {seed_steps}",
-                cfg.total_steps
-            ))
-            .into());
-        }
-        Ok(Plan {
-            n_elms,
-            dense_steps: cfg.total_steps,
-            seed_steps,
-            elm_steps,
-            no_seed_elm_steps: cfg.total_steps / e,
-            tokens_per_step: (cfg.batch_size * arch.n_ctx) as u64,
-            flops_per_token: arch.train_flops_per_token(),
-        })
-    }
-
-    /// Training FLOPs of `steps` updates.
-    pub fn flops(&self, steps: u64) -> f64 {
-        steps as f64 * self.tokens_per_step as f64 * self.flops_per_token
-    }
-
-    /// The dense LM's training FLOPs.
-    pub fn dense_flops(&self) -> f64 {
-        self.flops(self.dense_steps)
-    }
-
-    /// BTM's training FLOPs: the seed plus every ELM.
-    pub fn btm_flops(&self) -> f64 {
-        self.flops(self.seed_steps) + self.n_elms as f64 * self.flops(self.elm_steps)
-    }
-}
-
-/// One system's scores.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SystemResult {
-    /// Name (e.g. `btm_ensemble`).
-    pub name: String,
-    /// Training FLOPs spent on it (the seed included).
-    pub train_flops: f64,
-    /// Models run per token at inference.
-    pub inference_models: usize,
-    /// Test perplexity per training domain.
-    pub in_domain: BTreeMap<String, f64>,
-    /// Test perplexity per evaluation-only domain.
-    pub out_domain: BTreeMap<String, f64>,
-    /// Mean of `in_domain`.
-    pub mean_in: f64,
-    /// Mean of `out_domain`.
-    pub mean_out: f64,
-}
 
 /// A point of a learning curve.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,81 +116,11 @@ impl EvalData {
     }
 }
 
-fn is_train_domain(d: &str) -> bool {
-    TRAIN_DOMAINS.contains(&d)
-}
-
-pub(crate) fn result(
-    name: &str,
-    train_flops: f64,
-    inference_models: usize,
-    ppl: &[(String, f64)],
-) -> SystemResult {
-    let mut r = SystemResult {
-        name: name.to_string(),
-        train_flops,
-        inference_models,
-        in_domain: BTreeMap::new(),
-        out_domain: BTreeMap::new(),
-        mean_in: f64::NAN,
-        mean_out: f64::NAN,
-    };
-    for (d, p) in ppl {
-        if is_train_domain(d) {
-            r.in_domain.insert(d.clone(), *p);
-        } else {
-            r.out_domain.insert(d.clone(), *p);
-        }
-    }
-    let mean = |m: &BTreeMap<String, f64>| m.values().sum::<f64>() / m.len().max(1) as f64;
-    r.mean_in = mean(&r.in_domain);
-    r.mean_out = mean(&r.out_domain);
-    r
-}
-
-pub(crate) fn ppl(logprobs: &[f64]) -> f64 {
-    (-logprobs.iter().sum::<f64>() / logprobs.len().max(1) as f64).exp()
-}
-
 fn eval_model(model: &Gpt, data: &EvalData, device: &Device) -> Result<Vec<(String, f64)>, Error> {
     data.test
         .iter()
         .map(|(d, t)| Ok((d.clone(), ppl(&eval::token_logprobs(model, t, 8, device)?))))
         .collect()
-}
-
-/// Runs `f` unless `dir/trained.json` says the run is done; records its result there.
-pub(crate) fn train_once(
-    dir: &Path,
-    f: impl FnOnce() -> Result<Trained, Error>,
-) -> Result<Trained, Error> {
-    let marker = dir.join("trained.json");
-    if let Ok(bytes) = std::fs::read(&marker)
-        && let Ok(t) = serde_json::from_slice::<TrainedOnDisk>(&bytes)
-        && dir.join(branch::WEIGHTS_FILE).exists()
-    {
-        return Ok(Trained {
-            weights: dir.join(branch::WEIGHTS_FILE),
-            id: t.id,
-            record: t.record,
-            losses: t.losses,
-        });
-    }
-    let t = f()?;
-    let on_disk = TrainedOnDisk {
-        id: t.id.clone(),
-        record: t.record,
-        losses: t.losses.clone(),
-    };
-    fsutil::write_atomic(&marker, &serde_json::to_vec(&on_disk)?)?;
-    Ok(t)
-}
-
-#[derive(Serialize, Deserialize)]
-struct TrainedOnDisk {
-    id: String,
-    record: super::manifest::TrainRecord,
-    losses: Vec<f32>,
 }
 
 /// A forest's ELMs scored on every domain: `test[d][j]`, `dev[d][j]` per-token log-probs.
@@ -375,7 +156,6 @@ fn forest_systems(
     flops: f64,
     data: &EvalData,
     cfg: &Config,
-    averages: bool,
     tmp: &Path,
     device: &Device,
     say: &mut dyn FnMut(&str),
@@ -440,22 +220,11 @@ fn forest_systems(
                 Weighting::Uniform,
             )),
         );
-        if averages {
-            let inputs: Vec<Input> = (0..e)
-                .map(|j| Input {
-                    path: forest.resolve(&forest.elms[j].weights),
-                    weight: prior[j],
-                    id: Some(forest.elms[j].weights.id.clone()),
-                })
-                .collect();
-            let out = tmp.join("average.safetensors");
-            average::average_files(&inputs, Some(&forest.architecture), &out)?;
-            let m = weights::load(&out, Some(&forest.architecture), device)?;
-            push(
-                "average_posterior",
-                ppl(&eval::token_logprobs(&m, t, 8, device)?),
-            );
-        }
+        let m = average_model(forest, |j| prior[j], tmp, device)?;
+        push(
+            "average_posterior",
+            ppl(&eval::token_logprobs(&m, t, 8, device)?),
+        );
         priors.push(prior);
     }
     let mut out = Vec::new();
@@ -470,27 +239,37 @@ fn forest_systems(
             out.push(result(&format!("{prefix}_{k}"), flops, models, r));
         }
     }
-    if averages {
-        let inputs: Vec<Input> = forest
-            .elms
-            .iter()
-            .map(|el| Input {
-                path: forest.resolve(&el.weights),
-                weight: 1.0,
-                id: Some(el.weights.id.clone()),
-            })
-            .collect();
-        let path = tmp.join("average.safetensors");
-        average::average_files(&inputs, Some(&forest.architecture), &path)?;
-        let m = weights::load(&path, Some(&forest.architecture), device)?;
-        out.push(result(
-            &format!("{prefix}_average_uniform"),
-            flops,
-            1,
-            &eval_model(&m, data, device)?,
-        ));
-    }
+    let m = average_model(forest, |_| 1.0, tmp, device)?;
+    out.push(result(
+        &format!("{prefix}_average_uniform"),
+        flops,
+        1,
+        &eval_model(&m, data, device)?,
+    ));
     Ok((out, priors))
+}
+
+/// The parameter average of a forest's ELMs, ELM `j` with weight `weight(j)`, written to
+/// `tmp/average.safetensors` and loaded.
+fn average_model(
+    forest: &Forest,
+    weight: impl Fn(usize) -> f64,
+    tmp: &Path,
+    device: &Device,
+) -> Result<Gpt, Error> {
+    let inputs: Vec<Input> = forest
+        .elms
+        .iter()
+        .enumerate()
+        .map(|(j, el)| Input {
+            path: forest.resolve(&el.weights),
+            weight: weight(j),
+            id: Some(el.weights.id.clone()),
+        })
+        .collect();
+    let path = tmp.join("average.safetensors");
+    average::average_files(&inputs, Some(&forest.architecture), &path)?;
+    Ok(weights::load(&path, Some(&forest.architecture), device)?)
 }
 
 fn mixture(streams: Vec<DomainStream>, seed: u64) -> Result<Mixture, Error> {
@@ -529,24 +308,25 @@ fn random_split(
     Ok(out)
 }
 
-/// Runs the whole comparison in `out_dir`; `say` receives progress lines.
+/// Runs the whole comparison in `out_dir`; `say` receives progress lines and `on_step` every
+/// training update with the name of its run (`dense`, `seed`, `btm/<elm>`, `demix`, ...).
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     out_dir: &Path,
     device: &Device,
-    progress: bool,
     say: &mut dyn FnMut(&str),
+    on_step: &mut dyn FnMut(&str, &StepStats),
 ) -> Result<Report, Error> {
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(|e| crate::Error::io(out_dir, e))?;
-    let tok_path = out_dir.join("tokenizer.json");
+    let tok_path = out_dir.join(TOKENIZER_FILE);
     let tok = if tok_path.exists() {
         Tokenizer::load(&tok_path)?
     } else {
         say("training the tokenizer on the seed mix");
         let t =
-            tokenizer::train_seed_mix(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
+            data::seed_mix_tokenizer(corpus, cfg.preset.config().vocab_size, cfg.tokenizer_bytes)?;
         t.save(&tok_path)?;
         t
     };
@@ -595,7 +375,6 @@ pub fn run(
     ));
     let dense = train_once(&dense_dir, || {
         let mut t = Trainer::new(init(), tc(plan.dense_steps), device, Some(&dense_dir))?;
-        t.progress = progress;
         let every = if cfg.curve_points > 0 {
             (plan.dense_steps / cfg.curve_points as u64).max(1)
         } else {
@@ -603,7 +382,7 @@ pub fn run(
         };
         let mut points = Vec::new();
         while !t.finished() {
-            t.step(&mix_all)?;
+            on_step("dense", &t.step(&mix_all)?);
             if t.state.step % every == 0 && !t.finished() {
                 let r = result(
                     "dense",
@@ -626,19 +405,7 @@ pub fn run(
         }
         t.save_checkpoint()?;
         fsutil::write_atomic(&dense_dir.join("curve.json"), &serde_json::to_vec(&points)?)?;
-        let model = t.model();
-        let path = dense_dir.join(branch::WEIGHTS_FILE);
-        weights::save(&model, &path)?;
-        Ok(Trained {
-            id: crate::content_id(&std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?),
-            weights: path,
-            record: super::manifest::TrainRecord {
-                steps: t.state.step,
-                tokens: t.state.tokens,
-                flops: t.state.flops,
-            },
-            losses: t.state.losses.clone(),
-        })
+        branch::finish(&t, 0, &dense_dir)
     })?;
     if let Ok(bytes) = std::fs::read(dense_dir.join("curve.json")) {
         curves.extend(serde_json::from_slice::<Vec<CurvePoint>>(&bytes).unwrap_or_default());
@@ -670,15 +437,9 @@ pub fn run(
     let seed = if plan.seed_steps > 0 {
         say(&format!("seed: {} updates on the mix", plan.seed_steps));
         let s = train_once(&seed_dir, || {
-            branch::train(
-                init(),
-                &mix_all,
-                seed_cfg,
-                &seed_dir,
-                device,
-                progress,
-                |_| {},
-            )
+            branch::train(init(), &mix_all, seed_cfg, &seed_dir, device, |s| {
+                on_step("seed", s)
+            })
         })?;
         let m = weights::load(&s.weights, Some(&arch), device)?;
         let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
@@ -701,7 +462,8 @@ pub fn run(
                         elm_steps: u64,
                         from_seed: bool,
                         parts: &[(String, Vec<DomainStream>)],
-                        say: &mut dyn FnMut(&str)|
+                        say: &mut dyn FnMut(&str),
+                        on_step: &mut dyn FnMut(&str, &StepStats)|
      -> Result<(Forest, f64), Error> {
         let dir = out_dir.join(name);
         let mut forest = Forest::create(&dir, arch, &tok_path)?;
@@ -713,35 +475,21 @@ pub fn run(
             let run_dir = dir.join(elm);
             let data = mixture(part.clone(), cfg.seed)?;
             say(&format!("{name}/{elm}: {elm_steps} updates"));
+            let run_name = format!("{name}/{elm}");
+            let mut on_step = |s: &StepStats| on_step(&run_name, s);
             let trained = train_once(&run_dir, || match (&seed, from_seed) {
                 (Some(_), true) if continuing => {
                     let c = TrainConfig {
                         schedule_steps: Some(plan.seed_steps + plan.elm_steps),
                         ..tc(plan.seed_steps + elm_steps)
                     };
-                    branch::train_continuing(
-                        &seed_dir,
-                        &data,
-                        c,
-                        &run_dir,
-                        device,
-                        progress,
-                        |_| {},
-                    )
+                    branch::train_continuing(&seed_dir, &data, c, &run_dir, device, &mut on_step)
                 }
                 (Some(s), true) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
-                    branch::train(m, &data, tc(elm_steps), &run_dir, device, progress, |_| {})
+                    branch::train(m, &data, tc(elm_steps), &run_dir, device, &mut on_step)
                 }
-                _ => branch::train(
-                    init(),
-                    &data,
-                    tc(elm_steps),
-                    &run_dir,
-                    device,
-                    progress,
-                    |_| {},
-                ),
+                _ => branch::train(init(), &data, tc(elm_steps), &run_dir, device, &mut on_step),
             })?;
             flops += trained.record.flops;
             let (init_kind, parents) = match (&seed, from_seed) {
@@ -774,14 +522,13 @@ pub fn run(
         .iter()
         .map(|s| (s.domain.clone(), vec![s.clone()]))
         .collect();
-    let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say)?;
+    let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say, on_step)?;
     let (mut rs, priors) = forest_systems(
         "btm",
         &btm,
         seed_flops + btm_flops,
         &data,
         cfg,
-        true,
         &tmp,
         device,
         say,
@@ -810,14 +557,13 @@ pub fn run(
             .enumerate()
             .map(|(i, p)| (format!("split{i}"), p))
             .collect();
-        let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say)?;
+        let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say, on_step)?;
         let (rs, _) = forest_systems(
             "random_split",
             &f,
             seed_flops + fl,
             &data,
             cfg,
-            true,
             &tmp,
             device,
             say,
@@ -828,16 +574,32 @@ pub fn run(
             }));
     }
     if cfg.no_seed && plan.seed_steps > 0 {
-        let (f, fl) = build_forest("no_seed", plan.no_seed_elm_steps, false, &domain_parts, say)?;
-        let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, true, &tmp, device, say)?;
+        let (f, fl) = build_forest(
+            "no_seed",
+            plan.no_seed_elm_steps,
+            false,
+            &domain_parts,
+            say,
+            on_step,
+        )?;
+        let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, &tmp, device, say)?;
         systems
             .extend(rs.into_iter().filter(|r| {
                 r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
             }));
     }
     if cfg.demix
-        && let Some(r) = crate::demix::experiment_system(
-            cfg, &plan, &arch, &streams, &data.test, &data.dev, out_dir, device, progress, say,
+        && let Some(r) = demix_row::system(
+            cfg,
+            &plan,
+            &arch,
+            &streams,
+            &data.test,
+            &data.dev,
+            out_dir,
+            device,
+            say,
+            &mut |s| on_step("demix", s),
         )?
     {
         systems.push(r);
@@ -934,20 +696,4 @@ pub fn report_paths(out_dir: &Path) -> [PathBuf; 3] {
         out_dir.join("results.md"),
         out_dir.join("results.png"),
     ]
-}
-
-/// `Preset` as its command-line name in JSON.
-mod preset_name {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::config::Preset;
-
-    pub fn serialize<S: Serializer>(p: &Preset, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(p.name())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Preset, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }

@@ -6,6 +6,7 @@
 //! A client is a node too: it verifies every ELM itself (signature, hash, shapes, finite values,
 //! re-scored perplexity) before `fetch` uses it; `--unverified` takes the others as well.
 
+use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -126,18 +127,24 @@ fn print_listing(l: &Listing, me: &str) {
 }
 
 pub fn list(a: ListArgs, json: bool) -> Result<()> {
-    with_client(&a.net, a.wait, "client", json, async |client, node, stop, events, _| {
-        let Some(reg) = client.catch_up(node, stop, events, |_| true).await? else {
-            return Ok(());
-        };
-        let l = Client::listing(node, reg.record())?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&l)?);
-        } else {
-            print_listing(&l, &node.node_id().to_string());
-        }
-        Ok(())
-    })
+    with_client(
+        &a.net,
+        a.wait,
+        "client",
+        json,
+        async |client, node, stop, events, _| {
+            let Some(reg) = client.catch_up(node, stop, events, |_| true).await? else {
+                return Ok(());
+            };
+            let l = Client::listing(node, reg.record())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print_listing(&l, &node.node_id().to_string());
+            }
+            Ok(())
+        },
+    )
 }
 
 // ---- fetch -------------------------------------------------------------------------------
@@ -171,40 +178,46 @@ pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
         unverified: a.unverified,
         min_elms: a.min_elms,
     };
-    with_client(&a.net, a.wait, "fetch", json, async |client, node, stop, events, _| {
-        let Some(rows) = client.fetch(node, &req, stop, events).await? else {
-            return Ok(());
-        };
-        if json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
-            return Ok(());
-        }
-        println!(
-            "{:<24} {:<9} {:>10} {:>10} {:>9}  here",
-            "ELM", "record", "claimed", "measured", "accepts"
-        );
-        for r in &rows {
+    with_client(
+        &a.net,
+        a.wait,
+        "fetch",
+        json,
+        async |client, node, stop, events, _| {
+            let Some(rows) = client.fetch(node, &req, stop, events).await? else {
+                return Ok(());
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
             println!(
-                "{:<24} {:<9} {:>10.2} {:>10} {:>9}  {}",
-                r.name,
-                short(&r.id.0),
-                r.claimed_ppl,
-                r.measured_ppl.map_or("-".into(), |p| format!("{p:.2}")),
-                r.verifiers,
-                match r.verified_here {
-                    Some(true) => "verified",
-                    Some(false) => "REJECTED (--unverified)",
-                    None => "unverified (--unverified)",
-                }
+                "{:<24} {:<9} {:>10} {:>10} {:>9}  here",
+                "ELM", "record", "claimed", "measured", "accepts"
             );
-        }
-        println!(
-            "forest of {} ELMs written to {}",
-            rows.len(),
-            req.out.join(manifest::MANIFEST_FILE).display()
-        );
-        Ok(())
-    })
+            for r in &rows {
+                println!(
+                    "{:<24} {:<9} {:>10.2} {:>10} {:>9}  {}",
+                    r.name,
+                    short(&r.id.0),
+                    r.claimed_ppl,
+                    r.measured_ppl.map_or("-".into(), |p| format!("{p:.2}")),
+                    r.verifiers,
+                    match r.verified_here {
+                        Some(true) => "verified",
+                        Some(false) => "REJECTED (--unverified)",
+                        None => "unverified (--unverified)",
+                    }
+                );
+            }
+            println!(
+                "forest of {} ELMs written to {}",
+                rows.len(),
+                req.out.join(manifest::MANIFEST_FILE).display()
+            );
+            Ok(())
+        },
+    )
 }
 
 // ---- forest report -----------------------------------------------------------------------
@@ -718,9 +731,9 @@ pub fn average(a: AverageArgs, json: bool) -> Result<()> {
         })
         .collect();
     std::fs::create_dir_all(&a.out)?;
-    let path = a.out.join("model.safetensors");
+    let path = a.out.join(WEIGHTS_FILE);
     let summary = average::average_files(&inputs, Some(&forest.architecture), &path)?;
-    tok.save(&a.out.join("tokenizer.json"))?;
+    tok.save(&a.out.join(TOKENIZER_FILE))?;
     let weights: Vec<(String, f64)> = sel
         .iter()
         .zip(&summary.weights)

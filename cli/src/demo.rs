@@ -13,6 +13,7 @@
 //! Every process writes its log to `<dir>/logs/` and its state to `<data dir>/status.json`;
 //! the demo watches those and shows one progress line per node.
 
+use btm_model::files::WEIGHTS_FILE;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -223,7 +224,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     let seed_tag = format!("{} {} {}", a.preset, a.seed_steps, a.batch_size);
     let tag_path = seed_dir.join("demo-seed.txt");
     let seed_ok = !a.retrain_seed
-        && seed_dir.join("model.safetensors").exists()
+        && seed_dir.join(WEIGHTS_FILE).exists()
         && std::fs::read_to_string(&tag_path).is_ok_and(|t| t == seed_tag);
     if dir.exists() {
         for entry in std::fs::read_dir(dir)? {

@@ -128,8 +128,8 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
         .iter()
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<Vec<_>>>()?;
-    let seed = SeedFiles::load(&a.seed)
-        .with_context(|| format!("the seed in {}", a.seed.display()))?;
+    let seed =
+        SeedFiles::load(&a.seed).with_context(|| format!("the seed in {}", a.seed.display()))?;
     let maintainer = Maintainer::new(MaintainerConfig {
         keys,
         seed,

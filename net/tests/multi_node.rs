@@ -205,7 +205,9 @@ async fn mdns_discovery() {
     // the veth address (loopback is never announced by mDNS).
     let addrs = nodes[1].listen_addrs().await.expect("addrs");
     assert!(
-        addrs.iter().any(|a| a.to_string().contains(crate::netns::ADDR)),
+        addrs
+            .iter()
+            .any(|a| a.to_string().contains(crate::netns::ADDR)),
         "listen addresses {addrs:?} lack {}",
         crate::netns::ADDR
     );

@@ -76,9 +76,7 @@ pub fn run_confined(test: &str) -> Confined {
     }
     let required = std::env::var_os("BTM_REQUIRE_NETNS").is_some();
     // Probe: can a namespace with the veth pair be made here?
-    let probe = unshare()
-        .args(["sh", "-c", &setup_script()])
-        .output();
+    let probe = unshare().args(["sh", "-c", &setup_script()]).output();
     match probe {
         Ok(o) if o.status.success() => {}
         other => {
@@ -90,7 +88,9 @@ pub fn run_confined(test: &str) -> Confined {
                 !required,
                 "BTM_REQUIRE_NETNS is set but a network namespace cannot be made: {why}"
             );
-            eprintln!("SKIPPED {test}: no network namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it");
+            eprintln!(
+                "SKIPPED {test}: no network namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it"
+            );
             return Confined::Skipped;
         }
     }

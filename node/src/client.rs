@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use btm_model::forest::manifest::{self, InitKind, Parent, TrainRecord};
+use btm_model::files::TOKENIZER_FILE;
 use btm_model::forest::Forest;
+use btm_model::forest::manifest::{self, InitKind, Parent, TrainRecord};
 use btm_model::fsutil;
 use btm_model::tokenizer::Tokenizer;
 use btm_net::Node;
@@ -228,7 +229,9 @@ impl Client {
             )));
         }
         if elms.is_empty() {
-            return Err(Error::NotEnough("no verified ELMs on the network yet".into()));
+            return Err(Error::NotEnough(
+                "no verified ELMs on the network yet".into(),
+            ));
         }
         events.phase(Phase::Downloading);
         let out = &req.out;
@@ -238,7 +241,7 @@ impl Client {
             node.fetch_blob(id, &[]).await?;
         }
         let seed_path = out.join("seed.safetensors");
-        let tok_path = out.join("tokenizer.json");
+        let tok_path = out.join(TOKENIZER_FILE);
         node.blobs().export(&seed.weights, &seed_path).await?;
         node.blobs().export(&seed.tokenizer, &tok_path).await?;
         let tok = Tokenizer::load(&tok_path)?;

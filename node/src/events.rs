@@ -33,7 +33,9 @@ pub enum Phase {
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
-    Phase { phase: Phase },
+    Phase {
+        phase: Phase,
+    },
     /// The trusted registry (at start, and whenever a newer version arrives).
     Registry {
         version: u64,
@@ -43,11 +45,20 @@ pub enum Event {
         accepted: Vec<ContentId>,
     },
     /// This volunteer holds a claim on `domain`.
-    Claimed { domain: String, lease_secs: u64 },
+    Claimed {
+        domain: String,
+        lease_secs: u64,
+    },
     /// Another node claimed the same domain at the same time and keeps it.
-    ClaimLost { domain: String, keeper: NodeId },
+    ClaimLost {
+        domain: String,
+        keeper: NodeId,
+    },
     /// A download starts.
-    Fetching { what: String, id: ContentId },
+    Fetching {
+        what: String,
+        id: ContentId,
+    },
     /// How the ELM was initialised: "seed" or "posterior_average", with (name, weight) parents.
     Branched {
         init: String,
@@ -73,9 +84,14 @@ pub enum Event {
         tokens_per_s: f64,
     },
     /// Training stopped on request at `step`, with a checkpoint to resume from.
-    TrainingStopped { step: u64 },
+    TrainingStopped {
+        step: u64,
+    },
     /// The trained ELM measured as verifiers measure it.
-    Trained { ppl: f64, seed_ppl: f64 },
+    Trained {
+        ppl: f64,
+        seed_ppl: f64,
+    },
     /// This node announced its ELM.
     Announced {
         elm: ContentId,
@@ -112,7 +128,9 @@ pub enum Event {
         added: Vec<(ContentId, String)>,
     },
     /// Something worth telling a person that is not a state change (a retried failure).
-    Note { message: String },
+    Note {
+        message: String,
+    },
 }
 
 /// Where a role sends its events. Cloning shares the receiver.

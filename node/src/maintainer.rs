@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use btm_model::fsutil;
 use btm_net::{Node, Observed};
 use btm_protocol::{
@@ -27,10 +28,6 @@ pub struct SeedFiles {
     pub training: TrainingSummary,
 }
 
-/// The weights and tokenizer files of a seed directory.
-pub const SEED_WEIGHTS_FILE: &str = "model.safetensors";
-pub const SEED_TOKENIZER_FILE: &str = "tokenizer.json";
-
 impl SeedFiles {
     /// Reads `model.safetensors`, `tokenizer.json` and (if present) `summary.json` of `dir`.
     pub fn load(dir: &Path) -> Result<SeedFiles> {
@@ -39,8 +36,8 @@ impl SeedFiles {
             Ok(fsutil::read_limited(&p, 4 << 30)?)
         };
         Ok(SeedFiles {
-            weights: read(SEED_WEIGHTS_FILE)?,
-            tokenizer: read(SEED_TOKENIZER_FILE)?,
+            weights: read(WEIGHTS_FILE)?,
+            tokenizer: read(TOKENIZER_FILE)?,
             training: training_summary(dir),
         })
     }
@@ -165,7 +162,12 @@ impl Maintainer {
             }
         }
         let names: Vec<String> = match &c.registry {
-            Some(env) => env.record().domains.iter().map(|d| d.name.clone()).collect(),
+            Some(env) => env
+                .record()
+                .domains
+                .iter()
+                .map(|d| d.name.clone())
+                .collect(),
             None => c.domains.iter().map(|d| d.name.clone()).collect(),
         };
         let ids = self.add_domain_blobs(node, &names).await?;
@@ -249,7 +251,10 @@ impl Maintainer {
                         .join(", "),
                 })?;
             let mut ids = [ContentId([0; 32]); 3];
-            for (i, path) in [&files.train, &files.valid, &files.test].into_iter().enumerate() {
+            for (i, path) in [&files.train, &files.valid, &files.test]
+                .into_iter()
+                .enumerate()
+            {
                 ids[i] = node.add_blob_path(path).await?;
             }
             out.push(ids);
@@ -309,7 +314,12 @@ impl Maintainer {
 
     /// A new registry version with these verified ELM records accepted (those whose domain is
     /// in the registry and whose parents are the seed or accepted ELMs).
-    pub async fn accept(&self, node: &Node, ids: &BTreeSet<ContentId>, events: &Events) -> Result<()> {
+    pub async fn accept(
+        &self,
+        node: &Node,
+        ids: &BTreeSet<ContentId>,
+        events: &Events,
+    ) -> Result<()> {
         let c = &self.config;
         if c.keys.is_empty() {
             return Err(Error::Refused {

@@ -65,10 +65,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!stop.is_set());
         stop.request();
-        assert!(tokio::time::timeout(Duration::from_secs(5), sleeper)
-            .await
-            .expect("woken")
-            .expect("join"));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), sleeper)
+                .await
+                .expect("woken")
+                .expect("join")
+        );
         assert!(stop.flag().load(Ordering::SeqCst));
         // Waiting after the request returns at once.
         tokio::time::timeout(Duration::from_secs(1), stop.wait())

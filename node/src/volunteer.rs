@@ -11,15 +11,16 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use btm_model::data::{DomainStream, Mixture};
 use btm_model::device::DeviceKind;
+use btm_model::files::{CHECKPOINT_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use btm_model::forest::manifest::InitKind;
 use btm_model::forest::{Forest, branch, ensemble, posterior};
 use btm_model::tokenizer::Tokenizer;
-use btm_model::train::{CHECKPOINT_FILE, TrainConfig, Trainer};
+use btm_model::train::{RunOutcome, TrainConfig, Trainer};
 use btm_model::{fsutil, weights};
 use btm_net::Node;
 use btm_net::claims::{self, Choice};
@@ -308,7 +309,13 @@ impl Volunteer {
         }
     }
 
-    async fn fetch(&self, node: &Node, what: &str, id: ContentId, events: &Events) -> Result<Vec<u8>> {
+    async fn fetch(
+        &self,
+        node: &Node,
+        what: &str,
+        id: ContentId,
+        events: &Events,
+    ) -> Result<Vec<u8>> {
         events.emit(Event::Fetching {
             what: what.into(),
             id,
@@ -333,8 +340,12 @@ impl Volunteer {
             known: String::new(),
         })?;
         events.phase(Phase::Downloading);
-        let seed_weights = self.fetch(node, "seed weights", seed.weights, events).await?;
-        let tokenizer = self.fetch(node, "tokenizer", seed.tokenizer, events).await?;
+        let seed_weights = self
+            .fetch(node, "seed weights", seed.weights, events)
+            .await?;
+        let tokenizer = self
+            .fetch(node, "tokenizer", seed.tokenizer, events)
+            .await?;
         let train_data = self.fetch(node, "training data", d.train, events).await?;
         let valid_data = self.fetch(node, "validation data", d.valid, events).await?;
 
@@ -365,7 +376,9 @@ impl Volunteer {
         let cfg = TrainConfig {
             steps: t.steps,
             batch_size: t.batch_size,
-            lr: t.lr.unwrap_or_else(|| default_lr(seed.architecture.d_model)),
+            lr: t
+                .lr
+                .unwrap_or_else(|| default_lr(seed.architecture.d_model)),
             checkpoint_every: t.checkpoint_every,
             seed: t.seed,
             ..TrainConfig::default()
@@ -638,34 +651,26 @@ fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Res
         tokens_per_step: job.cfg.tokens_per_step(arch.n_ctx),
         resumed_from: (start > 0).then_some(start),
     });
-    let every = job.cfg.checkpoint_every;
-    while !trainer.finished() {
-        if stop.load(Ordering::SeqCst) {
-            trainer.save_checkpoint()?;
-            return Ok(TrainOutcome::Stopped {
-                step: trainer.state.step,
-            });
-        }
-        let s = trainer.step(&data)?;
+    let steps = job.cfg.steps;
+    let outcome = trainer.run(&data, stop, |s| {
         events.emit(Event::Step {
             step: s.step,
-            steps: job.cfg.steps,
+            steps,
             loss: s.loss,
             tokens_per_s: s.tokens_per_s,
         });
-        if every > 0 && s.step % every == 0 && !trainer.finished() {
-            trainer.save_checkpoint()?;
-        }
+    })?;
+    if let RunOutcome::Stopped { step } = outcome {
+        return Ok(TrainOutcome::Stopped { step });
     }
-    trainer.save_checkpoint()?;
     let model = trainer.model();
     let bytes = weights::to_bytes(&model.config(), &weights::named_tensors(&model))?;
-    fsutil::write_atomic(&job.run_dir.join(branch::WEIGHTS_FILE), &bytes)?;
+    fsutil::write_atomic(&job.run_dir.join(WEIGHTS_FILE), &bytes)?;
     events.phase(Phase::Measuring);
     // Measured exactly as verifiers measure it (CPU, the registry's settings).
     let cpu = DeviceKind::Cpu.device()?;
-    let mut v = Verifier::new(&job.seed, &job.seed_weights, &job.tokenizer, cpu)
-        .map_err(Error::Measure)?;
+    let mut v =
+        Verifier::new(&job.seed, &job.seed_weights, &job.tokenizer, cpu).map_err(Error::Measure)?;
     let m = v
         .measure(&job.registry, &job.domain, &bytes, &job.valid_data)
         .map_err(Error::Measure)?;
@@ -691,7 +696,7 @@ fn posterior_branch(
 ) -> Result<(btm_model::Gpt, BranchRecord)> {
     let dir = job.run_dir.join("parents");
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let tok_path = dir.join("tokenizer.json");
+    let tok_path = dir.join(TOKENIZER_FILE);
     fsutil::write_atomic(&tok_path, &job.tokenizer)?;
     let mut forest = Forest::create(&dir, *arch, &tok_path)?;
     for (domain, id, bytes) in &job.parents {

@@ -2,6 +2,7 @@
 //! written as `seed train` leaves it, small JSONL slices of four bundled domains, and nodes on
 //! loopback.
 
+use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -28,7 +29,12 @@ pub struct Fixture {
 
 fn slice(corpus: &Corpus, domain: &str, split: Split, docs: usize, out: &Path) -> PathBuf {
     let mut text = String::new();
-    for d in corpus.documents(domain, split).expect("corpus").into_iter().take(docs) {
+    for d in corpus
+        .documents(domain, split)
+        .expect("corpus")
+        .into_iter()
+        .take(docs)
+    {
         text.push_str(&serde_json::json!({"id": d.id, "text": d.text}).to_string());
         text.push('\n');
     }
@@ -76,11 +82,11 @@ pub fn fixture() -> &'static Fixture {
         let seed_dir = dir.path().join("seed");
         std::fs::create_dir_all(&seed_dir).expect("seed dir");
         std::fs::write(
-            seed_dir.join("model.safetensors"),
+            seed_dir.join(WEIGHTS_FILE),
             weights::to_bytes(&config, &weights::named_tensors(&seed)).expect("weights"),
         )
         .expect("write seed");
-        std::fs::write(seed_dir.join("tokenizer.json"), tok.json()).expect("write tokenizer");
+        std::fs::write(seed_dir.join(TOKENIZER_FILE), tok.json()).expect("write tokenizer");
         Fixture {
             _dir: dir,
             maintainer,
@@ -120,7 +126,10 @@ pub async fn node(dir: &Path, bootstrap: Option<&Node>) -> Node {
     let node = Node::start(c).await.expect("start");
     let start = Instant::now();
     while node.listen_addrs().await.map(|a| a.len()).unwrap_or(0) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no listen addresses");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no listen addresses"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     node
@@ -149,7 +158,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

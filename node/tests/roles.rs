@@ -30,16 +30,20 @@ fn volunteer(dir: &std::path::Path, domain: &str, steps: u64) -> VolunteerConfig
 /// Waits until the maintainer's node trusts a registry that accepts `elm`.
 async fn wait_accepted(maintainer: &Node, elm: btm_protocol::ContentId) {
     let m = maintainer.clone();
-    wait_for("the ELM accepted into the registry", Duration::from_secs(120), move || {
-        let m = m.clone();
-        async move {
-            m.registry()
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.record().elms.iter().any(|e| e.record == elm))
-        }
-    })
+    wait_for(
+        "the ELM accepted into the registry",
+        Duration::from_secs(120),
+        move || {
+            let m = m.clone();
+            async move {
+                m.registry()
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.record().elms.iter().any(|e| e.record == elm))
+            }
+        },
+    )
     .await;
 }
 
@@ -61,11 +65,19 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
     let mnode = node(mdir.path(), None).await;
     let maintainer = Maintainer::new(f.maintainer_config());
     let m_events = Recorded::default();
-    let published = maintainer.publish(&mnode, &m_events.events()).await.unwrap();
+    let published = maintainer
+        .publish(&mnode, &m_events.events())
+        .await
+        .unwrap();
     assert_eq!(published.version, 1);
     let stop = Stop::new();
     let serving = {
-        let (maintainer, mnode, stop, ev) = (maintainer.clone(), mnode.clone(), stop.clone(), m_events.events());
+        let (maintainer, mnode, stop, ev) = (
+            maintainer.clone(),
+            mnode.clone(),
+            stop.clone(),
+            m_events.events(),
+        );
         tokio::spawn(async move { maintainer.serve(&mnode, &stop, &ev).await })
     };
 
@@ -92,7 +104,10 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
         assert_eq!(env.record().parents.len(), 1, "branched from the seed");
         let ev = rec.all();
         assert!(ev.iter().any(|e| matches!(e, Event::Step { .. })), "{ev:?}");
-        assert!(ev.iter().any(|e| matches!(e, Event::Trained { ppl, seed_ppl } if ppl < seed_ppl)));
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::Trained { ppl, seed_ppl } if ppl < seed_ppl))
+        );
         elms.push(env.id());
         nodes.push(n);
     }
@@ -113,7 +128,10 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
             s.request();
         }
     });
-    let out = Volunteer::new(cfg4.clone()).run(&n4, &stop4, &first).await.unwrap();
+    let out = Volunteer::new(cfg4.clone())
+        .run(&n4, &stop4, &first)
+        .await
+        .unwrap();
     assert_eq!(out, Outcome::Stopped);
     let rec4 = Recorded::default();
     let env4 = announced(
@@ -124,16 +142,33 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
     );
     let ev = rec4.all();
     assert!(
-        ev.iter().any(|e| matches!(e, Event::TrainingStarted { resumed_from: Some(k), .. } if *k >= 5)),
+        ev.iter()
+            .any(|e| matches!(e, Event::TrainingStarted { resumed_from: Some(k), .. } if *k >= 5)),
         "resumed from the checkpoint: {ev:?}"
     );
     // Branched from all three accepted ELMs; the record decodes (it was announced) and names them.
     let parents = &env4.record().parents;
     assert_eq!(parents.len(), 3, "{parents:?}");
     assert!(parents.windows(2).all(|w| w[0].weights < w[1].weights));
-    assert_eq!(parents.iter().map(|p| u64::from(p.weight_ppm)).sum::<u64>(), 1_000_000);
-    let accepted_weights: Vec<_> = mnode.registry().await.unwrap().unwrap().record().elms.iter().map(|e| e.weights).collect();
-    assert!(parents.iter().all(|p| accepted_weights.contains(&p.weights)));
+    assert_eq!(
+        parents.iter().map(|p| u64::from(p.weight_ppm)).sum::<u64>(),
+        1_000_000
+    );
+    let accepted_weights: Vec<_> = mnode
+        .registry()
+        .await
+        .unwrap()
+        .unwrap()
+        .record()
+        .elms
+        .iter()
+        .map(|e| e.weights)
+        .collect();
+    assert!(
+        parents
+            .iter()
+            .all(|p| accepted_weights.contains(&p.weights))
+    );
     wait_accepted(&mnode, env4.id()).await;
     assert!(m_events.all().iter().any(|e| matches!(e, Event::Published { added, .. } if added.iter().any(|(id, _)| *id == env4.id()))));
 
@@ -162,7 +197,12 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
 
     stop.request();
     serving.await.unwrap().unwrap();
-    assert!(m_events.all().iter().any(|e| matches!(e, Event::Phase { phase: Phase::Stopped })));
+    assert!(m_events.all().iter().any(|e| matches!(
+        e,
+        Event::Phase {
+            phase: Phase::Stopped
+        }
+    )));
     for n in nodes.iter().chain([&n4, &cnode, &mnode]) {
         n.shutdown().await;
     }

@@ -14,12 +14,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Split};
 use btm_model::device::DeviceKind;
-use btm_model::forest::average::{self, Input};
+use btm_model::forest::average;
 use btm_model::forest::ensemble::{self, Ensemble};
 use btm_model::forest::posterior::{PriorConfig, Weighting};
 use btm_model::forest::{Forest, manifest};
 use btm_model::generate::SampleConfig;
-use btm_model::tokenizer::Tokenizer;
 use btm_model::{eval, fsutil, weights};
 use btm_net::Node;
 use btm_roles::{Client, ClientConfig, Events, FetchRequest, Listing, Stop};
@@ -273,12 +272,8 @@ pub struct ForestReport {
 }
 
 pub fn report(a: ReportArgs, json: bool) -> Result<()> {
-    let forest = forest_cmds::open(&a.forest)?;
-    if forest.elms.is_empty() {
-        bail!("the forest has no ELMs");
-    }
+    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
     let device = a.device.device()?;
-    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
     let corpus = match &a.corpus {
         Some(c) => Corpus::new(c),
         None if forest.dir().join("data").is_dir() => Corpus::new(forest.dir().join("data")),
@@ -305,16 +300,8 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     // Uniform average, once.
     let uniform_path = tmp.path().join("uniform.safetensors");
-    let inputs: Vec<Input> = forest
-        .elms
-        .iter()
-        .map(|e| Input {
-            path: forest.resolve(&e.weights),
-            weight: 1.0,
-            id: Some(e.weights.id.clone()),
-        })
-        .collect();
-    average::average_files(&inputs, Some(&forest.architecture), &uniform_path)?;
+    let all: Vec<(usize, f64)> = (0..forest.elms.len()).map(|i| (i, 1.0)).collect();
+    average::average_members(&forest, &all, &uniform_path)?;
     let uniform = weights::load(&uniform_path, Some(&forest.architecture), &device)?;
     let ppl = |m: &btm_model::Gpt, t: &[u32]| -> Result<f64> {
         Ok(eval::evaluate(m, None, t, 8, &device)?.perplexity)
@@ -341,17 +328,8 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
             Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
         let ensemble_ppl = ens.evaluate(None, &test, 8)?.perplexity;
         let post_path = tmp.path().join("posterior.safetensors");
-        let inputs: Vec<Input> = forest
-            .elms
-            .iter()
-            .zip(&prior)
-            .map(|(e, w)| Input {
-                path: forest.resolve(&e.weights),
-                weight: *w,
-                id: Some(e.weights.id.clone()),
-            })
-            .collect();
-        average::average_files(&inputs, Some(&forest.architecture), &post_path)?;
+        let members: Vec<(usize, f64)> = prior.iter().copied().enumerate().collect();
+        average::average_members(&forest, &members, &post_path)?;
         let post = weights::load(&post_path, Some(&forest.architecture), &device)?;
         let mut elms = BTreeMap::new();
         let mut own = None;
@@ -601,12 +579,8 @@ struct Scored {
 }
 
 pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
-    let forest = forest_cmds::open(&a.forest)?;
-    if forest.elms.is_empty() {
-        bail!("the forest has no ELMs");
-    }
+    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
     let device = a.device.device()?;
-    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
     let text = input_text(&a.text, &a.file)?;
     let mut tokens = vec![btm_model::tokenizer::EOT_ID];
     tokens.extend(tok.encode(&text)?);
@@ -707,11 +681,7 @@ pub struct AverageArgs {
 }
 
 pub fn average(a: AverageArgs, json: bool) -> Result<()> {
-    let forest = forest_cmds::open(&a.forest)?;
-    if forest.elms.is_empty() {
-        bail!("the forest has no ELMs");
-    }
-    let tok = Tokenizer::load(&forest.resolve(&forest.tokenizer))?;
+    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
     let targeted = a.target_text.is_some() || a.target_file.is_some();
     let prior = if targeted {
         let text = input_text(&a.target_text, &a.target_file)?;
@@ -722,17 +692,9 @@ pub fn average(a: AverageArgs, json: bool) -> Result<()> {
         vec![1.0; forest.elms.len()]
     };
     let sel = btm_model::forest::posterior::top_k(&prior, a.top_k.unwrap_or(prior.len()));
-    let inputs: Vec<Input> = sel
-        .iter()
-        .map(|&(i, w)| Input {
-            path: forest.resolve(&forest.elms[i].weights),
-            weight: w,
-            id: Some(forest.elms[i].weights.id.clone()),
-        })
-        .collect();
     std::fs::create_dir_all(&a.out)?;
     let path = a.out.join(WEIGHTS_FILE);
-    let summary = average::average_files(&inputs, Some(&forest.architecture), &path)?;
+    let summary = average::average_members(&forest, &sel, &path)?;
     tok.save(&a.out.join(TOKENIZER_FILE))?;
     let weights: Vec<(String, f64)> = sel
         .iter()

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Split};
 use btm_model::device::DeviceKind;
 use btm_model::experiment::{self, Report};
-use btm_model::forest::average::{self, Input};
+use btm_model::forest::average;
 use btm_model::forest::branch::OptimizerInit;
 use btm_model::forest::ensemble::{self, Ensemble};
 use btm_model::forest::manifest::{InitKind, Parent};
@@ -220,6 +220,24 @@ fn tokenizer_of(forest: &Forest) -> Result<Tokenizer> {
     Ok(Tokenizer::load(&forest.resolve(&forest.tokenizer))?)
 }
 
+/// Opens a forest that has at least one ELM, with its tokenizer.
+pub(crate) fn open_with_elms(p: &Path) -> Result<(Forest, Tokenizer)> {
+    let forest = open(p)?;
+    if forest.elms.is_empty() {
+        bail!("the forest has no ELMs");
+    }
+    let tok = tokenizer_of(&forest)?;
+    Ok((forest, tok))
+}
+
+/// Opens the options' forest with its tokenizer and the prior they ask for.
+fn open_with_prior(o: &EnsembleOpts) -> Result<(Forest, Tokenizer, Vec<f64>)> {
+    let f = open(&o.forest)?;
+    let tok = tokenizer_of(&f)?;
+    let prior = prior_of(&f, o, &tok)?;
+    Ok((f, tok, prior))
+}
+
 /// The prior the options ask for: a target domain's cached prior or uniform.
 fn prior_of(forest: &Forest, o: &EnsembleOpts, tok: &Tokenizer) -> Result<Vec<f64>> {
     let e = forest.elms.len();
@@ -402,10 +420,8 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             Ok(())
         }
         ForestCmd::Eval(a) => {
-            let f = open(&a.opts.forest)?;
-            let tok = tokenizer_of(&f)?;
+            let (f, tok, prior) = open_with_prior(&a.opts)?;
             let device = a.opts.device.device()?;
-            let prior = prior_of(&f, &a.opts, &tok)?;
             let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
             let mut rows = Vec::new();
             for d in &a.domain {
@@ -429,38 +445,20 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             Ok(())
         }
         ForestCmd::Generate(a) => {
-            let f = open(&a.opts.forest)?;
-            let tok = tokenizer_of(&f)?;
+            let (f, tok, prior) = open_with_prior(&a.opts)?;
             let device = a.opts.device.device()?;
-            let prior = prior_of(&f, &a.opts, &tok)?;
             let (e, chosen) =
                 Ensemble::from_forest(&f, Some(&prior), a.opts.top_k, a.opts.weighting, &device)?;
             let text = e.generate(&tok, &a.prompt, &a.sampling.config())?;
-            if json {
-                let names: Vec<&str> = chosen.iter().map(|&i| f.elms[i].name.as_str()).collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"prompt": a.prompt, "completion": text, "elms": names})
-                );
-            } else {
-                println!("{}{}", a.prompt, text);
-            }
+            let names: Vec<&str> = chosen.iter().map(|&i| f.elms[i].name.as_str()).collect();
+            let elms = ("elms", serde_json::json!(names));
+            crate::model_cmds::print_completion(json, &a.prompt, &text, elms);
             Ok(())
         }
         ForestCmd::Average(a) => {
-            let f = open(&a.opts.forest)?;
-            let tok = tokenizer_of(&f)?;
-            let prior = prior_of(&f, &a.opts, &tok)?;
+            let (f, _, prior) = open_with_prior(&a.opts)?;
             let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
-            let inputs: Vec<Input> = sel
-                .iter()
-                .map(|&(i, w)| Input {
-                    path: f.resolve(&f.elms[i].weights),
-                    weight: w,
-                    id: Some(f.elms[i].weights.id.clone()),
-                })
-                .collect();
-            let s = average::average_files(&inputs, Some(&f.architecture), &a.out)?;
+            let s = average::average_members(&f, &sel, &a.out)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -530,40 +528,30 @@ pub struct ExperimentArgs {
 }
 
 pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
-    let mut cfg = if a.quick {
+    let base = if a.quick {
         experiment::Config::quick()
     } else {
         experiment::Config::standard()
     };
-    if let Some(s) = a.seed_share {
-        cfg.seed_share = s;
-    }
-    if let Some(s) = a.steps {
-        cfg.total_steps = s;
-    }
-    if let Some(b) = a.batch_size {
-        cfg.batch_size = b;
-    }
-    if let Some(p) = a.preset {
-        cfg.preset = p;
-    }
-    if let Some(l) = a.lr {
-        cfg.lr = l;
-    }
-    if let Some(e) = a.eval_tokens {
-        cfg.eval_tokens = e;
-    }
-    if let Some(k) = a.top_k {
-        cfg.top_k = k;
-    }
-    if a.continue_seed_optimizer {
-        cfg.optimizer = OptimizerInit::ContinueSeed;
-    }
-    if a.no_baselines {
-        cfg.random_split = false;
-        cfg.no_seed = false;
-        cfg.demix = false;
-    }
+    let baselines = !a.no_baselines;
+    let cfg = experiment::Config {
+        seed_share: a.seed_share.unwrap_or(base.seed_share),
+        total_steps: a.steps.unwrap_or(base.total_steps),
+        batch_size: a.batch_size.unwrap_or(base.batch_size),
+        preset: a.preset.unwrap_or(base.preset),
+        lr: a.lr.unwrap_or(base.lr),
+        eval_tokens: a.eval_tokens.unwrap_or(base.eval_tokens),
+        top_k: a.top_k.unwrap_or(base.top_k),
+        optimizer: if a.continue_seed_optimizer {
+            OptimizerInit::ContinueSeed
+        } else {
+            base.optimizer
+        },
+        random_split: base.random_split && baselines,
+        no_seed: base.no_seed && baselines,
+        demix: base.demix && baselines,
+        ..base
+    };
     let device = a.device.device()?;
     let bar = std::cell::RefCell::new(TrainBar::new(!json));
     let report = experiment::run(

@@ -491,15 +491,25 @@ pub fn generate(a: GenerateArgs, json: bool) -> Result<()> {
     let model = weights::load(&w, None, &device)?;
     let cfg = a.sampling.config();
     let text = btm_model::generate::generate(&model, &tok, &a.prompt, &cfg, &device)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"prompt": a.prompt, "completion": text, "settings": cfg})
-        );
-    } else {
-        println!("{}{}", a.prompt, text);
-    }
+    print_completion(json, &a.prompt, &text, ("settings", serde_json::json!(cfg)));
     Ok(())
+}
+
+/// Prints a completion after its prompt, or with `json` one object: the prompt, the completion
+/// and one more field, `extra`.
+pub(crate) fn print_completion(
+    json: bool,
+    prompt: &str,
+    completion: &str,
+    extra: (&str, serde_json::Value),
+) {
+    if json {
+        let mut out = serde_json::json!({"prompt": prompt, "completion": completion});
+        out[extra.0] = extra.1;
+        println!("{out}");
+    } else {
+        println!("{prompt}{completion}");
+    }
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,14 @@ pub fn phase_name(p: Phase) -> &'static str {
     }
 }
 
+/// ELM names with their weights: `elm0 0.25, elm1 0.75`.
+fn weighted_names(w: &[(String, f64)]) -> String {
+    w.iter()
+        .map(|(n, p)| format!("{n} {p:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Draws a role's events for a person (or a script, with `--json`).
 pub struct Reporter {
     say: Say,
@@ -152,24 +160,13 @@ impl Reporter {
                     "posterior_average" => "from the posterior-weighted average",
                     _ => "from a random initialisation",
                 };
-                let desc = format!(
-                    "{how} ({})",
-                    parents
-                        .iter()
-                        .map(|(n, w)| format!("{n} {w:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                let desc = format!("{how} ({})", weighted_names(parents));
                 self.line(format!("branching {desc}"));
                 self.status(|s| s.branch = Some(desc));
             }
             Event::Posterior { domain, weights } => self.line(format!(
                 "posterior of {domain}'s validation data over the accepted ELMs: {}",
-                weights
-                    .iter()
-                    .map(|(n, p)| format!("{n} {p:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                weighted_names(weights)
             )),
             Event::TrainingStarted {
                 domain,

@@ -4,6 +4,8 @@ use std::sync::OnceLock;
 
 use btm_model::data::{self, Corpus};
 use btm_model::tokenizer::Tokenizer;
+use btm_model::train::TrainConfig;
+use btm_model::weights::NamedTensor;
 use btm_model::{GptConfig, Preset};
 use burn::tensor::Device;
 
@@ -30,4 +32,34 @@ pub fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
         (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs())),
         "{what}: {a} vs {b} (tol {tol})"
     );
+}
+
+/// A run of `steps` updates of `batch_size` blocks at peak learning rate `lr`, with no
+/// checkpoints.
+pub fn short_run(steps: u64, batch_size: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size,
+        lr,
+        checkpoint_every: 0,
+        ..Default::default()
+    }
+}
+
+/// The largest absolute difference between two equally long value lists.
+pub fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Asserts that two models have the same tensors, by name, with values within `tol`.
+pub fn assert_same_tensors(a: &[NamedTensor], b: &[NamedTensor], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.name, y.name);
+        let d = max_abs_diff(&x.values, &y.values);
+        assert!(d < tol, "{} differs by {d}", x.name);
+    }
 }

@@ -12,7 +12,7 @@ use btm_model::train::{CHECKPOINT_FILE, TrainConfig};
 use btm_model::{Gpt, GptConfig};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::common::{corpus, cpu, tiny, tokenizer};
+use crate::common::{assert_same_tensors, corpus, cpu, short_run, tiny, tokenizer};
 
 fn arch(n_ctx: usize) -> GptConfig {
     let mut c = tiny();
@@ -147,13 +147,7 @@ fn a_tiny_demix_learns_two_domains_with_its_two_experts() {
     let a = arch(32);
     let domains = ["bible_kjv", "python_code"];
     let mix = Mixture::new(domains.iter().map(|d| stream(d, 32)).collect(), 1).unwrap();
-    let cfg = TrainConfig {
-        steps: 40,
-        batch_size: 4,
-        lr: 3e-3,
-        checkpoint_every: 0,
-        ..Default::default()
-    };
+    let cfg = short_run(40, 4, 3e-3);
     let mut t = DemixTrainer::new(Demix::init(&a, 2, 0, &cpu()), cfg, &cpu(), None).unwrap();
     t.run_to_end(&mix, |_| {}).unwrap();
     let losses = &t.state.losses;
@@ -217,18 +211,8 @@ fn a_demix_run_resumes_from_its_checkpoint_and_its_weights_round_trip() {
     }
     let wa = btm_model::weights::module_tensors(&resumed.model());
     let wb = btm_model::weights::module_tensors(&straight.model());
-    assert_eq!(wa.len(), wb.len());
     assert!(wa.iter().any(|t| t.name == "h.0.experts.1.c_fc.weight"));
-    for (x, y) in wa.iter().zip(&wb) {
-        assert_eq!(x.name, y.name);
-        let d = x
-            .values
-            .iter()
-            .zip(&y.values)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(d < 1e-4, "{} differs by {d}", x.name);
-    }
+    assert_same_tensors(&wa, &wb, 1e-4);
     // Other settings are refused, not silently reused.
     let other = TrainConfig { lr: 1.0, ..cfg };
     assert!(DemixTrainer::new(init(), other, &cpu(), Some(dir.path())).is_err());
@@ -267,21 +251,23 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     let test: Vec<(String, Vec<u32>)> = all.iter().map(|d| (d.to_string(), dev(d, 96))).collect();
     let devs: Vec<(String, Vec<u32>)> = all.iter().map(|d| (d.to_string(), dev(d, 64))).collect();
     let dir = tempfile::tempdir().unwrap();
+    let row = |say: &mut dyn FnMut(&str)| {
+        demix_row::system(
+            &cfg,
+            &plan,
+            &a,
+            &streams,
+            &test,
+            &devs,
+            dir.path(),
+            &cpu(),
+            say,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
     let mut lines = Vec::new();
-    let r = demix_row::system(
-        &cfg,
-        &plan,
-        &a,
-        &streams,
-        &test,
-        &devs,
-        dir.path(),
-        &cpu(),
-        &mut |s| lines.push(s.to_string()),
-        &mut |_| {},
-    )
-    .unwrap()
-    .expect("a DEMix row");
+    let r = row(&mut |s| lines.push(s.to_string())).expect("a DEMix row");
     assert_eq!(r.name, "demix");
     assert_eq!(r.inference_models, 2);
     assert_eq!(r.in_domain.len(), 2);
@@ -298,20 +284,7 @@ fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     }
     // A second call finds the finished run and gives the same row without training.
     let weights_before = std::fs::read(run.join("model.safetensors")).unwrap();
-    let again = demix_row::system(
-        &cfg,
-        &plan,
-        &a,
-        &streams,
-        &test,
-        &devs,
-        dir.path(),
-        &cpu(),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .unwrap()
-    .unwrap();
+    let again = row(&mut |_| {}).expect("the finished DEMix row");
     assert_eq!(
         std::fs::read(run.join("model.safetensors")).unwrap(),
         weights_before

@@ -9,7 +9,7 @@ use btm_model::forest::manifest::{ForestElm, InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
 use btm_model::forest::{self, Error, Forest};
 use btm_model::generate::SampleConfig;
-use btm_model::{Gpt, eval, weights};
+use btm_model::{Gpt, GptConfig, eval, weights};
 use proptest::prelude::*;
 
 use crate::common::{assert_close, cpu, tiny, tokenizer};
@@ -28,26 +28,42 @@ fn tokens(n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A forest of `n` freshly initialised ELMs (seeds 100, 101, ...) in `dir`.
-fn forest_of(dir: &Path, n: usize) -> (Forest, Vec<Gpt>) {
+/// An empty forest of architecture `a` with the test tokenizer, in `dir`.
+fn empty_forest(dir: &Path, a: GptConfig) -> Forest {
     let tok_path = dir.join("tokenizer.json");
     tokenizer().save(&tok_path).unwrap();
-    let mut f = Forest::create(dir, arch(), &tok_path).unwrap();
+    Forest::create(dir, a, &tok_path).unwrap()
+}
+
+/// Saves `m` as `dir/<name>.safetensors` and adds it to `f` as a randomly initialised ELM.
+fn add_random_elm(f: &mut Forest, dir: &Path, name: &str, domains: Vec<String>, m: &Gpt) {
+    let p = dir.join(format!("{name}.safetensors"));
+    weights::save(m, &p).unwrap();
+    f.add(
+        name,
+        domains,
+        &p,
+        &tokenizer().id(),
+        InitKind::Random,
+        vec![],
+        None,
+    )
+    .unwrap();
+}
+
+/// A forest of `n` freshly initialised ELMs (seeds 100, 101, ...) in `dir`.
+fn forest_of(dir: &Path, n: usize) -> (Forest, Vec<Gpt>) {
+    let mut f = empty_forest(dir, arch());
     let mut models = Vec::new();
     for i in 0..n {
         let m = Gpt::init(&arch(), 100 + i as u64, &cpu());
-        let p = dir.join(format!("elm{i}.safetensors"));
-        weights::save(&m, &p).unwrap();
-        f.add(
+        add_random_elm(
+            &mut f,
+            dir,
             &format!("elm{i}"),
             vec![format!("domain{i}")],
-            &p,
-            &tokenizer().id(),
-            InitKind::Random,
-            vec![],
-            None,
-        )
-        .unwrap();
+            &m,
+        );
         models.push(m);
     }
     (f, models)
@@ -789,24 +805,10 @@ fn averaging_memory_stays_at_about_two_models() {
 fn top_k_cost_grows_with_k_not_forest_size() {
     let dir = tempfile::tempdir().unwrap();
     let a = tiny();
-    let (mut f, _) = {
-        let tok_path = dir.path().join("tokenizer.json");
-        tokenizer().save(&tok_path).unwrap();
-        (Forest::create(dir.path(), a, &tok_path).unwrap(), ())
-    };
+    let mut f = empty_forest(dir.path(), a);
     for i in 0..16 {
-        let p = dir.path().join(format!("elm{i}.safetensors"));
-        weights::save(&Gpt::init(&a, 200 + i, &cpu()), &p).unwrap();
-        f.add(
-            &format!("elm{i}"),
-            vec![],
-            &p,
-            &tokenizer().id(),
-            InitKind::Random,
-            vec![],
-            None,
-        )
-        .unwrap();
+        let m = Gpt::init(&a, 200 + i, &cpu());
+        add_random_elm(&mut f, dir.path(), &format!("elm{i}"), vec![], &m);
     }
     let t: Vec<u32> = (0..4097u32)
         .map(|i| (i * 131 + 7) % a.vocab_size as u32)

@@ -1,7 +1,7 @@
 use btm_model::Gpt;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::common::{cpu, tiny};
+use crate::common::{cpu, max_abs_diff, tiny};
 
 fn logits(model: &Gpt, tokens: &[i64]) -> Vec<f32> {
     let x: Tensor<2, Int> =
@@ -28,11 +28,7 @@ fn a_future_token_never_changes_an_earlier_logit() {
         // Positions before the change are identical; the changed position differs.
         for pos in 0..changed_at {
             let (x, y) = (&a[pos * v..(pos + 1) * v], &b[pos * v..(pos + 1) * v]);
-            let diff = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff(x, y);
             assert!(
                 diff < 1e-5,
                 "position {pos} changed by {diff} when token {changed_at} changed"

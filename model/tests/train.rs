@@ -7,7 +7,7 @@ use btm_model::data::{self, Mixture, Split};
 use btm_model::train::{CHECKPOINT_FILE, RunOutcome, TrainConfig, Trainer};
 use btm_model::{Gpt, eval, weights};
 
-use crate::common::{corpus, cpu, tiny, tokenizer};
+use crate::common::{assert_same_tensors, corpus, cpu, short_run, tiny, tokenizer};
 
 fn austen(max_bytes: Option<usize>) -> Mixture {
     let streams = data::load_streams(
@@ -57,13 +57,7 @@ fn tiny_loss_falls_clearly_on_a_real_domain() {
         t
     };
     let before = eval::evaluate(&model, Some(tokenizer()), &valid, 8, &cpu()).unwrap();
-    let cfg = TrainConfig {
-        steps: 200,
-        batch_size: 8,
-        lr: 2e-3,
-        checkpoint_every: 0,
-        ..Default::default()
-    };
+    let cfg = short_run(200, 8, 2e-3);
     let mut trainer = Trainer::new(model, cfg, &cpu(), None).unwrap();
     trainer.run_to_end(&data, |_| {}).unwrap();
     let losses = &trainer.state.losses;
@@ -187,15 +181,7 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
     }
     let wa = weights::named_tensors(&resumed.model());
     let wb = weights::named_tensors(&straight.model());
-    for (a, b) in wa.iter().zip(&wb) {
-        let max = a
-            .values
-            .iter()
-            .zip(&b.values)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(max < 1e-4, "{} differs by {max}", a.name);
-    }
+    assert_same_tensors(&wa, &wb, 1e-4);
 }
 
 #[test]

@@ -2,12 +2,12 @@
 
 use btm_model::data::{self, Mixture, Split};
 use btm_model::device::DeviceKind;
-use btm_model::train::{TrainConfig, Trainer};
+use btm_model::train::Trainer;
 use btm_model::{Gpt, eval};
 
 use burn::tensor::{Device, Tensor};
 
-use crate::common::{assert_close, corpus, cpu, tiny, tokenizer};
+use crate::common::{assert_close, corpus, cpu, short_run, tiny, tokenizer};
 
 /// The wgpu device, or None (with a message) when this machine has no usable adapter.
 /// `BTM_REQUIRE_WGPU=1` (set by `.ci/run`, which installs lavapipe) turns absence into a failure.
@@ -62,13 +62,7 @@ fn tiny_trains_on_wgpu_and_matches_the_cpu_forward_pass() {
     )
     .unwrap();
     let mixture = Mixture::new(streams, 0).unwrap();
-    let tc = TrainConfig {
-        steps: 12,
-        batch_size: 4,
-        lr: 3e-3,
-        checkpoint_every: 0,
-        ..Default::default()
-    };
+    let tc = short_run(12, 4, 3e-3);
     let mut t = Trainer::new(model, tc, &device, None).unwrap();
     t.run_to_end(&mixture, |_| {}).unwrap();
     let l = &t.state.losses;

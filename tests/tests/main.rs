@@ -233,6 +233,22 @@ impl Network {
         net
     }
 
+    /// Waits until node `name`'s `status.json` shows `phase`, checking that `volunteers` and
+    /// the maintainer keep running.
+    fn wait_phase(
+        &mut self,
+        name: &str,
+        volunteers: &mut [&mut Proc],
+        secs: u64,
+        phase: &str,
+    ) -> Value {
+        let dir = self.path(name);
+        let mut procs: Vec<&mut Proc> = volunteers.iter_mut().map(|p| &mut **p).collect();
+        procs.push(&mut self.maintainer);
+        let what = format!("{name} in phase {phase:?}");
+        wait_status(&dir, &mut procs, secs, &what, |s| s["phase"] == phase)
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
@@ -355,13 +371,7 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
     v.kill();
     // Restarted with the same command: the same claim, from the last checkpoint.
     let mut v = net.volunteer("v1", &args);
-    let s2 = wait_status(
-        &dir,
-        &mut [&mut v, &mut net.maintainer],
-        600,
-        "the ELM announced",
-        |s| s["phase"] == "serving",
-    );
+    let s2 = net.wait_phase("v1", &mut [&mut v], 600, "serving");
     let resumed = s2["resumed_from"].as_u64().expect("resumed_from");
     assert!(resumed >= 10 && resumed % 5 == 0, "resumed from {resumed}");
     assert_eq!(s2["domain"], "python_code");
@@ -383,13 +393,7 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
     // A second volunteer arrives after that ELM was accepted: it branches from the
     // posterior-weighted average of the accepted ELMs instead of the seed.
     let mut w = net.volunteer("v2", &["--steps", "30", "--domain", "novels_austen"]);
-    let sw = wait_status(
-        &net.path("v2"),
-        &mut [&mut w, &mut v, &mut net.maintainer],
-        600,
-        "the second ELM announced",
-        |s| s["phase"] == "serving",
-    );
+    let sw = net.wait_phase("v2", &mut [&mut w, &mut v], 600, "serving");
     assert!(
         sw["branch"]
             .as_str()
@@ -439,32 +443,14 @@ fn a_lapsed_claim_frees_the_domain_for_another_volunteer() {
     let mut net = Network::start("novels_austen");
     // A claims the only domain with a short lease and trains.
     let mut a = net.volunteer("a", &["--steps", "5000", "--lease-secs", "20"]);
-    let sa = wait_status(
-        &net.path("a"),
-        &mut [&mut a, &mut net.maintainer],
-        300,
-        "A training",
-        |s| s["phase"] == "training",
-    );
+    let sa = net.wait_phase("a", &mut [&mut a], 300, "training");
     assert_eq!(sa["domain"], "novels_austen");
     // B finds the only domain claimed by a live node and waits.
     let mut b = net.volunteer("b", &["--steps", "20", "--lease-secs", "20"]);
-    wait_status(
-        &net.path("b"),
-        &mut [&mut a, &mut b, &mut net.maintainer],
-        120,
-        "B waiting",
-        |s| s["phase"] == "waiting for a free domain",
-    );
+    net.wait_phase("b", &mut [&mut a, &mut b], 120, "waiting for a free domain");
     // A vanishes mid-training; its lease lapses and B takes the domain and finishes.
     a.kill();
-    let sb = wait_status(
-        &net.path("b"),
-        &mut [&mut b, &mut net.maintainer],
-        600,
-        "B announced",
-        |s| s["phase"] == "serving",
-    );
+    let sb = net.wait_phase("b", &mut [&mut b], 600, "serving");
     assert_eq!(sb["domain"], "novels_austen");
     assert!(
         b.log().contains("waiting for a lease to lapse"),

@@ -33,7 +33,7 @@ use self::plan::{ppl, result, train_once};
 use crate::config::GptConfig;
 use crate::data::{self, Corpus, DomainStream, EVAL_DOMAINS, Mixture, Split, TRAIN_DOMAINS};
 use crate::files::TOKENIZER_FILE;
-use crate::forest::average::{self, Input};
+use crate::forest::average;
 use crate::forest::branch::{self, OptimizerInit};
 use crate::forest::manifest::{InitKind, Parent};
 use crate::forest::posterior::{self, PriorConfig, Weighting};
@@ -257,18 +257,9 @@ fn average_model(
     tmp: &Path,
     device: &Device,
 ) -> Result<Gpt, Error> {
-    let inputs: Vec<Input> = forest
-        .elms
-        .iter()
-        .enumerate()
-        .map(|(j, el)| Input {
-            path: forest.resolve(&el.weights),
-            weight: weight(j),
-            id: Some(el.weights.id.clone()),
-        })
-        .collect();
+    let members: Vec<(usize, f64)> = (0..forest.elms.len()).map(|j| (j, weight(j))).collect();
     let path = tmp.join("average.safetensors");
-    average::average_files(&inputs, Some(&forest.architecture), &path)?;
+    average::average_members(forest, &members, &path)?;
     Ok(weights::load(&path, Some(&forest.architecture), device)?)
 }
 
@@ -457,14 +448,15 @@ pub fn run(
     };
     let seed_flops = seed.as_ref().map_or(0.0, |s| s.record.flops);
 
-    // BTM: one ELM per training domain, branched from the seed, trained on its domain alone.
-    let build_forest = |name: &str,
-                        elm_steps: u64,
-                        from_seed: bool,
-                        parts: &[(String, Vec<DomainStream>)],
-                        say: &mut dyn FnMut(&str),
-                        on_step: &mut dyn FnMut(&str, &StepStats)|
-     -> Result<(Forest, f64), Error> {
+    // Trains a forest of one ELM per part (branched from the seed when `from_seed`) and scores
+    // its systems; their training FLOPs include the seed's when it branched from it.
+    let forest_rows = |name: &str,
+                       elm_steps: u64,
+                       from_seed: bool,
+                       parts: &[(String, Vec<DomainStream>)],
+                       say: &mut dyn FnMut(&str),
+                       on_step: &mut dyn FnMut(&str, &StepStats)|
+     -> Result<(Vec<SystemResult>, Vec<Vec<f64>>), Error> {
         let dir = out_dir.join(name);
         let mut forest = Forest::create(&dir, arch, &tok_path)?;
         if let (true, Some(s)) = (from_seed, &seed) {
@@ -473,7 +465,7 @@ pub fn run(
         let mut flops = 0.0;
         for (elm, part) in parts {
             let run_dir = dir.join(elm);
-            let data = mixture(part.clone(), cfg.seed)?;
+            let mix = mixture(part.clone(), cfg.seed)?;
             say(&format!("{name}/{elm}: {elm_steps} updates"));
             let run_name = format!("{name}/{elm}");
             let mut on_step = |s: &StepStats| on_step(&run_name, s);
@@ -483,13 +475,13 @@ pub fn run(
                         schedule_steps: Some(plan.seed_steps + plan.elm_steps),
                         ..tc(plan.seed_steps + elm_steps)
                     };
-                    branch::train_continuing(&seed_dir, &data, c, &run_dir, device, &mut on_step)
+                    branch::train_continuing(&seed_dir, &mix, c, &run_dir, device, &mut on_step)
                 }
                 (Some(s), true) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
-                    branch::train(m, &data, tc(elm_steps), &run_dir, device, &mut on_step)
+                    branch::train(m, &mix, tc(elm_steps), &run_dir, device, &mut on_step)
                 }
-                _ => branch::train(init(), &data, tc(elm_steps), &run_dir, device, &mut on_step),
+                _ => branch::train(init(), &mix, tc(elm_steps), &run_dir, device, &mut on_step),
             })?;
             flops += trained.record.flops;
             let (init_kind, parents) = match (&seed, from_seed) {
@@ -515,24 +507,19 @@ pub fn run(
             )?;
         }
         forest.save()?;
-        Ok((forest, flops))
+        let base = if from_seed { seed_flops } else { 0.0 };
+        forest_systems(name, &forest, base + flops, &data, cfg, &tmp, device, say)
     };
+    // Of the ablations' rows, the ensembles and the posterior-weighted average.
+    let headline =
+        |r: &SystemResult| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior");
 
     let domain_parts: Vec<(String, Vec<DomainStream>)> = streams
         .iter()
         .map(|s| (s.domain.clone(), vec![s.clone()]))
         .collect();
-    let (btm, btm_flops) = build_forest("btm", plan.elm_steps, true, &domain_parts, say, on_step)?;
-    let (mut rs, priors) = forest_systems(
-        "btm",
-        &btm,
-        seed_flops + btm_flops,
-        &data,
-        cfg,
-        &tmp,
-        device,
-        say,
-    )?;
+    // BTM: one ELM per training domain, branched from the seed, trained on its domain alone.
+    let (mut rs, priors) = forest_rows("btm", plan.elm_steps, true, &domain_parts, say, on_step)?;
     if let Some(r) = rs.first() {
         curves.push(CurvePoint {
             system: "btm".into(),
@@ -557,36 +544,13 @@ pub fn run(
             .enumerate()
             .map(|(i, p)| (format!("split{i}"), p))
             .collect();
-        let (f, fl) = build_forest("random_split", plan.elm_steps, true, &named, say, on_step)?;
-        let (rs, _) = forest_systems(
-            "random_split",
-            &f,
-            seed_flops + fl,
-            &data,
-            cfg,
-            &tmp,
-            device,
-            say,
-        )?;
-        systems
-            .extend(rs.into_iter().filter(|r| {
-                r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
-            }));
+        let (rs, _) = forest_rows("random_split", plan.elm_steps, true, &named, say, on_step)?;
+        systems.extend(rs.into_iter().filter(headline));
     }
     if cfg.no_seed && plan.seed_steps > 0 {
-        let (f, fl) = build_forest(
-            "no_seed",
-            plan.no_seed_elm_steps,
-            false,
-            &domain_parts,
-            say,
-            on_step,
-        )?;
-        let (rs, _) = forest_systems("no_seed", &f, fl, &data, cfg, &tmp, device, say)?;
-        systems
-            .extend(rs.into_iter().filter(|r| {
-                r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior")
-            }));
+        let steps = plan.no_seed_elm_steps;
+        let (rs, _) = forest_rows("no_seed", steps, false, &domain_parts, say, on_step)?;
+        systems.extend(rs.into_iter().filter(headline));
     }
     if cfg.demix
         && let Some(r) = demix_row::system(

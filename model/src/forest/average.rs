@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::error::Error;
+use super::manifest::Forest;
 use crate::config::GptConfig;
 use crate::gpt::Gpt;
 use crate::weights::{self, NamedTensor};
@@ -164,6 +165,27 @@ fn accumulate(
         }
     }
     Ok(())
+}
+
+/// Averages members of `forest` into `out`: `members` are (index into `forest.elms`, weight)
+/// pairs. Each file is checked against its manifest id and the forest's architecture.
+pub fn average_members(
+    forest: &Forest,
+    members: &[(usize, f64)],
+    out: &Path,
+) -> Result<Summary, Error> {
+    let inputs: Vec<Input> = members
+        .iter()
+        .map(|&(i, weight)| {
+            let file = &forest.elms[i].weights;
+            Input {
+                path: forest.resolve(file),
+                weight,
+                id: Some(file.id.clone()),
+            }
+        })
+        .collect();
+    average_files(&inputs, Some(&forest.architecture), out)
 }
 
 /// Averages weights files into `out`, one file in memory at a time. `expected`, when given,

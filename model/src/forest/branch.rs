@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::average::{self, Input};
+use super::average;
 use super::error::Error;
 pub use super::manifest::InitKind;
 use super::manifest::{Forest, Parent, TrainRecord};
@@ -145,15 +145,7 @@ pub fn posterior_average_init(
         )));
     }
     let sel = super::posterior::top_k(prior, top_k.unwrap_or(prior.len()));
-    let inputs: Vec<Input> = sel
-        .iter()
-        .map(|&(i, w)| Input {
-            path: forest.resolve(&forest.elms[i].weights),
-            weight: w,
-            id: Some(forest.elms[i].weights.id.clone()),
-        })
-        .collect();
-    let summary = average::average_files(&inputs, Some(&forest.architecture), out)?;
+    let summary = average::average_members(forest, &sel, out)?;
     Ok(sel
         .iter()
         .zip(&summary.weights)

@@ -21,6 +21,7 @@ mod error;
 mod ids;
 mod record;
 mod signed;
+pub mod weights;
 
 pub use cbor::MAX_DEPTH;
 pub use ed25519_dalek::SigningKey;

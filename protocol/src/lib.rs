@@ -18,6 +18,8 @@
 
 mod cbor;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod record;
 mod signed;

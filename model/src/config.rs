@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use btm_protocol::weights::Config as WeightsConfig;
+
 use crate::Error;
 
 /// LayerNorm epsilon (GPT-2's), of every LayerNorm of the model.
@@ -100,25 +102,12 @@ impl std::fmt::Display for Preset {
 }
 
 impl GptConfig {
-    /// Checks that the shape is usable.
+    /// Checks that the shape is usable (the bounds are those of a weights file's
+    /// `btm.config`, [`btm_protocol::weights::Config::validate`]).
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.vocab_size < 2 || self.vocab_size > 1 << 20 {
-            return bad("vocab_size must be between 2 and 2^20");
-        }
-        if self.n_ctx < 2 || self.n_ctx > 1 << 16 {
-            return bad("n_ctx must be between 2 and 65536");
-        }
-        if self.d_model == 0 || self.d_model > 1 << 16 {
-            return bad("d_model must be between 1 and 65536");
-        }
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return bad("n_heads must divide d_model");
-        }
-        if self.n_layers == 0 || self.n_layers > 1024 {
-            return bad("n_layers must be between 1 and 1024");
-        }
-        Ok(())
+        WeightsConfig::from(*self)
+            .validate()
+            .map_err(|m| Error::Config(m.to_string()))
     }
 
     /// The same architecture with another vocabulary size (the tokenizer decides it).
@@ -182,6 +171,30 @@ impl GptConfig {
             "eos_token_id": crate::tokenizer::EOT_ID,
             "torch_dtype": "float32",
         })
+    }
+}
+
+impl From<GptConfig> for WeightsConfig {
+    fn from(c: GptConfig) -> Self {
+        WeightsConfig {
+            vocab_size: c.vocab_size,
+            n_ctx: c.n_ctx,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            n_layers: c.n_layers,
+        }
+    }
+}
+
+impl From<WeightsConfig> for GptConfig {
+    fn from(c: WeightsConfig) -> Self {
+        GptConfig {
+            vocab_size: c.vocab_size,
+            n_ctx: c.n_ctx,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            n_layers: c.n_layers,
+        }
     }
 }
 

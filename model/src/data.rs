@@ -174,6 +174,12 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Document>, Error> {
     } else {
         Box::new(file)
     };
+    read_documents(reader, path)
+}
+
+/// Reads `{"id","text"}` JSONL documents from a reader (already decompressed), at most
+/// [`MAX_SPLIT_BYTES`] of them; `path` names the source in errors.
+pub fn read_documents(reader: impl Read, path: &Path) -> Result<Vec<Document>, Error> {
     let reader = BufReader::new(reader.take(MAX_SPLIT_BYTES + 1));
     let mut docs = Vec::new();
     let mut total = 0u64;

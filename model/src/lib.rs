@@ -22,6 +22,8 @@ pub mod experiment;
 pub mod files;
 pub mod forest;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod gpt;
 pub mod tokenizer;

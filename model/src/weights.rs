@@ -6,24 +6,38 @@
 //! expects) and `btm.config`, the [`GptConfig`] as JSON. Loading checks the whole file before
 //! building a model: every expected name present and nothing else, every shape and dtype as the
 //! configuration implies, every value finite. Errors name the tensor.
+//!
+//! The format itself (header, names and shapes, checks, metadata, the deterministic writer) is
+//! [`btm_protocol::weights`], which parses into borrowed views and does not depend on burn; this
+//! module converts between its views and models, copying each tensor once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use btm_protocol::weights::{self as format, WeightsError};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::config::GptConfig;
 use crate::files::{HF_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use crate::gpt::Gpt;
 use crate::{Error, fsutil};
 
-/// Prefix of every tensor name, as in `GPT2LMHeadModel.state_dict()`.
-pub const PREFIX: &str = "transformer.";
+pub use btm_protocol::weights::{CONFIG_KEY, MAX_FILE_BYTES, PREFIX};
 
-/// Largest weights file we accept (the 124M preset is about 500 MB).
-pub const MAX_FILE_BYTES: u64 = 4 << 30;
+impl From<WeightsError> for Error {
+    fn from(e: WeightsError) -> Self {
+        match e {
+            WeightsError::Invalid(m) => Error::Weights(m),
+            WeightsError::Config(m) => Error::Config(m.to_string()),
+            WeightsError::Mismatch { found, expected } => Error::Weights(format!(
+                "architecture mismatch: the file holds {:?}, expected {:?}",
+                GptConfig::from(found),
+                GptConfig::from(expected)
+            )),
+        }
+    }
+}
 
 /// One parameter's name, shape and values, in the model's visiting order.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,31 +53,22 @@ pub struct NamedTensor {
 /// Every parameter name the configuration implies (without [`PREFIX`]), in visiting order,
 /// with its shape.
 pub fn expected_tensors(config: &GptConfig) -> Vec<(String, Vec<usize>)> {
-    let d = config.d_model;
-    let mut out = vec![
-        ("wte.weight".to_string(), vec![config.vocab_size, d]),
-        ("wpe.weight".to_string(), vec![config.n_ctx, d]),
-    ];
-    for i in 0..config.n_layers {
-        let p = |s: &str| format!("h.{i}.{s}");
-        out.extend([
-            (p("ln_1.weight"), vec![d]),
-            (p("ln_1.bias"), vec![d]),
-            (p("attn.c_attn.weight"), vec![d, 3 * d]),
-            (p("attn.c_attn.bias"), vec![3 * d]),
-            (p("attn.c_proj.weight"), vec![d, d]),
-            (p("attn.c_proj.bias"), vec![d]),
-            (p("ln_2.weight"), vec![d]),
-            (p("ln_2.bias"), vec![d]),
-            (p("mlp.c_fc.weight"), vec![d, 4 * d]),
-            (p("mlp.c_fc.bias"), vec![4 * d]),
-            (p("mlp.c_proj.weight"), vec![4 * d, d]),
-            (p("mlp.c_proj.bias"), vec![d]),
-        ]);
+    format::expected_tensors(&(*config).into())
+}
+
+/// The exact size in bytes of the weights file of `config` that [`save`] writes.
+pub fn expected_size(config: &GptConfig) -> Result<u64, Error> {
+    Ok(format::expected_size(&(*config).into())?)
+}
+
+impl From<format::Tensor<'_>> for NamedTensor {
+    fn from(t: format::Tensor<'_>) -> Self {
+        NamedTensor {
+            values: t.to_vec(),
+            name: t.name,
+            shape: t.shape,
+        }
     }
-    out.push(("ln_f.weight".to_string(), vec![d]));
-    out.push(("ln_f.bias".to_string(), vec![d]));
-    out
 }
 
 /// Collects parameters with their dotted module path.
@@ -275,77 +280,22 @@ fn check_against(
 }
 
 /// Writes a safetensors file deterministically: tensors in name order, metadata keys sorted
-/// (the `safetensors` crate takes metadata as a `HashMap`, whose order varies from run to run,
-/// and a model's bytes are its identity). All tensors are F32.
+/// (a model's bytes are its identity). All tensors are F32. See [`format::write`].
 pub fn write_safetensors<'a>(
     tensors: impl IntoIterator<Item = (String, Vec<usize>, &'a [f32])>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>, Error> {
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = tensors.into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
-    }
-    let mut offset = 0usize;
-    for (name, shape, values) in &tensors {
-        if shape.iter().product::<usize>() != values.len() {
-            return Err(Error::Weights(format!(
-                "tensor {name}: shape {shape:?} does not match {} values",
-                values.len()
-            )));
-        }
-        if name == "__metadata__" || header.contains_key(name) {
-            return Err(Error::Weights(format!(
-                "tensor name {name:?} is reserved or repeated"
-            )));
-        }
-        let end = offset + 4 * values.len();
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    // The data section starts 8-aligned; safetensors pads the header with spaces.
-    while (8 + json.len()) % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for (_, _, values) in &tensors {
-        for v in *values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    Ok(out)
+    Ok(format::write(tensors, metadata)?)
 }
-
-/// Metadata key holding the [`GptConfig`] as JSON.
-pub const CONFIG_KEY: &str = "btm.config";
 
 /// The metadata of a weights file of architecture `config`: `format = "pt"` and `btm.config`.
 pub fn metadata(config: &GptConfig) -> Result<BTreeMap<String, String>, Error> {
-    let mut metadata = BTreeMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert(CONFIG_KEY.to_string(), serde_json::to_string(config)?);
-    Ok(metadata)
+    Ok(format::metadata(&(*config).into()))
 }
 
 /// The checked architecture in a file's metadata.
 pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<GptConfig, Error> {
-    let json = meta
-        .get(CONFIG_KEY)
-        .ok_or_else(|| Error::Weights(format!("metadata entry {CONFIG_KEY} is missing")))?;
-    let config: GptConfig = serde_json::from_str(json).map_err(|e| {
-        Error::Weights(format!(
-            "metadata entry {CONFIG_KEY} is not a configuration: {e}"
-        ))
-    })?;
-    config.validate()?;
-    Ok(config)
+    Ok(format::config_from_metadata(meta)?.into())
 }
 
 /// A safetensors file's metadata and f32 tensors, split by name.
@@ -359,110 +309,38 @@ pub struct RawFile {
     pub other: Vec<NamedTensor>,
 }
 
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 /// Reads a safetensors file's bytes whose tensors are all f32 (a weights file or a checkpoint
 /// of any model); checks nothing about the model.
 pub fn read_raw(bytes: &[u8]) -> Result<RawFile, Error> {
-    let bad =
-        |e: safetensors::SafeTensorError| Error::Weights(format!("not a safetensors file: {e}"));
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-    let meta = meta.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(bytes).map_err(bad)?;
-    let mut raw = RawFile {
-        meta,
-        model: Vec::new(),
-        other: Vec::new(),
-    };
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::Weights(format!(
-                "tensor {name} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let (list, name) = match name.strip_prefix(PREFIX) {
-            Some(n) => (&mut raw.model, n.to_string()),
-            None => (&mut raw.other, name),
-        };
-        list.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            values: f32_values(view.data()),
-        });
-    }
-    Ok(raw)
+    let raw = format::parse_raw(bytes)?;
+    Ok(RawFile {
+        meta: raw.meta,
+        model: raw.model.into_iter().map(NamedTensor::from).collect(),
+        other: raw.other.into_iter().map(NamedTensor::from).collect(),
+    })
 }
 
 /// Serialises named tensors with the `btm.config` metadata (deterministically).
 pub fn to_bytes(config: &GptConfig, tensors: &[NamedTensor]) -> Result<Vec<u8>, Error> {
-    write_safetensors(
-        tensors.iter().map(|t| {
-            (
-                format!("{PREFIX}{}", t.name),
-                t.shape.clone(),
-                t.values.as_slice(),
-            )
-        }),
-        &metadata(config)?,
-    )
+    Ok(format::to_bytes(
+        &(*config).into(),
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.values.as_slice())),
+    )?)
 }
 
-/// Parses and checks a safetensors file's bytes. `expected`, when given, must equal the file's
-/// configuration (a forest member must have the forest's architecture).
+/// Parses and checks a safetensors file's bytes ([`format::parse`], which borrows), then copies
+/// each tensor once. `expected`, when given, must equal the file's configuration (a forest
+/// member must have the forest's architecture).
 pub fn parse(
     bytes: &[u8],
     expected: Option<&GptConfig>,
 ) -> Result<(GptConfig, Vec<NamedTensor>), Error> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
-    let config = config_from_metadata(&meta.metadata().clone().unwrap_or_default())?;
-    if let Some(want) = expected {
-        if want != &config {
-            return Err(Error::Weights(format!(
-                "architecture mismatch: the file holds {config:?}, expected {want:?}"
-            )));
-        }
-    }
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
-    let mut out = Vec::new();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    let order: BTreeMap<String, usize> = expected_tensors(&config)
-        .into_iter()
-        .enumerate()
-        .map(|(i, (n, _))| (n, i))
-        .collect();
-    for full in names {
-        let view = st
-            .tensor(&full)
-            .map_err(|e| Error::Weights(format!("tensor {full}: {e}")))?;
-        let Some(name) = full.strip_prefix(PREFIX) else {
-            return Err(Error::Weights(format!("unexpected tensor {full}")));
-        };
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::Weights(format!(
-                "tensor {full} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        out.push(NamedTensor {
-            name: name.to_string(),
-            shape: view.shape().to_vec(),
-            values: f32_values(view.data()),
-        });
-    }
-    out.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
-    let by_name: HashMap<String, NamedTensor> =
-        out.iter().map(|t| (t.name.clone(), t.clone())).collect();
-    check_tensors(&config, &by_name)?;
-    Ok((config, out))
+    let expected = expected.map(|c| format::Config::from(*c));
+    let parsed = format::parse(bytes, expected.as_ref())?;
+    let tensors = parsed.tensors.into_iter().map(NamedTensor::from).collect();
+    Ok((parsed.config.into(), tensors))
 }
 
 /// Saves a model atomically (write to a temporary file, fsync, rename).

@@ -153,3 +153,16 @@ fn export_hf_writes_a_gpt2_checkpoint() {
         "the head is tied to wte"
     );
 }
+
+#[test]
+fn expected_size_is_the_size_save_writes() {
+    for config in [tiny(), Preset::Tiny.config(), Preset::Small.config()] {
+        let model = Gpt::init(&config, 1, &cpu());
+        let bytes = weights::to_bytes(&config, &weights::named_tensors(&model)).unwrap();
+        assert_eq!(
+            weights::expected_size(&config).unwrap(),
+            bytes.len() as u64,
+            "{config:?}"
+        );
+    }
+}

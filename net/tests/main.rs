@@ -5,5 +5,6 @@
 
 mod adversarial;
 mod common;
+mod fuzz_replay;
 mod multi_node;
 mod netns;

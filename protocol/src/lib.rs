@@ -18,9 +18,12 @@
 
 mod cbor;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod record;
 mod signed;
+pub mod weights;
 
 pub use cbor::MAX_DEPTH;
 pub use ed25519_dalek::SigningKey;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fixtures;
+mod fuzz_replay;
 mod malformed;
 mod parents;
 mod roundtrip;

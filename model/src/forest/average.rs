@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::error::Error;
@@ -69,98 +68,33 @@ pub struct Summary {
 }
 
 /// Adds `weight` times the tensors of a weights file's bytes into `acc` (created on the first
-/// call), checking the file exactly as [`weights::parse`] does but without copying it.
+/// call), checking the file with [`btm_protocol::weights::parse`], which does not copy it.
 fn accumulate(
     bytes: &[u8],
     weight: f32,
     expected: Option<&GptConfig>,
     acc: &mut Option<(GptConfig, Vec<NamedTensor>)>,
 ) -> Result<(), crate::Error> {
-    let bad = |m: String| crate::Error::Weights(m);
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let config_json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("btm.config"))
-        .ok_or_else(|| bad("metadata entry btm.config is missing".into()))?;
-    let config: GptConfig = serde_json::from_str(config_json).map_err(|e| {
-        bad(format!(
-            "metadata entry btm.config is not a configuration: {e}"
-        ))
-    })?;
-    config.validate()?;
-    let want = expected.copied().or(acc.as_ref().map(|(c, _)| *c));
-    if let Some(want) = want
-        && want != config
-    {
-        return Err(bad(format!(
-            "architecture mismatch: the file holds {config:?}, expected {want:?}"
-        )));
-    }
-    let st =
-        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let expected_tensors = weights::expected_tensors(&config);
-    if st.len() != expected_tensors.len() {
-        let known: std::collections::HashSet<String> = expected_tensors
-            .iter()
-            .map(|(n, _)| format!("{}{n}", weights::PREFIX))
-            .collect();
-        let mut extra: Vec<String> = st
-            .names()
-            .into_iter()
-            .filter(|n| !known.contains(*n))
-            .map(str::to_string)
-            .collect();
-        extra.sort();
-        return Err(bad(format!(
-            "expected {} tensors, found {} (unexpected: {})",
-            expected_tensors.len(),
-            st.len(),
-            extra.join(", ")
-        )));
-    }
+    let want = expected
+        .copied()
+        .or(acc.as_ref().map(|(c, _)| *c))
+        .map(btm_protocol::weights::Config::from);
+    let parsed = btm_protocol::weights::parse(bytes, want.as_ref())?;
     let acc = acc.get_or_insert_with(|| {
-        let t = expected_tensors
+        let t = parsed
+            .tensors
             .iter()
-            .map(|(name, shape)| NamedTensor {
-                name: name.clone(),
-                shape: shape.clone(),
-                values: vec![0.0; shape.iter().product()],
+            .map(|t| NamedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                values: vec![0.0; t.len()],
             })
             .collect();
-        (config, t)
+        (parsed.config.into(), t)
     });
-    for t in acc.1.iter_mut() {
-        let full = format!("{}{}", weights::PREFIX, t.name);
-        let view = st
-            .tensor(&full)
-            .map_err(|_| bad(format!("tensor {full} is missing")))?;
-        if view.dtype() != Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {full} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        if view.shape() != t.shape.as_slice() {
-            return Err(bad(format!(
-                "tensor {full} has shape {:?}, expected {:?}",
-                view.shape(),
-                t.shape
-            )));
-        }
-        for (i, (a, c)) in t
-            .values
-            .iter_mut()
-            .zip(view.data().chunks_exact(4))
-            .enumerate()
-        {
-            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            if !v.is_finite() {
-                return Err(bad(format!(
-                    "tensor {full} holds a non-finite value ({v}) at flat index {i}"
-                )));
-            }
+    // Both are in `expected_tensors` order of the same architecture.
+    for (a, t) in acc.1.iter_mut().zip(&parsed.tensors) {
+        for (a, v) in a.values.iter_mut().zip(t.values()) {
             *a += weight * v;
         }
     }

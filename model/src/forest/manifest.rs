@@ -175,11 +175,23 @@ impl Forest {
     /// Reads a manifest (checks its format, names and size; not the files: see [`Self::verify`]).
     pub fn open(path: &Path) -> Result<Self, Error> {
         let bytes = fsutil::read_limited(path, MAX_MANIFEST_BYTES)?;
+        Self::from_json(&bytes, path)
+    }
+
+    /// Parses a manifest's bytes read from `path` (which names it in errors and whose parent
+    /// becomes the forest's directory); checks what [`Self::open`] checks.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self, Error> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::BadManifest {
+                path: path.to_path_buf(),
+                reason: format!("over {MAX_MANIFEST_BYTES} bytes"),
+            });
+        }
         let bad = |reason: String| Error::BadManifest {
             path: path.to_path_buf(),
             reason,
         };
-        let mut f: Forest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut f: Forest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
         if f.format != FORMAT {
             return Err(bad(format!("format {:?}, expected {FORMAT:?}", f.format)));
         }

@@ -64,6 +64,7 @@ pub(crate) enum Command {
     Provide(ProviderKey, Reply<()>),
     GetProviders(ProviderKey, Reply<Vec<PeerId>>),
     PeerScore(PeerId, Reply<Option<f64>>),
+    StoreStats(Reply<crate::record_store::StoreStats>),
     GossipPeers(Reply<Vec<(PeerId, usize)>>),
     RoutingTable(Reply<Vec<PeerId>>),
     Trusted(Reply<Trusted>),
@@ -205,6 +206,11 @@ impl Client {
     /// The gossipsub score of a peer.
     pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, NetError> {
         self.call(|r| Command::PeerScore(peer, r)).await
+    }
+
+    /// What the DHT record store holds and has evicted.
+    pub async fn store_stats(&self) -> Result<crate::record_store::StoreStats, NetError> {
+        self.call(Command::StoreStats).await
     }
 
     /// Gossip peers and how many of this network's topics each is subscribed to.

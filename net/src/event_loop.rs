@@ -154,6 +154,22 @@ pub(crate) struct EventLoop {
     pending_bootstrap: HashMap<kad::QueryId, Reply<()>>,
 }
 
+/// Gossip verdict of a refused message: `Reject` (the relay is penalised) only for what is
+/// invalid for everyone; `Ignore` for what depends on our state (a domain of a registry we do
+/// not have yet, a quota, our clock), so honest relays keep their score.
+fn refusal(e: &Invalid) -> MessageAcceptance {
+    let state = match e {
+        Invalid::Rules(r) => r.depends_on_state(),
+        Invalid::NoRegistry => true,
+        _ => false,
+    };
+    if state {
+        MessageAcceptance::Ignore
+    } else {
+        MessageAcceptance::Reject
+    }
+}
+
 fn observe(tx: &broadcast::Sender<Observed>, o: Observed) {
     let _ = tx.send(o);
 }
@@ -421,6 +437,9 @@ impl EventLoop {
                 let id = dht.get_providers(key.kad(&self.net));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
+            Command::StoreStats(reply) => {
+                let _ = reply.send(Ok(self.swarm.behaviour_mut().kad.store_mut().stats()));
+            }
             Command::PeerScore(peer, reply) => {
                 let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
             }
@@ -620,7 +639,7 @@ impl EventLoop {
         }
         let mut record = kad::Record::new(kkey, value);
         record.publisher = from;
-        record.expires = expiry_of(key, &record.value);
+        record.expires = expiry_of(key, &record.value, from.is_some());
         store
             .put(record.clone())
             .map_err(|e| NetError::Dht(e.to_string()))?;
@@ -979,7 +998,7 @@ impl EventLoop {
             Ok(_) => MessageAcceptance::Ignore,
             Err(e) => {
                 self.refused("root", Some(source), e.to_string());
-                MessageAcceptance::Reject
+                refusal(&e)
             }
         }
     }
@@ -1021,7 +1040,7 @@ impl EventLoop {
                     let _ = self.adopt_registry(data);
                 }
                 self.refused("registry", Some(source), e.to_string());
-                MessageAcceptance::Reject
+                refusal(&e)
             }
         }
     }
@@ -1036,7 +1055,7 @@ impl EventLoop {
     ) -> Option<MessageAcceptance> {
         if let Err(e) = validate::check_claim(&self.view(), &data) {
             self.refused("claim", Some(source), e.to_string());
-            return Some(MessageAcceptance::Reject);
+            return Some(refusal(&e));
         }
         self.queue_write(StoreJob {
             kind: StoreKind::Claim,
@@ -1127,7 +1146,7 @@ impl EventLoop {
                 | StoreOutcome::Attestation(Decision::Reject(r)),
             ) => {
                 self.refused(done.kind.what(), Some(source), r.to_string());
-                MessageAcceptance::Reject
+                refusal(&Invalid::Rules(r))
             }
         };
         self.swarm
@@ -1147,7 +1166,7 @@ impl EventLoop {
             Ok(e) => e,
             Err(e) => {
                 self.refused("elm record", Some(source), e.to_string());
-                return Some(MessageAcceptance::Reject);
+                return Some(refusal(&e));
             }
         };
         let elm_id = envelope.id();
@@ -1174,8 +1193,20 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
         .collect()
 }
 
-/// Records with a natural end (claims, address records) expire from the DHT store with it.
-fn expiry_of(key: &RecordKey, value: &[u8]) -> Option<Instant> {
+/// When a record leaves the DHT store. Records with a natural end (claims, address records)
+/// expire with it; a record from a peer expires at the latest after its kind's TTL
+/// ([`validate::record_ttl`]: its publisher republishes it hourly). Our own records without a
+/// natural end stay (Kademlia republishes them with its record TTL).
+fn expiry_of(key: &RecordKey, value: &[u8], foreign: bool) -> Option<Instant> {
+    let ttl = foreign.then(|| Instant::now() + validate::record_ttl(key));
+    let natural = natural_end(key, value);
+    match (natural, ttl) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn natural_end(key: &RecordKey, value: &[u8]) -> Option<Instant> {
     let until = match key {
         RecordKey::Claim { .. } => Signed::<btm_protocol::Claim>::decode(value)
             .ok()

@@ -39,6 +39,7 @@ pub mod identity;
 pub mod keys;
 pub mod limits;
 pub mod node;
+pub mod record_store;
 pub mod swarm;
 pub mod validate;
 pub mod verify;

@@ -21,6 +21,8 @@ pub struct Limits {
     pub max_providers_per_key: usize,
     /// Most keys this node provides.
     pub max_provided_keys: usize,
+    /// Most foreign DHT records held from one publishing peer (`record_store`).
+    pub max_dht_records_per_peer: usize,
     /// Most DHT claim records held per claiming node (the protocol's live-claim quota).
     pub max_dht_claims_per_node: usize,
     /// Inbound DHT PUT and ADD_PROVIDER requests per peer.
@@ -54,6 +56,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_dht_records: 8192,
+            max_dht_records_per_peer: 256,
             max_providers_per_key: 20,
             max_provided_keys: 4096,
             max_dht_claims_per_node: btm_registry::store::MAX_CLAIMS_PER_NODE,

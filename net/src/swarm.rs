@@ -35,7 +35,7 @@ pub fn small_message_max() -> usize {
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub limits: connection_limits::Behaviour,
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub kad: kad::Behaviour<crate::record_store::BoundedStore>,
     pub gossipsub: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -192,7 +192,7 @@ pub(crate) fn build(
                 .set_publication_interval(Some(Duration::from_secs(3600)))
                 .set_record_ttl(Some(Duration::from_secs(48 * 3600)))
                 .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)));
-            let store = kad::store::MemoryStore::with_config(
+            let store = crate::record_store::BoundedStore::new(
                 peer_id,
                 kad::store::MemoryStoreConfig {
                     max_records: limits.max_dht_records,
@@ -200,6 +200,7 @@ pub(crate) fn build(
                     max_providers_per_key: limits.max_providers_per_key,
                     max_provided_keys: limits.max_provided_keys,
                 },
+                limits.max_dht_records_per_peer,
             );
             let mut kad = kad::Behaviour::with_config(peer_id, store, kcfg);
             // Loopback and LAN nodes never learn a confirmed external address; answer queries

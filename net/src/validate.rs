@@ -248,6 +248,21 @@ fn newer(new: &[u8], held: &[u8], order: impl Fn(&[u8]) -> Option<u64>) -> bool 
     matches!((order(new), held), (Some(n), Some(h)) if n > h) || held.is_none()
 }
 
+/// How long a record received from a peer is kept at most, by kind (`specs/network.md`,
+/// "Limits"). Publishers republish every hour, so every TTL is well above that.
+pub fn record_ttl(key: &RecordKey) -> std::time::Duration {
+    let hours = match key {
+        RecordKey::Claim { .. } => 3,
+        RecordKey::Addr(_) => 25,
+        RecordKey::Registry
+        | RecordKey::Root(_)
+        | RecordKey::Seed
+        | RecordKey::Elm(_)
+        | RecordKey::ElmOf { .. } => 48,
+    };
+    std::time::Duration::from_secs(hours * 3600)
+}
+
 /// The content id a record key's value must hash to, if it is content-addressed by record id.
 pub fn expected_id(key: &RecordKey) -> Option<ContentId> {
     match key {

@@ -808,3 +808,170 @@ async fn one_subnet_cannot_fill_the_routing_table() {
     wait_registry(&nodes, 1).await;
     net.shutdown().await;
 }
+
+/// How long the sybils flood. The honest nodes' store is small (`FLOOD_STORE_CAP`), so it is
+/// saturated within the first seconds; a longer flood only repeats the same evictions.
+const FLOOD: Duration = Duration::from_secs(20);
+const SYBILS: usize = 10;
+const FLOOD_STORE_CAP: usize = 64;
+
+/// THREATS: a flood of DHT records from many identities. Ten sybil nodes, each signing with a
+/// fresh key per record, PUT valid address records at the honest nodes and gossip attestations
+/// of unknown ELMs. Afterwards an honest node still stores and publishes its own claim, address
+/// and ELM records, another honest node reads them, and the honest peers' gossip scores stay
+/// non-negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sybil_flood_of_dht_records_cannot_crowd_out_honest_records() {
+    let f = fixture();
+    let mut net = Net::start_with(3, |_, mut c| {
+        c.swarm.limits.max_dht_records = FLOOD_STORE_CAP;
+        c.swarm.limits.max_dht_records_per_peer = FLOOD_STORE_CAP / 8;
+        c
+    })
+    .await;
+    let honest = net.nodes.clone();
+    wait_connected(&honest[..1], 2).await;
+    publish_world(&honest[0]).await;
+    for n in &honest[1..] {
+        if n.registry().await.ok().flatten().is_none() {
+            let _ = n.sync().await;
+        }
+    }
+    wait_registry(&honest, 1).await;
+    let mut sybils = Vec::new();
+    for _ in 0..SYBILS {
+        // The sybils keep the default store (8 192 records), so their own stores never stop
+        // them from publishing.
+        let s = net.add(|c| c).await;
+        for n in &honest[1..] {
+            let addr = n.listen_addrs().await.expect("addrs").remove(0);
+            let _ = s.client().dial(addr).await;
+        }
+        let _ = s.sync().await;
+        sybils.push(s);
+    }
+    let netid = honest[1].client().network();
+    let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (si, s) in sybils.iter().enumerate() {
+        let s = s.clone();
+        let offered = offered.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while started.elapsed() < FLOOD {
+                i += 1;
+                let key = test_key(&format!("sybil-{si}-{i}"));
+                let node = btm_protocol::PublicKey::of(&key);
+                let rec = btm_net::addr::AddrRecord {
+                    node,
+                    expires: now() + 3600,
+                    addrs: vec![],
+                    relays: vec![],
+                };
+                let c = s.client().with_timeout(Duration::from_secs(5));
+                let _ = c
+                    .put_record_raw(RecordKey::Addr(node).to_bytes(&netid), rec.sign(&key))
+                    .await;
+                offered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut att = Signed::new(btm_protocol::Attestation {
+                    verifier: node,
+                    elm: ContentId::of(format!("no such elm {si} {i}").as_bytes()),
+                    measured_ppl_milli: 1000,
+                    verdict: btm_protocol::Verdict::Accept,
+                });
+                att.sign(&key);
+                let _ = c.publish_raw(Topic::Attestations, att.encode()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let offered = offered.load(std::sync::atomic::Ordering::Relaxed);
+    let before = honest[1].client().store_stats().await.expect("stats");
+    assert!(before.records <= FLOOD_STORE_CAP, "{before:?}");
+
+    // The honest node 1 publishes its claim, address and ELM records.
+    let me = &honest[1];
+    me.claim(Some("alpha"))
+        .await
+        .expect("own claim stored after the flood");
+    me.publish_addr()
+        .await
+        .expect("own address stored after the flood");
+    let key = me.identity().signing_key().clone();
+    let mut elm = Signed::new(f.elm("alpha", b"flood weights", 10.0, me.node_id()));
+    elm.sign(&key);
+    me.announce_signed(&elm)
+        .await
+        .expect("own ELM stored after the flood");
+    // Node 2 reads them.
+    let reader = honest[2].client();
+    for k in [
+        RecordKey::Claim {
+            domain: "alpha".into(),
+            node: me.node_id(),
+        },
+        RecordKey::Addr(me.node_id()),
+        RecordKey::Elm(elm.id()),
+    ] {
+        let got = reader.get_record(k.clone()).await.expect("get");
+        assert!(got.is_some(), "{k:?} not readable by another honest node");
+    }
+    // Honest peers keep their standing with each other.
+    for (a, b) in [(1, 2), (2, 1), (1, 0), (2, 0)] {
+        let s = honest[a]
+            .client()
+            .peer_score(honest[b].peer_id())
+            .await
+            .expect("score");
+        assert!(s.is_some_and(|s| s >= 0.0), "score of {b} at {a}: {s:?}");
+    }
+    let after = honest[1].client().store_stats().await.expect("stats");
+    assert!(
+        after.records <= FLOOD_STORE_CAP && after.own >= 3,
+        "{after:?}"
+    );
+    eprintln!(
+        "flood: {SYBILS} sybils for {FLOOD:?}, {offered} address records offered; honest node 1 \
+         store after the flood {before:?}, after its own records {after:?}"
+    );
+    net.shutdown().await;
+}
+
+/// THREATS: a state-dependent refusal is not misbehaviour. A peer relays a claim and an ELM
+/// record for a domain the receivers' registry does not have (it may hold a newer registry):
+/// the receivers refuse them, and the relay's gossip score stays non-negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_dependent_refusal_does_not_penalise_the_relay() {
+    let f = fixture();
+    let (net, relay) = network_with_attacker(|_, c| c).await;
+    let honest = net.nodes[..3].to_vec();
+    let key = relay.identity().signing_key().clone();
+    let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
+    let mut c = Signed::new(Claim {
+        domain: "delta".into(),
+        node: relay.node_id(),
+        lease_expires: now() + 600,
+    });
+    c.sign(&key);
+    let _ = relay.client().publish_raw(Topic::Claims, c.encode()).await;
+    let mut elm = Signed::new(f.elm("delta", b"newer domain", 10.0, relay.node_id()));
+    elm.sign(&key);
+    let _ = relay.client().publish_raw(Topic::Elms, elm.encode()).await;
+    for r in rx.iter_mut() {
+        wait_observed(
+            r,
+            "the refusal",
+            |o| matches!(o, Observed::Refused { what, .. } if *what == "elm record"),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in &honest[1..] {
+        let s = n.client().peer_score(relay.peer_id()).await.expect("score");
+        assert!(s.is_some_and(|s| s >= 0.0), "relay score {s:?}");
+    }
+    net.shutdown().await;
+}

@@ -31,7 +31,8 @@ pub mod rules;
 pub mod store;
 
 pub use rules::{
-    ClaimFit, ClaimLimits, Decision, KeyRole, Reject, Tally, Trusted, claim_fits, decide_claim,
-    decide_initial_root, decide_registry, decide_root, elm_fits, parents_known, signed_by, tally,
+    ClaimFit, ClaimLimits, Decision, KeyRole, Reject, Tally, Trusted, cheap_signature_checks,
+    claim_fits, decide_claim, decide_initial_root, decide_registry, decide_root, elm_fits,
+    parents_known, signed_by, tally,
 };
 pub use store::{Store, StoreError};

@@ -176,6 +176,58 @@ pub enum Reject {
     /// An ELM parent that is neither the seed nor an ELM the registry accepted.
     #[error("ELM parent {0} is neither the seed nor an accepted ELM")]
     UnknownParent(ContentId),
+    /// A multi-signature envelope carrying two signatures by one key (TUF: no duplicate
+    /// keyids). Refused before any signature is verified.
+    #[error("key {0} signed the envelope more than once")]
+    RepeatedSigner(PublicKey),
+    /// More signatures than the key set lists keys. Refused before any signature is verified.
+    #[error("{count} signatures, but only {keys} keys may sign")]
+    TooManySignatures { count: usize, keys: usize },
+}
+
+impl Reject {
+    /// Whether the refusal depends on the receiver's state (its registry, its store, its
+    /// clock) rather than on the bytes alone: such a record may be valid for a peer with a
+    /// newer registry or another clock, so whoever relayed it is not at fault (gossipsub
+    /// `Ignore`, not `Reject`).
+    pub fn depends_on_state(&self) -> bool {
+        matches!(
+            self,
+            Reject::UnknownDomain(_)
+                | Reject::UnknownElm(_)
+                | Reject::UnknownParent(_)
+                | Reject::SeedMismatch(_)
+                | Reject::Quota { .. }
+                | Reject::Stale
+                | Reject::Rollback { .. }
+                | Reject::RootNotNext { .. }
+                | Reject::LeaseExpired { .. }
+                | Reject::LeaseTooLong { .. }
+        )
+    }
+}
+
+/// The checks that cost no signature verification, run before [`tally`]: at most one
+/// signature per key and no more signatures than `keys` lists. An envelope built to cost
+/// verifications (64 signatures under one key) is refused here.
+pub fn cheap_signature_checks<R: Record>(
+    envelope: &Signed<R>,
+    keys: &[PublicKey],
+) -> Result<(), Reject> {
+    let sigs = envelope.signatures();
+    let mut seen = BTreeSet::new();
+    for sig in sigs {
+        if !seen.insert(sig.key) {
+            return Err(Reject::RepeatedSigner(sig.key));
+        }
+    }
+    if sigs.len() > keys.len() {
+        return Err(Reject::TooManySignatures {
+            count: sigs.len(),
+            keys: keys.len(),
+        });
+    }
+    Ok(())
 }
 
 fn threshold_met(tally: Tally, threshold: u32, role: KeyRole) -> Result<(), Reject> {
@@ -204,6 +256,7 @@ fn initial_root(bytes: &[u8]) -> Result<Decision<Signed<Root>>, Reject> {
     {
         let offered = Signed::<Root>::decode(bytes)?;
         let root = offered.record();
+        cheap_signature_checks(&offered, &root.keys)?;
         threshold_met(
             tally(&offered, &root.keys),
             root.threshold,
@@ -234,6 +287,9 @@ fn root_update(trusted: &Signed<Root>, bytes: &[u8]) -> Result<Decision<Signed<R
                 offered: new.version,
             });
         }
+        // Signed by the old keys and the new ones: the envelope may carry both sets.
+        let both: BTreeSet<PublicKey> = old.keys.iter().chain(&new.keys).copied().collect();
+        cheap_signature_checks(&offered, &both.into_iter().collect::<Vec<_>>())?;
         threshold_met(tally(&offered, &old.keys), old.threshold, KeyRole::Trusted)?;
         if new.version == old.version {
             return Err(Reject::Equivocation {
@@ -281,6 +337,7 @@ fn registry_update(
         {
             return Ok(Decision::Unchanged);
         }
+        cheap_signature_checks(&offered, &root.keys)?;
         threshold_met(
             tally(&offered, &root.keys),
             root.threshold,

@@ -48,6 +48,13 @@ proptest! {
         // `tally` stops counting a key at its first valid signature; `distinct` is the set.
         prop_assert_eq!(t.valid, distinct.len());
         let decision = decide_registry(&trusted, &env.encode(), NOW);
-        prop_assert_eq!(matches!(decision, Decision::Accept(_)), distinct.len() >= threshold as usize);
+        // Repeated signers, or more signatures than listed keys, are refused before any
+        // verification (`rules::cheap_signature_checks`).
+        let keys: BTreeSet<u32> = signatures.iter().map(|s| s.key).collect();
+        let cheap_ok = keys.len() == signatures.len() && signatures.len() <= listed.len();
+        prop_assert_eq!(
+            matches!(decision, Decision::Accept(_)),
+            cheap_ok && distinct.len() >= threshold as usize
+        );
     }
 }

@@ -148,3 +148,75 @@ fn parents_are_the_seed_or_accepted_elms() {
         Err(Reject::UnknownParent(seed().weights))
     );
 }
+
+/// THREATS: envelopes built to cost signature checks. 64 invalid signatures under one listed
+/// key, or more signatures than the root lists keys: refused before any signature is verified
+/// (the tally of a refusal that verified nothing is empty).
+#[test]
+fn repeated_signers_are_refused_before_any_signature_is_verified() {
+    use btm_registry::{Decision, Trusted, decide_registry, decide_root, tally};
+    let now = NOW;
+    let trusted = Trusted {
+        root: signed(root(1, &[1, 2, 3], 2), &[1, 2, 3]),
+        registry: None,
+    };
+    let verified = |d: &Decision<Signed<Registry>>| match d {
+        Decision::Reject(Reject::BelowThreshold { tally, .. }) => tally.valid + tally.invalid,
+        _ => 0,
+    };
+    // One listed key, 64 bad signatures.
+    let mut env = Signed::new(registry(1, "costly"));
+    for i in 0..MAX_SIGNATURES {
+        let mut sig = Signature::create(Kind::Registry, env.body(), &key(1));
+        sig.bytes[(i % 60) + 1] ^= 0x10;
+        env.push_signature(sig);
+    }
+    let d = decide_registry(&trusted, &env.encode(), now);
+    assert!(matches!(d, Decision::Reject(_)), "{d:?}");
+    assert_eq!(
+        verified(&d),
+        0,
+        "verified signatures of a repeated key: {d:?}"
+    );
+    assert!(
+        matches!(d, Decision::Reject(Reject::RepeatedSigner(_))),
+        "{d:?}"
+    );
+    // Two valid signatures by listed keys, a third key repeated: refused as a whole.
+    let mut env = Signed::new(registry(1, "repeat"));
+    env.sign(&key(1));
+    env.sign(&key(2));
+    env.push_signature(Signature::create(Kind::Registry, env.body(), &key(2)));
+    let d = decide_registry(&trusted, &env.encode(), now);
+    assert!(matches!(d, Decision::Reject(_)), "{d:?}");
+    assert_eq!(verified(&d), 0, "{d:?}");
+    // More signatures than the root lists keys (distinct, unknown ones included).
+    let mut env = Signed::new(registry(1, "many"));
+    for i in 1..=5 {
+        env.sign(&key(i));
+    }
+    let d = decide_registry(&trusted, &env.encode(), now);
+    assert!(matches!(d, Decision::Reject(_)), "{d:?}");
+    assert_eq!(verified(&d), 0, "{d:?}");
+    // The same checks guard root rotation.
+    let mut next = Signed::new(root(2, &[1, 2, 3], 2));
+    for _ in 0..8 {
+        next.push_signature(Signature::create(Kind::Root, next.body(), &key(1)));
+    }
+    let d = decide_root(&trusted.root, &next.encode());
+    let root_verified = match &d {
+        Decision::Reject(Reject::BelowThreshold { tally, .. }) => tally.valid + tally.invalid,
+        _ => 0,
+    };
+    assert!(matches!(d, Decision::Reject(_)), "{d:?}");
+    assert_eq!(root_verified, 0, "{d:?}");
+    // A well-formed envelope is still tallied as before.
+    let mut ok = Signed::new(registry(1, "fine"));
+    ok.sign(&key(1));
+    ok.sign(&key(3));
+    assert_eq!(tally(&ok, &trusted.root.record().keys).valid, 2);
+    assert!(matches!(
+        decide_registry(&trusted, &ok.encode(), now),
+        Decision::Accept(_)
+    ));
+}

@@ -1,5 +1,7 @@
 //! Integration tests of btm-model (one binary: see STYLE.md).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 mod demix;
 mod eval;

@@ -149,7 +149,7 @@ impl Maintainer {
             architecture: c.seed.architecture()?,
             tokenizer: node.add_blob(c.seed.tokenizer.clone()).await?,
             weights: node.add_blob(c.seed.weights.clone()).await?,
-            training: c.seed.training.clone(),
+            training: c.seed.training,
         };
         // Key rotation: each root is checked by this node's rules, adopted, stored on the DHT
         // under its version and gossiped; nodes that started from an older root walk the chain.

@@ -282,7 +282,7 @@ pub fn parse<'a>(bytes: &'a [u8], expected: Option<&Config>) -> Result<Weights<'
             shape: shape.clone(),
             data: view.data(),
         };
-        if t.data.len() % 4 != 0 || t.len() != shape.iter().product::<usize>() {
+        if !t.data.len().is_multiple_of(4) || t.len() != shape.iter().product::<usize>() {
             return Err(invalid(format!(
                 "tensor {PREFIX}{name} has the wrong number of values"
             )));
@@ -457,6 +457,7 @@ pub fn expected_size(config: &Config) -> Result<u64, WeightsError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

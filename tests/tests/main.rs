@@ -373,7 +373,10 @@ fn killed_volunteer_resumes_its_claim_and_a_late_client_gets_the_forest() {
     let mut v = net.volunteer("v1", &args);
     let s2 = net.wait_phase("v1", &mut [&mut v], 600, "serving");
     let resumed = s2["resumed_from"].as_u64().expect("resumed_from");
-    assert!(resumed >= 10 && resumed % 5 == 0, "resumed from {resumed}");
+    assert!(
+        resumed >= 10 && resumed.is_multiple_of(5),
+        "resumed from {resumed}"
+    );
     assert_eq!(s2["domain"], "python_code");
     assert_eq!(s2["step"].as_u64(), Some(60));
     let elm = s2["elm"].as_str().unwrap().to_string();

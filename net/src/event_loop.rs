@@ -12,7 +12,8 @@ use futures::StreamExt;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::kad::{self, store::RecordStore};
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -152,7 +153,21 @@ pub(crate) struct EventLoop {
     pending_put: HashMap<kad::QueryId, Reply<()>>,
     pending_provide: HashMap<kad::QueryId, Reply<()>>,
     pending_bootstrap: HashMap<kad::QueryId, Reply<()>>,
+    /// Peers one of whose connections we refused (one connection per peer) and when: if the
+    /// connection we kept closes soon after, the peer refused it for the same reason.
+    refused_dup: HashMap<PeerId, Instant>,
+    /// Peers to dial again once their delay is over (see [`EventLoop::redial_later`]).
+    redial_tx: mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>)>,
+    redial_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
+    /// Redials per peer in the current window (bounded, see [`EventLoop::redial_later`]).
+    redials: HashMap<PeerId, (Instant, u8)>,
 }
+
+/// Redials after a dial race, per peer and window.
+const REDIALS: u8 = 2;
+const REDIAL_WINDOW: Duration = Duration::from_secs(30);
+/// How long a refused duplicate connection explains the loss of the one kept.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Gossip verdict of a refused message: `Reject` (the relay is penalised) only for what is
 /// invalid for everyone; `Ignore` for what depends on our state (a domain of a registry we do
@@ -200,6 +215,7 @@ impl EventLoop {
             // Without the thread every queued write is dropped (gossip ignored, never wrong).
             tracing::error!(error = %e, "starting the store thread");
         }
+        let (redial_tx, redial_rx) = mpsc::unbounded_channel();
         let mut el = EventLoop {
             store_jobs,
             store_done,
@@ -222,6 +238,10 @@ impl EventLoop {
             pending_put: HashMap::new(),
             pending_provide: HashMap::new(),
             pending_bootstrap: HashMap::new(),
+            refused_dup: HashMap::new(),
+            redial_tx,
+            redial_rx,
+            redials: HashMap::new(),
         };
         for t in Topic::ALL {
             let topic = gossipsub::IdentTopic::new(t.string(&el.net));
@@ -260,6 +280,7 @@ impl EventLoop {
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((peer, addrs)) = self.redial_rx.recv() => self.redial(peer, addrs),
                 Some(done) = self.store_done.recv() => self.on_store_done(done),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown(reply)) => {
@@ -671,6 +692,27 @@ impl EventLoop {
                 }
                 observe(&self.observers, Observed::Connected(peer_id));
             }
+            SwarmEvent::IncomingConnectionError {
+                peer_id: Some(peer),
+                error: ListenError::Denied { .. },
+                ..
+            } => self.note_refused_duplicate(peer),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                // Simultaneous dials: we refused the peer's connection because we had ours, and
+                // the peer refused ours because it had its own. Dial again, the smaller peer id
+                // first, so that one connection survives.
+                let recent = self
+                    .refused_dup
+                    .remove(&peer_id)
+                    .is_some_and(|t| t.elapsed() < DUPLICATE_WINDOW);
+                if recent {
+                    self.redial_after_race(peer_id, Vec::new());
+                }
+            }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
@@ -678,6 +720,24 @@ impl EventLoop {
             } => {
                 if matches!(error, DialError::DialPeerConditionFalse(_)) {
                     return;
+                }
+                if matches!(error, DialError::Denied { .. }) {
+                    // Refused by our own limits (a connection to this peer is already open):
+                    // the peer is reachable, keep it in the routing table.
+                    self.note_refused_duplicate(peer);
+                    for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
+                        let _ = reply.send(Ok(()));
+                    }
+                    return;
+                }
+                // Two nodes dialing each other from their listening ports at the same moment
+                // meet in one TCP connection (simultaneous open) that neither can upgrade.
+                // Dial again from a new port, the smaller peer id first (bounded per peer).
+                if let DialError::Transport(tried) = &error {
+                    let addrs: Vec<Multiaddr> = tried.iter().map(|(a, _)| a.clone()).collect();
+                    if !self.swarm.is_connected(&peer) && self.redial_after_race(peer, addrs) {
+                        return;
+                    }
                 }
                 for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
                     let _ = reply.send(Err(NetError::Dial(error.to_string())));
@@ -699,13 +759,24 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                let mut peers: Vec<PeerId> = Vec::new();
                 for (peer, addr) in list.into_iter().take(64) {
                     self.swarm
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, addr.clone());
-                    if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(addr);
+                    if !peers.contains(&peer) {
+                        peers.push(peer);
+                    }
+                }
+                // Both nodes discover each other at about the same moment; if both dialed, each
+                // could keep its own connection and refuse the other's, leaving none. The
+                // smaller peer id dials now, the other only if it is still not connected later.
+                for peer in peers {
+                    if *self.swarm.local_peer_id() < peer {
+                        self.redial(peer, Vec::new());
+                    } else {
+                        self.redial_later(peer, Vec::new(), Duration::from_secs(3));
                     }
                 }
             }
@@ -717,6 +788,70 @@ impl EventLoop {
             })) => self.on_gossip(propagation_source, message_id, message),
             _ => {}
         }
+    }
+
+    /// Remembers that we refused a second connection from or to `peer` (bounded).
+    fn note_refused_duplicate(&mut self, peer: PeerId) {
+        if self.refused_dup.len() >= 1024 {
+            self.refused_dup
+                .retain(|_, t| t.elapsed() < DUPLICATE_WINDOW);
+        }
+        if self.refused_dup.len() < 1024 {
+            self.refused_dup.insert(peer, Instant::now());
+        }
+    }
+
+    /// Dials `peer` from a new port (at `addrs` and the addresses Kademlia and mDNS know)
+    /// unless it is connected or being dialed.
+    fn redial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dialing again");
+        }
+    }
+
+    /// Dials `peer` after `delay`, if it is still not connected then.
+    fn redial_later(&self, peer: PeerId, addrs: Vec<Multiaddr>, delay: Duration) {
+        let tx = self.redial_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send((peer, addrs));
+        });
+    }
+
+    /// After both sides' dials met and failed: the smaller peer id dials again soon, the other
+    /// later (if still unconnected), so the two dials do not meet again. At most
+    /// [`REDIALS`] per peer per [`REDIAL_WINDOW`]; false when that budget is spent.
+    fn redial_after_race(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) -> bool {
+        if self.redials.len() >= 1024 {
+            self.redials.retain(|_, (t, _)| t.elapsed() < REDIAL_WINDOW);
+            if self.redials.len() >= 1024 {
+                return false;
+            }
+        }
+        let entry = self.redials.entry(peer).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= REDIAL_WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        if entry.1 >= REDIALS {
+            return false;
+        }
+        entry.1 += 1;
+        let delay = if *self.swarm.local_peer_id() < peer {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(1500)
+        };
+        self.redial_later(peer, addrs, delay);
+        true
     }
 
     fn on_kad(&mut self, event: kad::Event) {

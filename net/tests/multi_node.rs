@@ -165,7 +165,6 @@ async fn a_busy_store_does_not_stall_the_event_loop() {
 /// network namespace of its own whose only non-loopback interface is a veth pair: discovery is
 /// real multicast and none of it leaves the host (`netns.rs`).
 #[test]
-#[ignore = "flaky: in some runs discovery fails in three fresh namespaces in a row (issue 11 stays open); run with --ignored"]
 fn mdns_finds_peers_on_the_local_network() {
     match crate::netns::run_confined("multi_node::mdns_finds_peers_on_the_local_network") {
         crate::netns::Confined::Inside => {}
@@ -192,10 +191,11 @@ async fn mdns_discovery() {
         nodes.push(btm_net::Node::start(c).await.expect("start"));
     }
     let (a, b) = (nodes[0].clone(), nodes[1].peer_id());
-    // Discovery takes under a second on an idle machine. mDNS queries go out at 0, 1, 3, 7, 15,
-    // 31 and 63 s after a node starts (libp2p-mdns probing), so on a loaded machine where the
-    // first answers are lost the next chance is at 31 s: wait past it (and see `netns::ATTEMPTS`).
-    wait_for("mDNS discovery", Duration::from_secs(40), move || {
+    // Discovery takes under a second on an idle machine: mDNS queries go out at 0, 0.5, 1.5,
+    // 3.5, 7.5 and 15.5 s after a node starts (libp2p-mdns probing) until one is answered. Both
+    // nodes then find each other at once; only the smaller peer id dials, because two dials
+    // that meet leave no connection (`nodes_that_dial_each_other_at_once_stay_connected`).
+    wait_for("mDNS discovery", Duration::from_secs(30), move || {
         let a = a.clone();
         async move {
             a.client()
@@ -217,5 +217,62 @@ async fn mdns_discovery() {
     );
     for n in nodes {
         n.shutdown().await;
+    }
+}
+
+/// Two nodes that dial each other at the same moment (as two nodes that find each other by mDNS
+/// do, or two that list each other as bootstrap peers) end up connected. With one connection
+/// allowed per peer, each side used to keep the connection it dialed and refuse the other's, so
+/// both connections closed and neither node dialed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_that_dial_each_other_at_once_stay_connected() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    for round in 0..6 {
+        let dirs: Vec<_> = (0..2)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let mut nodes = Vec::new();
+        for d in &dirs {
+            let mut c = config(d.path());
+            c.bootstrap.clear();
+            nodes.push(btm_net::Node::start(c).await.expect("start"));
+        }
+        let tcp = |n: &btm_net::Node| {
+            let n = n.clone();
+            async move {
+                n.listen_addrs()
+                    .await
+                    .expect("addrs")
+                    .into_iter()
+                    .find(|a| a.to_string().contains("/tcp/"))
+                    .expect("a tcp address")
+            }
+        };
+        let (a_addr, b_addr) = (tcp(&nodes[0]).await, tcp(&nodes[1]).await);
+        let (a, b) = (nodes[0].client().clone(), nodes[1].client().clone());
+        let _ = tokio::join!(a.dial(b_addr), b.dial(a_addr));
+        let (pa, pb) = (nodes[0].peer_id(), nodes[1].peer_id());
+        let both = move || {
+            let (a, b) = (a.clone(), b.clone());
+            async move {
+                a.connected_peers().await.is_ok_and(|p| p.contains(&pb))
+                    && b.connected_peers().await.is_ok_and(|p| p.contains(&pa))
+            }
+        };
+        wait_for(
+            &format!("round {round}: the two nodes connected"),
+            Duration::from_secs(10),
+            both.clone(),
+        )
+        .await;
+        // And they stay connected (a refused duplicate must not take the survivor with it).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(both().await, "round {round}: the connection did not last");
+        for n in nodes {
+            n.shutdown().await;
+        }
     }
 }

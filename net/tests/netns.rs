@@ -18,8 +18,9 @@ const CHILD: &str = "BTM_TEST_IN_NETNS";
 /// The veth end that carries the namespace's non-loopback address.
 pub const IFACE: &str = "btmtest0";
 pub const ADDR: &str = "192.0.2.1";
-/// Runs of the confined test before it counts as failed.
-const ATTEMPTS: usize = 3;
+/// Runs of the confined test before it counts as failed. One: the failures once seen here were
+/// two dials meeting (fixed in the event loop), not lost multicast.
+const ATTEMPTS: usize = 1;
 
 pub enum Confined {
     /// This process is inside the namespace: do the test's work here.
@@ -98,9 +99,7 @@ pub fn run_confined(test: &str) -> Confined {
     }
     let exe = std::env::current_exe().expect("test binary path");
     let script = format!("{}\nexec \"$0\" \"$@\"", setup_script());
-    // Each attempt gets a fresh namespace. mDNS is UDP multicast: in about one full-suite run in
-    // three here, two nodes that found each other in 0.4 s otherwise did not within 75 s (not
-    // understood yet; see the closing note of session 4). Three attempts, each reported.
+    // Each attempt gets a fresh namespace.
     let mut failures = Vec::new();
     for attempt in 1..=ATTEMPTS {
         let out = unshare()

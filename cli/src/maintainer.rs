@@ -310,11 +310,7 @@ pub fn run_registry(cmd: RegistryCmd, json: bool) -> Result<()> {
                 train: content_id(&train).context("--train")?,
                 valid: content_id(&valid).context("--valid")?,
                 test: content_id(&test).context("--test")?,
-                eval: EvalSettings {
-                    block_size,
-                    max_eval_tokens,
-                    ppl_tolerance_ppm: tolerance_ppm,
-                },
+                eval: EvalSettings::public(block_size, max_eval_tokens, tolerance_ppm),
             };
             let edited = maintainer::add_domain(&file, domain)?;
             report_edit("added domain", &file, &edited, json)?;
@@ -352,6 +348,11 @@ pub fn run_registry(cmd: RegistryCmd, json: bool) -> Result<()> {
                     flops,
                     valid_ppl_milli,
                 },
+                schedule: btm_protocol::Schedule {
+                    step: steps,
+                    total: steps,
+                },
+                optimizer: None,
             };
             let edited = maintainer::set_seed(&file, seed)?;
             report_edit("set seed", &file, &edited, json)?;

@@ -166,6 +166,8 @@ struct Inner {
     config: BlobConfig,
     /// Failed attempts per provider, forgiven over time.
     errors: Mutex<ErrorBudget<NodeId>>,
+    /// Bytes received on download connections.
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -231,6 +233,7 @@ impl Blobs {
                 store,
                 config,
                 errors,
+                received: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -406,6 +409,19 @@ impl Blobs {
         id: &ContentId,
         providers: &[Provider],
     ) -> Result<Fetched, BlobError> {
+        self.fetch_sized(id, None, providers).await
+    }
+
+    /// [`BlobStore::fetch`] of a blob whose exact size the caller knows (an ELM record states
+    /// its weights' size): each provider is first asked for the blob's last chunk, which proves
+    /// the size (BLAKE3 tree); a provider whose blob has another size is refused (and charged)
+    /// before a byte of the body is fetched.
+    pub async fn fetch_sized(
+        &self,
+        id: &ContentId,
+        size: Option<u64>,
+        providers: &[Provider],
+    ) -> Result<Fetched, BlobError> {
         let start = Instant::now();
         if self.has(id).await {
             return Ok(Fetched {
@@ -432,7 +448,7 @@ impl Blobs {
                 failures.push((p.node, "error budget spent".to_string()));
                 continue;
             }
-            match self.attempt(id, p).await {
+            match self.attempt(id, size, p).await {
                 Ok(bytes) => {
                     self.inner
                         .store
@@ -460,7 +476,12 @@ impl Blobs {
         })
     }
 
-    async fn attempt(&self, id: &ContentId, p: &Provider) -> Result<u64, String> {
+    async fn attempt(
+        &self,
+        id: &ContentId,
+        size: Option<u64>,
+        p: &Provider,
+    ) -> Result<u64, String> {
         let cfg = &self.inner.config;
         let endpoint_id = endpoint_id_of(&p.node).ok_or("not a valid endpoint id")?;
         if p.addrs.is_empty() && p.relays.is_empty() {
@@ -480,30 +501,69 @@ impl Blobs {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
-        let progress = self.inner.store.remote().fetch(conn.clone(), hash(id));
-        let mut stream = std::pin::pin!(progress.stream());
-        let deadline = Instant::now() + cfg.transfer_timeout;
-        let result = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let wait = left.min(cfg.stall_timeout);
-            match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) => break Err("timed out (stalled or too slow)".to_string()),
-                Ok(None) => break Err("transfer ended without a result".to_string()),
-                Ok(Some(GetProgressItem::Progress(n))) => {
-                    if n > cfg.max_blob_bytes {
-                        break Err(format!("more than {} bytes", cfg.max_blob_bytes));
-                    }
-                }
-                Ok(Some(GetProgressItem::Done(stats))) => break Ok(stats.payload_bytes_read),
-                Ok(Some(GetProgressItem::Error(e))) => break Err(format!("{e}")),
-            }
-        };
+        let result = self.transfer(&conn, id, size).await;
+        let received = conn.stats().udp_rx.bytes;
+        self.inner
+            .received
+            .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
         conn.close(0u32.into(), b"done");
         let bytes = result?;
         if !self.has(id).await {
             return Err("transfer finished but the blob is incomplete".into());
         }
         Ok(bytes)
+    }
+
+    /// One download over an open connection: the size proof (when `size` is known), then the
+    /// body, each chunk verified as it arrives.
+    async fn transfer(
+        &self,
+        conn: &iroh::endpoint::Connection,
+        id: &ContentId,
+        size: Option<u64>,
+    ) -> Result<u64, String> {
+        let cfg = &self.inner.config;
+        // Size before bytes: the last chunk and its proof (a few KiB) show the blob's size.
+        if let Some(want) = size {
+            let proved = tokio::time::timeout(
+                cfg.stall_timeout,
+                iroh_blobs::get::request::get_verified_size(conn, &hash(id)),
+            )
+            .await
+            .map_err(|_| "timed out proving the blob's size".to_string())?
+            .map_err(|e| format!("proving the blob's size: {e}"))?;
+            if proved.0 != want {
+                return Err(format!(
+                    "the provider's blob is {} bytes, the announcement says {want}",
+                    proved.0
+                ));
+            }
+        }
+        let progress = self.inner.store.remote().fetch(conn.clone(), hash(id));
+        let mut stream = std::pin::pin!(progress.stream());
+        let deadline = Instant::now() + cfg.transfer_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = left.min(cfg.stall_timeout);
+            match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) => return Err("timed out (stalled or too slow)".to_string()),
+                Ok(None) => return Err("transfer ended without a result".to_string()),
+                Ok(Some(GetProgressItem::Progress(n))) => {
+                    if n > cfg.max_blob_bytes {
+                        return Err(format!("more than {} bytes", cfg.max_blob_bytes));
+                    }
+                }
+                Ok(Some(GetProgressItem::Done(stats))) => return Ok(stats.payload_bytes_read),
+                Ok(Some(GetProgressItem::Error(e))) => return Err(format!("{e}")),
+            }
+        }
+    }
+
+    /// Bytes received on download connections so far (QUIC datagrams, headers included).
+    pub fn bytes_received(&self) -> u64 {
+        self.inner
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the endpoint and flushes the store.

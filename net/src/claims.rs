@@ -34,21 +34,40 @@ impl Default for ClaimPolicy {
     }
 }
 
-/// The live claims known to a node: domain -> node -> lease end.
+/// One node's claim on one domain, as the board keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lease {
+    /// Lease end (Unix seconds).
+    pub expires: u64,
+    /// When the node first claimed the domain (kept across renewals).
+    pub first_claimed: u64,
+    /// Training updates the claim shows (0 without progress).
+    pub step: u64,
+}
+
+/// The live claims known to a node: domain -> node -> lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Board {
-    leases: BTreeMap<String, BTreeMap<NodeId, u64>>,
+    leases: BTreeMap<String, BTreeMap<NodeId, Lease>>,
 }
 
 impl Board {
-    /// A board from claims (expired ones are skipped).
+    /// A board from claims (expired ones are skipped; of one node's claims on one domain the
+    /// latest lease counts).
     pub fn from_claims<'a>(claims: impl IntoIterator<Item = &'a Claim>, now: u64) -> Board {
         let mut b = Board::default();
         for c in claims {
             if c.lease_expires > now {
                 let slot = b.leases.entry(c.domain.clone()).or_default();
-                let e = slot.entry(c.node).or_insert(0);
-                *e = (*e).max(c.lease_expires);
+                let lease = Lease {
+                    expires: c.lease_expires,
+                    first_claimed: c.first_claimed,
+                    step: c.progress.map_or(0, |p| p.step),
+                };
+                let e = slot.entry(c.node).or_default();
+                if lease.expires > e.expires {
+                    *e = lease;
+                }
             }
         }
         b
@@ -58,8 +77,20 @@ impl Board {
     pub fn live(&self, domain: &str, now: u64, except: Option<&NodeId>) -> usize {
         self.leases.get(domain).map_or(0, |m| {
             m.iter()
-                .filter(|(n, l)| **l > now && Some(*n) != except)
+                .filter(|(n, l)| l.expires > now && Some(*n) != except)
                 .count()
+        })
+    }
+
+    /// The most training progress (updates) any live claim on `domain` shows, by nodes other
+    /// than `except`.
+    pub fn progress(&self, domain: &str, now: u64, except: Option<&NodeId>) -> u64 {
+        self.leases.get(domain).map_or(0, |m| {
+            m.iter()
+                .filter(|(n, l)| l.expires > now && Some(*n) != except)
+                .map(|(_, l)| l.step)
+                .max()
+                .unwrap_or(0)
         })
     }
 
@@ -67,14 +98,18 @@ impl Board {
     pub fn held_by(&self, node: &NodeId, now: u64) -> Vec<(String, u64)> {
         self.leases
             .iter()
-            .filter_map(|(d, m)| m.get(node).filter(|l| **l > now).map(|l| (d.clone(), *l)))
+            .filter_map(|(d, m)| {
+                m.get(node)
+                    .filter(|l| l.expires > now)
+                    .map(|l| (d.clone(), l.expires))
+            })
             .collect()
     }
 
     /// Forgets expired leases.
     pub fn prune(&mut self, now: u64) {
         for m in self.leases.values_mut() {
-            m.retain(|_, l| *l > now);
+            m.retain(|_, l| l.expires > now);
         }
         self.leases.retain(|_, m| !m.is_empty());
     }
@@ -110,8 +145,11 @@ fn rank(node: &NodeId, domain: &str) -> [u8; 32] {
 pub enum Choice {
     /// Claim this domain: no other node holds a live claim on it.
     Free(String),
-    /// Every domain still without an ELM is claimed by someone else: wait for a lease to lapse.
-    AllClaimed,
+    /// Every domain still without an ELM is claimed by someone else: claim and train this one
+    /// too, the one whose claims show the least training progress. A claim is a reservation,
+    /// not a lock: the registry accepts the better verified ELM, so holding claims without
+    /// training wins nothing, and a newcomer never waits on squatters.
+    CoTrain(String),
     /// Every domain of the registry already has an ELM.
     AllDone,
 }
@@ -135,23 +173,40 @@ pub fn choose_open_domain(
     if open.is_empty() {
         return Choice::AllDone;
     }
-    open.iter()
+    if let Some(d) = open
+        .iter()
         .filter(|d| board.live(d, now, Some(me)) == 0)
         .min_by_key(|d| rank(me, d))
-        .map_or(Choice::AllClaimed, |d| Choice::Free(d.to_string()))
+    {
+        return Choice::Free(d.to_string());
+    }
+    let least = open
+        .iter()
+        .min_by_key(|d| {
+            (
+                board.progress(d, now, Some(me)),
+                board.live(d, now, Some(me)),
+                rank(me, d),
+            )
+        })
+        .map(|d| d.to_string());
+    least.map_or(Choice::AllDone, Choice::CoTrain)
 }
 
-/// When several nodes claimed one domain at about the same time, the one that keeps it: the
-/// live claimant with the smallest BLAKE3(node || domain). Every node computes the same answer
+/// When several nodes claimed one domain, the one that keeps it: the live claim first made
+/// (earliest `first_claimed`), then the smallest BLAKE3(node || domain) among claims made in
+/// the same second. An earlier live claim is never displaced by a tie-break anyone can grind
+/// (a key ground for a small hash only wins ties); backdating `first_claimed` is bounded by
+/// the total-lease cap (`rules::MAX_TOTAL_LEASE_SECS`). Every node computes the same answer
 /// from the same board, so the others can step aside without talking.
 pub fn keeper(board: &Board, domain: &str, now: u64) -> Option<NodeId> {
     board
         .leases
         .get(domain)?
         .iter()
-        .filter(|(_, l)| **l > now)
+        .filter(|(_, l)| l.expires > now)
+        .min_by_key(|(n, l)| (l.first_claimed, rank(n, domain)))
         .map(|(n, _)| *n)
-        .min_by_key(|n| rank(n, domain))
 }
 
 /// What a node should do about its own claims now.
@@ -190,11 +245,13 @@ pub fn next_action(
         let mut others = board.clone();
         for (d, _) in &held {
             // Never pick a domain we already hold.
-            others
-                .leases
-                .entry(d.clone())
-                .or_default()
-                .insert(*me, u64::MAX);
+            others.leases.entry(d.clone()).or_default().insert(
+                *me,
+                Lease {
+                    expires: u64::MAX,
+                    ..Lease::default()
+                },
+            );
         }
         let free: Vec<_> = registry
             .domains
@@ -239,11 +296,7 @@ mod tests {
                     train: ContentId([1; 32]),
                     valid: ContentId([2; 32]),
                     test: ContentId([3; 32]),
-                    eval: EvalSettings {
-                        block_size: 8,
-                        max_eval_tokens: 64,
-                        ppl_tolerance_ppm: 10_000,
-                    },
+                    eval: EvalSettings::public(8, 64, 10_000),
                 })
                 .collect(),
             seed: None,
@@ -260,6 +313,8 @@ mod tests {
             domain: d.into(),
             node: PublicKey([n; 32]),
             lease_expires: lease,
+            first_claimed: 0,
+            progress: None,
         }
     }
 
@@ -334,6 +389,8 @@ mod tests {
                 domain: "a".into(),
                 node: other,
                 lease_expires: 100,
+                first_claimed: 0,
+                progress: None,
             }],
             10,
         );
@@ -341,7 +398,7 @@ mod tests {
         done.insert("b".to_string());
         assert_eq!(pick(10, &done), Choice::Free("c".into()));
         done.insert("c".to_string());
-        assert_eq!(pick(10, &done), Choice::AllClaimed);
+        assert_eq!(pick(10, &done), Choice::CoTrain("a".into()));
         // The lease lapses: the domain is free again.
         assert_eq!(pick(100, &done), Choice::Free("a".into()));
         done.insert("a".to_string());
@@ -355,6 +412,8 @@ mod tests {
                 domain: "a".into(),
                 node: node(i),
                 lease_expires: 100,
+                first_claimed: 0,
+                progress: None,
             })
             .collect();
         let board = Board::from_claims(&claims, 10);
@@ -365,5 +424,82 @@ mod tests {
         assert_eq!(keeper(&Board::from_claims(&rev, 10), "a", 10), Some(k));
         assert_eq!(keeper(&board, "a", 100), None);
         assert_eq!(keeper(&board, "b", 10), None);
+    }
+
+    fn claim_at(d: &str, who: PublicKey, first: u64, lease: u64, step: Option<u64>) -> Claim {
+        Claim {
+            domain: d.into(),
+            node: who,
+            lease_expires: lease,
+            first_claimed: first,
+            progress: step.map(|s| btm_protocol::ClaimProgress {
+                step: s,
+                loss_milli: 3_000,
+                checkpoint: ContentId::of(&s.to_le_bytes()),
+            }),
+        }
+    }
+
+    /// A key ground offline for the smallest BLAKE3(node || domain) of `domain`.
+    fn ground_key(domain: &str, tries: u32) -> PublicKey {
+        (0..tries)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_le_bytes());
+                k[31] = 0xee;
+                PublicKey(k)
+            })
+            .min_by_key(|k| rank(k, domain))
+            .unwrap()
+    }
+
+    /// THREATS (issue 13): domain squatting. Sybils with ground keys claim every domain, one
+    /// of them also the domain an honest node claimed a minute earlier. The honest claim keeps
+    /// its domain (an earlier claim is not displaced by a ground key), and a newcomer does not
+    /// wait for any lease: it co-trains the domain whose claims show the least progress.
+    #[test]
+    fn squatters_with_ground_keys_neither_displace_nor_block() {
+        let names = ["a", "b", "c", "d"];
+        let reg = registry(&names);
+        let honest = node(7);
+        let newcomer = node(8);
+        let now = 1_000;
+        let mut claims = vec![claim_at("a", honest, now - 60, now + 840, Some(40))];
+        for d in names {
+            let sybil = ground_key(d, 2_000);
+            assert!(rank(&sybil, d) < rank(&honest, d), "the key was not ground");
+            // Claimed now (later than the honest claim), no progress: holding, not training.
+            claims.push(claim_at(d, sybil, now, now + 900, None));
+        }
+        // The honest node shows progress on a, the sybils none anywhere.
+        let board = Board::from_claims(&claims, now);
+        assert_eq!(keeper(&board, "a", now), Some(honest));
+        let choice = choose_open_domain(&board, &reg, &newcomer, now, &Default::default());
+        assert!(matches!(choice, Choice::CoTrain(_)), "{choice:?}");
+        // Every domain is held; the newcomer joins one at once instead of waiting a lease. When
+        // claims show (possibly fake) progress, it joins the one that shows the least.
+        let mut progressed = claims.clone();
+        for c in progressed.iter_mut().filter(|c| c.domain != "c") {
+            c.progress = Some(btm_protocol::ClaimProgress {
+                step: 500,
+                loss_milli: 2_000,
+                checkpoint: ContentId([9; 32]),
+            });
+        }
+        let board = Board::from_claims(&progressed, now);
+        assert_eq!(
+            choose_open_domain(&board, &reg, &newcomer, now, &Default::default()),
+            Choice::CoTrain("c".into()),
+            "the domain whose claims show the least progress"
+        );
+        // Claims made in the same second: the tie-break decides, as before.
+        let tie = Board::from_claims(
+            &[
+                claim_at("a", honest, now, now + 900, None),
+                claim_at("a", ground_key("a", 2_000), now, now + 900, None),
+            ],
+            now,
+        );
+        assert_eq!(keeper(&tie, "a", now), Some(ground_key("a", 2_000)));
     }
 }

@@ -633,20 +633,22 @@ impl EventLoop {
             // The node's other claims held here decide its quota (`rules::decide_claim`).
             let prefix = format!("btm/1/{}/claim/", self.net);
             let suffix = format!("/{node}");
-            let held: Vec<(String, u64)> = store
+            let held: Vec<btm_protocol::Claim> = store
                 .records()
                 .filter(|r| {
                     let k = r.key.as_ref();
                     k.starts_with(prefix.as_bytes()) && k.ends_with(suffix.as_bytes())
                 })
                 .filter_map(|r| Signed::<btm_protocol::Claim>::decode(&r.value).ok())
-                .map(|c| (c.record().domain.clone(), c.record().lease_expires))
+                .map(Signed::into_record)
                 .collect();
             let claim = Signed::<btm_protocol::Claim>::decode(&value)
                 .map_err(|e| Invalid::Rules(e.into()))?;
             let limits = ClaimLimits {
                 max_live_per_node: self.limits.max_dht_claims_per_node,
                 max_lease_secs: self.horizons.max_lease_secs,
+                max_total_lease_secs: rules::MAX_TOTAL_LEASE_SECS,
+                grace_secs: rules::CLAIM_GRACE_SECS,
             };
             let registry = self.trusted.registry.as_ref().ok_or(Invalid::NoRegistry)?;
             rules::decide_claim(

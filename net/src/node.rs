@@ -393,8 +393,18 @@ impl Node {
     }
 
     /// Claims `domain`, or the registry's domain with the fewest live claims, with a fresh
-    /// lease; publishes the claim on gossip and the DHT. Renewing is claiming again.
+    /// lease; publishes the claim on gossip and the DHT. Renewing is claiming again: the claim
+    /// keeps the time of this node's first live claim on the domain, and carries `progress`.
     pub async fn claim(&self, domain: Option<&str>) -> Result<Signed<Claim>, NodeError> {
+        self.claim_with(domain, None).await
+    }
+
+    /// [`Node::claim`] with the training progress a renewal shows.
+    pub async fn claim_with(
+        &self,
+        domain: Option<&str>,
+        progress: Option<btm_protocol::ClaimProgress>,
+    ) -> Result<Signed<Claim>, NodeError> {
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
         let now = now_secs();
         let domain = match domain {
@@ -405,10 +415,18 @@ impl Node {
                     .ok_or(NodeError::NoDomain)?
             }
         };
+        let me = self.node_id();
+        let first_claimed = lock(&self.inner.store)?
+            .claims(&domain, now)?
+            .iter()
+            .find(|c| c.record().node == me)
+            .map_or(now, |c| c.record().first_claimed);
         let mut envelope = Signed::new(Claim {
             domain: domain.clone(),
-            node: self.node_id(),
+            node: me,
             lease_expires: now + self.inner.config.claims.lease_secs,
+            first_claimed,
+            progress,
         });
         envelope.sign(self.inner.identity.signing_key());
         let bytes = envelope.encode();
@@ -714,6 +732,7 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
             elm,
             measured_ppl_milli: measured.and_then(ppl_to_milli).unwrap_or(0),
             verdict,
+            pool: btm_protocol::EvalPool::Public,
         });
         a.sign(inner.identity.signing_key());
         a
@@ -774,7 +793,7 @@ async fn run_verification(
         .cloned()
         .ok_or_else(|| Failure::Local("domain vanished".into()))?;
     let trainer = [e.trainer];
-    fetch(inner, e.weights, &trainer)
+    fetch_sized(inner, e.weights, Some(e.weights_size), &trainer)
         .await
         .map_err(|err| Failure::Download(err.to_string()))?;
     for id in [seed.weights, seed.tokenizer, domain.valid] {
@@ -837,6 +856,17 @@ async fn run_verification(
 
 /// Finds providers of a blob (DHT plus hints), resolves their addresses, downloads.
 async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fetched, NodeError> {
+    fetch_sized(inner, id, None, hints).await
+}
+
+/// [`fetch`] of a blob of known size: a provider whose blob has another size is refused before
+/// its body is fetched.
+async fn fetch_sized(
+    inner: &Arc<Inner>,
+    id: ContentId,
+    size: Option<u64>,
+    hints: &[NodeId],
+) -> Result<Fetched, NodeError> {
     if inner.blobs.has(&id).await {
         return Ok(inner.blobs.fetch(&id, &[]).await?);
     }
@@ -873,7 +903,7 @@ async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fe
             failures.push((node, "no address record".to_string()));
             continue;
         };
-        match inner.blobs.fetch(&id, &[provider]).await {
+        match inner.blobs.fetch_sized(&id, size, &[provider]).await {
             Ok(mut f) => {
                 failures.append(&mut f.failures);
                 f.failures = std::mem::take(&mut failures);

@@ -433,13 +433,13 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
     }
 
     // Steps 3-5: the record is fine, the weights or the claim are not.
+    // Transposed token embeddings: the size the architecture determines, the wrong shape.
     let wrong_shape = f.edited_weights(|t| {
-        for x in t.iter_mut().filter(|t| t.name == "wpe.weight") {
-            x.shape[0] -= 1;
-            let d = x.shape[1];
-            x.values.truncate(x.values.len() - d);
+        for x in t.iter_mut().filter(|t| t.name == "wte.weight") {
+            x.shape.swap(0, 1);
         }
     });
+    assert_eq!(wrong_shape.len(), f.good_weights.len());
     let nan = f.edited_weights(|t| t[0].values[3] = f32::NAN);
     let worse = f.worse_weights();
     let worse_ppl = f.measure(&worse).expect("measure worse").ppl;
@@ -459,7 +459,12 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
     for (what, weights, ppl) in cases {
         let sybil = add_attacker(&mut net).await;
         sybil.blobs().add_bytes(weights.clone()).await.expect("add");
-        let mut env = Signed::new(f.elm("beta", &weights, ppl, sybil.node_id()));
+        let mut rec = f.elm("beta", &weights, ppl, sybil.node_id());
+        // The record states the size the seed's architecture determines, as an honest one must
+        // (a record stating another size is refused before any download: see
+        // `an_oversized_elm_costs_honest_nodes_at_most_64_kib`).
+        rec.weights_size = f.good_weights.len() as u64;
+        let mut env = Signed::new(rec);
         env.sign(sybil.identity().signing_key());
         sybil.announce_signed(&env).await.expect("announce");
         for n in &honest {
@@ -610,6 +615,8 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
             domain: DOMAINS[(i % 3) as usize].into(),
             node: attacker.node_id(),
             lease_expires: now() + 600 + i,
+            first_claimed: now(),
+            progress: None,
         });
         c.sign(&key);
         let _ = attacker
@@ -823,6 +830,8 @@ async fn a_state_dependent_refusal_does_not_penalise_the_relay() {
         domain: "delta".into(),
         node: relay.node_id(),
         lease_expires: now() + 600,
+        first_claimed: now(),
+        progress: None,
     });
     c.sign(&key);
     let _ = relay.client().publish_raw(Topic::Claims, c.encode()).await;
@@ -841,6 +850,108 @@ async fn a_state_dependent_refusal_does_not_penalise_the_relay() {
     for n in &honest[1..] {
         let s = n.client().peer_score(relay.peer_id()).await.expect("score");
         assert!(s.is_some_and(|s| s >= 0.0), "relay score {s:?}");
+    }
+    net.shutdown().await;
+}
+
+/// Peak resident memory of this process since the last [`reset_peak_rss`], in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the peak resident memory to the current one (Linux `clear_refs` 5).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// THREATS: an oversized blob. An ELM record states its weights' exact size, which the seed's
+/// architecture determines. A record stating 4 GiB is refused before any download; a record
+/// stating the right size, behind which the trainer serves a larger blob, is refused after the
+/// blob's last chunk proves its size: an honest node receives at most 64 KiB, and memory stays
+/// flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_elm_costs_honest_nodes_at_most_64_kib() {
+    let f = fixture();
+    let (net, attacker) = network_with_attacker(|_, c| c).await;
+    let honest = net.nodes[..3].to_vec();
+    let key = attacker.identity().signing_key().clone();
+    let received = || -> Vec<u64> { honest.iter().map(|n| n.blobs().bytes_received()).collect() };
+
+    // A record that says 4 GiB: refused by its own fields.
+    let before = received();
+    let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
+    let mut rec = f.elm("alpha", &f.good_weights, f.good_ppl, attacker.node_id());
+    rec.weights_size = 4 << 30;
+    let mut env = Signed::new(rec);
+    env.sign(&key);
+    attacker
+        .client()
+        .publish_raw(Topic::Elms, env.encode())
+        .await
+        .expect("publish");
+    for r in rx.iter_mut() {
+        wait_observed(r, "the 4 GiB record refused", |o| {
+            matches!(o, Observed::Refused { what: "elm record", reason, .. } if reason.contains("weights size"))
+        })
+        .await;
+    }
+    assert_eq!(received(), before, "bytes were fetched for a 4 GiB record");
+
+    // The right size in the record, a 16 MiB blob behind it.
+    let big: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    let mut rec = f.elm("alpha", &big, f.good_ppl, attacker.node_id());
+    rec.weights_size = f.good_weights.len() as u64;
+    attacker.blobs().add_bytes(big).await.expect("add");
+    let mut env = Signed::new(rec);
+    env.sign(&key);
+    let before = received();
+    let measured = reset_peak_rss();
+    let rss0 = peak_rss();
+    attacker.announce_signed(&env).await.expect("announce");
+    for r in rx.iter_mut() {
+        wait_observed(r, "the oversized blob refused", |o| {
+            matches!(o, Observed::Refused { what: "elm verification", reason, .. } if reason.contains("the announcement says"))
+        })
+        .await;
+    }
+    let grown = peak_rss().saturating_sub(rss0);
+    eprintln!(
+        "oversized ELM: bytes received per honest node {:?}, peak RSS growth {} KiB (measured: {measured})",
+        received()
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        grown / 1024
+    );
+    for ((n, b), a) in honest.iter().zip(before.iter().copied()).zip(received()) {
+        assert!(
+            a - b <= 64 << 10,
+            "{} received {} bytes of a blob it should have refused",
+            n.node_id(),
+            a - b
+        );
+    }
+    if measured {
+        assert!(
+            grown < 50 << 20,
+            "peak memory grew by {grown} bytes while refusing a 16 MiB blob"
+        );
+    }
+    for n in &honest {
+        assert!(
+            n.verdict(&env.id())
+                .expect("store")
+                .is_none_or(|a| a.verdict != btm_protocol::Verdict::Accept)
+        );
     }
     net.shutdown().await;
 }

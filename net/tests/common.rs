@@ -108,6 +108,8 @@ pub fn fixture() -> &'static Fixture {
                 flops: 0,
                 valid_ppl_milli: 0,
             },
+            schedule: btm_protocol::Schedule { step: 0, total: 0 },
+            optimizer: None,
         };
         let mut f = Fixture {
             maintainer,
@@ -147,11 +149,7 @@ impl Fixture {
                     train: ContentId::of(&self.data),
                     valid: ContentId::of(&self.data),
                     test: ContentId::of(&self.data),
-                    eval: EvalSettings {
-                        block_size: 32,
-                        max_eval_tokens: 512,
-                        ppl_tolerance_ppm: 20_000,
-                    },
+                    eval: EvalSettings::public(32, 512, 20_000),
                 })
                 .collect(),
             seed: Some(self.seed.clone()),
@@ -184,6 +182,7 @@ impl Fixture {
                 weight_ppm: 1_000_000,
             }],
             weights: ContentId::of(weights),
+            weights_size: weights.len() as u64,
             architecture: self.seed.architecture.id(),
             tokenizer: self.seed.tokenizer,
             steps: 10,

@@ -238,7 +238,14 @@ async fn nodes_that_dial_each_other_at_once_stay_connected() {
         for d in &dirs {
             let mut c = config(d.path());
             c.bootstrap.clear();
-            nodes.push(btm_net::Node::start(c).await.expect("start"));
+            let node = btm_net::Node::start(c).await.expect("start");
+            let n = node.clone();
+            wait_for("listen addresses", Duration::from_secs(10), move || {
+                let n = n.clone();
+                async move { n.listen_addrs().await.is_ok_and(|a| a.len() >= 2) }
+            })
+            .await;
+            nodes.push(node);
         }
         let tcp = |n: &btm_net::Node| {
             let n = n.clone();

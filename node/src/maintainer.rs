@@ -150,6 +150,13 @@ impl Maintainer {
             tokenizer: node.add_blob(c.seed.tokenizer.clone()).await?,
             weights: node.add_blob(c.seed.weights.clone()).await?,
             training: c.seed.training,
+            // The seed's run ended with its schedule (no optimiser state is published yet):
+            // ELMs start a schedule of their own (see specs/forest.md).
+            schedule: btm_protocol::Schedule {
+                step: c.seed.training.steps,
+                total: c.seed.training.steps,
+            },
+            optimizer: None,
         };
         // Key rotation: each root is checked by this node's rules, adopted, stored on the DHT
         // under its version and gossiped; nodes that started from an older root walk the chain.
@@ -194,11 +201,11 @@ impl Maintainer {
                         train,
                         valid,
                         test,
-                        eval: EvalSettings {
-                            block_size: seed.architecture.context,
-                            max_eval_tokens: c.eval_tokens,
-                            ppl_tolerance_ppm: c.tolerance_ppm,
-                        },
+                        eval: EvalSettings::public(
+                            seed.architecture.context,
+                            c.eval_tokens,
+                            c.tolerance_ppm,
+                        ),
                     })
                     .collect();
                 domains.sort_by(|x, y| x.name.cmp(&y.name));

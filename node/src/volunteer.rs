@@ -192,11 +192,16 @@ struct BranchRecord {
 #[derive(Debug, Clone)]
 pub struct Volunteer {
     config: VolunteerConfig,
+    /// The last training update and loss, shown in claim renewals.
+    progress: Progress,
 }
 
 impl Volunteer {
     pub fn new(config: VolunteerConfig) -> Volunteer {
-        Volunteer { config }
+        Volunteer {
+            config,
+            progress: Progress::default(),
+        }
     }
 
     /// Works on `node` until the ELM is announced (and then serves until `stop`, unless
@@ -287,6 +292,8 @@ impl Volunteer {
             node.clone(),
             domain.clone(),
             c.lease_secs,
+            c.data_dir.join("runs").join(&domain),
+            self.progress.clone(),
             events.clone(),
         ));
         let result = self
@@ -400,9 +407,11 @@ impl Volunteer {
         };
         let flag = stop.flag();
         let ev = events.clone();
-        let outcome = tokio::task::spawn_blocking(move || train_blocking(job, &flag, &ev))
-            .await
-            .map_err(|e| Error::Task(format!("training: {e}")))??;
+        let progress = self.progress.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || train_blocking(job, &flag, &progress, &ev))
+                .await
+                .map_err(|e| Error::Task(format!("training: {e}")))??;
         let trained = match outcome {
             TrainOutcome::Stopped { step } => {
                 events.emit(Event::TrainingStopped { step });
@@ -431,6 +440,7 @@ impl Volunteer {
             domain: domain.to_string(),
             parents: parents_of(&path, &trained.branch)?,
             weights: ContentId::of(&trained.weights),
+            weights_size: trained.weights.len() as u64,
             architecture: seed.architecture.id(),
             tokenizer: seed.tokenizer,
             steps: trained.steps,
@@ -484,7 +494,6 @@ async fn claim_open_domain(
     events: &Events,
 ) -> Result<Option<String>> {
     let me = node.node_id();
-    let mut told = false;
     let mut lost: BTreeSet<String> = BTreeSet::new();
     loop {
         let _ = node.sync().await;
@@ -512,15 +521,14 @@ async fn claim_open_domain(
                     _ => return Ok(Some(d)),
                 }
             }
-            Choice::AllClaimed => {
-                if !told {
-                    events.phase(Phase::WaitingForDomain);
-                    told = true;
-                }
-                lost.clear();
-                if stop.sleep(Duration::from_secs(2)).await {
-                    return Ok(None);
-                }
+            Choice::CoTrain(d) => {
+                // Every open domain is claimed: a claim is a reservation, not a lock. Train the
+                // domain whose claims show the least progress; the better verified ELM wins.
+                events.note(format!(
+                    "every open domain is claimed; co-training {d}, whose claims show the least progress"
+                ));
+                node.claim(Some(&d)).await?;
+                return Ok(Some(d));
             }
             Choice::AllDone => return Err(Error::AllDomainsDone),
         }
@@ -539,12 +547,36 @@ fn domains_with_elms(node: &Node, reg: &Registry) -> Result<BTreeSet<String>> {
     Ok(done)
 }
 
-/// Renews the claim every quarter lease.
-async fn renew(node: Node, domain: String, lease: u64, events: Events) {
+/// The training progress a claim renewal shows: the last update and its loss, written by the
+/// training loop.
+pub(crate) type Progress = Arc<std::sync::Mutex<Option<(u64, f64)>>>;
+
+/// The claim progress to sign: the last update and loss, and the BLAKE3 of the run's current
+/// checkpoint (none before the first checkpoint).
+fn claim_progress(progress: &Progress, run_dir: &Path) -> Option<btm_protocol::ClaimProgress> {
+    let (step, loss) = (*progress.lock().ok()?)?;
+    let checkpoint = std::fs::read(run_dir.join(CHECKPOINT_FILE)).ok()?;
+    Some(btm_protocol::ClaimProgress {
+        step,
+        loss_milli: ppl_to_milli(loss).unwrap_or(0),
+        checkpoint: ContentId::of(&checkpoint),
+    })
+}
+
+/// Renews the claim every quarter lease, with the training progress made so far.
+async fn renew(
+    node: Node,
+    domain: String,
+    lease: u64,
+    run_dir: PathBuf,
+    progress: Progress,
+    events: Events,
+) {
     let every = Duration::from_secs((lease / 4).max(1));
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = node.claim(Some(&domain)).await {
+        let shown = claim_progress(&progress, &run_dir);
+        if let Err(e) = node.claim_with(Some(&domain), shown).await {
             events.note(format!(
                 "renewing the claim on {domain} failed: {e} (will retry)"
             ));
@@ -600,7 +632,12 @@ fn documents_stream(tok: &Tokenizer, data: &[u8], domain: &str, n_ctx: usize) ->
     Ok(tokens)
 }
 
-fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Result<TrainOutcome> {
+fn train_blocking(
+    job: TrainJob,
+    stop: &Arc<AtomicBool>,
+    progress: &Progress,
+    events: &Events,
+) -> Result<TrainOutcome> {
     let device = job.device.device()?;
     let tok = Tokenizer::from_bytes(&job.tokenizer)?;
     let arch = verify::config_of(&job.seed.architecture);
@@ -653,6 +690,9 @@ fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Res
     });
     let steps = job.cfg.steps;
     let outcome = trainer.run(&data, stop, |s| {
+        if let Ok(mut p) = progress.lock() {
+            *p = Some((s.step, s.loss));
+        }
         events.emit(Event::Step {
             step: s.step,
             steps,

@@ -75,11 +75,12 @@ impl Fields {
         })
     }
 
-    /// A top-level record: an array whose first element is the format version, which must be 1.
+    /// A top-level record: an array whose first element is the format version, which must be
+    /// [`crate::FORMAT_VERSION`].
     pub(crate) fn record(value: Value, kind: Kind, len: usize) -> Result<Self, DecodeError> {
         let mut f = Self::new(value, kind.name(), len)?;
         let version = f.u64("format_version")?;
-        if version != 1 {
+        if version != crate::FORMAT_VERSION {
             return Err(DecodeError::UnsupportedVersion { kind, version });
         }
         Ok(f)
@@ -104,6 +105,14 @@ impl Fields {
 
     pub(crate) fn id(&mut self, field: &'static str) -> Result<ContentId, DecodeError> {
         as_id(self.next(field)?, field)
+    }
+
+    /// An id or null.
+    pub(crate) fn opt_id(&mut self, field: &'static str) -> Result<Option<ContentId>, DecodeError> {
+        match self.next(field)? {
+            Value::Null => Ok(None),
+            other => as_id(other, field).map(Some),
+        }
     }
 
     pub(crate) fn key(&mut self, field: &'static str) -> Result<PublicKey, DecodeError> {

@@ -5,7 +5,13 @@
 //! use btm_protocol::{Claim, PublicKey, Record, Signed, SigningKey};
 //!
 //! let key = SigningKey::from_bytes(&[7; 32]);
-//! let claim = Claim { domain: "legal".into(), node: PublicKey::of(&key), lease_expires: 1_900_000_000 };
+//! let claim = Claim {
+//!     domain: "legal".into(),
+//!     node: PublicKey::of(&key),
+//!     lease_expires: 1_900_000_000,
+//!     first_claimed: 1_899_999_100,
+//!     progress: None,
+//! };
 //! let mut envelope = Signed::new(claim);
 //! envelope.sign(&key);
 //! let bytes = envelope.encode();
@@ -26,14 +32,20 @@ mod signed;
 pub mod weights;
 
 pub use cbor::MAX_DEPTH;
+
+/// The wire format version this code speaks: the first element of every record body and
+/// envelope. Version 2 (this round) added the ELM's weights size, claim progress, the
+/// acceptance thresholds and withheld-pool commitment of a domain's evaluation settings, and the
+/// seed's schedule position and optimiser state.
+pub const FORMAT_VERSION: u64 = 2;
 pub use ed25519_dalek::SigningKey;
 pub use error::{DecodeError, ParentWeightsError, SignatureError};
 pub use ids::{ContentId, NodeId, ParseIdError, PublicKey};
 pub use record::{
-    AcceptedElm, Architecture, Attestation, Claim, ClientVersion, Domain, ElmRecord, EvalSettings,
-    Kind, MAX_DESCRIPTION_LEN, MAX_DOMAINS, MAX_ELMS, MAX_NAME_LEN, MAX_PARENTS, MAX_ROOT_KEYS,
-    MAX_VERSION, PPM_ONE, Parent, Record, Registry, Root, SeedManifest, TrainingSummary, Verdict,
-    check_domain_name, milli_to_ppl, ppl_to_milli,
+    AcceptedElm, Architecture, Attestation, Claim, ClaimProgress, ClientVersion, Domain, ElmRecord,
+    EvalPool, EvalSettings, Kind, MAX_DESCRIPTION_LEN, MAX_DOMAINS, MAX_ELMS, MAX_NAME_LEN,
+    MAX_PARENTS, MAX_ROOT_KEYS, MAX_VERSION, PPM_ONE, Parent, Record, Registry, Root, Schedule,
+    SeedManifest, TrainingSummary, Verdict, check_domain_name, milli_to_ppl, ppl_to_milli,
 };
 pub use signed::{
     ENVELOPE_OVERHEAD, MAX_SIGNATURES, Signature, Signed, envelope_kind, max_envelope_size,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use ciborium::Value;
 use serde::Serialize;
 
+use crate::FORMAT_VERSION;
 use crate::cbor::{self, Fields, bytes, strictly_ascending, text, uint};
 use crate::{ContentId, DecodeError, NodeId, ParentWeightsError, PublicKey};
 
@@ -175,7 +176,7 @@ impl Record for Root {
 
     fn to_value(&self) -> Value {
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             uint(self.version),
             uint(self.expires),
             uint(self.threshold.into()),
@@ -259,6 +260,30 @@ pub struct EvalSettings {
     pub max_eval_tokens: u64,
     /// Relative tolerance between claimed and measured perplexity, in parts per million.
     pub ppl_tolerance_ppm: u32,
+    /// Acceptance: the ELM's withheld-data perplexity must be below the seed's by at least this
+    /// share (parts per million; 0 = merely not worse).
+    pub min_gain_ppm: u32,
+    /// Acceptance: the ELM's withheld-data perplexity may exceed its public-data (`valid`)
+    /// perplexity by at most this ratio (parts per million, at least 1 000 000); more means it
+    /// memorised the public split.
+    pub max_memorisation_ppm: u32,
+    /// BLAKE3 commitment to the domain's withheld verification pool (never published as a
+    /// blob); `None` when the maintainers keep none (acceptance then rests on public data).
+    pub withheld: Option<ContentId>,
+}
+
+impl EvalSettings {
+    /// The settings of a domain with no withheld pool and the default thresholds.
+    pub fn public(block_size: u32, max_eval_tokens: u64, ppl_tolerance_ppm: u32) -> Self {
+        EvalSettings {
+            block_size,
+            max_eval_tokens,
+            ppl_tolerance_ppm,
+            min_gain_ppm: 0,
+            max_memorisation_ppm: 1_100_000,
+            withheld: None,
+        }
+    }
 }
 
 /// A domain: a named slice of the corpus with its own data and evaluation rules.
@@ -310,6 +335,9 @@ impl Domain {
                 uint(self.eval.block_size.into()),
                 uint(self.eval.max_eval_tokens),
                 uint(self.eval.ppl_tolerance_ppm.into()),
+                uint(self.eval.min_gain_ppm.into()),
+                uint(self.eval.max_memorisation_ppm.into()),
+                self.eval.withheld.map_or(Value::Null, |id| bytes(&id.0)),
             ]),
         ])
     }
@@ -322,16 +350,25 @@ impl Domain {
         let train = f.id("domain.train")?;
         let valid = f.id("domain.valid")?;
         let test = f.id("domain.test")?;
-        let mut e = Fields::new(f.next("domain.eval")?, "domain.eval", 3)?;
+        let mut e = Fields::new(f.next("domain.eval")?, "domain.eval", 6)?;
         let eval = EvalSettings {
             block_size: e.u32("domain.eval.block_size")?,
             max_eval_tokens: e.u64("domain.eval.max_eval_tokens")?,
             ppl_tolerance_ppm: e.u32("domain.eval.ppl_tolerance_ppm")?,
+            min_gain_ppm: e.u32("domain.eval.min_gain_ppm")?,
+            max_memorisation_ppm: e.u32("domain.eval.max_memorisation_ppm")?,
+            withheld: e.opt_id("domain.eval.withheld")?,
         };
         if eval.block_size == 0 || eval.max_eval_tokens < u64::from(eval.block_size) {
             return Err(DecodeError::Invalid {
                 field: "domain.eval",
                 reason: "block_size must be at least 1 and at most max_eval_tokens",
+            });
+        }
+        if eval.min_gain_ppm >= PPM_ONE || eval.max_memorisation_ppm < PPM_ONE {
+            return Err(DecodeError::Invalid {
+                field: "domain.eval",
+                reason: "min_gain_ppm below 1000000 and max_memorisation_ppm at least 1000000",
             });
         }
         Ok(Domain {
@@ -389,7 +426,7 @@ impl Record for Registry {
     fn to_value(&self) -> Value {
         let v = self.min_client_version;
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             uint(self.version),
             uint(self.expires),
             Value::Array(vec![
@@ -537,6 +574,23 @@ impl Architecture {
         Ok(arch)
     }
 
+    /// The shape as the weights format states it.
+    pub fn weights_config(&self) -> crate::weights::Config {
+        crate::weights::Config {
+            vocab_size: self.vocab_size as usize,
+            n_ctx: self.context as usize,
+            d_model: self.d_model as usize,
+            n_heads: self.heads as usize,
+            n_layers: self.layers as usize,
+        }
+    }
+
+    /// The exact size of a weights file of this shape (`weights::expected_size`), or `None` if
+    /// the shape is not a valid model.
+    pub fn weights_size(&self) -> Option<u64> {
+        crate::weights::expected_size(&self.weights_config()).ok()
+    }
+
     /// The architecture id: BLAKE3 of the canonical encoding of this 5-element array.
     pub fn id(&self) -> ContentId {
         ContentId::of(&cbor::to_vec(&self.to_value()))
@@ -561,6 +615,20 @@ pub struct SeedManifest {
     pub tokenizer: ContentId,
     pub weights: ContentId,
     pub training: TrainingSummary,
+    /// Where the seed stands in its learning-rate schedule: ELMs that continue the seed's run
+    /// (the released BTM code) take the schedule from `step` on.
+    pub schedule: Schedule,
+    /// The seed's optimiser state (a blob), for ELMs that continue it; `None` if not published.
+    pub optimizer: Option<ContentId>,
+}
+
+/// A position in a training run's learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Schedule {
+    /// Updates done so far.
+    pub step: u64,
+    /// The schedule's length in updates (`step <= total`).
+    pub total: u64,
 }
 
 impl Record for SeedManifest {
@@ -569,7 +637,7 @@ impl Record for SeedManifest {
     fn to_value(&self) -> Value {
         let t = self.training;
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             self.architecture.to_value(),
             bytes(&self.tokenizer.0),
             bytes(&self.weights.0),
@@ -579,11 +647,13 @@ impl Record for SeedManifest {
                 uint(t.flops),
                 uint(t.valid_ppl_milli),
             ]),
+            Value::Array(vec![uint(self.schedule.step), uint(self.schedule.total)]),
+            self.optimizer.map_or(Value::Null, |id| bytes(&id.0)),
         ])
     }
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
-        let mut f = Fields::record(value, Kind::Seed, 5)?;
+        let mut f = Fields::record(value, Kind::Seed, 7)?;
         let architecture = Architecture::from_value(f.next("seed.architecture")?)?;
         let tokenizer = f.id("seed.tokenizer")?;
         let weights = f.id("seed.weights")?;
@@ -594,11 +664,25 @@ impl Record for SeedManifest {
             flops: t.u64("seed.training.flops")?,
             valid_ppl_milli: t.u64("seed.training.valid_ppl_milli")?,
         };
+        let mut sc = Fields::new(f.next("seed.schedule")?, "seed.schedule", 2)?;
+        let schedule = Schedule {
+            step: sc.u64("seed.schedule.step")?,
+            total: sc.u64("seed.schedule.total")?,
+        };
+        if schedule.step > schedule.total {
+            return Err(DecodeError::Invalid {
+                field: "seed.schedule",
+                reason: "step must not exceed total",
+            });
+        }
+        let optimizer = f.opt_id("seed.optimizer")?;
         Ok(SeedManifest {
             architecture,
             tokenizer,
             weights,
             training,
+            schedule,
+            optimizer,
         })
     }
 }
@@ -613,6 +697,22 @@ pub struct Claim {
     pub node: NodeId,
     /// Unix seconds.
     pub lease_expires: u64,
+    /// When this node first claimed this domain (Unix seconds); renewals keep it, so the total
+    /// lease held without an announced ELM is `lease_expires - first_claimed`.
+    pub first_claimed: u64,
+    /// Training progress so far, signed with the claim; a renewal must show more of it.
+    pub progress: Option<ClaimProgress>,
+}
+
+/// A claimant's training progress: what renewing a lease costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClaimProgress {
+    /// Updates done.
+    pub step: u64,
+    /// Training loss at `step`, milli-units.
+    pub loss_milli: u64,
+    /// BLAKE3 of the checkpoint's weights at `step`.
+    pub checkpoint: ContentId,
 }
 
 impl Record for Claim {
@@ -620,21 +720,51 @@ impl Record for Claim {
 
     fn to_value(&self) -> Value {
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             text(&self.domain),
             bytes(&self.node.0),
             uint(self.lease_expires),
+            uint(self.first_claimed),
+            self.progress.map_or(Value::Null, |p| {
+                Value::Array(vec![
+                    uint(p.step),
+                    uint(p.loss_milli),
+                    bytes(&p.checkpoint.0),
+                ])
+            }),
         ])
     }
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
-        let mut f = Fields::record(value, Kind::Claim, 4)?;
+        let mut f = Fields::record(value, Kind::Claim, 6)?;
         let domain = f.text("claim.domain", MAX_NAME_LEN)?;
         check_domain_name(&domain, "claim.domain")?;
+        let node = f.key("claim.node")?;
+        let lease_expires = f.u64("claim.lease_expires")?;
+        let first_claimed = f.u64("claim.first_claimed")?;
+        if first_claimed > lease_expires {
+            return Err(DecodeError::Invalid {
+                field: "claim.first_claimed",
+                reason: "the first claim cannot come after the lease's end",
+            });
+        }
+        let progress = match f.next("claim.progress")? {
+            Value::Null => None,
+            other => {
+                let mut p = Fields::new(other, "claim.progress", 3)?;
+                Some(ClaimProgress {
+                    step: p.u64("claim.progress.step")?,
+                    loss_milli: p.u64("claim.progress.loss_milli")?,
+                    checkpoint: p.id("claim.progress.checkpoint")?,
+                })
+            }
+        };
         Ok(Claim {
             domain,
-            node: f.key("claim.node")?,
-            lease_expires: f.u64("claim.lease_expires")?,
+            node,
+            lease_expires,
+            first_claimed,
+            progress,
         })
     }
 }
@@ -743,6 +873,9 @@ pub struct ElmRecord {
     /// 1 to 64 parents, strictly ascending by weights id, weights summing to 1 000 000 ppm.
     pub parents: Vec<Parent>,
     pub weights: ContentId,
+    /// The weights file's exact size in bytes, which the architecture determines
+    /// (`weights::expected_size`): peers refuse any other size before fetching a byte.
+    pub weights_size: u64,
     /// `Architecture::id` of its shape.
     pub architecture: ContentId,
     pub tokenizer: ContentId,
@@ -760,7 +893,7 @@ impl Record for ElmRecord {
 
     fn to_value(&self) -> Value {
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             text(&self.domain),
             Value::Array(
                 self.parents
@@ -769,6 +902,7 @@ impl Record for ElmRecord {
                     .collect(),
             ),
             bytes(&self.weights.0),
+            uint(self.weights_size),
             bytes(&self.architecture.0),
             bytes(&self.tokenizer.0),
             uint(self.steps),
@@ -780,7 +914,7 @@ impl Record for ElmRecord {
     }
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
-        let mut f = Fields::record(value, Kind::Elm, 11)?;
+        let mut f = Fields::record(value, Kind::Elm, 12)?;
         let domain = f.text("elm.domain", MAX_NAME_LEN)?;
         check_domain_name(&domain, "elm.domain")?;
         let parents = f
@@ -806,6 +940,7 @@ impl Record for ElmRecord {
             domain,
             parents,
             weights: f.id("elm.weights")?,
+            weights_size: f.u64("elm.weights_size")?,
             architecture: f.id("elm.architecture")?,
             tokenizer: f.id("elm.tokenizer")?,
             steps: f.u64("elm.steps")?,
@@ -836,6 +971,19 @@ pub struct Attestation {
     pub elm: ContentId,
     pub measured_ppl_milli: u64,
     pub verdict: Verdict,
+    /// Which data the measurement used.
+    pub pool: EvalPool,
+}
+
+/// The data a verdict rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalPool {
+    /// The domain's published `valid` split: a quick check any peer can make, on data the
+    /// trainer also had. It cannot establish acceptance.
+    Public = 0,
+    /// The maintainers' withheld verification pool (committed to in the registry).
+    Withheld = 1,
 }
 
 impl Record for Attestation {
@@ -843,16 +991,17 @@ impl Record for Attestation {
 
     fn to_value(&self) -> Value {
         Value::Array(vec![
-            uint(1),
+            uint(FORMAT_VERSION),
             bytes(&self.verifier.0),
             bytes(&self.elm.0),
             uint(self.measured_ppl_milli),
             uint(self.verdict as u64),
+            uint(self.pool as u64),
         ])
     }
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
-        let mut f = Fields::record(value, Kind::Attestation, 5)?;
+        let mut f = Fields::record(value, Kind::Attestation, 6)?;
         let verifier = f.key("attestation.verifier")?;
         let elm = f.id("attestation.elm")?;
         let measured_ppl_milli = f.u64("attestation.measured_ppl_milli")?;
@@ -865,11 +1014,21 @@ impl Record for Attestation {
                 });
             }
         };
+        let pool = match f.u64("attestation.pool")? {
+            0 => EvalPool::Public,
+            1 => EvalPool::Withheld,
+            _ => {
+                return Err(DecodeError::OutOfRange {
+                    field: "attestation.pool",
+                });
+            }
+        };
         Ok(Attestation {
             verifier,
             elm,
             measured_ppl_milli,
             verdict,
+            pool,
         })
     }
 }

@@ -148,7 +148,7 @@ impl<R: Record> Signed<R> {
     /// The canonical envelope encoding `[1, kind, body, [[key, sig], ...]]`.
     pub fn encode(&self) -> Vec<u8> {
         cbor::to_vec(&Value::Array(vec![
-            uint(1),
+            uint(crate::FORMAT_VERSION),
             uint(R::KIND.number()),
             bytes(&self.body),
             Value::Array(
@@ -204,7 +204,7 @@ fn parse_envelope(
     let value = cbor::parse(input, size_kind, max)?;
     let mut f = Fields::new(value, "envelope", 4)?;
     let version = f.u64("envelope.format_version")?;
-    if version != 1 {
+    if version != crate::FORMAT_VERSION {
         return Err(DecodeError::UnsupportedVersion {
             kind: size_kind,
             version,

@@ -42,6 +42,11 @@ pub fn seed() -> SeedManifest {
             flops: u64::MAX,
             valid_ppl_milli: 23_456,
         },
+        schedule: Schedule {
+            step: 40_000,
+            total: 80_000,
+        },
+        optimizer: Some(id("seed optimizer state")),
     }
 }
 
@@ -56,6 +61,9 @@ pub fn domain(name: &str) -> Domain {
             block_size: 1024,
             max_eval_tokens: 1_048_576,
             ppl_tolerance_ppm: 20_000,
+            min_gain_ppm: 10_000,
+            max_memorisation_ppm: 1_100_000,
+            withheld: Some(id(&format!("{name} withheld pool"))),
         },
     }
 }
@@ -76,6 +84,7 @@ pub fn elm() -> ElmRecord {
         domain: "legal".into(),
         parents,
         weights: id("legal elm weights"),
+        weights_size: arch().weights_size().expect("a valid architecture"),
         architecture: arch().id(),
         tokenizer: id("tokenizer"),
         steps: 1000,
@@ -111,6 +120,12 @@ pub fn claim() -> Claim {
         domain: "legal".into(),
         node: PublicKey::of(&key(3)),
         lease_expires: 1_800_000_000,
+        first_claimed: 1_799_000_000,
+        progress: Some(ClaimProgress {
+            step: 250,
+            loss_milli: 3_125,
+            checkpoint: id("legal checkpoint at step 250"),
+        }),
     }
 }
 
@@ -120,6 +135,7 @@ pub fn attestation() -> Attestation {
         elm: elm().id(),
         measured_ppl_milli: 18_300,
         verdict: Verdict::Accept,
+        pool: EvalPool::Withheld,
     }
 }
 

@@ -17,23 +17,37 @@ pub fn head(major: u8, n: u64) -> Vec<u8> {
     }
 }
 
-/// A claim encoded by hand from its parts, so single parts can be made wrong.
+/// The format version's head.
+pub fn version() -> Vec<u8> {
+    head(0, FORMAT_VERSION)
+}
+
+/// A claim encoded by hand from its parts, so single parts can be made wrong; `first_claimed`
+/// and `progress` are the fixture's.
 pub fn claim_bytes(version: Vec<u8>, domain: &str, node: &[u8], lease: Vec<u8>) -> Vec<u8> {
+    let c = fixtures::claim();
+    let p = c.progress.expect("the fixture claim has progress");
     [
-        head(4, 4),
+        head(4, 6),
         version,
         head(3, domain.len() as u64),
         domain.as_bytes().to_vec(),
         head(2, node.len() as u64),
         node.to_vec(),
         lease,
+        head(0, c.first_claimed),
+        head(4, 3),
+        head(0, p.step),
+        head(0, p.loss_milli),
+        head(2, 32),
+        p.checkpoint.0.to_vec(),
     ]
     .concat()
 }
 
 fn good_claim() -> Vec<u8> {
     let c = fixtures::claim();
-    claim_bytes(head(0, 1), &c.domain, &c.node.0, head(0, c.lease_expires))
+    claim_bytes(version(), &c.domain, &c.node.0, head(0, c.lease_expires))
 }
 
 fn kind_of(e: &DecodeError) -> String {
@@ -55,13 +69,14 @@ fn malformed_claims_table() {
     let node = c.node.0;
     let mut long_lease = vec![0x1b];
     long_lease.extend_from_slice(&c.lease_expires.to_be_bytes());
+    let early_lease = head(0, c.first_claimed - 1);
     let mut indefinite = vec![0x9f];
     indefinite.extend_from_slice(&good_claim()[1..]);
     indefinite.push(0xff);
     let mut nested = vec![0x81; 200];
     nested.push(0x00);
     let mut map = good_claim();
-    map[0] = 0xa2; // a map of two pairs instead of an array of four
+    map[0] = 0xa3; // a map of three pairs instead of an array of six
     let mut tagged = vec![0xd8, 0x18];
     tagged.extend(good_claim());
 
@@ -80,49 +95,54 @@ fn malformed_claims_table() {
         ),
         (
             "non-shortest integer",
-            claim_bytes(head(0, 1), &c.domain, &node, long_lease),
+            claim_bytes(version(), &c.domain, &node, long_lease),
             "NonCanonical",
         ),
         ("indefinite-length array", indefinite, "NonCanonical"),
         (
-            "format version 2",
-            claim_bytes(head(0, 2), &c.domain, &node, head(0, 1)),
+            "format version 1 (round one)",
+            claim_bytes(head(0, 1), &c.domain, &node, head(0, c.lease_expires)),
             "UnsupportedVersion",
         ),
         (
             "version as text",
-            claim_bytes(vec![0x61, b'1'], &c.domain, &node, head(0, 1)),
+            claim_bytes(vec![0x61, b'1'], &c.domain, &node, head(0, c.lease_expires)),
             "WrongType",
         ),
         (
             "node of 31 bytes",
-            claim_bytes(head(0, 1), &c.domain, &node[..31], head(0, 1)),
+            claim_bytes(version(), &c.domain, &node[..31], head(0, c.lease_expires)),
             "WrongLength",
         ),
         (
             "negative lease",
-            claim_bytes(head(0, 1), &c.domain, &node, vec![0x20]),
+            claim_bytes(version(), &c.domain, &node, vec![0x20]),
             "OutOfRange",
         ),
         (
             "float lease",
-            claim_bytes(head(0, 1), &c.domain, &node, vec![0xf9, 0x3c, 0x00]),
+            claim_bytes(version(), &c.domain, &node, vec![0xf9, 0x3c, 0x00]),
             "WrongType",
         ),
         (
             "upper-case domain",
-            claim_bytes(head(0, 1), "Legal", &node, head(0, 1)),
+            claim_bytes(version(), "Legal", &node, head(0, c.lease_expires)),
             "Invalid",
         ),
         (
             "empty domain",
-            claim_bytes(head(0, 1), "", &node, head(0, 1)),
+            claim_bytes(version(), "", &node, head(0, c.lease_expires)),
             "Invalid",
         ),
         (
             "domain of 65 bytes",
-            claim_bytes(head(0, 1), &"a".repeat(65), &node, head(0, 1)),
+            claim_bytes(version(), &"a".repeat(65), &node, head(0, c.lease_expires)),
             "TooLong",
+        ),
+        (
+            "lease ending before the first claim",
+            claim_bytes(version(), &c.domain, &node, early_lease),
+            "Invalid",
         ),
         ("map instead of array", map, "WrongType"),
         ("tagged record", tagged, "WrongType"),
@@ -148,7 +168,7 @@ fn malformed_claims_table() {
         ("break outside indefinite item", vec![0xff], "Unsupported"),
         (
             "invalid UTF-8 text",
-            [head(4, 4), head(0, 1), vec![0x62, 0xff, 0xfe]].concat(),
+            [head(4, 6), version(), vec![0x62, 0xff, 0xfe]].concat(),
             "Syntax",
         ),
         (
@@ -217,11 +237,26 @@ fn record_rules_table() {
     if let Some(seed) = bad_arch.seed.as_mut() {
         seed.architecture.heads = 7;
     }
+    let mut no_gain_possible = fixtures::registry();
+    no_gain_possible.domains[0].eval.min_gain_ppm = PPM_ONE;
+    let mut memorisation_below_one = fixtures::registry();
+    memorisation_below_one.domains[0].eval.max_memorisation_ppm = PPM_ONE - 1;
+    let mut schedule_overrun = fixtures::registry();
+    if let Some(seed) = schedule_overrun.seed.as_mut() {
+        seed.schedule.step = seed.schedule.total + 1;
+    }
     refused([
         ("ELM of an unknown domain", unknown_domain, "Invalid"),
         ("domains not sorted", unsorted_domains, "NotSorted"),
         ("block size 0", bad_eval, "Invalid"),
         ("d_model not divisible by heads", bad_arch, "Invalid"),
+        ("a gain of 100% required", no_gain_possible, "Invalid"),
+        (
+            "memorisation ratio below 1",
+            memorisation_below_one,
+            "Invalid",
+        ),
+        ("seed past its schedule's end", schedule_overrun, "Invalid"),
     ]);
 
     let mut weights = fixtures::elm();
@@ -234,12 +269,21 @@ fn record_rules_table() {
     ]);
 
     let mut bad_verdict = fixtures::attestation().encode();
-    let last = bad_verdict.len() - 1;
+    let last = bad_verdict.len() - 2; // verdict, then pool
     bad_verdict[last] = 0x02;
     assert_eq!(
         Attestation::decode(&bad_verdict),
         Err(DecodeError::OutOfRange {
             field: "attestation.verdict"
+        })
+    );
+    let mut bad_pool = fixtures::attestation().encode();
+    let last = bad_pool.len() - 1;
+    bad_pool[last] = 0x02;
+    assert_eq!(
+        Attestation::decode(&bad_pool),
+        Err(DecodeError::OutOfRange {
+            field: "attestation.pool"
         })
     );
 }
@@ -301,13 +345,13 @@ fn envelope_rules_table() {
     ]
     .concat();
     let mut bad_body = body.clone();
-    bad_body[1] = 0x02; // format version 2 inside the body
+    bad_body[1] = 0x01; // format version 1 (round one) inside the body
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            "envelope version 2",
+            "envelope version 1 (round one)",
             env(vec![
                 head(4, 4),
-                head(0, 2),
+                head(0, 1),
                 head(0, 4),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -319,7 +363,7 @@ fn envelope_rules_table() {
             "registry kind on a claim",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 2),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -331,7 +375,7 @@ fn envelope_rules_table() {
             "unknown kind",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 99),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -343,7 +387,7 @@ fn envelope_rules_table() {
             "too many signatures",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 4),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -355,7 +399,7 @@ fn envelope_rules_table() {
             "63-byte signature",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 4),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -367,7 +411,7 @@ fn envelope_rules_table() {
             "body not canonical",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 4),
                 head(2, body.len() as u64),
                 bad_body,
@@ -379,7 +423,7 @@ fn envelope_rules_table() {
             "body as text",
             env(vec![
                 head(4, 4),
-                head(0, 1),
+                version(),
                 head(0, 4),
                 head(3, 1),
                 b"x".to_vec(),
@@ -391,7 +435,7 @@ fn envelope_rules_table() {
             "three elements",
             env(vec![
                 head(4, 3),
-                head(0, 1),
+                version(),
                 head(0, 4),
                 head(2, body.len() as u64),
                 body.clone(),
@@ -402,7 +446,7 @@ fn envelope_rules_table() {
     assert_eq!(
         env(vec![
             head(4, 4),
-            head(0, 1),
+            version(),
             head(0, 4),
             head(2, body.len() as u64),
             body.clone(),

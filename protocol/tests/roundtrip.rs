@@ -56,19 +56,32 @@ fn arch() -> impl Strategy<Value = Architecture> {
 }
 
 fn seed() -> impl Strategy<Value = SeedManifest> {
-    (arch(), content_id(), content_id(), any::<[u64; 4]>()).prop_map(
-        |(architecture, tokenizer, weights, t)| SeedManifest {
-            architecture,
-            tokenizer,
-            weights,
-            training: TrainingSummary {
-                steps: t[0],
-                tokens: t[1],
-                flops: t[2],
-                valid_ppl_milli: t[3],
-            },
-        },
+    (
+        arch(),
+        content_id(),
+        content_id(),
+        any::<[u64; 4]>(),
+        any::<[u64; 2]>(),
+        proptest::option::of(content_id()),
     )
+        .prop_map(
+            |(architecture, tokenizer, weights, t, sc, optimizer)| SeedManifest {
+                architecture,
+                tokenizer,
+                weights,
+                training: TrainingSummary {
+                    steps: t[0],
+                    tokens: t[1],
+                    flops: t[2],
+                    valid_ppl_milli: t[3],
+                },
+                schedule: Schedule {
+                    step: sc[0].min(sc[1]),
+                    total: sc[0].max(sc[1]),
+                },
+                optimizer,
+            },
+        )
 }
 
 fn domain() -> impl Strategy<Value = Domain> {
@@ -94,6 +107,9 @@ fn domain() -> impl Strategy<Value = Domain> {
                         block_size,
                         max_eval_tokens: u64::from(block_size).saturating_add(extra),
                         ppl_tolerance_ppm,
+                        min_gain_ppm: ppl_tolerance_ppm % PPM_ONE,
+                        max_memorisation_ppm: PPM_ONE.saturating_add(ppl_tolerance_ppm),
+                        withheld: (block_size % 2 == 0).then_some(train),
                     },
                 }
             },
@@ -145,11 +161,23 @@ fn registry() -> impl Strategy<Value = Registry> {
 }
 
 fn claim() -> impl Strategy<Value = Claim> {
-    (name(), public_key(), any::<u64>()).prop_map(|(domain, node, lease_expires)| Claim {
-        domain,
-        node,
-        lease_expires,
-    })
+    (
+        name(),
+        public_key(),
+        any::<[u64; 2]>(),
+        proptest::option::of((any::<[u64; 2]>(), content_id())),
+    )
+        .prop_map(|(domain, node, lease, progress)| Claim {
+            domain,
+            node,
+            lease_expires: lease[0].max(lease[1]),
+            first_claimed: lease[0].min(lease[1]),
+            progress: progress.map(|(n, checkpoint)| ClaimProgress {
+                step: n[0],
+                loss_milli: n[1],
+                checkpoint,
+            }),
+        })
 }
 
 fn elm() -> impl Strategy<Value = ElmRecord> {
@@ -183,6 +211,7 @@ fn elm() -> impl Strategy<Value = ElmRecord> {
                 domain,
                 parents,
                 weights: ContentId(ids),
+                weights_size: n[0] ^ n[1],
                 architecture: ContentId(more[..32].try_into().unwrap()),
                 tokenizer: ContentId(more[32..].try_into().unwrap()),
                 steps: n[0],
@@ -195,14 +224,26 @@ fn elm() -> impl Strategy<Value = ElmRecord> {
 }
 
 fn attestation() -> impl Strategy<Value = Attestation> {
-    (public_key(), content_id(), any::<u64>(), any::<bool>()).prop_map(
-        |(verifier, elm, measured_ppl_milli, ok)| Attestation {
-            verifier,
-            elm,
-            measured_ppl_milli,
-            verdict: if ok { Verdict::Accept } else { Verdict::Reject },
-        },
+    (
+        public_key(),
+        content_id(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
     )
+        .prop_map(
+            |(verifier, elm, measured_ppl_milli, ok, withheld)| Attestation {
+                verifier,
+                elm,
+                measured_ppl_milli,
+                verdict: if ok { Verdict::Accept } else { Verdict::Reject },
+                pool: if withheld {
+                    EvalPool::Withheld
+                } else {
+                    EvalPool::Public
+                },
+            },
+        )
 }
 
 fn round_trip<R: Record + PartialEq>(record: R) -> Result<(), TestCaseError> {

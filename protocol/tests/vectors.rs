@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use btm_protocol::*;
 
 use crate::fixtures::{self, key};
-use crate::malformed::{claim_bytes, head};
+use crate::malformed::{claim_bytes, head, version};
 
 struct Vector {
     name: &'static str,
@@ -156,7 +156,7 @@ fn vectors() -> Vec<Vector> {
         v(
             "claim.non-shortest-integer",
             "claim",
-            claim_bytes(head(0, 1), &claim.domain, &node, long_lease),
+            claim_bytes(version(), &claim.domain, &node, long_lease),
             "error:NonCanonical",
             "lease_expires with an 8-byte head",
         ),
@@ -182,16 +182,21 @@ fn vectors() -> Vec<Vector> {
             "first 20 bytes only",
         ),
         v(
-            "claim.version-2",
+            "claim.version-1",
             "claim",
-            claim_bytes(head(0, 2), &claim.domain, &node, head(0, 1)),
+            claim_bytes(
+                head(0, 1),
+                &claim.domain,
+                &node,
+                head(0, claim.lease_expires),
+            ),
             "error:UnsupportedVersion",
-            "format version 2",
+            "format version 1 (round one)",
         ),
         v(
             "claim.upper-case-domain",
             "claim",
-            claim_bytes(head(0, 1), "Legal", &node, head(0, 1)),
+            claim_bytes(version(), "Legal", &node, head(0, claim.lease_expires)),
             "error:Invalid",
             "domain name with an upper-case letter",
         ),

@@ -167,6 +167,22 @@ pub enum Reject {
     /// A claim older than the one held for the same node and domain.
     #[error("stale: a newer record from the same signer is held")]
     Stale,
+    /// A claim held longer in total than the limits allow (`lease_expires - first_claimed`):
+    /// a lease renews for a bounded time without an announced ELM.
+    #[error("lease until {lease_expires} holds the domain since {first_claimed}, more than {max}s")]
+    LeaseCapped {
+        first_claimed: u64,
+        lease_expires: u64,
+        max: u64,
+    },
+    /// A renewal that moves its first-claim time (a claim cannot be made older or younger
+    /// while it lives).
+    #[error("a renewal must keep the first-claim time {held} (offered {offered})")]
+    FirstClaimMoved { held: u64, offered: u64 },
+    /// A renewal past the grace period that shows no more training progress than the claim it
+    /// renews.
+    #[error("a renewal must show progress past step {held} (offered {offered:?})")]
+    NoProgress { held: u64, offered: Option<u64> },
     /// The signer already has as many records of this type stored as a peer may.
     #[error("quota: at most {max} stored per signer")]
     Quota { max: usize },
@@ -203,6 +219,8 @@ impl Reject {
                 | Reject::RootNotNext { .. }
                 | Reject::LeaseExpired { .. }
                 | Reject::LeaseTooLong { .. }
+                | Reject::FirstClaimMoved { .. }
+                | Reject::NoProgress { .. }
         )
     }
 }
@@ -403,6 +421,11 @@ pub fn elm_fits(registry: &Registry, elm: &ElmRecord) -> Result<(), Reject> {
     if elm.tokenizer != seed.tokenizer {
         return Err(Reject::SeedMismatch("tokenizer differs from the seed's"));
     }
+    if Some(elm.weights_size) != seed.architecture.weights_size() {
+        return Err(Reject::SeedMismatch(
+            "weights size is not the size the seed's architecture determines",
+        ));
+    }
     Ok(())
 }
 
@@ -431,7 +454,18 @@ pub struct ClaimLimits {
     pub max_live_per_node: usize,
     /// Longest lease a claim may ask for, in seconds after now (`u64::MAX`: no bound).
     pub max_lease_secs: u64,
+    /// Longest a claim may hold its domain in total, renewals included
+    /// (`lease_expires - first_claimed`).
+    pub max_total_lease_secs: u64,
+    /// How long (from the first claim) renewals may show no training progress: downloading
+    /// and branching come first.
+    pub grace_secs: u64,
 }
+
+/// Longest total hold of a domain by one claim: 12 hours.
+pub const MAX_TOTAL_LEASE_SECS: u64 = 12 * 3600;
+/// Renewals without progress are accepted for the first 30 minutes of a claim.
+pub const CLAIM_GRACE_SECS: u64 = 30 * 60;
 
 /// What an acceptable claim is to the claims already held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,31 +504,65 @@ pub fn claim_fits(
     Ok(())
 }
 
-/// Whether a claim is acceptable, given the claims its node already holds (`held`: (domain,
-/// lease end) of the claims by `claim.node` that the deciding party holds; expired ones are
-/// ignored), the limits and `now`: [`claim_fits`]; then, if the node holds a live claim on the
-/// domain, the offered lease must be later (`Stale`), else the node must hold fewer than
-/// `max_live_per_node` live claims (`Quota`).
+/// Whether a claim is acceptable, given the claims its node already holds (`held`: the claims
+/// by `claim.node` that the deciding party holds; expired ones are ignored), the limits and
+/// `now`: [`claim_fits`], and its total hold `lease_expires - first_claimed` at most
+/// `max_total_lease_secs` (`LeaseCapped`). If the node holds a live claim on the domain, this
+/// is a renewal: the lease must be later (`Stale`), the first-claim time the same
+/// (`FirstClaimMoved`), and the progress no less, and past `grace_secs` from the first claim
+/// strictly more, than the held claim's (`NoProgress`). Otherwise the node must hold fewer
+/// than `max_live_per_node` live claims (`Quota`).
 pub fn decide_claim(
     registry: &Registry,
     claim: &Claim,
-    held: &[(String, u64)],
+    held: &[Claim],
     limits: &ClaimLimits,
     now: u64,
 ) -> Result<ClaimFit, Reject> {
     claim_fits(registry, claim, limits.max_lease_secs, now)?;
-    let live: Vec<&(String, u64)> = held.iter().filter(|(_, lease)| *lease > now).collect();
+    let total = claim.lease_expires.saturating_sub(claim.first_claimed);
+    if total > limits.max_total_lease_secs {
+        return Err(Reject::LeaseCapped {
+            first_claimed: claim.first_claimed,
+            lease_expires: claim.lease_expires,
+            max: limits.max_total_lease_secs,
+        });
+    }
+    let live: Vec<&Claim> = held.iter().filter(|c| c.lease_expires > now).collect();
     let same = live
         .iter()
-        .filter(|(domain, _)| *domain == claim.domain)
-        .map(|(_, lease)| *lease)
-        .max();
-    match same {
-        Some(lease) if lease >= claim.lease_expires => Err(Reject::Stale),
-        Some(_) => Ok(ClaimFit::Renewal),
-        None if live.len() >= limits.max_live_per_node => Err(Reject::Quota {
-            max: limits.max_live_per_node,
-        }),
-        None => Ok(ClaimFit::New),
+        .filter(|c| c.domain == claim.domain)
+        .max_by_key(|c| c.lease_expires);
+    let Some(h) = same else {
+        if live.len() >= limits.max_live_per_node {
+            return Err(Reject::Quota {
+                max: limits.max_live_per_node,
+            });
+        }
+        return Ok(ClaimFit::New);
+    };
+    if h.lease_expires >= claim.lease_expires {
+        return Err(Reject::Stale);
     }
+    if h.first_claimed != claim.first_claimed {
+        return Err(Reject::FirstClaimMoved {
+            held: h.first_claimed,
+            offered: claim.first_claimed,
+        });
+    }
+    let step = |c: &Claim| c.progress.map(|p| p.step);
+    let (old, new) = (step(h), step(claim));
+    let in_grace = total <= limits.grace_secs;
+    let advanced = match (old, new) {
+        (_, None) => old.is_none() && in_grace,
+        (None, Some(_)) => true,
+        (Some(o), Some(n)) => n > o || (n == o && in_grace),
+    };
+    if !advanced {
+        return Err(Reject::NoProgress {
+            held: old.unwrap_or(0),
+            offered: new,
+        });
+    }
+    Ok(ClaimFit::Renewal)
 }

@@ -628,6 +628,8 @@ fn trusted_registry(conn: &Connection) -> Result<Option<Registry>, StoreError> {
 pub const CLAIM_LIMITS: ClaimLimits = ClaimLimits {
     max_live_per_node: MAX_CLAIMS_PER_NODE,
     max_lease_secs: u64::MAX,
+    max_total_lease_secs: rules::MAX_TOTAL_LEASE_SECS,
+    grace_secs: rules::CLAIM_GRACE_SECS,
 };
 
 fn check_claim(conn: &Connection, bytes: &[u8], now: u64) -> Checked<Claim> {
@@ -649,17 +651,17 @@ fn check_claim(conn: &Connection, bytes: &[u8], now: u64) -> Checked<Claim> {
     if held.as_deref() == Some(bytes) {
         return Ok(Ok(None));
     }
-    let mut stmt = conn.prepare(
-        "SELECT domain, lease_expires FROM claims WHERE node = ?1 AND lease_expires > ?2",
-    )?;
-    let live = stmt
+    let mut stmt =
+        conn.prepare("SELECT envelope FROM claims WHERE node = ?1 AND lease_expires > ?2")?;
+    let live: Vec<Claim> = stmt
         .query_map(params![&c.node.0[..], time_i64(now)], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-            ))
+            r.get::<_, Vec<u8>>(0)
         })?
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .filter_map(|b| Signed::<Claim>::decode(b).ok())
+        .map(Signed::into_record)
+        .collect();
     Ok(rules::decide_claim(&registry, c, &live, &CLAIM_LIMITS, now).map(|_| Some(claim)))
 }
 

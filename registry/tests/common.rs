@@ -54,6 +54,11 @@ pub fn seed() -> SeedManifest {
             flops: 1_000_000,
             valid_ppl_milli: 90_000,
         },
+        schedule: Schedule {
+            step: 100,
+            total: 100,
+        },
+        optimizer: None,
     }
 }
 
@@ -64,11 +69,7 @@ pub fn domain(name: &str) -> Domain {
         train: ContentId::of(format!("{name}/train").as_bytes()),
         valid: ContentId::of(format!("{name}/valid").as_bytes()),
         test: ContentId::of(format!("{name}/test").as_bytes()),
-        eval: EvalSettings {
-            block_size: 64,
-            max_eval_tokens: 65_536,
-            ppl_tolerance_ppm: 20_000,
-        },
+        eval: EvalSettings::public(64, 65_536, 20_000),
     }
 }
 
@@ -97,6 +98,9 @@ pub fn claim(node: u32, domain: &str, lease_expires: u64) -> Claim {
         domain: domain.into(),
         node: pk(node),
         lease_expires,
+        // Claimed at NOW (leases before NOW: at time 0, as the pure rule tests count time).
+        first_claimed: if lease_expires >= NOW { NOW } else { 0 },
+        progress: None,
     }
 }
 
@@ -108,6 +112,7 @@ pub fn elm(trainer: u32, steps: u64) -> ElmRecord {
             weight_ppm: PPM_ONE,
         }],
         weights: ContentId::of(format!("elm {trainer} {steps}").as_bytes()),
+        weights_size: arch().weights_size().expect("a valid architecture"),
         architecture: arch().id(),
         tokenizer: seed().tokenizer,
         steps,

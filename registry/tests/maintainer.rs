@@ -263,7 +263,11 @@ fn bad_files_give_typed_errors() {
         })
     ));
     let claim_path = d.join("claim.cbor");
-    std::fs::write(&claim_path, signed(claim(3, "legal", LATER), &[3]).encode()).unwrap();
+    std::fs::write(
+        &claim_path,
+        signed(claim(3, "legal", NOW + 3600), &[3]).encode(),
+    )
+    .unwrap();
     let claim = claim_path;
     let good_key = d.join("good.key");
     maintainer::generate_key(&good_key, false).unwrap();

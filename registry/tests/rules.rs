@@ -6,11 +6,8 @@ use btm_registry::{ClaimFit, ClaimLimits, Reject, decide_claim, elm_fits, parent
 use crate::common::*;
 
 /// The claims in `held` by `node`, as the rule takes them.
-fn held_by(held: &[Claim], node: &NodeId) -> Vec<(String, u64)> {
-    held.iter()
-        .filter(|c| c.node == *node)
-        .map(|c| (c.domain.clone(), c.lease_expires))
-        .collect()
+fn held_by(held: &[Claim], node: &NodeId) -> Vec<Claim> {
+    held.iter().filter(|c| c.node == *node).cloned().collect()
 }
 
 #[test]
@@ -21,6 +18,8 @@ fn claims_stale_quota_unknown_expired() {
     let limits = ClaimLimits {
         max_live_per_node: 2,
         max_lease_secs: u64::MAX,
+        max_total_lease_secs: u64::MAX,
+        grace_secs: u64::MAX,
     };
     let mut held: Vec<Claim> = Vec::new();
     let mut offer = |c: Claim, now: u64| {
@@ -76,6 +75,8 @@ fn claim_lease_horizon() {
     let limits = ClaimLimits {
         max_live_per_node: 16,
         max_lease_secs: 3600,
+        max_total_lease_secs: u64::MAX,
+        grace_secs: u64::MAX,
     };
     let at = |lease| decide_claim(&reg, &claim(1, "legal", lease), &[], &limits, NOW);
     assert_eq!(at(NOW + 3600), Ok(ClaimFit::New));
@@ -219,4 +220,109 @@ fn repeated_signers_are_refused_before_any_signature_is_verified() {
         decide_registry(&trusted, &ok.encode(), now),
         Decision::Accept(_)
     ));
+}
+
+/// Issue 13, claims that cannot be squatted: a lease renews only with the same first-claim
+/// time and, past the grace period, more training progress; the total hold is capped, so a
+/// backdated first claim is refused too.
+#[test]
+fn claims_renew_only_with_progress_and_are_capped() {
+    let reg = registry(1, "");
+    let limits = ClaimLimits {
+        max_live_per_node: 1,
+        max_lease_secs: 900,
+        max_total_lease_secs: 3600,
+        grace_secs: 1800,
+    };
+    let t0 = NOW;
+    let c = |lease: u64, first: u64, step: Option<u64>| Claim {
+        progress: step.map(|s| ClaimProgress {
+            step: s,
+            loss_milli: 3_000,
+            checkpoint: ContentId::of(&s.to_le_bytes()),
+        }),
+        first_claimed: first,
+        ..claim(1, "legal", lease)
+    };
+    let first = c(t0 + 900, t0, None);
+    assert_eq!(
+        decide_claim(&reg, &first, &[], &limits, t0),
+        Ok(ClaimFit::New)
+    );
+    let held = [first.clone()];
+    // Within the grace period a renewal needs no progress.
+    assert_eq!(
+        decide_claim(&reg, &c(t0 + 1200, t0, None), &held, &limits, t0 + 300),
+        Ok(ClaimFit::Renewal)
+    );
+    // The first-claim time cannot move.
+    assert_eq!(
+        decide_claim(&reg, &c(t0 + 1200, t0 + 10, None), &held, &limits, t0 + 300),
+        Err(Reject::FirstClaimMoved {
+            held: t0,
+            offered: t0 + 10
+        })
+    );
+    // Past the grace period: progress or no renewal.
+    let late = c(t0 + 1700, t0, Some(100));
+    assert_eq!(
+        decide_claim(
+            &reg,
+            &c(t0 + 2400, t0, None),
+            &[late.clone()],
+            &limits,
+            t0 + 1500
+        ),
+        Err(Reject::NoProgress {
+            held: 100,
+            offered: None
+        })
+    );
+    assert_eq!(
+        decide_claim(
+            &reg,
+            &c(t0 + 2400, t0, Some(100)),
+            &[late.clone()],
+            &limits,
+            t0 + 1500
+        ),
+        Err(Reject::NoProgress {
+            held: 100,
+            offered: Some(100)
+        })
+    );
+    assert_eq!(
+        decide_claim(
+            &reg,
+            &c(t0 + 2400, t0, Some(180)),
+            &[late.clone()],
+            &limits,
+            t0 + 1500
+        ),
+        Ok(ClaimFit::Renewal)
+    );
+    // The total hold is capped, progress or not.
+    assert_eq!(
+        decide_claim(
+            &reg,
+            &c(t0 + 3700, t0, Some(900)),
+            &[late],
+            &limits,
+            t0 + 2900
+        ),
+        Err(Reject::LeaseCapped {
+            first_claimed: t0,
+            lease_expires: t0 + 3700,
+            max: 3600
+        })
+    );
+    // A new claim backdated to look earlier than everyone else's is refused by the same cap.
+    assert_eq!(
+        decide_claim(&reg, &c(t0 + 900, t0 - 3000, None), &[], &limits, t0),
+        Err(Reject::LeaseCapped {
+            first_claimed: t0 - 3000,
+            lease_expires: t0 + 900,
+            max: 3600
+        })
+    );
 }

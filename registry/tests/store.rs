@@ -166,12 +166,12 @@ fn claim_flood_from_one_node_hits_its_quota() {
     for i in 0..MAX_CLAIMS_PER_NODE {
         assert!(matches!(
             store
-                .put_claim(&signed_claim(3, &format!("d{i:03}"), LATER), NOW)
+                .put_claim(&signed_claim(3, &format!("d{i:03}"), NOW + 3600), NOW)
                 .unwrap(),
             Decision::Accept(_)
         ));
     }
-    let last = signed_claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), LATER);
+    let last = signed_claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), NOW + 3600);
     assert_eq!(
         store.put_claim(&last, NOW).unwrap().rejection(),
         Some(&Reject::Quota {
@@ -181,7 +181,7 @@ fn claim_flood_from_one_node_hits_its_quota() {
     // Another node is not affected.
     assert!(matches!(
         store
-            .put_claim(&signed_claim(4, "d000", LATER), NOW)
+            .put_claim(&signed_claim(4, "d000", NOW + 3600), NOW)
             .unwrap(),
         Decision::Accept(_)
     ));
@@ -202,6 +202,7 @@ fn elm_records_and_attestations() {
                 elm: of,
                 measured_ppl_milli: 50_100,
                 verdict: Verdict::Accept,
+                pool: EvalPool::Public,
             },
             &[verifier],
         )
@@ -258,6 +259,7 @@ fn elm_records_and_attestations() {
             elm: record.id(),
             measured_ppl_milli: 1,
             verdict: Verdict::Reject,
+            pool: EvalPool::Public,
         });
         env.sign(&key(4));
         env.encode()

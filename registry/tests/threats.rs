@@ -201,7 +201,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "a claim offered as a registry",
-            bytes: signed(claim(3, "legal", LATER), &[3]).encode(),
+            bytes: signed(claim(3, "legal", NOW + 3600), &[3]).encode(),
             now: NOW,
             check: |r| {
                 matches!(
@@ -283,7 +283,7 @@ fn the_valid_update_is_accepted() {
 #[test]
 fn single_signer_records_reject_bad_signatures_and_change_nothing() {
     let (_dir, mut store) = store();
-    let claim = claim(3, "legal", LATER);
+    let claim = claim(3, "legal", NOW + 3600);
     let mut lifted = Signed::new(claim.clone());
     lifted.push_signature(sig(3, Kind::Elm, lifted.body()));
     let mut elm_lifted = Signed::new(elm(3, 10));

@@ -259,7 +259,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     btm_model::fsutil::write_atomic(&root_path, &root.encode())?;
     say(&format!(
         "maintainer key {} and the network root written to {}",
-        &crate::net::to_hex(&PublicKey::of(&key).0)[..8],
+        &PublicKey::of(&key).to_string()[..8],
         dir.display()
     ));
 

@@ -155,26 +155,11 @@ impl JoinState {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(path: &Path, s: &str) -> Result<Vec<u8>> {
-    let damaged = || Error::Damaged {
+    hex::decode(s).map_err(|e| Error::Damaged {
         path: path.to_path_buf(),
-        why: "not hex".into(),
-    };
-    if !s.len().is_multiple_of(2) {
-        return Err(damaged());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(damaged)
-        })
-        .collect()
+        why: format!("not hex: {e}"),
+    })
 }
 
 /// `runs/<domain>/branch.json`: how the run was initialised (kept so a resumed run announces
@@ -219,7 +204,7 @@ impl Volunteer {
 
         let state_path = c.data_dir.join(JOIN_FILE);
         let mut state = JoinState::load(&state_path)?;
-        let network = hex(&node.client().network().0.0);
+        let network = hex::encode(node.client().network().0.0);
         if !state.network.is_empty() && state.network != network {
             return Err(Error::OtherNetwork {
                 dir: c.data_dir.clone(),
@@ -295,7 +280,7 @@ impl Volunteer {
         renewer.abort();
         match result? {
             Some(envelope) => {
-                state.announced = Some(hex(&envelope.encode()));
+                state.announced = Some(hex::encode(envelope.encode()));
                 save_json(&state_path, &state)?;
                 if !c.exit_after_announce {
                     serve::serve(node, stop, events).await?;
@@ -455,11 +440,11 @@ impl Volunteer {
 fn parents_of(path: &Path, b: &BranchRecord) -> Result<Vec<Parent>> {
     let mut ids = Vec::new();
     for (id, w) in &b.parents {
-        let bytes: [u8; 32] = unhex(path, id)?.try_into().map_err(|_| Error::Damaged {
+        let id: ContentId = id.parse().map_err(|e| Error::Damaged {
             path: path.to_path_buf(),
-            why: format!("parent id {id} is not 32 bytes"),
+            why: format!("parent id {id}: {e}"),
         })?;
-        ids.push((ContentId(bytes), *w));
+        ids.push((id, *w));
     }
     Parent::from_weights(&ids).map_err(|e| Error::Damaged {
         path: path.to_path_buf(),
@@ -615,7 +600,7 @@ fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Res
     } else if job.parents.is_empty() {
         let b = BranchRecord {
             init: InitKind::Seed,
-            parents: vec![(hex(&job.seed.weights.0), 1.0)],
+            parents: vec![(hex::encode(job.seed.weights.0), 1.0)],
             names: vec!["seed".into()],
         };
         (seed_model, b)

@@ -377,26 +377,21 @@ async fn add_attacker(net: &mut Net) -> Node {
 }
 
 async fn scores_drop(honest: &[Node], attacker: &Node) {
-    for n in honest {
-        let n = n.clone();
-        let p = attacker.peer_id();
-        wait_for(
-            "the attacker's score to drop",
-            Duration::from_secs(30),
-            move || {
-                let n = n.clone();
-                async move {
-                    n.client()
-                        .peer_score(p)
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some_and(|s| s < 0.0)
-                }
-            },
-        )
-        .await;
-    }
+    let p = attacker.peer_id();
+    wait_each(
+        "the attacker's score to drop",
+        Duration::from_secs(30),
+        honest,
+        |n| async move {
+            n.client()
+                .peer_score(p)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s < 0.0)
+        },
+    )
+    .await;
 }
 
 /// THREATS: bad signature, unknown domain, wrong shapes, NaN, false quality claim, worse than

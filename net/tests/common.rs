@@ -1,9 +1,8 @@
 //! Shared fixtures: a maintainer key and root, a tiny seed model and tokenizer, domain data,
 //! registries, ELM weights (good and bad), and nodes on loopback.
 
-use std::future::Future;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use btm_model::GptConfig;
 use btm_model::gpt::Gpt;
@@ -13,8 +12,9 @@ use btm_net::verify::Verifier;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{
     Architecture, ClientVersion, ContentId, Domain, ElmRecord, EvalSettings, Parent, PublicKey,
-    Registry, Root, SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
+    Registry, SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
 };
+pub use btm_testkit::{wait_each, wait_for, wait_registry_where};
 
 pub const DOMAINS: [&str; 3] = ["alpha", "beta", "gamma"];
 
@@ -61,13 +61,7 @@ pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let maintainer = test_key("btm-net maintainer");
-        let mut root = Signed::new(Root {
-            version: 1,
-            expires: now() + 365 * 86400,
-            threshold: 1,
-            keys: vec![PublicKey::of(&maintainer)],
-        });
-        root.sign(&maintainer);
+        let root = btm_testkit::root(&maintainer);
         let t = text();
         let tok = Tokenizer::train([t.as_str()].into_iter(), 300).expect("tokenizer");
         let tokenizer = tok.json().to_vec();
@@ -111,7 +105,7 @@ pub fn fixture() -> &'static Fixture {
         };
         let mut f = Fixture {
             maintainer,
-            root: root.encode(),
+            root,
             tokenizer,
             config,
             seed_weights,
@@ -226,12 +220,7 @@ pub struct Net {
 }
 
 pub fn config(dir: &std::path::Path) -> NodeConfig {
-    let mut c = NodeConfig::loopback(dir, fixture().root.clone());
-    c.swarm.query_timeout = Duration::from_secs(10);
-    c.blobs.connect_timeout = Duration::from_secs(5);
-    c.blobs.stall_timeout = Duration::from_secs(10);
-    c.call_timeout = Duration::from_secs(30);
-    c
+    btm_testkit::loopback_config(dir, fixture().root.clone())
 }
 
 impl Net {
@@ -258,18 +247,7 @@ impl Net {
         if let Some(first) = self.nodes.first() {
             c.bootstrap = first.listen_addrs().await.expect("addrs");
         }
-        let node = Node::start(tweak(c)).await.expect("start");
-        // Wait until the listeners are up (addresses reported).
-        wait_for("listen addresses", Duration::from_secs(10), || {
-            let node = node.clone();
-            async move {
-                node.listen_addrs()
-                    .await
-                    .map(|a| a.len() >= 2)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
+        let node = btm_testkit::start(tweak(c)).await;
         self.dirs.push(dir);
         self.nodes.push(node.clone());
         node
@@ -282,80 +260,48 @@ impl Net {
     }
 }
 
-/// Polls `check` until it holds, failing the test after `timeout`. Waits on a condition, not a
-/// fixed delay.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
 pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
-    for n in nodes {
-        for p in peers {
-            let (n, pid) = (n.clone(), p.peer_id());
-            wait_for("gossip subscriptions", Duration::from_secs(30), move || {
-                let n = n.clone();
-                async move {
-                    n.client()
-                        .gossip_peers()
-                        .await
-                        .map(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
-                        .unwrap_or(false)
-                }
-            })
-            .await;
-        }
+    for p in peers {
+        let pid = p.peer_id();
+        wait_each(
+            "gossip subscriptions",
+            Duration::from_secs(30),
+            nodes,
+            |n| async move {
+                n.client()
+                    .gossip_peers()
+                    .await
+                    .is_ok_and(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
+            },
+        )
+        .await;
     }
 }
 
 /// Waits until every node trusts registry `version`.
 pub async fn wait_registry(nodes: &[Node], version: u64) {
-    for n in nodes {
-        let n = n.clone();
-        wait_for("the registry", Duration::from_secs(30), move || {
-            let n = n.clone();
-            async move {
-                n.registry()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.record().version >= version)
-            }
-        })
-        .await;
-    }
+    wait_registry_where("the registry", Duration::from_secs(30), nodes, |r| {
+        r.version >= version
+    })
+    .await;
 }
 
 /// Waits until every node has a gossipsub peer on every topic (so that a publication reaches
 /// them): here, until each is connected to at least `k` peers.
 pub async fn wait_connected(nodes: &[Node], k: usize) {
-    for n in nodes {
-        let n = n.clone();
-        wait_for("connections", Duration::from_secs(30), move || {
-            let n = n.clone();
-            async move {
-                n.client()
-                    .connected_peers()
-                    .await
-                    .map(|p| p.len() >= k)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
-    }
+    wait_each(
+        "connections",
+        Duration::from_secs(30),
+        nodes,
+        |n| async move {
+            n.client()
+                .connected_peers()
+                .await
+                .is_ok_and(|p| p.len() >= k)
+        },
+    )
+    .await;
 }
 
 /// The maintainer publishes the registry and provides the seed blobs and data.

@@ -29,20 +29,11 @@ fn volunteer(dir: &std::path::Path, domain: &str, steps: u64) -> VolunteerConfig
 
 /// Waits until the maintainer's node trusts a registry that accepts `elm`.
 async fn wait_accepted(maintainer: &Node, elm: btm_protocol::ContentId) {
-    let m = maintainer.clone();
-    wait_for(
+    wait_registry_where(
         "the ELM accepted into the registry",
         Duration::from_secs(120),
-        move || {
-            let m = m.clone();
-            async move {
-                m.registry()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.record().elms.iter().any(|e| e.record == elm))
-            }
-        },
+        std::slice::from_ref(maintainer),
+        |r| r.elms.iter().any(|e| e.record == elm),
     )
     .await;
 }

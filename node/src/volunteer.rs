@@ -32,18 +32,36 @@ use crate::common::{own_verdicts, short, wait_registry};
 use crate::error::{Error, Result, io};
 use crate::{Event, Events, Phase, Stop, serve};
 
-/// How a new ELM is initialised.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How a volunteer chooses the start of its ELM: one of the forest's [`InitKind`]s, or
+/// [`Auto`](BranchPolicy::Auto) to choose by what the registry holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BranchPolicy {
     /// The posterior-weighted average of the registry's accepted ELMs when it lists any on other
-    /// domains, else the seed.
+    /// domains ([`InitKind::PosteriorAverage`]), else the seed ([`InitKind::Seed`]).
     #[default]
     Auto,
-    /// A copy of the seed.
-    Seed,
-    /// The posterior-weighted average of the registry's accepted ELMs (an error if there are none).
-    Average,
+    /// Always this start: [`InitKind::Seed`], or [`InitKind::PosteriorAverage`] (an error if the
+    /// registry lists no accepted ELMs on other domains). [`InitKind::Random`] is refused: a
+    /// network ELM descends from the seed.
+    Fixed(InitKind),
+}
+
+impl std::str::FromStr for BranchPolicy {
+    type Err = String;
+
+    /// The command-line names: `auto`, `seed`, or `average` (also `posterior-average`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BranchPolicy::Auto),
+            "average" => Ok(BranchPolicy::Fixed(InitKind::PosteriorAverage)),
+            _ => match s.parse::<InitKind>() {
+                Ok(InitKind::Random) | Err(_) => {
+                    Err(format!("unknown branch {s:?} (auto, seed or average)"))
+                }
+                Ok(kind) => Ok(BranchPolicy::Fixed(kind)),
+            },
+        }
+    }
 }
 
 /// The training settings a volunteer controls.
@@ -340,14 +358,15 @@ impl Volunteer {
         let others: Vec<_> = reg.elms.iter().filter(|e| e.domain != domain).collect();
         let average = !resuming
             && match c.branch {
-                BranchPolicy::Seed => false,
                 BranchPolicy::Auto => !others.is_empty(),
-                BranchPolicy::Average => {
+                BranchPolicy::Fixed(InitKind::Seed) => false,
+                BranchPolicy::Fixed(InitKind::PosteriorAverage) => {
                     if others.is_empty() {
                         return Err(Error::NoParents);
                     }
                     true
                 }
+                BranchPolicy::Fixed(InitKind::Random) => return Err(Error::RandomBranch),
             };
         let mut parents = Vec::new();
         if average {
@@ -611,12 +630,7 @@ fn train_blocking(job: TrainJob, stop: &Arc<AtomicBool>, events: &Events) -> Res
         save_json(&branch_path, &branch)?;
     }
     events.emit(Event::Branched {
-        init: match branch.init {
-            InitKind::Seed => "seed",
-            InitKind::PosteriorAverage => "posterior_average",
-            InitKind::Random => "random",
-        }
-        .into(),
+        init: branch.init,
         parents: branch
             .names
             .iter()

@@ -19,44 +19,70 @@ fn blob_config() -> BlobConfig {
     }
 }
 
+/// `len` pseudo-random bytes (a multiplicative hash of the position).
+fn noise(len: usize, mul: u32, shift: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(mul) >> shift) as u8)
+        .collect()
+}
+
+/// A blob store on loopback, with the identity and directory it opens again with.
+struct Store {
+    id: Identity,
+    dir: tempfile::TempDir,
+    blobs: Blobs,
+}
+
+impl Store {
+    async fn open(label: &str) -> Store {
+        let id = Identity::from_key(test_key(label));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Blobs::open(dir.path(), &id, blob_config())
+            .await
+            .expect(label);
+        Store { id, dir, blobs }
+    }
+
+    /// Closes the store and opens it again from its directory.
+    async fn reopen(mut self) -> Store {
+        self.blobs.shutdown().await;
+        self.blobs = Blobs::open(self.dir.path(), &self.id, blob_config())
+            .await
+            .expect("reopen");
+        self
+    }
+
+    fn provider(&self) -> Provider {
+        Provider::direct(self.id.node_id(), self.blobs.addrs())
+    }
+
+    /// A store holding `blob` whose data file has byte `at` altered under the same hash.
+    async fn tampered(label: &str, blob: &[u8], at: usize, xor: u8) -> Store {
+        let s = Store::open(label).await;
+        s.blobs.add_bytes(blob.to_vec()).await.expect("add");
+        s.blobs.shutdown().await;
+        let id = ContentId::of(blob);
+        let data = s.dir.path().join("data").join(format!("{id}.data"));
+        let mut bytes = std::fs::read(&data).expect("data file");
+        bytes[at] ^= xor;
+        std::fs::write(&data, bytes).expect("tamper");
+        s.reopen().await
+    }
+}
+
 /// THREATS: "weights whose bytes do not match their content id" and "a slow or stalled peer".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
-    let blob: Vec<u8> = (0..1_048_576u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
+    let blob = noise(1_048_576, 2654435761, 11);
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let (honest_id, liar_id, me_id) = (
-        Identity::from_key(test_key("honest")),
-        Identity::from_key(test_key("liar")),
-        Identity::from_key(test_key("me")),
-    );
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::open("honest").await;
+    honest.blobs.add_bytes(blob.clone()).await.expect("add");
     // The liar stores the blob, then its data file is altered under the same hash.
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
-        .await
-        .expect("liar");
-    liar.add_bytes(blob.clone()).await.expect("add");
-    liar.shutdown().await;
-    let data = dirs[1].path().join("data").join(format!("{id}.data"));
-    let mut bytes = std::fs::read(&data).expect("liar's data file");
-    bytes[600_000] ^= 0xff;
-    std::fs::write(&data, bytes).expect("tamper");
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
-        .await
-        .expect("liar again");
-
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me");
-    let liar_p = Provider::direct(liar_id.node_id(), liar.addrs());
-    let honest_p = Provider::direct(honest_id.node_id(), honest.addrs());
+    let liar = Store::tampered("liar", &blob, 600_000, 0xff).await;
+    let me = Store::open("me").await;
+    let (honest_id, liar_id) = (&honest.id, &liar.id);
+    let (liar_p, honest_p) = (liar.provider(), honest.provider());
+    let me = &me.blobs;
     let err = me
         .fetch(&id, std::slice::from_ref(&liar_p))
         .await
@@ -94,7 +120,7 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
         .expect_err("budget");
     assert!(err.to_string().contains("budget"), "{err}");
 
-    for b in [honest, liar, me] {
+    for b in [&honest.blobs, &liar.blobs, me] {
         b.shutdown().await;
     }
 }
@@ -105,51 +131,24 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_download_resumes_after_a_restart() {
     const SIZE: usize = 4 << 20;
-    let blob: Vec<u8> = (0..SIZE as u32)
-        .map(|i| (i.wrapping_mul(2246822519) >> 9) as u8)
-        .collect();
+    let blob = noise(SIZE, 2246822519, 9);
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let (honest_id, cut_id, me_id) = (
-        Identity::from_key(test_key("resume honest")),
-        Identity::from_key(test_key("resume cut")),
-        Identity::from_key(test_key("resume me")),
-    );
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::open("resume honest").await;
+    honest.blobs.add_bytes(blob.clone()).await.expect("add");
     // A provider whose copy breaks near the end: the transfer stops there, as a cut
     // connection would, after ~3.9 MB of verified data.
-    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
-        .await
-        .expect("cut");
-    cut.add_bytes(blob.clone()).await.expect("add");
-    cut.shutdown().await;
-    let data = dirs[1].path().join("data").join(format!("{id}.data"));
-    let mut bytes = std::fs::read(&data).expect("data file");
-    bytes[3_900_000] ^= 0x5a;
-    std::fs::write(&data, bytes).expect("tamper");
-    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
-        .await
-        .expect("cut again");
-
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me");
-    let cut_p = Provider::direct(cut_id.node_id(), cut.addrs());
-    me.fetch(&id, std::slice::from_ref(&cut_p))
+    let cut = Store::tampered("resume cut", &blob, 3_900_000, 0x5a).await;
+    let me = Store::open("resume me").await;
+    me.blobs
+        .fetch(&id, &[cut.provider()])
         .await
         .expect_err("cut off");
-    assert!(!me.has(&id).await);
-    me.shutdown().await;
+    assert!(!me.blobs.has(&id).await);
 
     // Restart: the verified prefix is still there.
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me restarted");
+    let me = me.reopen().await;
+    let honest_id = &honest.id;
+    let (honest, cut, me) = (&honest.blobs, &cut.blobs, &me.blobs);
     let status = me.status(&id).await.expect("status");
     assert!(
         matches!(status, iroh_blobs::api::blobs::BlobStatus::Partial { .. }),
@@ -378,19 +377,13 @@ async fn add_attacker(net: &mut Net) -> Node {
 
 async fn scores_drop(honest: &[Node], attacker: &Node) {
     let p = attacker.peer_id();
-    wait_each(
-        "the attacker's score to drop",
-        Duration::from_secs(30),
-        honest,
-        |n| async move {
-            n.client()
-                .peer_score(p)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|s| s < 0.0)
-        },
-    )
+    wait_clients("the attacker's score to drop", honest, |c| async move {
+        c.peer_score(p)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s < 0.0)
+    })
     .await;
 }
 

@@ -8,6 +8,7 @@ use btm_model::GptConfig;
 use btm_model::gpt::Gpt;
 use btm_model::tokenizer::Tokenizer;
 use btm_model::weights::{self, NamedTensor};
+use btm_net::libp2p::PeerId;
 use btm_net::verify::Verifier;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{
@@ -65,14 +66,8 @@ pub fn fixture() -> &'static Fixture {
         let t = text();
         let tok = Tokenizer::train([t.as_str()].into_iter(), 300).expect("tokenizer");
         let tokenizer = tok.json().to_vec();
-        let config = GptConfig {
-            vocab_size: tok.vocab_size(),
-            n_ctx: 32,
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 1,
-        };
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let config = btm_testkit::tiny_gpt(tok.vocab_size(), 16);
+        let device = btm_testkit::cpu();
         // A deliberately poor seed (peaked random predictions) so that a plain initialisation
         // beats it: tests need "better than the seed" without training.
         let seed_model = Gpt::init(&config, 1, &device);
@@ -164,7 +159,7 @@ impl Fixture {
         &self,
         weights: &[u8],
     ) -> Result<btm_net::verify::Measured, btm_net::verify::Failure> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let mut v = Verifier::new(&self.seed, &self.seed_weights, &self.tokenizer, device)?;
         v.measure(&self.registry(1, u64::MAX), DOMAINS[0], weights, &self.data)
     }
@@ -190,7 +185,7 @@ impl Fixture {
 
     /// Weights from the good model with `edit` applied to its tensors.
     pub fn edited_weights(&self, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> Vec<u8> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let model = weights::from_named_tensors(
             &self.config,
             weights::parse(&self.good_weights, Some(&self.config))
@@ -206,7 +201,7 @@ impl Fixture {
 
     /// Weights worse than the seed: the seed's peaked embedding, sharpened further.
     pub fn worse_weights(&self) -> Vec<u8> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let (cfg, t) = weights::parse(&self.seed_weights, Some(&self.config)).expect("seed");
         let model = weights::from_named_tensors(&cfg, t, &device).expect("model");
         weights::to_bytes(&self.config, &tensors_scaled(&model, 1.25)).expect("to_bytes")
@@ -260,47 +255,39 @@ impl Net {
     }
 }
 
+/// Waits (30 seconds at most) until `holds` is true of each node's network client.
+pub async fn wait_clients<F, Fut>(what: &str, nodes: &[Node], holds: F)
+where
+    F: Fn(btm_net::Client) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let timeout = Duration::from_secs(30);
+    wait_each(what, timeout, nodes, |n| holds(n.client().clone())).await;
+}
+
 /// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
 pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
-    for p in peers {
-        let pid = p.peer_id();
-        wait_each(
-            "gossip subscriptions",
-            Duration::from_secs(30),
-            nodes,
-            |n| async move {
-                n.client()
-                    .gossip_peers()
-                    .await
-                    .is_ok_and(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
-            },
-        )
+    for pid in peers.iter().map(Node::peer_id) {
+        let all_topics = |ps: Vec<(PeerId, usize)>| ps.contains(&(pid, 4));
+        wait_clients("gossip subscriptions", nodes, |c| async move {
+            c.gossip_peers().await.is_ok_and(all_topics)
+        })
         .await;
     }
 }
 
 /// Waits until every node trusts registry `version`.
 pub async fn wait_registry(nodes: &[Node], version: u64) {
-    wait_registry_where("the registry", Duration::from_secs(30), nodes, |r| {
-        r.version >= version
-    })
-    .await;
+    let timeout = Duration::from_secs(30);
+    wait_registry_where("the registry", timeout, nodes, |r| r.version >= version).await;
 }
 
 /// Waits until every node has a gossipsub peer on every topic (so that a publication reaches
 /// them): here, until each is connected to at least `k` peers.
 pub async fn wait_connected(nodes: &[Node], k: usize) {
-    wait_each(
-        "connections",
-        Duration::from_secs(30),
-        nodes,
-        |n| async move {
-            n.client()
-                .connected_peers()
-                .await
-                .is_ok_and(|p| p.len() >= k)
-        },
-    )
+    wait_clients("connections", nodes, |c| async move {
+        c.connected_peers().await.is_ok_and(|p| p.len() >= k)
+    })
     .await;
 }
 

@@ -6,7 +6,6 @@ use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use btm_model::GptConfig;
 use btm_model::data::{Corpus, Split};
 use btm_model::gpt::Gpt;
 use btm_model::tokenizer::Tokenizer;
@@ -64,14 +63,8 @@ pub fn fixture() -> &'static Fixture {
             .map(|d| std::fs::read_to_string(&d.train).expect("slice"))
             .collect();
         let tok = Tokenizer::train(texts.iter().map(String::as_str), 320).expect("tokenizer");
-        let config = GptConfig {
-            vocab_size: tok.vocab_size(),
-            n_ctx: 32,
-            d_model: 32,
-            n_heads: 2,
-            n_layers: 1,
-        };
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let config = btm_testkit::tiny_gpt(tok.vocab_size(), 32);
+        let device = btm_testkit::cpu();
         let seed = Gpt::init(&config, 7, &device);
         let seed_dir = dir.path().join("seed");
         std::fs::create_dir_all(&seed_dir).expect("seed dir");

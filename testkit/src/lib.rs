@@ -1,14 +1,18 @@
 //! btm-testkit: what the integration tests of btm-net (`net/tests/`) and btm-roles
-//! (`node/tests/`) share: a one-key test root, nodes on loopback with short timeouts, and waits
-//! that poll a condition instead of sleeping a fixed time. Test support only (`publish = false`);
-//! each crate's own fixtures (models, data, registries) stay in its `tests/common.rs`.
+//! (`node/tests/`) share: a one-key test root, the tiny test architecture, nodes on loopback
+//! with short timeouts, and waits that poll a condition instead of sleeping a fixed time. Test
+//! support only (`publish = false`); each crate's own fixtures (models, data, registries) stay
+//! in its `tests/common.rs`.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use btm_model::GptConfig;
+use btm_model::device::DeviceKind;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{PublicKey, Registry, Root, Signed, SigningKey};
+use burn::tensor::Device;
 
 /// The first root of a test network, encoded: `maintainer` alone (threshold 1), valid a year.
 pub fn root(maintainer: &SigningKey) -> Vec<u8> {
@@ -20,6 +24,29 @@ pub fn root(maintainer: &SigningKey) -> Vec<u8> {
     });
     root.sign(maintainer);
     root.encode()
+}
+
+/// The tiny GPT of the tests (one layer, two heads, 32 positions) for a tokenizer of
+/// `vocab_size` tokens, `d_model` wide.
+pub fn tiny_gpt(vocab_size: usize, d_model: usize) -> GptConfig {
+    GptConfig {
+        vocab_size,
+        n_ctx: 32,
+        d_model,
+        n_heads: 2,
+        n_layers: 1,
+    }
+}
+
+/// The CPU device.
+///
+/// # Panics
+/// When the CPU backend cannot start.
+pub fn cpu() -> Device {
+    match DeviceKind::Cpu.device() {
+        Ok(d) => d,
+        Err(e) => panic!("the CPU device: {e}"),
+    }
 }
 
 /// A loopback node in `dir` on the network of `root`, with timeouts short enough for tests.

@@ -538,42 +538,27 @@ impl Node {
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
         let now = now_secs();
         for d in &registry.record().domains {
-            for peer in c.providers(ProviderKey::Claimants(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else {
-                    continue;
-                };
-                let key = RecordKey::Claim {
-                    domain: d.name.clone(),
-                    node,
-                };
-                if let Some(bytes) = c.get_record(key).await?
-                    && let Decision::Accept(_) = lock(&self.inner.store)?.put_claim(&bytes, now)?
-                {
+            let domain = || d.name.clone();
+            let claim = |node| RecordKey::Claim {
+                domain: domain(),
+                node,
+            };
+            for bytes in provided_records(c, ProviderKey::Claimants(domain()), claim).await? {
+                if let Decision::Accept(_) = lock(&self.inner.store)?.put_claim(&bytes, now)? {
                     report.claims += 1;
                 }
             }
-            for peer in c.providers(ProviderKey::Trainers(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else {
-                    continue;
-                };
-                let key = RecordKey::ElmOf {
-                    domain: d.name.clone(),
-                    node,
-                };
-                if let Some(bytes) = c.get_record(key).await?
-                    && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
-                {
-                    report.elms += 1;
-                    self.enqueue(envelope, None).await;
-                }
+            let elm = |node| RecordKey::ElmOf {
+                domain: domain(),
+                node,
+            };
+            for bytes in provided_records(c, ProviderKey::Trainers(domain()), elm).await? {
+                self.enqueue_record(&bytes, &mut report).await;
             }
         }
         for accepted in &registry.record().elms {
-            if let Some(bytes) = c.get_record(RecordKey::Elm(accepted.record)).await?
-                && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
-            {
-                report.elms += 1;
-                self.enqueue(envelope, None).await;
+            if let Some(bytes) = c.get_record(RecordKey::Elm(accepted.record)).await? {
+                self.enqueue_record(&bytes, &mut report).await;
             }
         }
         Ok(report)
@@ -581,6 +566,14 @@ impl Node {
 
     async fn enqueue(&self, envelope: Signed<ElmRecord>, message: Option<(MessageId, PeerId)>) {
         enqueue(&self.inner, envelope, message).await;
+    }
+
+    /// Queues an ELM record found while catching up for verification, counting it.
+    async fn enqueue_record(&self, bytes: &[u8], report: &mut SyncReport) {
+        if let Ok(envelope) = Signed::<ElmRecord>::decode(bytes) {
+            report.elms += 1;
+            self.enqueue(envelope, None).await;
+        }
     }
 
     /// Stops the workers and the event loop, and closes the blob endpoint and store.
@@ -593,6 +586,23 @@ impl Node {
         }
         self.inner.blobs.shutdown().await;
     }
+}
+
+/// The records that the providers of `provider` keep under `key(their node id)`.
+async fn provided_records(
+    c: &Client,
+    provider: ProviderKey,
+    key: impl Fn(NodeId) -> RecordKey,
+) -> Result<Vec<Vec<u8>>, NodeError> {
+    let mut out = Vec::new();
+    for peer in c.providers(provider).await? {
+        if let Some(node) = node_id_of(&peer)
+            && let Some(bytes) = c.get_record(key(node)).await?
+        {
+            out.push(bytes);
+        }
+    }
+    Ok(out)
 }
 
 /// What [`Node::sync`] found.

@@ -112,8 +112,7 @@ impl Fields {
 
     pub(crate) fn text(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         match self.next(field)? {
-            Value::Text(s) if s.len() <= max => Ok(s),
-            Value::Text(_) => Err(DecodeError::TooLong { field, max }),
+            Value::Text(s) => at_most(s.len(), s, field, max),
             _ => Err(DecodeError::WrongType {
                 field,
                 expected: "a text string",
@@ -127,8 +126,7 @@ impl Fields {
         max: usize,
     ) -> Result<Vec<u8>, DecodeError> {
         match self.next(field)? {
-            Value::Bytes(b) if b.len() <= max => Ok(b),
-            Value::Bytes(_) => Err(DecodeError::TooLong { field, max }),
+            Value::Bytes(b) => at_most(b.len(), b, field, max),
             _ => Err(DecodeError::WrongType {
                 field,
                 expected: "a byte string",
@@ -146,6 +144,15 @@ impl Fields {
     }
 }
 
+/// `value` when its `len` is at most `max`.
+fn at_most<T>(len: usize, value: T, field: &'static str, max: usize) -> Result<T, DecodeError> {
+    if len <= max {
+        Ok(value)
+    } else {
+        Err(DecodeError::TooLong { field, max })
+    }
+}
+
 /// An array of at most `max` elements.
 pub(crate) fn array(
     value: Value,
@@ -153,8 +160,7 @@ pub(crate) fn array(
     max: usize,
 ) -> Result<Vec<Value>, DecodeError> {
     match value {
-        Value::Array(items) if items.len() <= max => Ok(items),
-        Value::Array(_) => Err(DecodeError::TooLong { field, max }),
+        Value::Array(items) => at_most(items.len(), items, field, max),
         _ => Err(DecodeError::WrongType {
             field,
             expected: "an array",

@@ -51,20 +51,24 @@ pub struct NodeConfig {
     pub identity: Option<Identity>,
 }
 
+/// Listen addresses on `ip` (an IPv4 address), random ports: TCP and QUIC.
+fn tcp_and_quic(ip: &str) -> Vec<Multiaddr> {
+    [
+        format!("/ip4/{ip}/tcp/0"),
+        format!("/ip4/{ip}/udp/0/quic-v1"),
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap_or_else(|_| Multiaddr::empty()))
+    .collect()
+}
+
 impl NodeConfig {
     /// Defaults: listen on all interfaces, random ports, TCP and QUIC; no bootstrap peers.
     pub fn new(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
         NodeConfig {
             data_dir: data_dir.into(),
             root,
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/0"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
-                "/ip4/0.0.0.0/udp/0/quic-v1"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
-            ],
+            listen: tcp_and_quic("0.0.0.0"),
             bootstrap: vec![],
             swarm: SwarmConfig::default(),
             blobs: BlobConfig::default(),
@@ -80,14 +84,7 @@ impl NodeConfig {
     /// Loopback only (tests and local demos): 127.0.0.1, random ports.
     pub fn loopback(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
         let mut c = NodeConfig::new(data_dir, root);
-        c.listen = vec![
-            "/ip4/127.0.0.1/tcp/0"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
-            "/ip4/127.0.0.1/udp/0/quic-v1"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
-        ];
+        c.listen = tcp_and_quic("127.0.0.1");
         c.blobs.bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         c
     }

@@ -343,7 +343,7 @@ async fn wait_observed(
 /// A network of a maintainer and two honest nodes, with an attacker dialled into every one.
 async fn network_with_attacker(
     tweak: impl Fn(usize, btm_net::NodeConfig) -> btm_net::NodeConfig + Copy,
-) -> (Net, Node) {
+) -> (Net, Vec<Node>, Node) {
     let mut net = Net::start_with(3, tweak).await;
     let honest = net.nodes.clone();
     wait_connected(&honest[..1], 2).await;
@@ -355,7 +355,7 @@ async fn network_with_attacker(
     }
     wait_registry(&honest, 1).await;
     let attacker = add_attacker(&mut net).await;
-    (net, attacker)
+    (net, honest, attacker)
 }
 
 /// Adds a node dialled into each of the first three (honest) nodes, with the registry and
@@ -392,8 +392,7 @@ async fn scores_drop(honest: &[Node], attacker: &Node) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let f = fixture();
-    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (mut net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let key = attacker.identity().signing_key().clone();
     let me = attacker.node_id();
 
@@ -479,8 +478,7 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn old_or_expired_registries_are_refused() {
     let f = fixture();
-    let (net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let v2 = f.signed_registry(2, now() + 86400);
     let d = honest[0].publish_registry(&v2).await.expect("v2");
     assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
@@ -571,7 +569,7 @@ async fn old_or_expired_registries_are_refused() {
 /// score penalties; an honest claim still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
-    let (net, attacker) = network_with_attacker(|_, mut c| {
+    let (net, honest, attacker) = network_with_attacker(|_, mut c| {
         c.swarm.limits.gossip_per_peer = btm_net::limits::Rate {
             burst: 64.0,
             per_sec: 4.0,
@@ -579,7 +577,6 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
         c
     })
     .await;
-    let honest = net.nodes[..3].to_vec();
     let key = attacker.identity().signing_key().clone();
     // Garbage on the ELM topic: rejected, the attacker's score falls. (Two messages: -40, under
     // the gossip threshold; a third would graylist it, and gossipsub would then drop everything
@@ -658,8 +655,7 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_root_rotation_reaches_running_and_late_nodes() {
     let f = fixture();
-    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (mut net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let new_key = test_key("btm-net rotated maintainer");
     let root_v2 = |signers: &[&btm_protocol::SigningKey], keys: Vec<btm_protocol::PublicKey>| {
         let mut r = Signed::new(Root {
@@ -803,8 +799,7 @@ async fn one_subnet_cannot_fill_the_routing_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_dependent_refusal_does_not_penalise_the_relay() {
     let f = fixture();
-    let (net, relay) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (net, honest, relay) = network_with_attacker(|_, c| c).await;
     let key = relay.identity().signing_key().clone();
     let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
     let mut c = Signed::new(Claim {

@@ -113,10 +113,7 @@ impl Fields {
     pub(crate) fn text(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         match self.next(field)? {
             Value::Text(s) => at_most(s.len(), s, field, max),
-            _ => Err(DecodeError::WrongType {
-                field,
-                expected: "a text string",
-            }),
+            _ => Err(wrong_type(field, "a text string")),
         }
     }
 
@@ -127,10 +124,7 @@ impl Fields {
     ) -> Result<Vec<u8>, DecodeError> {
         match self.next(field)? {
             Value::Bytes(b) => at_most(b.len(), b, field, max),
-            _ => Err(DecodeError::WrongType {
-                field,
-                expected: "a byte string",
-            }),
+            _ => Err(wrong_type(field, "a byte string")),
         }
     }
 
@@ -142,6 +136,11 @@ impl Fields {
     ) -> Result<Vec<Value>, DecodeError> {
         array(self.next(field)?, field, max)
     }
+}
+
+/// A value that is not of the type `field` needs.
+fn wrong_type(field: &'static str, expected: &'static str) -> DecodeError {
+    DecodeError::WrongType { field, expected }
 }
 
 /// `value` when its `len` is at most `max`.
@@ -161,20 +160,14 @@ pub(crate) fn array(
 ) -> Result<Vec<Value>, DecodeError> {
     match value {
         Value::Array(items) => at_most(items.len(), items, field, max),
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "an array",
-        }),
+        _ => Err(wrong_type(field, "an array")),
     }
 }
 
 pub(crate) fn as_u64(value: Value, field: &'static str) -> Result<u64, DecodeError> {
     match value {
         Value::Integer(i) => u64::try_from(i).map_err(|_| DecodeError::OutOfRange { field }),
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "an unsigned integer",
-        }),
+        _ => Err(wrong_type(field, "an unsigned integer")),
     }
 }
 
@@ -188,10 +181,7 @@ fn as_32(value: Value, field: &'static str) -> Result<[u8; 32], DecodeError> {
                 found,
             })
         }
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "a byte string",
-        }),
+        _ => Err(wrong_type(field, "a byte string")),
     }
 }
 

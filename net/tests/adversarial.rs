@@ -26,27 +26,44 @@ fn noise(len: usize, mul: u32, shift: u32) -> Vec<u8> {
         .collect()
 }
 
-/// A blob store on loopback, with the identity and directory it opens again with.
+/// A blob store on loopback, with the identity, directory and settings it opens again with.
 struct Store {
     id: Identity,
     dir: tempfile::TempDir,
+    config: BlobConfig,
     blobs: Blobs,
 }
 
 impl Store {
     async fn open(label: &str) -> Store {
+        Store::open_with(label, blob_config()).await
+    }
+
+    async fn open_with(label: &str, config: BlobConfig) -> Store {
         let id = Identity::from_key(test_key(label));
         let dir = tempfile::tempdir().expect("tempdir");
-        let blobs = Blobs::open(dir.path(), &id, blob_config())
+        let blobs = Blobs::open(dir.path(), &id, config.clone())
             .await
             .expect(label);
-        Store { id, dir, blobs }
+        Store {
+            id,
+            dir,
+            config,
+            blobs,
+        }
+    }
+
+    /// A store that holds `blob`.
+    async fn holding(label: &str, config: BlobConfig, blob: &[u8]) -> Store {
+        let s = Store::open_with(label, config).await;
+        s.blobs.add_bytes(blob.to_vec()).await.expect("add");
+        s
     }
 
     /// Closes the store and opens it again from its directory.
     async fn reopen(mut self) -> Store {
         self.blobs.shutdown().await;
-        self.blobs = Blobs::open(self.dir.path(), &self.id, blob_config())
+        self.blobs = Blobs::open(self.dir.path(), &self.id, self.config.clone())
             .await
             .expect("reopen");
         self
@@ -58,8 +75,7 @@ impl Store {
 
     /// A store holding `blob` whose data file has byte `at` altered under the same hash.
     async fn tampered(label: &str, blob: &[u8], at: usize, xor: u8) -> Store {
-        let s = Store::open(label).await;
-        s.blobs.add_bytes(blob.to_vec()).await.expect("add");
+        let s = Store::holding(label, blob_config(), blob).await;
         s.blobs.shutdown().await;
         let id = ContentId::of(blob);
         let data = s.dir.path().join("data").join(format!("{id}.data"));
@@ -75,8 +91,7 @@ impl Store {
 async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
     let blob = noise(1_048_576, 2654435761, 11);
     let id = ContentId::of(&blob);
-    let honest = Store::open("honest").await;
-    honest.blobs.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("honest", blob_config(), &blob).await;
     // The liar stores the blob, then its data file is altered under the same hash.
     let liar = Store::tampered("liar", &blob, 600_000, 0xff).await;
     let me = Store::open("me").await;
@@ -133,8 +148,7 @@ async fn an_interrupted_download_resumes_after_a_restart() {
     const SIZE: usize = 4 << 20;
     let blob = noise(SIZE, 2246822519, 9);
     let id = ContentId::of(&blob);
-    let honest = Store::open("resume honest").await;
-    honest.blobs.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("resume honest", blob_config(), &blob).await;
     // A provider whose copy breaks near the end: the transfer stops there, as a cut
     // connection would, after ~3.9 MB of verified data.
     let cut = Store::tampered("resume cut", &blob, 3_900_000, 0x5a).await;
@@ -201,14 +215,8 @@ async fn a_blob_is_fetched_through_a_configured_relay() {
 
     let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let provider_id = Identity::from_key(test_key("relay provider"));
-    let provider = Blobs::open(dirs[0].path(), &provider_id, with_relay())
-        .await
-        .expect("provider");
-    provider.add_bytes(blob.clone()).await.expect("add");
+    let provider = Store::holding("relay provider", with_relay(), &blob).await;
+    let (provider_id, provider) = (&provider.id, &provider.blobs);
     assert!(
         provider.wait_relay(Duration::from_secs(20)).await,
         "no home relay"
@@ -221,25 +229,15 @@ async fn a_blob_is_fetched_through_a_configured_relay() {
     };
 
     // Without relays configured, a relay-only provider is unreachable.
-    let direct_only = Blobs::open(
-        dirs[1].path(),
-        &Identity::from_key(test_key("relay none")),
-        blob_config(),
-    )
-    .await
-    .expect("direct only");
+    let direct_only = Store::open("relay none").await;
+    let direct_only = &direct_only.blobs;
     direct_only
         .fetch(&id, std::slice::from_ref(&via_relay))
         .await
         .expect_err("relays are disabled");
 
-    let me = Blobs::open(
-        dirs[2].path(),
-        &Identity::from_key(test_key("relay me")),
-        with_relay(),
-    )
-    .await
-    .expect("me");
+    let me = Store::open_with("relay me", with_relay()).await;
+    let me = &me.blobs;
     let fetched = me
         .fetch(&id, std::slice::from_ref(&via_relay))
         .await
@@ -270,14 +268,8 @@ impl iroh::protocol::ProtocolHandler for Stall {
 async fn a_stalled_provider_times_out_and_another_is_tried() {
     let blob = vec![7u8; 100_000];
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let honest_id = Identity::from_key(test_key("honest 2"));
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("honest 2", blob_config(), &blob).await;
+    let (honest_id, honest) = (&honest.id, &honest.blobs);
     let stall_id = Identity::from_key(test_key("staller"));
     let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .secret_key(stall_id.iroh_secret())
@@ -292,13 +284,8 @@ async fn a_stalled_provider_times_out_and_another_is_tried() {
     let router = iroh::protocol::Router::builder(ep)
         .accept(iroh_blobs::ALPN, Stall)
         .spawn();
-    let me = Blobs::open(
-        dirs[1].path(),
-        &Identity::from_key(test_key("me 2")),
-        blob_config(),
-    )
-    .await
-    .expect("me");
+    let me = Store::open("me 2").await;
+    let me = &me.blobs;
     let started = std::time::Instant::now();
     let fetched = me
         .fetch(
@@ -522,29 +509,16 @@ async fn old_or_expired_registries_are_refused() {
         .put_record_raw(key, v1)
         .await
         .expect("put");
+    let version = |bytes: &[u8]| {
+        let registry = Signed::<btm_protocol::Registry>::decode(bytes).expect("decode");
+        registry.record().version
+    };
     for n in &honest {
-        assert_eq!(
-            n.registry()
-                .await
-                .expect("registry")
-                .expect("some")
-                .record()
-                .version,
-            2
-        );
-        let held = n
-            .client()
-            .local_record(RecordKey::Registry)
-            .await
-            .expect("local");
-        if let Some(h) = held {
-            assert_eq!(
-                Signed::<btm_protocol::Registry>::decode(&h)
-                    .expect("decode")
-                    .record()
-                    .version,
-                2
-            );
+        let trusted = n.registry().await.expect("registry").expect("some");
+        assert_eq!(trusted.record().version, 2);
+        let held = n.client().local_record(RecordKey::Registry).await;
+        if let Some(h) = held.expect("local") {
+            assert_eq!(version(&h), 2);
         }
         // A lookup validates every result and returns the newest valid one.
         let got = n

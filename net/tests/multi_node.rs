@@ -266,7 +266,7 @@ async fn nodes_that_dial_each_other_at_once_stay_connected() {
 }
 
 /// Two nodes that bootstrap from no one, each in a new directory, with `tweak` applied to their
-/// configs; returned as soon as they start.
+/// configs; returned once each reports an address for every listener.
 async fn two_lone_nodes(
     tweak: impl Fn(&mut btm_net::NodeConfig),
 ) -> (Vec<tempfile::TempDir>, Vec<btm_net::Node>) {
@@ -278,7 +278,15 @@ async fn two_lone_nodes(
         let mut c = config(d.path());
         c.bootstrap.clear();
         tweak(&mut c);
-        nodes.push(btm_net::Node::start(c).await.expect("start"));
+        let listeners = c.listen.len();
+        let node = btm_net::Node::start(c).await.expect("start");
+        let n = node.clone();
+        wait_for("listen addresses", Duration::from_secs(10), move || {
+            let n = n.clone();
+            async move { n.listen_addrs().await.is_ok_and(|a| a.len() >= listeners) }
+        })
+        .await;
+        nodes.push(node);
     }
     (dirs, nodes)
 }

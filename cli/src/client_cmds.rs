@@ -25,9 +25,11 @@ use btm_roles::{Client, ClientConfig, Events, FetchRequest, Listing, Stop};
 use clap::Args;
 use serde::Serialize;
 
-use crate::forest_cmds::{self, PALETTE};
 use crate::net::{self, ConfigFile, NetArgs, NodeSettings, Say, short};
+use crate::open::open_with_elms;
+use crate::plot::{self, PALETTE};
 use crate::report::Reporter;
+use crate::table::{left, line, num, right};
 
 // ---- forest list -------------------------------------------------------------------------
 
@@ -78,10 +80,25 @@ fn print_listing(l: &Listing, me: &str) {
             / 3600,
         &seed[..seed.len().min(8)]
     );
-    println!(
-        "{:<20} {:<22} {:<9} {:<9} {:>9} {:<5} {:<8} verified by (+ accept, - reject)",
-        "domain", "claims (lease left)", "ELM", "trainer", "claimed", "reg", "here"
-    );
+    let cols = [
+        left(20),
+        left(22),
+        left(9),
+        left(9),
+        right(9),
+        left(5),
+        left(8),
+    ];
+    let head = [
+        "domain",
+        "claims (lease left)",
+        "ELM",
+        "trainer",
+        "claimed",
+        "reg",
+        "here",
+    ];
+    println!("{} verified by (+ accept, - reject)", line(&cols, &head));
     for d in &l.domains {
         let claims = d
             .claims
@@ -90,7 +107,7 @@ fn print_listing(l: &Listing, me: &str) {
             .collect::<Vec<_>>()
             .join(",");
         if d.elms.is_empty() {
-            println!("{:<20} {:<22} {:<9}", d.name, claims, "-");
+            println!("{}", line(&cols, &[&d.name, &claims, "-"]));
         }
         for (i, e) in d.elms.iter().enumerate() {
             let by = e
@@ -106,21 +123,20 @@ fn print_listing(l: &Listing, me: &str) {
                 })
                 .collect::<Vec<_>>()
                 .join(" ");
-            println!(
-                "{:<20} {:<22} {:<9} {:<9} {:>9.2} {:<5} {:<8} {}",
+            let cells = [
                 if i == 0 { d.name.as_str() } else { "" },
                 if i == 0 { claims.as_str() } else { "" },
-                short(&e.id.0),
-                short(e.trainer.as_bytes()),
-                e.claimed_ppl,
+                &short(&e.id.0),
+                &short(e.trainer.as_bytes()),
+                &num(e.claimed_ppl, 2),
                 if e.in_registry { "yes" } else { "no" },
                 match e.verified_here {
                     Some(true) => "ok",
                     Some(false) => "REJECTED",
                     None => "pending",
                 },
-                by
-            );
+            ];
+            println!("{} {by}", line(&cols, &cells));
         }
     }
 }
@@ -190,24 +206,24 @@ pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
             }
-            println!(
-                "{:<24} {:<9} {:>10} {:>10} {:>9}  here",
-                "ELM", "record", "claimed", "measured", "accepts"
-            );
+            let cols = [left(24), left(9), right(10), right(10), right(9)];
+            let head = ["ELM", "record", "claimed", "measured", "accepts"];
+            println!("{}  here", line(&cols, &head));
             for r in &rows {
-                println!(
-                    "{:<24} {:<9} {:>10.2} {:>10} {:>9}  {}",
-                    r.name,
-                    short(&r.id.0),
-                    r.claimed_ppl,
-                    r.measured_ppl.map_or("-".into(), |p| format!("{p:.2}")),
-                    r.verifiers,
-                    match r.verified_here {
-                        Some(true) => "verified",
-                        Some(false) => "REJECTED (--unverified)",
-                        None => "unverified (--unverified)",
-                    }
-                );
+                let here = match r.verified_here {
+                    Some(true) => "verified",
+                    Some(false) => "REJECTED (--unverified)",
+                    None => "unverified (--unverified)",
+                };
+                let measured = r.measured_ppl.map_or("-".into(), |p| num(p, 2));
+                let cells = [
+                    r.name.as_str(),
+                    &short(&r.id.0),
+                    &num(r.claimed_ppl, 2),
+                    &measured,
+                    &r.verifiers.to_string(),
+                ];
+                println!("{}  {here}", line(&cols, &cells));
             }
             println!(
                 "forest of {} ELMs written to {}",
@@ -272,7 +288,7 @@ pub struct ForestReport {
 }
 
 pub fn report(a: ReportArgs, json: bool) -> Result<()> {
-    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
+    let (forest, tok) = open_with_elms(&a.forest)?;
     let device = a.device.device()?;
     let corpus = match &a.corpus {
         Some(c) => Corpus::new(c),
@@ -453,7 +469,7 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
     let py = |v: f64| y0 + ph - ((v / ymax) * ph as f64) as i32;
     let axis = ShapeStyle::from(&BLACK).stroke_width(1);
     let _ = root.draw(&Rectangle::new([(x0, y0), (x0 + pw, y0 + ph)], axis));
-    forest_cmds::text(
+    plot::text(
         &root,
         &format!("perplexity per domain ({} split, lower is better)", r.split),
         20,
@@ -464,7 +480,7 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
         let v = ymax * i as f64 / 4.0;
         let y = py(v);
         let _ = root.draw(&PathElement::new(vec![(x0 - 4, y), (x0, y)], axis));
-        forest_cmds::text(&root, &format!("{v:.0}"), x0 - 60, y - 4, &BLACK);
+        plot::text(&root, &format!("{v:.0}"), x0 - 60, y - 4, &BLACK);
     }
     let group = pw / n as i32;
     let bar = (group - 20) / series.len() as i32;
@@ -487,7 +503,7 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
             .chars()
             .take((group / 8).max(4) as usize)
             .collect();
-        forest_cmds::text(&root, &name, gx, y0 + ph + 8, &BLACK);
+        plot::text(&root, &name, gx, y0 + ph + 8, &BLACK);
     }
     for (k, s) in series.iter().enumerate() {
         let (x, y) = (
@@ -496,7 +512,7 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
         );
         let color = PALETTE[k % PALETTE.len()];
         let _ = root.draw(&Rectangle::new([(x, y), (x + 12, y + 8)], color.filled()));
-        forest_cmds::text(&root, s, x + 18, y, &BLACK);
+        plot::text(&root, s, x + 18, y, &BLACK);
     }
     root.present()
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
@@ -579,7 +595,7 @@ struct Scored {
 }
 
 pub fn ensemble(a: EnsembleArgs, json: bool) -> Result<()> {
-    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
+    let (forest, tok) = open_with_elms(&a.forest)?;
     let device = a.device.device()?;
     let text = input_text(&a.text, &a.file)?;
     let mut tokens = vec![btm_model::tokenizer::EOT_ID];
@@ -681,7 +697,7 @@ pub struct AverageArgs {
 }
 
 pub fn average(a: AverageArgs, json: bool) -> Result<()> {
-    let (forest, tok) = forest_cmds::open_with_elms(&a.forest)?;
+    let (forest, tok) = open_with_elms(&a.forest)?;
     let targeted = a.target_text.is_some() || a.target_file.is_some();
     let prior = if targeted {
         let text = input_text(&a.target_text, &a.target_file)?;

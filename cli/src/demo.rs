@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::client_cmds::{ForestReport, report_markdown};
 use crate::net::{NetworkFile, Status, StatusFile};
+use crate::table::{left, line, num, right};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -259,7 +260,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     btm_model::fsutil::write_atomic(&root_path, &root.encode())?;
     say(&format!(
         "maintainer key {} and the network root written to {}",
-        &crate::net::to_hex(&PublicKey::of(&key).0)[..8],
+        &PublicKey::of(&key).to_string()[..8],
         dir.display()
     ));
 
@@ -560,20 +561,18 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     println!();
-    println!(
-        "{:<14} {:<22} {:<9} {:>9} {:>9}  verified by",
-        "volunteer", "domain", "ELM", "ppl", "seed ppl"
-    );
+    let cols = [left(14), left(22), left(9), right(9), right(9)];
+    let head = ["volunteer", "domain", "ELM", "ppl", "seed ppl"];
+    println!("{}  verified by", line(&cols, &head));
     for v in &result.volunteers {
-        println!(
-            "{:<14} {:<22} {:<9} {:>9.2} {:>9.2}  {}",
-            v.name,
+        let cells = [
+            v.name.as_str(),
             v.domain.as_deref().unwrap_or("-"),
             v.elm.as_deref().map_or("-", |e| &e[..8]),
-            v.claimed_ppl.unwrap_or(f64::NAN),
-            v.seed_ppl.unwrap_or(f64::NAN),
-            v.verified_by.join(", ")
-        );
+            &num(v.claimed_ppl.unwrap_or(f64::NAN), 2),
+            &num(v.seed_ppl.unwrap_or(f64::NAN), 2),
+        ];
+        println!("{}  {}", line(&cols, &cells), v.verified_by.join(", "));
     }
     println!();
     println!("{}", report_markdown(&result.report));

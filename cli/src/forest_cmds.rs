@@ -1,40 +1,29 @@
 //! `forest ...` and `experiment`: Branch-Train-Merge over a forest of ELMs (argument parsing,
 //! printing and the plot; the work is in `btm_model::forest`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use btm_model::data::{self, Corpus, Split};
 use btm_model::device::DeviceKind;
-use btm_model::experiment::{self, Report};
+use btm_model::experiment;
+use btm_model::forest::Forest;
 use btm_model::forest::average;
 use btm_model::forest::branch::OptimizerInit;
 use btm_model::forest::ensemble::{self, Ensemble};
 use btm_model::forest::manifest::{InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
-use btm_model::forest::{Forest, manifest};
 use btm_model::tokenizer::Tokenizer;
 use btm_model::{Preset, eval, weights};
 use clap::{Args, Subcommand};
 
 use crate::model_cmds::{TrainBar, model_files};
+use crate::open::{open, tokenizer_of};
+use crate::plot::plot;
 use crate::sampling::GenerationArgs;
 
 fn corpus(arg: &Option<PathBuf>) -> Corpus {
     arg.as_ref().map_or_else(Corpus::bundled, Corpus::new)
-}
-
-fn manifest_path(p: &Path) -> PathBuf {
-    if p.is_dir() {
-        p.join(manifest::MANIFEST_FILE)
-    } else {
-        p.to_path_buf()
-    }
-}
-
-pub(crate) fn open(p: &Path) -> Result<Forest> {
-    let path = manifest_path(p);
-    Forest::open(&path).with_context(|| format!("opening the forest {}", path.display()))
 }
 
 /// Up to `max_tokens` tokens of a domain's split.
@@ -214,20 +203,6 @@ pub struct AverageArgs {
     /// Output weights file.
     #[arg(long)]
     out: PathBuf,
-}
-
-fn tokenizer_of(forest: &Forest) -> Result<Tokenizer> {
-    Ok(Tokenizer::load(&forest.resolve(&forest.tokenizer))?)
-}
-
-/// Opens a forest that has at least one ELM, with its tokenizer.
-pub(crate) fn open_with_elms(p: &Path) -> Result<(Forest, Tokenizer)> {
-    let forest = open(p)?;
-    if forest.elms.is_empty() {
-        bail!("the forest has no ELMs");
-    }
-    let tok = tokenizer_of(&forest)?;
-    Ok((forest, tok))
 }
 
 /// Opens the options' forest with its tokenizer and the prior they ask for.
@@ -580,197 +555,5 @@ pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
             png.display()
         );
     }
-    Ok(())
-}
-
-// ---- The plot: perplexity against training FLOPs, drawn with plotters' bitmap backend and an
-// ---- 8x8 bitmap font (font8x8), so no system fonts are needed.
-
-use plotters::prelude::*;
-
-pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
-
-pub(crate) fn text(area: &Area, s: &str, x: i32, y: i32, color: &RGBColor) {
-    for (k, ch) in s.chars().enumerate() {
-        let code = ch as usize;
-        let glyph = if code < 128 {
-            font8x8::legacy::BASIC_LEGACY[code]
-        } else {
-            font8x8::legacy::BASIC_LEGACY[b'?' as usize]
-        };
-        for (row, bits) in glyph.iter().enumerate() {
-            for col in 0..8 {
-                if bits & (1 << col) != 0 {
-                    let _ = area.draw_pixel((x + 8 * k as i32 + col, y + row as i32), color);
-                }
-            }
-        }
-    }
-}
-
-pub(crate) const PALETTE: [RGBColor; 10] = [
-    RGBColor(0, 0, 0),
-    RGBColor(220, 50, 32),
-    RGBColor(0, 114, 178),
-    RGBColor(0, 158, 115),
-    RGBColor(230, 159, 0),
-    RGBColor(204, 121, 167),
-    RGBColor(86, 180, 233),
-    RGBColor(120, 120, 120),
-    RGBColor(140, 80, 20),
-    RGBColor(90, 0, 160),
-];
-
-/// Draws `results.png`: mean in-domain and out-of-domain perplexity against training FLOPs.
-pub fn plot(r: &Report, path: &Path) -> Result<()> {
-    let (w, h) = (1100u32, 620u32);
-    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
-    root.fill(&WHITE)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    // Curves: dense learning curve; btm (seed -> forest). Points: every final system.
-    let shown: Vec<&experiment::SystemResult> = r
-        .systems
-        .iter()
-        .filter(|s| {
-            [
-                "dense",
-                "seed",
-                "btm_ensemble",
-                "btm_ensemble_topk",
-                "btm_average_posterior",
-                "btm_average_uniform",
-                "random_split_ensemble",
-                "no_seed_ensemble",
-                "no_seed_average_posterior",
-                "demix",
-            ]
-            .contains(&s.name.as_str())
-        })
-        .collect();
-    let xmax = r
-        .curves
-        .iter()
-        .map(|c| c.flops)
-        .chain(shown.iter().map(|s| s.train_flops))
-        .fold(0.0, f64::max)
-        * 1.05;
-    text(
-        &root,
-        &format!(
-            "BTM vs compute-matched baselines ({} params, {} updates)",
-            r.params, r.plan.dense_steps
-        ),
-        20,
-        8,
-        &BLACK,
-    );
-    for (panel, title) in [
-        (0usize, "in-domain (8 training domains)"),
-        (1, "out-of-domain (4 eval-only domains)"),
-    ] {
-        let x0 = 70 + panel as i32 * 540;
-        let (pw, ph, y0) = (440i32, 380i32, 40i32);
-        let val = |s: &experiment::SystemResult| if panel == 0 { s.mean_in } else { s.mean_out };
-        let cval = |c: &experiment::CurvePoint| if panel == 0 { c.mean_in } else { c.mean_out };
-        let ys: Vec<f64> = shown
-            .iter()
-            .map(|s| val(s))
-            .chain(r.curves.iter().map(cval))
-            .filter(|v| v.is_finite())
-            .collect();
-        let (mut ymin, mut ymax) = (
-            ys.iter().copied().fold(f64::INFINITY, f64::min),
-            ys.iter().copied().fold(0.0, f64::max),
-        );
-        if !(ymin.is_finite() && ymax > ymin) {
-            ymin = 0.0;
-            ymax = 1.0;
-        }
-        let pad = 0.06 * (ymax - ymin);
-        let (ymin, ymax) = (ymin - pad, ymax + pad);
-        let px = |x: f64| x0 + ((x / xmax.max(1e-9)) * pw as f64) as i32;
-        let py = |y: f64| y0 + ph - (((y - ymin) / (ymax - ymin)) * ph as f64) as i32;
-        let axis = ShapeStyle::from(&BLACK).stroke_width(1);
-        let _ = root.draw(&Rectangle::new([(x0, y0), (x0 + pw, y0 + ph)], axis));
-        text(&root, title, x0 + 10, y0 - 14, &BLACK);
-        for i in 0..=4 {
-            let yv = ymin + (ymax - ymin) * i as f64 / 4.0;
-            let y = py(yv);
-            let _ = root.draw(&PathElement::new(vec![(x0 - 4, y), (x0, y)], axis));
-            text(&root, &format!("{yv:.1}"), x0 - 60, y - 4, &BLACK);
-            let xv = xmax * i as f64 / 4.0;
-            let x = px(xv);
-            let _ = root.draw(&PathElement::new(
-                vec![(x, y0 + ph), (x, y0 + ph + 4)],
-                axis,
-            ));
-            text(&root, &format!("{xv:.1e}"), x - 28, y0 + ph + 8, &BLACK);
-        }
-        text(
-            &root,
-            "training FLOPs",
-            x0 + pw / 2 - 56,
-            y0 + ph + 22,
-            &BLACK,
-        );
-        text(&root, "ppl", x0 - 60, y0 - 14, &BLACK);
-        for (k, sys) in ["dense", "btm"].iter().enumerate() {
-            let pts: Vec<(i32, i32)> = r
-                .curves
-                .iter()
-                .filter(|c| c.system == *sys)
-                .map(|c| (px(c.flops), py(cval(c))))
-                .collect();
-            let color = PALETTE[k];
-            let _ = root.draw(&PathElement::new(
-                pts.clone(),
-                ShapeStyle::from(&color).stroke_width(2),
-            ));
-            for p in pts {
-                let _ = root.draw(&Circle::new(p, 3, color.filled()));
-            }
-        }
-        for (k, s) in shown.iter().enumerate() {
-            let color = PALETTE[k % PALETTE.len()];
-            let v = val(s);
-            if v.is_finite() {
-                let _ = root.draw(&Circle::new(
-                    (px(s.train_flops), py(v)),
-                    5,
-                    ShapeStyle::from(&color).stroke_width(2),
-                ));
-            }
-        }
-    }
-    // Legend: one line per system with its colour and both means.
-    for (k, s) in shown.iter().enumerate() {
-        let color = PALETTE[k % PALETTE.len()];
-        let (col, row) = (k / 5, k % 5);
-        let (x, y) = (70 + col as i32 * 540, 480 + row as i32 * 22);
-        let _ = root.draw(&Circle::new(
-            (x + 4, y + 4),
-            5,
-            ShapeStyle::from(&color).stroke_width(2),
-        ));
-        text(
-            &root,
-            &format!(
-                "{:<26} in {:>8.2}  out {:>8.2}",
-                s.name, s.mean_in, s.mean_out
-            ),
-            x + 16,
-            y,
-            &color,
-        );
-    }
-    text(
-        &root,
-        "lines: dense learning curve (black), seed -> BTM ensemble (red)",
-        20,
-        h as i32 - 14,
-        &BLACK,
-    );
-    root.present()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }

@@ -4,22 +4,10 @@
 use anyhow::Result;
 use btm_model::device::DeviceKind;
 use btm_roles::{BranchPolicy, TrainSettings, Volunteer, VolunteerConfig};
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::net::{self, ConfigFile, NetArgs, NodeSettings, short};
 use crate::report::Reporter;
-
-/// How a new ELM is initialised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BranchArg {
-    /// The posterior-weighted average of the registry's accepted ELMs when it lists any on other
-    /// domains, else the seed.
-    Auto,
-    /// A copy of the seed.
-    Seed,
-    /// The posterior-weighted average of the registry's accepted ELMs (an error if there are none).
-    Average,
-}
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -44,9 +32,11 @@ pub struct JoinArgs {
     /// Checkpoint every this many updates.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// How to branch: auto, seed or average.
+    /// How to branch: auto (the posterior-weighted average of the registry's accepted ELMs on
+    /// other domains when it lists any, else the seed), seed, or average (an error without
+    /// accepted ELMs).
     #[arg(long, default_value = "auto")]
-    pub branch: BranchArg,
+    pub branch: BranchPolicy,
     /// ELMs averaged when branching from an average (the largest posterior weights).
     #[arg(long, default_value_t = 3)]
     pub branch_top_k: usize,
@@ -87,11 +77,7 @@ fn volunteer_config(
                 .unwrap_or(d.checkpoint_every),
             seed: t.seed.unwrap_or(d.seed),
         },
-        branch: match a.branch {
-            BranchArg::Auto => BranchPolicy::Auto,
-            BranchArg::Seed => BranchPolicy::Seed,
-            BranchArg::Average => BranchPolicy::Average,
-        },
+        branch: a.branch,
         branch_top_k: a.branch_top_k,
         lease_secs: settings.lease_secs.unwrap_or(15 * 60),
         wait_registry: settings.wait_registry,

@@ -11,9 +11,12 @@ mod join;
 mod maintainer;
 mod model_cmds;
 mod net;
+mod open;
+mod plot;
 mod publish;
 mod report;
 mod sampling;
+mod table;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

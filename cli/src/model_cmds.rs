@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::sampling::GenerationArgs;
+use crate::table::{left, line, num, right};
 
 /// Where a model lives: a directory with `model.safetensors` and `tokenizer.json`, or a
 /// weights file plus `--tokenizer` (default: `tokenizer.json` beside it).
@@ -336,15 +337,17 @@ pub fn train(a: TrainArgs, json: bool) -> Result<()> {
             "\ntrained {} updates, {} tokens, {:.2e} FLOPs in {:.0}s ({:.0} tokens/s)",
             summary.steps, summary.tokens, summary.flops, secs, summary.tokens_per_s
         );
-        println!("{:<12} {:>10} {:>10} {:>8}", "valid", "loss", "ppl", "bpb");
-        println!(
-            "{:<12} {:>10.4} {:>10.2} {:>8.4}",
-            "before", before.loss, before.perplexity, before.bits_per_byte
-        );
-        println!(
-            "{:<12} {:>10.4} {:>10.2} {:>8.4}",
-            "after", after.loss, after.perplexity, after.bits_per_byte
-        );
+        let cols = [left(12), right(10), right(10), right(8)];
+        println!("{}", line(&cols, &["valid", "loss", "ppl", "bpb"]));
+        for (what, r) in [("before", &before), ("after", &after)] {
+            let cells = [
+                what,
+                &num(r.loss, 4),
+                &num(r.perplexity, 2),
+                &num(r.bits_per_byte, 4),
+            ];
+            println!("{}", line(&cols, &cells));
+        }
         println!(
             "weights: {} (blake3 {})",
             summary.weights.display(),
@@ -451,15 +454,20 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
+        let cols = [left(20), right(8), right(10), right(10), right(8)];
         println!(
-            "{:<20} {:>8} {:>10} {:>10} {:>8}",
-            "domain", "split", "tokens", "ppl", "bpb"
+            "{}",
+            line(&cols, &["domain", "split", "tokens", "ppl", "bpb"])
         );
         for r in &rows {
-            println!(
-                "{:<20} {:>8} {:>10} {:>10.2} {:>8.4}",
-                r.domain, r.split, r.result.tokens, r.result.perplexity, r.result.bits_per_byte
-            );
+            let cells = [
+                r.domain.as_str(),
+                &r.split.to_string(),
+                &r.result.tokens.to_string(),
+                &num(r.result.perplexity, 2),
+                &num(r.result.bits_per_byte, 4),
+            ];
+            println!("{}", line(&cols, &cells));
         }
     }
     Ok(())

@@ -180,25 +180,6 @@ impl NetworkFile {
     }
 }
 
-/// Hex decoding (lowercase or uppercase).
-pub fn from_hex(s: &str) -> Result<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) {
-        bail!("odd number of hex digits");
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16)
-                .map_err(|_| anyhow::anyhow!("not hex"))
-        })
-        .collect()
-}
-
-pub fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Settings of a node, resolved from flags, config and network file.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -253,7 +234,7 @@ impl NodeSettings {
         };
         let root = match (&root_path, &network) {
             (Some(p), _) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            (None, Some(n)) => from_hex(&n.root).context("the network file's root")?,
+            (None, Some(n)) => hex::decode(n.root.trim()).context("the network file's root")?,
             (None, None) => bail!("no root: pass --root or --network"),
         };
         let mut bootstrap = parse_addrs(&a.bootstrap, "--bootstrap")?;
@@ -445,7 +426,7 @@ impl StatusFile {
             path: data_dir.join("status.json"),
             status: Arc::new(Mutex::new(Status {
                 role: role.into(),
-                node: to_hex(node),
+                node: hex::encode(node),
                 ..Status::default()
             })),
         };

@@ -152,7 +152,7 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
             if let Some(out) = &a.network_out {
                 NetworkFile {
                     name: "btm network".into(),
-                    root: net::to_hex(&settings.root),
+                    root: hex::encode(&settings.root),
                     bootstrap: addrs.iter().map(ToString::to_string).collect(),
                 }
                 .save(out)?;

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use btm_roles::{Event, Events, Phase};
+use btm_roles::{Event, Events, InitKind, Phase};
 
 use crate::net::{Say, StatusFile, short};
 
@@ -155,10 +155,10 @@ impl Reporter {
                 self.line(format!("fetching the {what} ({})", short(&id.0)))
             }
             Event::Branched { init, parents } => {
-                let how = match init.as_str() {
-                    "seed" => "from the seed",
-                    "posterior_average" => "from the posterior-weighted average",
-                    _ => "from a random initialisation",
+                let how = match init {
+                    InitKind::Seed => "from the seed",
+                    InitKind::PosteriorAverage => "from the posterior-weighted average",
+                    InitKind::Random => "from a random initialisation",
                 };
                 let desc = format!("{how} ({})", weighted_names(parents));
                 self.line(format!("branching {desc}"));

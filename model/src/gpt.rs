@@ -198,7 +198,7 @@ impl Gpt {
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let wte = self.wte.weight.val();
-        let pos = self.wpe.weight.val().slice([0..t]).unsqueeze::<3>();
+        let pos = self.wpe.weight.val().slice(0..t).unsqueeze::<3>();
         let mut x = embedding(wte.clone(), tokens) + pos;
         for block in &self.h {
             x = block.forward(x, self.n_heads);

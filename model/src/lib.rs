@@ -12,6 +12,9 @@
 //! assert_eq!(model.config().n_layers, 3);
 //! ```
 
+// Unit tests may unwrap: a panic there is a failed test, not a crash on untrusted input.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench;
 pub mod config;
 pub mod data;

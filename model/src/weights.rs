@@ -71,10 +71,12 @@ impl From<format::Tensor<'_>> for NamedTensor {
     }
 }
 
-/// Collects parameters with their dotted module path.
+/// Collects parameters with their dotted module path: their shapes, and their values unless
+/// only the shapes are wanted.
 #[derive(Default)]
 struct Collector {
     path: Vec<String>,
+    shapes_only: bool,
     out: Vec<NamedTensor>,
 }
 
@@ -88,13 +90,19 @@ impl ModuleVisitor for Collector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let tensor = param.val();
-        let shape = tensor.dims().to_vec();
-        let values = tensor
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap_or_else(|e| unreachable!("converted to f32 above: {e:?}"));
+        let (shape, values) = if self.shapes_only {
+            let dims: [usize; D] = param.lazy_shape().dims();
+            (dims.to_vec(), Vec::new())
+        } else {
+            let tensor = param.val();
+            let shape = tensor.dims().to_vec();
+            let values = tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_else(|e| unreachable!("converted to f32 above: {e:?}"));
+            (shape, values)
+        };
         self.out.push(NamedTensor {
             name: self.path.join("."),
             shape,
@@ -161,6 +169,13 @@ pub fn from_named_tensors(
     device: &Device,
 ) -> Result<Gpt, Error> {
     config.validate()?;
+    let by_name = by_name(tensors)?;
+    check_tensors(config, &by_name)?;
+    Ok(load_into(Gpt::init(config, 0, device), by_name, device))
+}
+
+/// The tensors by name; a name may appear once.
+fn by_name(tensors: Vec<NamedTensor>) -> Result<HashMap<String, NamedTensor>, Error> {
     let mut by_name: HashMap<String, NamedTensor> = HashMap::new();
     for t in tensors {
         if by_name.contains_key(&t.name) {
@@ -168,44 +183,27 @@ pub fn from_named_tensors(
         }
         by_name.insert(t.name.clone(), t);
     }
-    check_tensors(config, &by_name)?;
-    let skeleton = Gpt::init(config, 0, device);
-    let mut loader = Loader {
+    Ok(by_name)
+}
+
+/// `skeleton` with every parameter replaced by the tensor of its name (checked beforehand).
+fn load_into<M: Module>(skeleton: M, tensors: HashMap<String, NamedTensor>, device: &Device) -> M {
+    skeleton.map(&mut Loader {
         path: Vec::new(),
-        tensors: by_name,
+        tensors,
         device: device.clone(),
-    };
-    Ok(skeleton.map(&mut loader))
-}
-
-/// Every parameter of a module with its dotted name and shape, in visiting order.
-#[derive(Default)]
-struct ShapeCollector {
-    path: Vec<String>,
-    out: Vec<(String, Vec<usize>)>,
-}
-
-impl ModuleVisitor for ShapeCollector {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let dims: [usize; D] = param.lazy_shape().dims();
-        self.out.push((self.path.join("."), dims.to_vec()));
-    }
+    })
 }
 
 /// Every parameter name of a module (dotted field path, as [`module_tensors`] writes it) with
 /// its shape, in visiting order.
 pub fn module_shapes<M: Module>(model: &M) -> Vec<(String, Vec<usize>)> {
-    let mut c = ShapeCollector::default();
+    let mut c = Collector {
+        shapes_only: true,
+        ..Collector::default()
+    };
     model.visit(&mut c);
-    c.out
+    c.out.into_iter().map(|t| (t.name, t.shape)).collect()
 }
 
 /// Replaces every parameter of `skeleton` (any module, e.g. [`crate::demix::Demix`]) by the
@@ -216,20 +214,9 @@ pub fn load_named<M: Module>(
     tensors: Vec<NamedTensor>,
     device: &Device,
 ) -> Result<M, Error> {
-    let mut by_name: HashMap<String, NamedTensor> = HashMap::new();
-    for t in tensors {
-        if by_name.contains_key(&t.name) {
-            return Err(Error::Weights(format!("tensor {:?} appears twice", t.name)));
-        }
-        by_name.insert(t.name.clone(), t);
-    }
+    let by_name = by_name(tensors)?;
     check_against(&module_shapes(&skeleton), &by_name)?;
-    let mut loader = Loader {
-        path: Vec::new(),
-        tensors: by_name,
-        device: device.clone(),
-    };
-    Ok(skeleton.map(&mut loader))
+    Ok(load_into(skeleton, by_name, device))
 }
 
 fn check_tensors(config: &GptConfig, by_name: &HashMap<String, NamedTensor>) -> Result<(), Error> {

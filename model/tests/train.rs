@@ -137,12 +137,12 @@ fn a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends() {
     let mut child = spawn_child(dir.path());
     let deadline = Instant::now() + Duration::from_secs(600);
     let killed_at = loop {
-        if let Ok(t) = Trainer::<Gpt>::resume(&ckpt, &cpu()) {
-            if t.state.step >= 10 {
-                child.kill().unwrap(); // SIGKILL on Unix
-                child.wait().unwrap();
-                break t.state.step;
-            }
+        if let Ok(t) = Trainer::<Gpt>::resume(&ckpt, &cpu())
+            && t.state.step >= 10
+        {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            break t.state.step;
         }
         assert!(
             child.try_wait().unwrap().is_none(),

@@ -102,6 +102,13 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     s.parse::<ContentId>().ok().map(|c| c.0)
 }
 
+/// The `/`-separated parts of a key of this network after its prefix; `None` for a key of
+/// another network or not UTF-8.
+fn parts_of<'a>(net: &NetworkId, bytes: &'a [u8]) -> Option<Vec<&'a str>> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    Some(s.strip_prefix(&net.prefix())?.split('/').collect())
+}
+
 fn domain_ok(d: &str) -> Option<String> {
     check_domain_name(d, "key.domain")
         .ok()
@@ -131,10 +138,7 @@ impl RecordKey {
 
     /// Parses key bytes of this network; `None` for anything else (such records are refused).
     pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<RecordKey> {
-        let s = std::str::from_utf8(bytes).ok()?;
-        let rest = s.strip_prefix(&net.prefix())?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
+        match parts_of(net, bytes)?.as_slice() {
             ["registry"] => Some(RecordKey::Registry),
             // Canonical decimal only, so one version has one key.
             ["root", v]
@@ -177,10 +181,7 @@ impl ProviderKey {
 
     /// Parses key bytes of this network.
     pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<ProviderKey> {
-        let s = std::str::from_utf8(bytes).ok()?;
-        let rest = s.strip_prefix(&net.prefix())?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
+        match parts_of(net, bytes)?.as_slice() {
             ["blob", id] => Some(ProviderKey::Blob(ContentId(parse_hex32(id)?))),
             ["claimants", d] => Some(ProviderKey::Claimants(domain_ok(d)?)),
             ["trainers", d] => Some(ProviderKey::Trainers(domain_ok(d)?)),

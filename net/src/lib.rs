@@ -35,6 +35,8 @@ pub mod claims;
 pub mod client;
 pub mod diversity;
 mod event_loop;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod keys;
 pub mod limits;

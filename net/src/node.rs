@@ -51,20 +51,24 @@ pub struct NodeConfig {
     pub identity: Option<Identity>,
 }
 
+/// Listen addresses on `ip` (an IPv4 address), random ports: TCP and QUIC.
+fn tcp_and_quic(ip: &str) -> Vec<Multiaddr> {
+    [
+        format!("/ip4/{ip}/tcp/0"),
+        format!("/ip4/{ip}/udp/0/quic-v1"),
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap_or_else(|_| Multiaddr::empty()))
+    .collect()
+}
+
 impl NodeConfig {
     /// Defaults: listen on all interfaces, random ports, TCP and QUIC; no bootstrap peers.
     pub fn new(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
         NodeConfig {
             data_dir: data_dir.into(),
             root,
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/0"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
-                "/ip4/0.0.0.0/udp/0/quic-v1"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
-            ],
+            listen: tcp_and_quic("0.0.0.0"),
             bootstrap: vec![],
             swarm: SwarmConfig::default(),
             blobs: BlobConfig::default(),
@@ -80,14 +84,7 @@ impl NodeConfig {
     /// Loopback only (tests and local demos): 127.0.0.1, random ports.
     pub fn loopback(data_dir: impl Into<PathBuf>, root: Vec<u8>) -> NodeConfig {
         let mut c = NodeConfig::new(data_dir, root);
-        c.listen = vec![
-            "/ip4/127.0.0.1/tcp/0"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
-            "/ip4/127.0.0.1/udp/0/quic-v1"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
-        ];
+        c.listen = tcp_and_quic("127.0.0.1");
         c.blobs.bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         c
     }
@@ -556,42 +553,27 @@ impl Node {
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
         let now = now_secs();
         for d in &registry.record().domains {
-            for peer in c.providers(ProviderKey::Claimants(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else {
-                    continue;
-                };
-                let key = RecordKey::Claim {
-                    domain: d.name.clone(),
-                    node,
-                };
-                if let Some(bytes) = c.get_record(key).await?
-                    && let Decision::Accept(_) = lock(&self.inner.store)?.put_claim(&bytes, now)?
-                {
+            let domain = || d.name.clone();
+            let claim = |node| RecordKey::Claim {
+                domain: domain(),
+                node,
+            };
+            for bytes in provided_records(c, ProviderKey::Claimants(domain()), claim).await? {
+                if let Decision::Accept(_) = lock(&self.inner.store)?.put_claim(&bytes, now)? {
                     report.claims += 1;
                 }
             }
-            for peer in c.providers(ProviderKey::Trainers(d.name.clone())).await? {
-                let Some(node) = node_id_of(&peer) else {
-                    continue;
-                };
-                let key = RecordKey::ElmOf {
-                    domain: d.name.clone(),
-                    node,
-                };
-                if let Some(bytes) = c.get_record(key).await?
-                    && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
-                {
-                    report.elms += 1;
-                    self.enqueue(envelope, None).await;
-                }
+            let elm = |node| RecordKey::ElmOf {
+                domain: domain(),
+                node,
+            };
+            for bytes in provided_records(c, ProviderKey::Trainers(domain()), elm).await? {
+                self.enqueue_record(&bytes, &mut report).await;
             }
         }
         for accepted in &registry.record().elms {
-            if let Some(bytes) = c.get_record(RecordKey::Elm(accepted.record)).await?
-                && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
-            {
-                report.elms += 1;
-                self.enqueue(envelope, None).await;
+            if let Some(bytes) = c.get_record(RecordKey::Elm(accepted.record)).await? {
+                self.enqueue_record(&bytes, &mut report).await;
             }
         }
         Ok(report)
@@ -599,6 +581,14 @@ impl Node {
 
     async fn enqueue(&self, envelope: Signed<ElmRecord>, message: Option<(MessageId, PeerId)>) {
         enqueue(&self.inner, envelope, message).await;
+    }
+
+    /// Queues an ELM record found while catching up for verification, counting it.
+    async fn enqueue_record(&self, bytes: &[u8], report: &mut SyncReport) {
+        if let Ok(envelope) = Signed::<ElmRecord>::decode(bytes) {
+            report.elms += 1;
+            self.enqueue(envelope, None).await;
+        }
     }
 
     /// Stops the workers and the event loop, and closes the blob endpoint and store.
@@ -611,6 +601,23 @@ impl Node {
         }
         self.inner.blobs.shutdown().await;
     }
+}
+
+/// The records that the providers of `provider` keep under `key(their node id)`.
+async fn provided_records(
+    c: &Client,
+    provider: ProviderKey,
+    key: impl Fn(NodeId) -> RecordKey,
+) -> Result<Vec<Vec<u8>>, NodeError> {
+    let mut out = Vec::new();
+    for peer in c.providers(provider).await? {
+        if let Some(node) = node_id_of(&peer)
+            && let Some(bytes) = c.get_record(key(node)).await?
+        {
+            out.push(bytes);
+        }
+    }
+    Ok(out)
 }
 
 /// What [`Node::sync`] found.

@@ -163,6 +163,16 @@ pub fn check_root(
     }
 }
 
+/// A record that passed its checks is current when it is the one its key names (domain, node or
+/// id), else refused.
+fn current_if_keyed(matches: bool) -> Result<Freshness, Invalid> {
+    if matches {
+        Ok(Freshness::Current)
+    } else {
+        Err(Invalid::KeyMismatch)
+    }
+}
+
 /// Checks a value offered under a DHT key (inbound PUT or GET result).
 pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Freshness, Invalid> {
     match key {
@@ -178,31 +188,17 @@ pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Fr
         RecordKey::Claim { domain, node } => {
             let claim = check_claim(view, value)?;
             let c = claim.record();
-            if c.domain != *domain || c.node != *node {
-                return Err(Invalid::KeyMismatch);
-            }
-            Ok(Freshness::Current)
+            current_if_keyed(c.domain == *domain && c.node == *node)
         }
-        RecordKey::Elm(id) => {
-            let elm = check_elm(view, value)?;
-            if elm.id() != *id {
-                return Err(Invalid::KeyMismatch);
-            }
-            Ok(Freshness::Current)
-        }
+        RecordKey::Elm(id) => current_if_keyed(check_elm(view, value)?.id() == *id),
         RecordKey::ElmOf { domain, node } => {
             let elm = check_elm(view, value)?;
             let e = elm.record();
-            if e.domain != *domain || e.trainer != *node {
-                return Err(Invalid::KeyMismatch);
-            }
-            Ok(Freshness::Current)
+            current_if_keyed(e.domain == *domain && e.trainer == *node)
         }
         RecordKey::Addr(node) => {
             let a = AddrRecord::decode(value)?;
-            if a.node != *node {
-                return Err(Invalid::KeyMismatch);
-            }
+            current_if_keyed(a.node == *node)?;
             if a.expires <= view.now
                 || a.expires > view.now.saturating_add(view.horizons.max_addr_secs)
             {

@@ -19,44 +19,85 @@ fn blob_config() -> BlobConfig {
     }
 }
 
+/// `len` pseudo-random bytes (a multiplicative hash of the position).
+fn noise(len: usize, mul: u32, shift: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(mul) >> shift) as u8)
+        .collect()
+}
+
+/// A blob store on loopback, with the identity, directory and settings it opens again with.
+struct Store {
+    id: Identity,
+    dir: tempfile::TempDir,
+    config: BlobConfig,
+    blobs: Blobs,
+}
+
+impl Store {
+    async fn open(label: &str) -> Store {
+        Store::open_with(label, blob_config()).await
+    }
+
+    async fn open_with(label: &str, config: BlobConfig) -> Store {
+        let id = Identity::from_key(test_key(label));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Blobs::open(dir.path(), &id, config.clone())
+            .await
+            .expect(label);
+        Store {
+            id,
+            dir,
+            config,
+            blobs,
+        }
+    }
+
+    /// A store that holds `blob`.
+    async fn holding(label: &str, config: BlobConfig, blob: &[u8]) -> Store {
+        let s = Store::open_with(label, config).await;
+        s.blobs.add_bytes(blob.to_vec()).await.expect("add");
+        s
+    }
+
+    /// Closes the store and opens it again from its directory.
+    async fn reopen(mut self) -> Store {
+        self.blobs.shutdown().await;
+        self.blobs = Blobs::open(self.dir.path(), &self.id, self.config.clone())
+            .await
+            .expect("reopen");
+        self
+    }
+
+    fn provider(&self) -> Provider {
+        Provider::direct(self.id.node_id(), self.blobs.addrs())
+    }
+
+    /// A store holding `blob` whose data file has byte `at` altered under the same hash.
+    async fn tampered(label: &str, blob: &[u8], at: usize, xor: u8) -> Store {
+        let s = Store::holding(label, blob_config(), blob).await;
+        s.blobs.shutdown().await;
+        let id = ContentId::of(blob);
+        let data = s.dir.path().join("data").join(format!("{id}.data"));
+        let mut bytes = std::fs::read(&data).expect("data file");
+        bytes[at] ^= xor;
+        std::fs::write(&data, bytes).expect("tamper");
+        s.reopen().await
+    }
+}
+
 /// THREATS: "weights whose bytes do not match their content id" and "a slow or stalled peer".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
-    let blob: Vec<u8> = (0..1_048_576u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
+    let blob = noise(1_048_576, 2654435761, 11);
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let (honest_id, liar_id, me_id) = (
-        Identity::from_key(test_key("honest")),
-        Identity::from_key(test_key("liar")),
-        Identity::from_key(test_key("me")),
-    );
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("honest", blob_config(), &blob).await;
     // The liar stores the blob, then its data file is altered under the same hash.
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
-        .await
-        .expect("liar");
-    liar.add_bytes(blob.clone()).await.expect("add");
-    liar.shutdown().await;
-    let data = dirs[1].path().join("data").join(format!("{id}.data"));
-    let mut bytes = std::fs::read(&data).expect("liar's data file");
-    bytes[600_000] ^= 0xff;
-    std::fs::write(&data, bytes).expect("tamper");
-    let liar = Blobs::open(dirs[1].path(), &liar_id, blob_config())
-        .await
-        .expect("liar again");
-
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me");
-    let liar_p = Provider::direct(liar_id.node_id(), liar.addrs());
-    let honest_p = Provider::direct(honest_id.node_id(), honest.addrs());
+    let liar = Store::tampered("liar", &blob, 600_000, 0xff).await;
+    let me = Store::open("me").await;
+    let (honest_id, liar_id) = (&honest.id, &liar.id);
+    let (liar_p, honest_p) = (liar.provider(), honest.provider());
+    let me = &me.blobs;
     let err = me
         .fetch(&id, std::slice::from_ref(&liar_p))
         .await
@@ -94,7 +135,7 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
         .expect_err("budget");
     assert!(err.to_string().contains("budget"), "{err}");
 
-    for b in [honest, liar, me] {
+    for b in [&honest.blobs, &liar.blobs, me] {
         b.shutdown().await;
     }
 }
@@ -105,51 +146,23 @@ async fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_download_resumes_after_a_restart() {
     const SIZE: usize = 4 << 20;
-    let blob: Vec<u8> = (0..SIZE as u32)
-        .map(|i| (i.wrapping_mul(2246822519) >> 9) as u8)
-        .collect();
+    let blob = noise(SIZE, 2246822519, 9);
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let (honest_id, cut_id, me_id) = (
-        Identity::from_key(test_key("resume honest")),
-        Identity::from_key(test_key("resume cut")),
-        Identity::from_key(test_key("resume me")),
-    );
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("resume honest", blob_config(), &blob).await;
     // A provider whose copy breaks near the end: the transfer stops there, as a cut
     // connection would, after ~3.9 MB of verified data.
-    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
-        .await
-        .expect("cut");
-    cut.add_bytes(blob.clone()).await.expect("add");
-    cut.shutdown().await;
-    let data = dirs[1].path().join("data").join(format!("{id}.data"));
-    let mut bytes = std::fs::read(&data).expect("data file");
-    bytes[3_900_000] ^= 0x5a;
-    std::fs::write(&data, bytes).expect("tamper");
-    let cut = Blobs::open(dirs[1].path(), &cut_id, blob_config())
-        .await
-        .expect("cut again");
-
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me");
-    let cut_p = Provider::direct(cut_id.node_id(), cut.addrs());
-    me.fetch(&id, std::slice::from_ref(&cut_p))
+    let cut = Store::tampered("resume cut", &blob, 3_900_000, 0x5a).await;
+    let me = Store::open("resume me").await;
+    me.blobs
+        .fetch(&id, &[cut.provider()])
         .await
         .expect_err("cut off");
-    assert!(!me.has(&id).await);
-    me.shutdown().await;
+    assert!(!me.blobs.has(&id).await);
 
     // Restart: the verified prefix is still there.
-    let me = Blobs::open(dirs[2].path(), &me_id, blob_config())
-        .await
-        .expect("me restarted");
+    let me = me.reopen().await;
+    let honest_id = &honest.id;
+    let (honest, cut, me) = (&honest.blobs, &cut.blobs, &me.blobs);
     let status = me.status(&id).await.expect("status");
     assert!(
         matches!(status, iroh_blobs::api::blobs::BlobStatus::Partial { .. }),
@@ -202,14 +215,8 @@ async fn a_blob_is_fetched_through_a_configured_relay() {
 
     let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let provider_id = Identity::from_key(test_key("relay provider"));
-    let provider = Blobs::open(dirs[0].path(), &provider_id, with_relay())
-        .await
-        .expect("provider");
-    provider.add_bytes(blob.clone()).await.expect("add");
+    let provider = Store::holding("relay provider", with_relay(), &blob).await;
+    let (provider_id, provider) = (&provider.id, &provider.blobs);
     assert!(
         provider.wait_relay(Duration::from_secs(20)).await,
         "no home relay"
@@ -222,25 +229,15 @@ async fn a_blob_is_fetched_through_a_configured_relay() {
     };
 
     // Without relays configured, a relay-only provider is unreachable.
-    let direct_only = Blobs::open(
-        dirs[1].path(),
-        &Identity::from_key(test_key("relay none")),
-        blob_config(),
-    )
-    .await
-    .expect("direct only");
+    let direct_only = Store::open("relay none").await;
+    let direct_only = &direct_only.blobs;
     direct_only
         .fetch(&id, std::slice::from_ref(&via_relay))
         .await
         .expect_err("relays are disabled");
 
-    let me = Blobs::open(
-        dirs[2].path(),
-        &Identity::from_key(test_key("relay me")),
-        with_relay(),
-    )
-    .await
-    .expect("me");
+    let me = Store::open_with("relay me", with_relay()).await;
+    let me = &me.blobs;
     let fetched = me
         .fetch(&id, std::slice::from_ref(&via_relay))
         .await
@@ -271,14 +268,8 @@ impl iroh::protocol::ProtocolHandler for Stall {
 async fn a_stalled_provider_times_out_and_another_is_tried() {
     let blob = vec![7u8; 100_000];
     let id = ContentId::of(&blob);
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let honest_id = Identity::from_key(test_key("honest 2"));
-    let honest = Blobs::open(dirs[0].path(), &honest_id, blob_config())
-        .await
-        .expect("honest");
-    honest.add_bytes(blob.clone()).await.expect("add");
+    let honest = Store::holding("honest 2", blob_config(), &blob).await;
+    let (honest_id, honest) = (&honest.id, &honest.blobs);
     let stall_id = Identity::from_key(test_key("staller"));
     let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .secret_key(stall_id.iroh_secret())
@@ -293,13 +284,8 @@ async fn a_stalled_provider_times_out_and_another_is_tried() {
     let router = iroh::protocol::Router::builder(ep)
         .accept(iroh_blobs::ALPN, Stall)
         .spawn();
-    let me = Blobs::open(
-        dirs[1].path(),
-        &Identity::from_key(test_key("me 2")),
-        blob_config(),
-    )
-    .await
-    .expect("me");
+    let me = Store::open("me 2").await;
+    let me = &me.blobs;
     let started = std::time::Instant::now();
     let fetched = me
         .fetch(
@@ -344,7 +330,7 @@ async fn wait_observed(
 /// A network of a maintainer and two honest nodes, with an attacker dialled into every one.
 async fn network_with_attacker(
     tweak: impl Fn(usize, btm_net::NodeConfig) -> btm_net::NodeConfig + Copy,
-) -> (Net, Node) {
+) -> (Net, Vec<Node>, Node) {
     let mut net = Net::start_with(3, tweak).await;
     let honest = net.nodes.clone();
     wait_connected(&honest[..1], 2).await;
@@ -356,7 +342,7 @@ async fn network_with_attacker(
     }
     wait_registry(&honest, 1).await;
     let attacker = add_attacker(&mut net).await;
-    (net, attacker)
+    (net, honest, attacker)
 }
 
 /// Adds a node dialled into each of the first three (honest) nodes, with the registry and
@@ -377,26 +363,15 @@ async fn add_attacker(net: &mut Net) -> Node {
 }
 
 async fn scores_drop(honest: &[Node], attacker: &Node) {
-    for n in honest {
-        let n = n.clone();
-        let p = attacker.peer_id();
-        wait_for(
-            "the attacker's score to drop",
-            Duration::from_secs(30),
-            move || {
-                let n = n.clone();
-                async move {
-                    n.client()
-                        .peer_score(p)
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some_and(|s| s < 0.0)
-                }
-            },
-        )
-        .await;
-    }
+    let p = attacker.peer_id();
+    wait_clients("the attacker's score to drop", honest, |c| async move {
+        c.peer_score(p)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s < 0.0)
+    })
+    .await;
 }
 
 /// THREATS: bad signature, unknown domain, wrong shapes, NaN, false quality claim, worse than
@@ -404,8 +379,7 @@ async fn scores_drop(honest: &[Node], attacker: &Node) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let f = fixture();
-    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (mut net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let key = attacker.identity().signing_key().clone();
     let me = attacker.node_id();
 
@@ -496,8 +470,7 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn old_or_expired_registries_are_refused() {
     let f = fixture();
-    let (net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let v2 = f.signed_registry(2, now() + 86400);
     let d = honest[0].publish_registry(&v2).await.expect("v2");
     assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
@@ -541,29 +514,16 @@ async fn old_or_expired_registries_are_refused() {
         .put_record_raw(key, v1)
         .await
         .expect("put");
+    let version = |bytes: &[u8]| {
+        let registry = Signed::<btm_protocol::Registry>::decode(bytes).expect("decode");
+        registry.record().version
+    };
     for n in &honest {
-        assert_eq!(
-            n.registry()
-                .await
-                .expect("registry")
-                .expect("some")
-                .record()
-                .version,
-            2
-        );
-        let held = n
-            .client()
-            .local_record(RecordKey::Registry)
-            .await
-            .expect("local");
-        if let Some(h) = held {
-            assert_eq!(
-                Signed::<btm_protocol::Registry>::decode(&h)
-                    .expect("decode")
-                    .record()
-                    .version,
-                2
-            );
+        let trusted = n.registry().await.expect("registry").expect("some");
+        assert_eq!(trusted.record().version, 2);
+        let held = n.client().local_record(RecordKey::Registry).await;
+        if let Some(h) = held.expect("local") {
+            assert_eq!(version(&h), 2);
         }
         // A lookup validates every result and returns the newest valid one.
         let got = n
@@ -588,7 +548,7 @@ async fn old_or_expired_registries_are_refused() {
 /// score penalties; an honest claim still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
-    let (net, attacker) = network_with_attacker(|_, mut c| {
+    let (net, honest, attacker) = network_with_attacker(|_, mut c| {
         c.swarm.limits.gossip_per_peer = btm_net::limits::Rate {
             burst: 64.0,
             per_sec: 4.0,
@@ -596,7 +556,6 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
         c
     })
     .await;
-    let honest = net.nodes[..3].to_vec();
     let key = attacker.identity().signing_key().clone();
     // Garbage on the ELM topic: rejected, the attacker's score falls. (Two messages: -40, under
     // the gossip threshold; a third would graylist it, and gossipsub would then drop everything
@@ -677,8 +636,7 @@ async fn a_flood_from_one_peer_is_bounded_and_honest_work_proceeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_root_rotation_reaches_running_and_late_nodes() {
     let f = fixture();
-    let (mut net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (mut net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let new_key = test_key("btm-net rotated maintainer");
     let root_v2 = |signers: &[&btm_protocol::SigningKey], keys: Vec<btm_protocol::PublicKey>| {
         let mut r = Signed::new(Root {
@@ -822,8 +780,7 @@ async fn one_subnet_cannot_fill_the_routing_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_dependent_refusal_does_not_penalise_the_relay() {
     let f = fixture();
-    let (net, relay) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (net, honest, relay) = network_with_attacker(|_, c| c).await;
     let key = relay.identity().signing_key().clone();
     let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
     let mut c = Signed::new(Claim {
@@ -878,8 +835,7 @@ fn reset_peak_rss() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_oversized_elm_costs_honest_nodes_at_most_64_kib() {
     let f = fixture();
-    let (net, attacker) = network_with_attacker(|_, c| c).await;
-    let honest = net.nodes[..3].to_vec();
+    let (net, honest, attacker) = network_with_attacker(|_, c| c).await;
     let key = attacker.identity().signing_key().clone();
     let received = || -> Vec<u64> { honest.iter().map(|n| n.blobs().bytes_received()).collect() };
 

@@ -1,20 +1,21 @@
 //! Shared fixtures: a maintainer key and root, a tiny seed model and tokenizer, domain data,
 //! registries, ELM weights (good and bad), and nodes on loopback.
 
-use std::future::Future;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use btm_model::GptConfig;
 use btm_model::gpt::Gpt;
 use btm_model::tokenizer::Tokenizer;
 use btm_model::weights::{self, NamedTensor};
+use btm_net::libp2p::PeerId;
 use btm_net::verify::Verifier;
 use btm_net::{Node, NodeConfig};
 use btm_protocol::{
     Architecture, ClientVersion, ContentId, Domain, ElmRecord, EvalSettings, Parent, PublicKey,
-    Registry, Root, SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
+    Registry, SeedManifest, Signed, SigningKey, TrainingSummary, test_key,
 };
+pub use btm_testkit::{wait_each, wait_for, wait_registry_where};
 
 pub const DOMAINS: [&str; 3] = ["alpha", "beta", "gamma"];
 
@@ -61,24 +62,12 @@ pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let maintainer = test_key("btm-net maintainer");
-        let mut root = Signed::new(Root {
-            version: 1,
-            expires: now() + 365 * 86400,
-            threshold: 1,
-            keys: vec![PublicKey::of(&maintainer)],
-        });
-        root.sign(&maintainer);
+        let root = btm_testkit::root(&maintainer);
         let t = text();
         let tok = Tokenizer::train([t.as_str()].into_iter(), 300).expect("tokenizer");
         let tokenizer = tok.json().to_vec();
-        let config = GptConfig {
-            vocab_size: tok.vocab_size(),
-            n_ctx: 32,
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 1,
-        };
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let config = btm_testkit::tiny_gpt(tok.vocab_size(), 16);
+        let device = btm_testkit::cpu();
         // A deliberately poor seed (peaked random predictions) so that a plain initialisation
         // beats it: tests need "better than the seed" without training.
         let seed_model = Gpt::init(&config, 1, &device);
@@ -113,7 +102,7 @@ pub fn fixture() -> &'static Fixture {
         };
         let mut f = Fixture {
             maintainer,
-            root: root.encode(),
+            root,
             tokenizer,
             config,
             seed_weights,
@@ -168,7 +157,7 @@ impl Fixture {
         &self,
         weights: &[u8],
     ) -> Result<btm_net::verify::Measured, btm_net::verify::Failure> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let mut v = Verifier::new(&self.seed, &self.seed_weights, &self.tokenizer, device)?;
         v.measure(&self.registry(1, u64::MAX), DOMAINS[0], weights, &self.data)
     }
@@ -195,7 +184,7 @@ impl Fixture {
 
     /// Weights from the good model with `edit` applied to its tensors.
     pub fn edited_weights(&self, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> Vec<u8> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let model = weights::from_named_tensors(
             &self.config,
             weights::parse(&self.good_weights, Some(&self.config))
@@ -211,7 +200,7 @@ impl Fixture {
 
     /// Weights worse than the seed: the seed's peaked embedding, sharpened further.
     pub fn worse_weights(&self) -> Vec<u8> {
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let device = btm_testkit::cpu();
         let (cfg, t) = weights::parse(&self.seed_weights, Some(&self.config)).expect("seed");
         let model = weights::from_named_tensors(&cfg, t, &device).expect("model");
         weights::to_bytes(&self.config, &tensors_scaled(&model, 1.25)).expect("to_bytes")
@@ -225,12 +214,7 @@ pub struct Net {
 }
 
 pub fn config(dir: &std::path::Path) -> NodeConfig {
-    let mut c = NodeConfig::loopback(dir, fixture().root.clone());
-    c.swarm.query_timeout = Duration::from_secs(10);
-    c.blobs.connect_timeout = Duration::from_secs(5);
-    c.blobs.stall_timeout = Duration::from_secs(10);
-    c.call_timeout = Duration::from_secs(30);
-    c
+    btm_testkit::loopback_config(dir, fixture().root.clone())
 }
 
 impl Net {
@@ -257,18 +241,7 @@ impl Net {
         if let Some(first) = self.nodes.first() {
             c.bootstrap = first.listen_addrs().await.expect("addrs");
         }
-        let node = Node::start(tweak(c)).await.expect("start");
-        // Wait until the listeners are up (addresses reported).
-        wait_for("listen addresses", Duration::from_secs(10), || {
-            let node = node.clone();
-            async move {
-                node.listen_addrs()
-                    .await
-                    .map(|a| a.len() >= 2)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
+        let node = btm_testkit::start(tweak(c)).await;
         self.dirs.push(dir);
         self.nodes.push(node.clone());
         node
@@ -281,80 +254,40 @@ impl Net {
     }
 }
 
-/// Polls `check` until it holds, failing the test after `timeout`. Waits on a condition, not a
-/// fixed delay.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+/// Waits (30 seconds at most) until `holds` is true of each node's network client.
+pub async fn wait_clients<F, Fut>(what: &str, nodes: &[Node], holds: F)
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
+    F: Fn(btm_net::Client) -> Fut,
+    Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let timeout = Duration::from_secs(30);
+    wait_each(what, timeout, nodes, |n| holds(n.client().clone())).await;
 }
 
 /// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
 pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
-    for n in nodes {
-        for p in peers {
-            let (n, pid) = (n.clone(), p.peer_id());
-            wait_for("gossip subscriptions", Duration::from_secs(30), move || {
-                let n = n.clone();
-                async move {
-                    n.client()
-                        .gossip_peers()
-                        .await
-                        .map(|ps| ps.iter().any(|(p, topics)| *p == pid && *topics == 4))
-                        .unwrap_or(false)
-                }
-            })
-            .await;
-        }
+    for pid in peers.iter().map(Node::peer_id) {
+        let all_topics = |ps: Vec<(PeerId, usize)>| ps.contains(&(pid, 4));
+        wait_clients("gossip subscriptions", nodes, |c| async move {
+            c.gossip_peers().await.is_ok_and(all_topics)
+        })
+        .await;
     }
 }
 
 /// Waits until every node trusts registry `version`.
 pub async fn wait_registry(nodes: &[Node], version: u64) {
-    for n in nodes {
-        let n = n.clone();
-        wait_for("the registry", Duration::from_secs(30), move || {
-            let n = n.clone();
-            async move {
-                n.registry()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.record().version >= version)
-            }
-        })
-        .await;
-    }
+    let timeout = Duration::from_secs(30);
+    wait_registry_where("the registry", timeout, nodes, |r| r.version >= version).await;
 }
 
 /// Waits until every node has a gossipsub peer on every topic (so that a publication reaches
 /// them): here, until each is connected to at least `k` peers.
 pub async fn wait_connected(nodes: &[Node], k: usize) {
-    for n in nodes {
-        let n = n.clone();
-        wait_for("connections", Duration::from_secs(30), move || {
-            let n = n.clone();
-            async move {
-                n.client()
-                    .connected_peers()
-                    .await
-                    .map(|p| p.len() >= k)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
-    }
+    wait_clients("connections", nodes, |c| async move {
+        c.connected_peers().await.is_ok_and(|p| p.len() >= k)
+    })
+    .await;
 }
 
 /// The maintainer publishes the registry and provides the seed blobs and data.

@@ -1,12 +1,12 @@
 //! Replays every committed fuzz corpus file of the net and model targets
 //! (`fuzz/corpus/<target>/`) through the same checks the cargo-fuzz targets in `fuzz/heavy`
-//! run. `write_net_seed_corpus` (ignored) rewrites those corpora with the real writers.
+//! run (`btm_net::fuzzing`). `write_net_seed_corpus` (ignored) rewrites those corpora with the
+//! real writers.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-#[path = "../../fuzz/checks/net.rs"]
-mod checks;
+use btm_net::fuzzing as checks;
 
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

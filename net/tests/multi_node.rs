@@ -179,31 +179,27 @@ fn mdns_finds_peers_on_the_local_network() {
 }
 
 async fn mdns_discovery() {
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let mut nodes = Vec::new();
-    for d in &dirs {
-        let mut c = config(d.path());
+    let (_dirs, nodes) = two_lone_nodes(|c| {
         c.swarm.mdns = true;
         c.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("addr")];
-        c.bootstrap.clear();
-        nodes.push(btm_net::Node::start(c).await.expect("start"));
-    }
-    let (a, b) = (nodes[0].clone(), nodes[1].peer_id());
+    })
+    .await;
+    let b = nodes[1].peer_id();
     // Discovery takes under a second on an idle machine: mDNS queries go out at 0, 0.5, 1.5,
     // 3.5, 7.5 and 15.5 s after a node starts (libp2p-mdns probing) until one is answered. Both
     // nodes then find each other at once; only the smaller peer id dials, because two dials
     // that meet leave no connection (`nodes_that_dial_each_other_at_once_stay_connected`).
-    wait_for("mDNS discovery", Duration::from_secs(30), move || {
-        let a = a.clone();
-        async move {
+    wait_each(
+        "mDNS discovery",
+        Duration::from_secs(30),
+        &nodes[..1],
+        |a| async move {
             a.client()
                 .connected_peers()
                 .await
                 .is_ok_and(|p| p.contains(&b))
-        }
-    })
+        },
+    )
     .await;
     // The peer was found through the namespace's interface: its announced addresses include
     // the veth address (loopback is never announced by mDNS).
@@ -231,22 +227,7 @@ async fn nodes_that_dial_each_other_at_once_stay_connected() {
         .with_test_writer()
         .try_init();
     for round in 0..6 {
-        let dirs: Vec<_> = (0..2)
-            .map(|_| tempfile::tempdir().expect("tempdir"))
-            .collect();
-        let mut nodes = Vec::new();
-        for d in &dirs {
-            let mut c = config(d.path());
-            c.bootstrap.clear();
-            let node = btm_net::Node::start(c).await.expect("start");
-            let n = node.clone();
-            wait_for("listen addresses", Duration::from_secs(10), move || {
-                let n = n.clone();
-                async move { n.listen_addrs().await.is_ok_and(|a| a.len() >= 2) }
-            })
-            .await;
-            nodes.push(node);
-        }
+        let (_dirs, nodes) = two_lone_nodes(|_| {}).await;
         let tcp = |n: &btm_net::Node| {
             let n = n.clone();
             async move {
@@ -282,4 +263,30 @@ async fn nodes_that_dial_each_other_at_once_stay_connected() {
             n.shutdown().await;
         }
     }
+}
+
+/// Two nodes that bootstrap from no one, each in a new directory, with `tweak` applied to their
+/// configs; returned once each reports an address for every listener.
+async fn two_lone_nodes(
+    tweak: impl Fn(&mut btm_net::NodeConfig),
+) -> (Vec<tempfile::TempDir>, Vec<btm_net::Node>) {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let mut c = config(d.path());
+        c.bootstrap.clear();
+        tweak(&mut c);
+        let listeners = c.listen.len();
+        let node = btm_net::Node::start(c).await.expect("start");
+        let n = node.clone();
+        wait_for("listen addresses", Duration::from_secs(10), move || {
+            let n = n.clone();
+            async move { n.listen_addrs().await.is_ok_and(|a| a.len() >= listeners) }
+        })
+        .await;
+        nodes.push(node);
+    }
+    (dirs, nodes)
 }

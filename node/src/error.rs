@@ -46,6 +46,10 @@ pub enum Error {
     #[error("branching from an average: the registry lists no accepted ELMs on other domains")]
     NoParents,
     #[error(
+        "a volunteer branches from the seed or from accepted ELMs, not from a random initialisation"
+    )]
+    RandomBranch,
+    #[error(
         "the ELM ({ppl:.2}) does not beat the seed ({seed_ppl:.2}) on {domain}: every verifier would reject it; \
          train longer or with another learning rate, in a fresh data directory"
     )]

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use btm_protocol::{ContentId, NodeId};
+
+use crate::InitKind;
 use serde::Serialize;
 
 /// What a role is doing now.
@@ -59,9 +61,9 @@ pub enum Event {
         what: String,
         id: ContentId,
     },
-    /// How the ELM was initialised: "seed" or "posterior_average", with (name, weight) parents.
+    /// How the ELM was initialised (seed or posterior average), with (name, weight) parents.
     Branched {
-        init: String,
+        init: InitKind,
         parents: Vec<(String, f64)>,
     },
     /// The domain posterior of the new domain's validation data over the parent ELMs.

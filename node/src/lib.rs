@@ -23,6 +23,8 @@ mod serve;
 mod stop;
 pub mod volunteer;
 
+/// How a branch starts: the forest's one enum, used by [`BranchPolicy`] and [`Event::Branched`].
+pub use btm_model::forest::manifest::InitKind;
 pub use client::{Client, ClientConfig, FetchRequest, FetchedElm, Listing};
 pub use common::{own_verdicts, short, wait_registry};
 pub use error::{Error, Result};

@@ -32,18 +32,36 @@ use crate::common::{own_verdicts, short, wait_registry};
 use crate::error::{Error, Result, io};
 use crate::{Event, Events, Phase, Stop, serve};
 
-/// How a new ELM is initialised.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How a volunteer chooses the start of its ELM: one of the forest's [`InitKind`]s, or
+/// [`Auto`](BranchPolicy::Auto) to choose by what the registry holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BranchPolicy {
     /// The posterior-weighted average of the registry's accepted ELMs when it lists any on other
-    /// domains, else the seed.
+    /// domains ([`InitKind::PosteriorAverage`]), else the seed ([`InitKind::Seed`]).
     #[default]
     Auto,
-    /// A copy of the seed.
-    Seed,
-    /// The posterior-weighted average of the registry's accepted ELMs (an error if there are none).
-    Average,
+    /// Always this start: [`InitKind::Seed`], or [`InitKind::PosteriorAverage`] (an error if the
+    /// registry lists no accepted ELMs on other domains). [`InitKind::Random`] is refused: a
+    /// network ELM descends from the seed.
+    Fixed(InitKind),
+}
+
+impl std::str::FromStr for BranchPolicy {
+    type Err = String;
+
+    /// The command-line names: `auto`, `seed`, or `average` (also `posterior-average`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BranchPolicy::Auto),
+            "average" => Ok(BranchPolicy::Fixed(InitKind::PosteriorAverage)),
+            _ => match s.parse::<InitKind>() {
+                Ok(InitKind::Random) | Err(_) => {
+                    Err(format!("unknown branch {s:?} (auto, seed or average)"))
+                }
+                Ok(kind) => Ok(BranchPolicy::Fixed(kind)),
+            },
+        }
+    }
 }
 
 /// The training settings a volunteer controls.
@@ -155,26 +173,11 @@ impl JoinState {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(path: &Path, s: &str) -> Result<Vec<u8>> {
-    let damaged = || Error::Damaged {
+    hex::decode(s).map_err(|e| Error::Damaged {
         path: path.to_path_buf(),
-        why: "not hex".into(),
-    };
-    if !s.len().is_multiple_of(2) {
-        return Err(damaged());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(damaged)
-        })
-        .collect()
+        why: format!("not hex: {e}"),
+    })
 }
 
 /// `runs/<domain>/branch.json`: how the run was initialised (kept so a resumed run announces
@@ -224,7 +227,7 @@ impl Volunteer {
 
         let state_path = c.data_dir.join(JOIN_FILE);
         let mut state = JoinState::load(&state_path)?;
-        let network = hex(&node.client().network().0.0);
+        let network = hex::encode(node.client().network().0.0);
         if !state.network.is_empty() && state.network != network {
             return Err(Error::OtherNetwork {
                 dir: c.data_dir.clone(),
@@ -302,7 +305,7 @@ impl Volunteer {
         renewer.abort();
         match result? {
             Some(envelope) => {
-                state.announced = Some(hex(&envelope.encode()));
+                state.announced = Some(hex::encode(envelope.encode()));
                 save_json(&state_path, &state)?;
                 if !c.exit_after_announce {
                     serve::serve(node, stop, events).await?;
@@ -362,14 +365,15 @@ impl Volunteer {
         let others: Vec<_> = reg.elms.iter().filter(|e| e.domain != domain).collect();
         let average = !resuming
             && match c.branch {
-                BranchPolicy::Seed => false,
                 BranchPolicy::Auto => !others.is_empty(),
-                BranchPolicy::Average => {
+                BranchPolicy::Fixed(InitKind::Seed) => false,
+                BranchPolicy::Fixed(InitKind::PosteriorAverage) => {
                     if others.is_empty() {
                         return Err(Error::NoParents);
                     }
                     true
                 }
+                BranchPolicy::Fixed(InitKind::Random) => return Err(Error::RandomBranch),
             };
         let mut parents = Vec::new();
         if average {
@@ -465,11 +469,11 @@ impl Volunteer {
 fn parents_of(path: &Path, b: &BranchRecord) -> Result<Vec<Parent>> {
     let mut ids = Vec::new();
     for (id, w) in &b.parents {
-        let bytes: [u8; 32] = unhex(path, id)?.try_into().map_err(|_| Error::Damaged {
+        let id: ContentId = id.parse().map_err(|e| Error::Damaged {
             path: path.to_path_buf(),
-            why: format!("parent id {id} is not 32 bytes"),
+            why: format!("parent id {id}: {e}"),
         })?;
-        ids.push((ContentId(bytes), *w));
+        ids.push((id, *w));
     }
     Parent::from_weights(&ids).map_err(|e| Error::Damaged {
         path: path.to_path_buf(),
@@ -652,7 +656,7 @@ fn train_blocking(
     } else if job.parents.is_empty() {
         let b = BranchRecord {
             init: InitKind::Seed,
-            parents: vec![(hex(&job.seed.weights.0), 1.0)],
+            parents: vec![(hex::encode(job.seed.weights.0), 1.0)],
             names: vec!["seed".into()],
         };
         (seed_model, b)
@@ -663,12 +667,7 @@ fn train_blocking(
         save_json(&branch_path, &branch)?;
     }
     events.emit(Event::Branched {
-        init: match branch.init {
-            InitKind::Seed => "seed",
-            InitKind::PosteriorAverage => "posterior_average",
-            InitKind::Random => "random",
-        }
-        .into(),
+        init: branch.init,
         parents: branch
             .names
             .iter()

@@ -5,16 +5,15 @@
 use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
-use btm_model::GptConfig;
 use btm_model::data::{Corpus, Split};
 use btm_model::gpt::Gpt;
 use btm_model::tokenizer::Tokenizer;
 use btm_model::weights;
-use btm_net::{Node, NodeConfig};
-use btm_protocol::{PublicKey, Root, Signed, SigningKey, test_key};
+use btm_net::Node;
+use btm_protocol::{SigningKey, test_key};
 use btm_roles::{DomainFiles, Event, Events, MaintainerConfig, SeedFiles};
+pub use btm_testkit::wait_registry_where;
 
 pub const DOMAINS: [&str; 4] = ["bible_kjv", "manpages", "novels_austen", "python_code"];
 
@@ -48,13 +47,7 @@ pub fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let maintainer = test_key("btm-roles maintainer");
-        let mut root = Signed::new(Root {
-            version: 1,
-            expires: btm_net::limits::now_secs() + 365 * 86400,
-            threshold: 1,
-            keys: vec![PublicKey::of(&maintainer)],
-        });
-        root.sign(&maintainer);
+        let root = btm_testkit::root(&maintainer);
         let corpus = Corpus::bundled();
         let domains: Vec<DomainFiles> = DOMAINS
             .iter()
@@ -70,14 +63,8 @@ pub fn fixture() -> &'static Fixture {
             .map(|d| std::fs::read_to_string(&d.train).expect("slice"))
             .collect();
         let tok = Tokenizer::train(texts.iter().map(String::as_str), 320).expect("tokenizer");
-        let config = GptConfig {
-            vocab_size: tok.vocab_size(),
-            n_ctx: 32,
-            d_model: 32,
-            n_heads: 2,
-            n_layers: 1,
-        };
-        let device = btm_model::device::DeviceKind::Cpu.device().expect("cpu");
+        let config = btm_testkit::tiny_gpt(tok.vocab_size(), 32);
+        let device = btm_testkit::cpu();
         let seed = Gpt::init(&config, 7, &device);
         let seed_dir = dir.path().join("seed");
         std::fs::create_dir_all(&seed_dir).expect("seed dir");
@@ -90,7 +77,7 @@ pub fn fixture() -> &'static Fixture {
         Fixture {
             _dir: dir,
             maintainer,
-            root: root.encode(),
+            root,
             seed_dir,
             domains,
         }
@@ -115,24 +102,11 @@ impl Fixture {
 
 /// A node on loopback in `dir`, bootstrapping from `bootstrap`.
 pub async fn node(dir: &Path, bootstrap: Option<&Node>) -> Node {
-    let mut c = NodeConfig::loopback(dir, fixture().root.clone());
-    c.swarm.query_timeout = Duration::from_secs(10);
-    c.blobs.connect_timeout = Duration::from_secs(5);
-    c.blobs.stall_timeout = Duration::from_secs(10);
-    c.call_timeout = Duration::from_secs(30);
+    let mut c = btm_testkit::loopback_config(dir, fixture().root.clone());
     if let Some(b) = bootstrap {
         c.bootstrap = b.listen_addrs().await.expect("addrs");
     }
-    let node = Node::start(c).await.expect("start");
-    let start = Instant::now();
-    while node.listen_addrs().await.map(|a| a.len()).unwrap_or(0) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no listen addresses"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    node
+    btm_testkit::start(c).await
 }
 
 /// Events kept for assertions.
@@ -147,21 +121,5 @@ impl Recorded {
 
     pub fn all(&self) -> Vec<Event> {
         self.0.lock().expect("events").clone()
-    }
-}
-
-/// Polls `check` until it holds or `timeout` passes (then fails the test).
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use btm_net::Node;
 use btm_roles::{
-    BranchPolicy, Client, ClientConfig, Event, Events, FetchRequest, Maintainer, Outcome, Phase,
-    Stop, TrainSettings, Volunteer, VolunteerConfig,
+    BranchPolicy, Client, ClientConfig, Event, Events, FetchRequest, InitKind, Maintainer, Outcome,
+    Phase, Stop, TrainSettings, Volunteer, VolunteerConfig,
 };
 
 use crate::common::*;
@@ -29,20 +29,11 @@ fn volunteer(dir: &std::path::Path, domain: &str, steps: u64) -> VolunteerConfig
 
 /// Waits until the maintainer's node trusts a registry that accepts `elm`.
 async fn wait_accepted(maintainer: &Node, elm: btm_protocol::ContentId) {
-    let m = maintainer.clone();
-    wait_for(
+    wait_registry_where(
         "the ELM accepted into the registry",
         Duration::from_secs(120),
-        move || {
-            let m = m.clone();
-            async move {
-                m.registry()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.record().elms.iter().any(|e| e.record == elm))
-            }
-        },
+        std::slice::from_ref(maintainer),
+        |r| r.elms.iter().any(|e| e.record == elm),
     )
     .await;
 }
@@ -119,7 +110,7 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
     let dir4 = tempfile::tempdir().unwrap();
     let n4 = node(dir4.path(), Some(&mnode)).await;
     let mut cfg4 = volunteer(&dir4.path().join("vol"), DOMAINS[3], 30);
-    cfg4.branch = BranchPolicy::Average;
+    cfg4.branch = BranchPolicy::Fixed(InitKind::PosteriorAverage);
     cfg4.branch_top_k = 3;
     let stop4 = Stop::new();
     let s = stop4.clone();

@@ -121,12 +121,8 @@ impl Fields {
 
     pub(crate) fn text(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         match self.next(field)? {
-            Value::Text(s) if s.len() <= max => Ok(s),
-            Value::Text(_) => Err(DecodeError::TooLong { field, max }),
-            _ => Err(DecodeError::WrongType {
-                field,
-                expected: "a text string",
-            }),
+            Value::Text(s) => at_most(s.len(), s, field, max),
+            _ => Err(wrong_type(field, "a text string")),
         }
     }
 
@@ -136,12 +132,8 @@ impl Fields {
         max: usize,
     ) -> Result<Vec<u8>, DecodeError> {
         match self.next(field)? {
-            Value::Bytes(b) if b.len() <= max => Ok(b),
-            Value::Bytes(_) => Err(DecodeError::TooLong { field, max }),
-            _ => Err(DecodeError::WrongType {
-                field,
-                expected: "a byte string",
-            }),
+            Value::Bytes(b) => at_most(b.len(), b, field, max),
+            _ => Err(wrong_type(field, "a byte string")),
         }
     }
 
@@ -155,6 +147,20 @@ impl Fields {
     }
 }
 
+/// A value that is not of the type `field` needs.
+fn wrong_type(field: &'static str, expected: &'static str) -> DecodeError {
+    DecodeError::WrongType { field, expected }
+}
+
+/// `value` when its `len` is at most `max`.
+fn at_most<T>(len: usize, value: T, field: &'static str, max: usize) -> Result<T, DecodeError> {
+    if len <= max {
+        Ok(value)
+    } else {
+        Err(DecodeError::TooLong { field, max })
+    }
+}
+
 /// An array of at most `max` elements.
 pub(crate) fn array(
     value: Value,
@@ -162,22 +168,15 @@ pub(crate) fn array(
     max: usize,
 ) -> Result<Vec<Value>, DecodeError> {
     match value {
-        Value::Array(items) if items.len() <= max => Ok(items),
-        Value::Array(_) => Err(DecodeError::TooLong { field, max }),
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "an array",
-        }),
+        Value::Array(items) => at_most(items.len(), items, field, max),
+        _ => Err(wrong_type(field, "an array")),
     }
 }
 
 pub(crate) fn as_u64(value: Value, field: &'static str) -> Result<u64, DecodeError> {
     match value {
         Value::Integer(i) => u64::try_from(i).map_err(|_| DecodeError::OutOfRange { field }),
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "an unsigned integer",
-        }),
+        _ => Err(wrong_type(field, "an unsigned integer")),
     }
 }
 
@@ -191,10 +190,7 @@ fn as_32(value: Value, field: &'static str) -> Result<[u8; 32], DecodeError> {
                 found,
             })
         }
-        _ => Err(DecodeError::WrongType {
-            field,
-            expected: "a byte string",
-        }),
+        _ => Err(wrong_type(field, "a byte string")),
     }
 }
 

@@ -2,7 +2,7 @@
 //! when one breaks. The cargo-fuzz targets in `fuzz/` call these, and the corpus replay test
 //! (`tests/fuzz_replay.rs`) runs every committed corpus file through them. Not a stable API.
 
-use crate::weights;
+use crate::weights::{self, Config};
 
 /// Whether `inner` lies inside `outer` (a view, not a copy).
 fn within(outer: &[u8], inner: &[u8]) -> bool {
@@ -63,5 +63,25 @@ pub fn weights(data: &[u8]) {
             }
         }
         Err(e) => panic!("a re-encoded file does not parse: {e}"),
+    }
+}
+
+/// A weights file of `config`'s architecture whose `i`-th value in every tensor is `value(i)`:
+/// the fixture of the weights tests and of the seed corpus.
+pub fn weights_file(config: &Config, value: impl Fn(usize) -> f32) -> Vec<u8> {
+    let shapes = weights::expected_tensors(config);
+    let values: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, s)| (0..s.iter().product()).map(&value).collect())
+        .collect();
+    match weights::to_bytes(
+        config,
+        shapes
+            .iter()
+            .zip(&values)
+            .map(|((n, s), v)| (n.as_str(), s.as_slice(), v.as_slice())),
+    ) {
+        Ok(b) => b,
+        Err(e) => panic!("{config:?} does not encode: {e}"),
     }
 }

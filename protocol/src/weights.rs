@@ -462,19 +462,7 @@ mod tests {
     use super::*;
 
     fn file(config: &Config, value: f32) -> Vec<u8> {
-        let shapes = expected_tensors(config);
-        let values: Vec<Vec<f32>> = shapes
-            .iter()
-            .map(|(_, s)| vec![value; s.iter().product()])
-            .collect();
-        to_bytes(
-            config,
-            shapes
-                .iter()
-                .zip(&values)
-                .map(|((n, s), v)| (n.as_str(), s.as_slice(), v.as_slice())),
-        )
-        .unwrap()
+        crate::fuzzing::weights_file(config, |_| value)
     }
 
     fn configs() -> Vec<Config> {

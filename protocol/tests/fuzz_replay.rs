@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use btm_protocol::fuzzing::weights_file as file;
 use btm_protocol::weights::{self, Config};
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -34,22 +35,6 @@ fn fuzz_corpus_weights_replays() {
         eprintln!("{}", path.display());
         btm_protocol::fuzzing::weights(&bytes);
     }
-}
-
-fn file(config: &Config, value: impl Fn(usize) -> f32) -> Vec<u8> {
-    let shapes = weights::expected_tensors(config);
-    let values: Vec<Vec<f32>> = shapes
-        .iter()
-        .map(|(_, s)| (0..s.iter().product()).map(&value).collect())
-        .collect();
-    weights::to_bytes(
-        config,
-        shapes
-            .iter()
-            .zip(&values)
-            .map(|((n, s), v)| (n.as_str(), s.as_slice(), v.as_slice())),
-    )
-    .unwrap()
 }
 
 #[test]

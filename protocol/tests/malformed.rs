@@ -323,6 +323,17 @@ fn envelope_rules_table() {
     let body = good.body().to_vec();
     let sig = good.signatures()[0];
     let env = |parts: Vec<Vec<u8>>| parts.concat();
+    // The four elements: envelope version, record kind, body, signatures.
+    let envelope = |version: u64, kind: u64, body: &[u8], sigs: Vec<u8>| {
+        env(vec![
+            head(4, 4),
+            head(0, version),
+            head(0, kind),
+            head(2, body.len() as u64),
+            body.to_vec(),
+            sigs,
+        ])
+    };
     let sigs = |n: u64| {
         let mut out = head(4, n);
         for _ in 0..n {
@@ -349,74 +360,32 @@ fn envelope_rules_table() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "envelope version 1 (round one)",
-            env(vec![
-                head(4, 4),
-                head(0, 1),
-                head(0, 4),
-                head(2, body.len() as u64),
-                body.clone(),
-                sigs(1),
-            ]),
+            envelope(1, 4, &body, sigs(1)),
             "UnsupportedVersion",
         ),
         (
             "registry kind on a claim",
-            env(vec![
-                head(4, 4),
-                version(),
-                head(0, 2),
-                head(2, body.len() as u64),
-                body.clone(),
-                sigs(1),
-            ]),
+            envelope(FORMAT_VERSION, 2, &body, sigs(1)),
             "WrongKind",
         ),
         (
             "unknown kind",
-            env(vec![
-                head(4, 4),
-                version(),
-                head(0, 99),
-                head(2, body.len() as u64),
-                body.clone(),
-                sigs(1),
-            ]),
+            envelope(FORMAT_VERSION, 99, &body, sigs(1)),
             "WrongKind",
         ),
         (
             "too many signatures",
-            env(vec![
-                head(4, 4),
-                version(),
-                head(0, 4),
-                head(2, body.len() as u64),
-                body.clone(),
-                sigs(over),
-            ]),
+            envelope(FORMAT_VERSION, 4, &body, sigs(over)),
             "TooLong",
         ),
         (
             "63-byte signature",
-            env(vec![
-                head(4, 4),
-                version(),
-                head(0, 4),
-                head(2, body.len() as u64),
-                body.clone(),
-                short_sig,
-            ]),
+            envelope(FORMAT_VERSION, 4, &body, short_sig),
             "WrongLength",
         ),
         (
             "body not canonical",
-            env(vec![
-                head(4, 4),
-                version(),
-                head(0, 4),
-                head(2, body.len() as u64),
-                bad_body,
-                sigs(1),
-            ]),
+            envelope(FORMAT_VERSION, 4, &bad_body, sigs(1)),
             "UnsupportedVersion",
         ),
         (
@@ -444,14 +413,7 @@ fn envelope_rules_table() {
         ),
     ];
     assert_eq!(
-        env(vec![
-            head(4, 4),
-            version(),
-            head(0, 4),
-            head(2, body.len() as u64),
-            body.clone(),
-            sigs(1)
-        ]),
+        envelope(FORMAT_VERSION, 4, &body, sigs(1)),
         good.encode(),
         "the hand-built envelope matches the encoder"
     );

@@ -248,13 +248,20 @@ pub fn cheap_signature_checks<R: Record>(
     Ok(())
 }
 
-fn threshold_met(tally: Tally, threshold: u32, role: KeyRole) -> Result<(), Reject> {
-    if tally.valid >= threshold as usize {
+/// Whether a threshold of `root`'s keys signed `envelope` (`role` names that root in the
+/// rejection).
+fn signed_by_threshold<R: Record>(
+    envelope: &Signed<R>,
+    root: &Root,
+    role: KeyRole,
+) -> Result<(), Reject> {
+    let tally = tally(envelope, &root.keys);
+    if tally.valid >= root.threshold as usize {
         Ok(())
     } else {
         Err(Reject::BelowThreshold {
             role,
-            threshold,
+            threshold: root.threshold,
             tally,
         })
     }
@@ -275,11 +282,7 @@ fn initial_root(bytes: &[u8]) -> Result<Decision<Signed<Root>>, Reject> {
         let offered = Signed::<Root>::decode(bytes)?;
         let root = offered.record();
         cheap_signature_checks(&offered, &root.keys)?;
-        threshold_met(
-            tally(&offered, &root.keys),
-            root.threshold,
-            KeyRole::Offered,
-        )?;
+        signed_by_threshold(&offered, root, KeyRole::Offered)?;
         Ok(Decision::Accept(offered))
     }
 }
@@ -308,7 +311,7 @@ fn root_update(trusted: &Signed<Root>, bytes: &[u8]) -> Result<Decision<Signed<R
         // Signed by the old keys and the new ones: the envelope may carry both sets.
         let both: BTreeSet<PublicKey> = old.keys.iter().chain(&new.keys).copied().collect();
         cheap_signature_checks(&offered, &both.into_iter().collect::<Vec<_>>())?;
-        threshold_met(tally(&offered, &old.keys), old.threshold, KeyRole::Trusted)?;
+        signed_by_threshold(&offered, old, KeyRole::Trusted)?;
         if new.version == old.version {
             return Err(Reject::Equivocation {
                 version: new.version,
@@ -322,7 +325,7 @@ fn root_update(trusted: &Signed<Root>, bytes: &[u8]) -> Result<Decision<Signed<R
                 offered: new.version,
             });
         }
-        threshold_met(tally(&offered, &new.keys), new.threshold, KeyRole::Offered)?;
+        signed_by_threshold(&offered, new, KeyRole::Offered)?;
         Ok(Decision::Accept(offered))
     }
 }
@@ -356,11 +359,7 @@ fn registry_update(
             return Ok(Decision::Unchanged);
         }
         cheap_signature_checks(&offered, &root.keys)?;
-        threshold_met(
-            tally(&offered, &root.keys),
-            root.threshold,
-            KeyRole::Trusted,
-        )?;
+        signed_by_threshold(&offered, root, KeyRole::Trusted)?;
         let new = offered.record();
         if let Some(current) = &trusted.registry {
             let old = current.record();

@@ -1,10 +1,15 @@
 //! Keys, records and store helpers shared by the tests.
 
 use btm_protocol::*;
-use btm_registry::{Store, maintainer};
+use btm_registry::{Decision, Store, StoreError, maintainer};
 
 pub const NOW: u64 = 1_800_000_000;
 pub const LATER: u64 = 1_900_000_000;
+
+/// Whether the store accepted a change (it must not fail).
+pub fn accepted<T>(decision: Result<Decision<T>, StoreError>) -> bool {
+    matches!(decision.unwrap(), Decision::Accept(_))
+}
 
 pub fn key(i: u32) -> SigningKey {
     test_key(&format!("btm test key {i}"))

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use btm_protocol::*;
 use btm_registry::maintainer::{self, MaintainerError, RegistryInit};
-use btm_registry::{Decision, KeyRole, Reject, Store};
+use btm_registry::{KeyRole, Reject, Store};
 
 use crate::common::*;
 
@@ -110,17 +110,11 @@ fn three_maintainers_publish_a_registry() {
     // A node accepts what the maintainers published.
     let db = tempfile::tempdir().unwrap();
     let mut store = Store::open(db.path().join("node.db")).unwrap();
-    assert!(matches!(
-        store
-            .init_root(&std::fs::read(&root_path).unwrap(), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.init_root(&std::fs::read(&root_path).unwrap(), NOW)
     ));
-    assert!(matches!(
-        store
-            .update_registry(&std::fs::read(&draft).unwrap(), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.update_registry(&std::fs::read(&draft).unwrap(), NOW)
     ));
 
     // v2 continues from v1 and accepts an ELM trained on the seed.
@@ -159,11 +153,8 @@ fn three_maintainers_publish_a_registry() {
             offered: 1
         })
     );
-    assert!(matches!(
-        store
-            .update_registry(&std::fs::read(&v2).unwrap(), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.update_registry(&std::fs::read(&v2).unwrap(), NOW)
     ));
 
     let summary = maintainer::show(&v2).unwrap();

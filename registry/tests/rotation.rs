@@ -33,43 +33,19 @@ fn rotation_table() {
             "only new keys sign",
             root(2, &[3, 4], 2),
             vec![3, 4],
-            Some(|r| {
-                matches!(
-                    r,
-                    Reject::BelowThreshold {
-                        role: KeyRole::Trusted,
-                        ..
-                    }
-                )
-            }),
+            Some(|r| below_threshold(r, KeyRole::Trusted)),
         ),
         (
             "only old keys sign",
             root(2, &[3, 4], 2),
             vec![0, 1],
-            Some(|r| {
-                matches!(
-                    r,
-                    Reject::BelowThreshold {
-                        role: KeyRole::Offered,
-                        ..
-                    }
-                )
-            }),
+            Some(|r| below_threshold(r, KeyRole::Offered)),
         ),
         (
             "one old key and the new ones",
             root(2, &[0, 3, 4], 2),
             vec![0, 3, 4],
-            Some(|r| {
-                matches!(
-                    r,
-                    Reject::BelowThreshold {
-                        role: KeyRole::Trusted,
-                        ..
-                    }
-                )
-            }),
+            Some(|r| below_threshold(r, KeyRole::Trusted)),
         ),
         (
             "skips a version",
@@ -110,10 +86,7 @@ fn rotation_table() {
 fn after_rotation_only_new_keys_sign_registries() {
     let (_dir, mut store) = store();
     let v2 = signed(root(2, &[1, 2, 3], 2), &[0, 1, 3]).encode();
-    assert!(matches!(
-        store.update_root(&v2, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.update_root(&v2, NOW)));
     // Key 0 was removed: its signature no longer counts.
     let by_old = signed(registry(6, "v6"), &[0, 1]).encode();
     let r = store.update_registry(&by_old, NOW).unwrap();
@@ -122,10 +95,7 @@ fn after_rotation_only_new_keys_sign_registries() {
         "{r:?}"
     );
     let by_new = signed(registry(6, "v6"), &[3, 1]).encode();
-    assert!(matches!(
-        store.update_registry(&by_new, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.update_registry(&by_new, NOW)));
     // The old root is a rollback now, and the new one is unchanged.
     let v1 = signed(root(1, &[0, 1, 2], 2), &[0, 1]).encode();
     assert_eq!(
@@ -138,10 +108,7 @@ fn after_rotation_only_new_keys_sign_registries() {
     assert_eq!(store.update_root(&v2, NOW).unwrap(), Decision::Unchanged);
     // A chain: v3 signed by v2's keys and its own.
     let v3 = signed(root(3, &[3, 4, 5], 2), &[1, 3, 4]).encode();
-    assert!(matches!(
-        store.update_root(&v3, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.update_root(&v3, NOW)));
     assert_eq!(store.trusted().unwrap().unwrap().root.record().version, 3);
     // The chain a node on v1 walks: every accepted root, oldest first.
     let chain: Vec<u64> = store
@@ -174,12 +141,14 @@ fn a_first_root_must_be_self_signed() {
         Err(btm_registry::StoreError::NoRoot)
     ));
     let ok = signed(root(1, &[0, 1, 2], 2), &[0, 2]).encode();
-    assert!(matches!(
-        store.init_root(&ok, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.init_root(&ok, NOW)));
     assert!(matches!(
         store.init_root(&ok, NOW),
         Err(btm_registry::StoreError::AlreadyInitialised(1))
     ));
+}
+
+/// Whether `r` is "too few signatures by the `role` root's keys".
+fn below_threshold(r: &Reject, role: KeyRole) -> bool {
+    matches!(r, Reject::BelowThreshold { role: got, .. } if *got == role)
 }

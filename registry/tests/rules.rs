@@ -43,29 +43,11 @@ fn claims_stale_quota_unknown_expired() {
         offer(claim(2, "zz", 300), 100),
         Err(Reject::UnknownDomain("zz".into()))
     );
-    assert_eq!(
-        offer(claim(2, "legal", 90), 100),
-        Err(Reject::LeaseExpired {
-            lease_expires: 90,
-            now: 100
-        })
-    );
-    assert_eq!(
-        offer(claim(2, "legal", 100), 100),
-        Err(Reject::LeaseExpired {
-            lease_expires: 100,
-            now: 100
-        })
-    );
+    assert_eq!(offer(claim(2, "legal", 90), 100), lapsed(90, 100));
+    assert_eq!(offer(claim(2, "legal", 100), 100), lapsed(100, 100));
     // After the leases end the quota is free again, and an ended lease is no renewal.
     assert_eq!(offer(claim(1, "math", 900), 400), Ok(ClaimFit::New));
-    assert_eq!(
-        offer(claim(1, "legal", 250), 400),
-        Err(Reject::LeaseExpired {
-            lease_expires: 250,
-            now: 400
-        })
-    );
+    assert_eq!(offer(claim(1, "legal", 250), 400), lapsed(250, 400));
     assert_eq!(offer(claim(1, "legal", 900), 400), Ok(ClaimFit::New));
 }
 
@@ -325,4 +307,9 @@ fn claims_renew_only_with_progress_and_are_capped() {
             max: 3600
         })
     );
+}
+
+/// The rejection of a claim whose lease ended at `lease_expires`, offered at `now`.
+fn lapsed(lease_expires: u64, now: u64) -> Result<ClaimFit, Reject> {
+    Err(Reject::LeaseExpired { lease_expires, now })
 }

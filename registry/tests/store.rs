@@ -10,10 +10,7 @@ use crate::common::*;
 fn rollback_protection_survives_a_restart() {
     let (dir, mut store) = store();
     let v6 = signed(registry(6, "v6"), &[0, 1]).encode();
-    assert!(matches!(
-        store.update_registry(&v6, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.update_registry(&v6, NOW)));
     drop(store);
     let mut store = Store::open(dir.path().join("node.db")).unwrap();
     let v5 = signed(registry(5, "v5"), &[0, 1]).encode();
@@ -49,10 +46,7 @@ fn an_io_error_mid_transaction_leaves_nothing_half_written() {
         "the registries row was rolled back with the failed update"
     );
     conn.execute_batch("DROP TRIGGER fail;").unwrap();
-    assert!(matches!(
-        store.update_registry(&v6, NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.update_registry(&v6, NOW)));
 }
 
 #[test]
@@ -99,11 +93,8 @@ fn signed_claim(node: u32, domain: &str, lease: u64) -> Vec<u8> {
 #[test]
 fn claims() {
     let (_dir, mut store) = store();
-    assert!(matches!(
-        store
-            .put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.put_claim(&signed_claim(3, "legal", NOW + 100), NOW)
     ));
     assert_eq!(
         store
@@ -133,17 +124,11 @@ fn claims() {
         );
     }
     assert_eq!(dump(&store), before);
-    assert!(matches!(
-        store
-            .put_claim(&signed_claim(3, "legal", NOW + 200), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.put_claim(&signed_claim(3, "legal", NOW + 200), NOW)
     ));
-    assert!(matches!(
-        store
-            .put_claim(&signed_claim(4, "legal", NOW + 200), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.put_claim(&signed_claim(4, "legal", NOW + 200), NOW)
     ));
     assert_eq!(store.claims("legal", NOW).unwrap().len(), 2);
     assert_eq!(store.claims("legal", NOW + 200).unwrap().len(), 0);
@@ -157,19 +142,14 @@ fn claim_flood_from_one_node_hits_its_quota() {
     reg.domains = (0..MAX_CLAIMS_PER_NODE + 1)
         .map(|i| domain(&format!("d{i:03}")))
         .collect();
-    assert!(matches!(
-        store
-            .update_registry(&signed(reg, &[0, 1]).encode(), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.update_registry(&signed(reg, &[0, 1]).encode(), NOW)
     ));
     for i in 0..MAX_CLAIMS_PER_NODE {
-        assert!(matches!(
-            store
-                .put_claim(&signed_claim(3, &format!("d{i:03}"), NOW + 3600), NOW)
-                .unwrap(),
-            Decision::Accept(_)
-        ));
+        assert!(accepted(store.put_claim(
+            &signed_claim(3, &format!("d{i:03}"), NOW + 3600),
+            NOW
+        )));
     }
     let last = signed_claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), NOW + 3600);
     assert_eq!(
@@ -179,11 +159,8 @@ fn claim_flood_from_one_node_hits_its_quota() {
         })
     );
     // Another node is not affected.
-    assert!(matches!(
-        store
-            .put_claim(&signed_claim(4, "d000", NOW + 3600), NOW)
-            .unwrap(),
-        Decision::Accept(_)
+    assert!(accepted(
+        store.put_claim(&signed_claim(4, "d000", NOW + 3600), NOW)
     ));
 }
 
@@ -216,10 +193,7 @@ fn elm_records_and_attestations() {
             .rejection(),
         Some(&Reject::UnknownElm(record.id()))
     );
-    assert!(matches!(
-        store.put_elm(&record.encode(), NOW).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.put_elm(&record.encode(), NOW)));
     assert_eq!(
         store.put_elm(&record.encode(), NOW).unwrap(),
         Decision::Unchanged
@@ -245,14 +219,8 @@ fn elm_records_and_attestations() {
         record.record()
     );
 
-    assert!(matches!(
-        store.put_attestation(&att(4, record.id())).unwrap(),
-        Decision::Accept(_)
-    ));
-    assert!(matches!(
-        store.put_attestation(&att(5, record.id())).unwrap(),
-        Decision::Accept(_)
-    ));
+    assert!(accepted(store.put_attestation(&att(4, record.id()))));
+    assert!(accepted(store.put_attestation(&att(5, record.id()))));
     let forged = {
         let mut env = Signed::new(Attestation {
             verifier: pk(6),

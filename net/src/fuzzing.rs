@@ -1,13 +1,10 @@
 //! Fuzz checks for btm-net's decoders of untrusted bytes: each feeds arbitrary bytes to a
-//! decoder and asserts its invariants, panicking when one breaks.
-//!
-//! This file is a module of two crates (by `#[path]`): the `fuzz/heavy` cargo-fuzz package and
-//! btm-net's integration tests (`net/tests/fuzz_replay.rs`, which replays the committed
-//! corpora in CI). It lives here rather than as `btm_net::fuzzing` only because `net/src` was
-//! being edited by someone else when it was written; moving it there is a rename.
+//! decoder and asserts its invariants, panicking when one breaks. The cargo-fuzz targets in
+//! `fuzz/heavy` call these, and the corpus replay test (`tests/fuzz_replay.rs`) runs every
+//! committed corpus file through them. Not a stable API.
 
-use btm_net::addr::{AddrRecord, MAX_ADDRS, MAX_ENTRY, MAX_LEN};
-use btm_net::{NetworkId, ProviderKey, RecordKey, Topic};
+use crate::addr::{AddrRecord, MAX_ADDRS, MAX_ENTRY, MAX_LEN};
+use crate::{NetworkId, ProviderKey, RecordKey, Topic};
 use btm_protocol::{ContentId, PublicKey, SigningKey};
 
 /// The network whose keys the `record_key` corpus holds.
@@ -61,11 +58,11 @@ pub fn record_key(data: &[u8]) {
     }
 }
 
-/// [`btm_net::verify::parse_documents`] (validation data blobs, JSONL or zstd) and the model's
+/// [`crate::verify::parse_documents`] (validation data blobs, JSONL or zstd) and the model's
 /// corpus reader ([`btm_model::fuzzing::documents`]): no panic; decompression bounded; every
 /// document round-trips through JSON.
 pub fn documents(data: &[u8]) {
-    if let Ok(docs) = btm_net::verify::parse_documents(data) {
+    if let Ok(docs) = crate::verify::parse_documents(data) {
         let mut total = 0u64;
         for d in &docs {
             total += (d.id.len() + d.text.len()) as u64;
@@ -74,7 +71,7 @@ pub fn documents(data: &[u8]) {
                 serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&again, d);
         }
-        assert!(total <= btm_net::verify::MAX_DATA_BYTES);
+        assert!(total <= crate::verify::MAX_DATA_BYTES);
     }
     btm_model::fuzzing::documents(data);
 }

@@ -1,0 +1,125 @@
+//! btm-testkit: what the integration tests of btm-net (`net/tests/`) and btm-roles
+//! (`node/tests/`) share: a one-key test root, the tiny test architecture, nodes on loopback
+//! with short timeouts, and waits that poll a condition instead of sleeping a fixed time. Test
+//! support only (`publish = false`); each crate's own fixtures (models, data, registries) stay
+//! in its `tests/common.rs`.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use btm_model::GptConfig;
+use btm_model::device::DeviceKind;
+use btm_net::{Node, NodeConfig};
+use btm_protocol::{PublicKey, Registry, Root, Signed, SigningKey};
+use burn::tensor::Device;
+
+/// The first root of a test network, encoded: `maintainer` alone (threshold 1), valid a year.
+pub fn root(maintainer: &SigningKey) -> Vec<u8> {
+    let mut root = Signed::new(Root {
+        version: 1,
+        expires: btm_net::limits::now_secs() + 365 * 86400,
+        threshold: 1,
+        keys: vec![PublicKey::of(maintainer)],
+    });
+    root.sign(maintainer);
+    root.encode()
+}
+
+/// The tiny GPT of the tests (one layer, two heads, 32 positions) for a tokenizer of
+/// `vocab_size` tokens, `d_model` wide.
+pub fn tiny_gpt(vocab_size: usize, d_model: usize) -> GptConfig {
+    GptConfig {
+        vocab_size,
+        n_ctx: 32,
+        d_model,
+        n_heads: 2,
+        n_layers: 1,
+    }
+}
+
+/// The CPU device.
+///
+/// # Panics
+/// When the CPU backend cannot start.
+pub fn cpu() -> Device {
+    match DeviceKind::Cpu.device() {
+        Ok(d) => d,
+        Err(e) => panic!("the CPU device: {e}"),
+    }
+}
+
+/// A loopback node in `dir` on the network of `root`, with timeouts short enough for tests.
+pub fn loopback_config(dir: &Path, root: Vec<u8>) -> NodeConfig {
+    let mut c = NodeConfig::loopback(dir, root);
+    c.swarm.query_timeout = Duration::from_secs(10);
+    c.blobs.connect_timeout = Duration::from_secs(5);
+    c.blobs.stall_timeout = Duration::from_secs(10);
+    c.call_timeout = Duration::from_secs(30);
+    c
+}
+
+/// Starts a node and waits until its listeners are up (two addresses reported: TCP and QUIC).
+///
+/// # Panics
+/// When the node does not start or does not listen within 10 seconds.
+pub async fn start(config: NodeConfig) -> Node {
+    let node = match Node::start(config).await {
+        Ok(n) => n,
+        Err(e) => panic!("starting a node: {e}"),
+    };
+    let n = node.clone();
+    wait_for("listen addresses", Duration::from_secs(10), move || {
+        let n = n.clone();
+        async move { n.listen_addrs().await.is_ok_and(|a| a.len() >= 2) }
+    })
+    .await;
+    node
+}
+
+/// Polls `check` until it holds.
+///
+/// # Panics
+/// When it still does not hold after `timeout` (a failed test).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`wait_for`] `check(node)` on each of `nodes` in turn.
+pub async fn wait_each<F, Fut>(what: &str, timeout: Duration, nodes: &[Node], check: F)
+where
+    F: Fn(Node) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for n in nodes {
+        wait_for(what, timeout, || check(n.clone())).await;
+    }
+}
+
+/// Waits until each of `nodes` trusts a registry for which `holds` is true.
+pub async fn wait_registry_where(
+    what: &str,
+    timeout: Duration,
+    nodes: &[Node],
+    holds: impl Fn(&Registry) -> bool + Copy,
+) {
+    wait_each(what, timeout, nodes, |n| async move {
+        n.registry()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| holds(r.record()))
+    })
+    .await;
+}

@@ -14,7 +14,6 @@ use crate::net::{Say, StatusFile, short};
 pub fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::WaitingForRegistry => "waiting for the registry",
-        Phase::WaitingForDomain => "waiting for a free domain",
         Phase::AddingBlobs => "adding blobs",
         Phase::Downloading => "downloading",
         Phase::Training => "training",
@@ -114,9 +113,6 @@ impl Reporter {
                     self.finish_bar();
                 }
                 match phase {
-                    Phase::WaitingForDomain => self.line(
-                        "every domain without an ELM is claimed; waiting for a lease to lapse",
-                    ),
                     Phase::Serving => {
                         self.line("serving blobs and verifying other ELMs (Ctrl-C to stop)")
                     }

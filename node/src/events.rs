@@ -15,8 +15,6 @@ use serde::Serialize;
 pub enum Phase {
     /// Waiting for a registry with a seed to reach the node.
     WaitingForRegistry,
-    /// Every open domain is claimed; waiting for a lease to lapse.
-    WaitingForDomain,
     /// Adding the seed and the domains' data as blobs (maintainers).
     AddingBlobs,
     /// Downloading the seed, the tokenizer, data or parents.

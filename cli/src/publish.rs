@@ -64,6 +64,17 @@ pub struct PublishArgs {
     /// Verify announced ELMs and accept the ones that pass into a new registry version.
     #[arg(long)]
     accept_verified: bool,
+    /// Share of each domain's training documents withheld as the maintainers' verification
+    /// pool (never published; acceptance is decided on it). 0: none.
+    #[arg(long, default_value_t = btm_roles::maintainer::DEFAULT_WITHHELD_SHARE)]
+    withheld_share: f64,
+    /// Acceptance: how far below the seed's an ELM's withheld-data perplexity must be (ppm).
+    #[arg(long, default_value_t = btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM)]
+    min_gain_ppm: u32,
+    /// Acceptance: the largest ratio of withheld-data to public-data perplexity (ppm); more
+    /// means the ELM memorised the public split.
+    #[arg(long, default_value_t = btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM)]
+    max_memorisation_ppm: u32,
 }
 
 pub fn run_seed(cmd: SeedCmd, json: bool) -> Result<()> {
@@ -140,6 +151,9 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
         tolerance_ppm: a.tolerance_ppm,
         expires_days: a.expires_days,
         accept_verified: a.accept_verified,
+        withheld_share: a.withheld_share,
+        min_gain_ppm: a.min_gain_ppm,
+        max_memorisation_ppm: a.max_memorisation_ppm,
     });
     net::runtime()?.block_on(net::run_node(
         &settings,

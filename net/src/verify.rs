@@ -49,9 +49,67 @@ pub enum Failure {
     /// Step 5: no better than the seed on its own domain.
     #[error("perplexity {measured:.3} is not below the seed's {seed:.3} on its domain")]
     WorseThanSeed { measured: f64, seed: f64 },
+    /// Acceptance: on the maintainers' withheld pool the ELM does not beat the seed by the
+    /// registry's margin.
+    #[error(
+        "on withheld data perplexity {withheld:.3} is not {margin_ppm} ppm below the seed's {seed:.3}"
+    )]
+    NoGainOnWithheld {
+        withheld: f64,
+        seed: f64,
+        margin_ppm: u32,
+    },
+    /// Acceptance: far better on the public `valid` split than on withheld data (trained on,
+    /// or memorised, the public split).
+    #[error(
+        "withheld perplexity {withheld:.3} is {ratio:.3}x the public one {public:.3} (at most {max:.3}x): memorised the public split"
+    )]
+    Memorised {
+        withheld: f64,
+        public: f64,
+        ratio: f64,
+        max: f64,
+    },
     /// Our side failed (unreadable validation data, a tokenizer that does not load): no verdict.
     #[error("cannot verify: {0}")]
     Local(String),
+}
+
+/// The figures acceptance rests on: perplexities of the ELM on the public `valid` split and on
+/// windows sampled afresh from the withheld pool, and the seed's on the same windows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WithheldCheck {
+    pub public_ppl: f64,
+    pub withheld_ppl: f64,
+    pub seed_withheld_ppl: f64,
+    /// Tokens scored on the withheld pool.
+    pub tokens: u64,
+}
+
+/// Acceptance's rule, alone (specs/network.md, "Acceptance"): the ELM's withheld perplexity is
+/// below the seed's by `min_gain_ppm` (strictly below when 0), and at most
+/// `max_memorisation_ppm / 1e6` times its public one.
+pub fn judge_withheld(eval: &btm_protocol::EvalSettings, c: &WithheldCheck) -> Result<(), Failure> {
+    let margin = f64::from(eval.min_gain_ppm) / 1e6;
+    let bound = c.seed_withheld_ppl * (1.0 - margin);
+    if !c.withheld_ppl.is_finite() || c.withheld_ppl >= bound {
+        return Err(Failure::NoGainOnWithheld {
+            withheld: c.withheld_ppl,
+            seed: c.seed_withheld_ppl,
+            margin_ppm: eval.min_gain_ppm,
+        });
+    }
+    let max = f64::from(eval.max_memorisation_ppm) / 1e6;
+    let ratio = c.withheld_ppl / c.public_ppl;
+    if !ratio.is_finite() || ratio > max {
+        return Err(Failure::Memorised {
+            withheld: c.withheld_ppl,
+            public: c.public_ppl,
+            ratio,
+            max,
+        });
+    }
+    Ok(())
 }
 
 impl Failure {
@@ -188,6 +246,79 @@ impl Verifier {
 
     fn perplexity(&self, model: &Gpt, tokens: &[u32], block_size: u32) -> Result<f64, Failure> {
         perplexity(model, tokens, block_size, self.batch, &self.device)
+    }
+
+    /// Acceptance's measurement (maintainers only): checks the weights as [`Verifier::measure`]
+    /// does and scores them on the public `valid` split and on windows of the withheld pool
+    /// (`withheld`, which must hash to the registry's commitment), sampled afresh from
+    /// `sample_seed`: as many windows of `block_size + 1` tokens as `max_eval_tokens` allows,
+    /// at random positions. The seed is scored on the same windows.
+    pub fn measure_withheld(
+        &mut self,
+        registry: &Registry,
+        domain: &str,
+        weights: &[u8],
+        valid_data: &[u8],
+        withheld: &[u8],
+        sample_seed: u64,
+    ) -> Result<WithheldCheck, Failure> {
+        use rand::{Rng, SeedableRng};
+        let public = self.measure(registry, domain, weights, valid_data)?;
+        let d = registry
+            .domain(domain)
+            .ok_or_else(|| Failure::Record(Reject::UnknownDomain(domain.to_string())))?;
+        let ev = d.eval;
+        match ev.withheld {
+            Some(id) if id == ContentId::of(withheld) => {}
+            Some(_) => {
+                return Err(Failure::Local(
+                    "the withheld pool does not match the registry's commitment".into(),
+                ));
+            }
+            None => {
+                return Err(Failure::Local(format!(
+                    "the registry commits to no withheld pool for {domain}"
+                )));
+            }
+        }
+        let docs = parse_documents(withheld).map_err(Failure::Local)?;
+        let (pool, _) = btm_model::data::tokenize_documents(&self.tokenizer, &docs, None)
+            .map_err(|e| Failure::Local(e.to_string()))?;
+        let block = (ev.block_size as usize).clamp(1, self.config.n_ctx);
+        if pool.len() < block + 1 {
+            return Err(Failure::Local(format!(
+                "the withheld pool has {} tokens, fewer than one window of {}",
+                pool.len(),
+                block + 1
+            )));
+        }
+        let windows = (usize::try_from(ev.max_eval_tokens).unwrap_or(usize::MAX) / block).max(1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed);
+        let starts: Vec<usize> = (0..windows)
+            .map(|_| rng.random_range(0..=pool.len() - block - 1))
+            .collect();
+        let (cfg, tensors) = btm_model::weights::parse(weights, Some(&self.config))
+            .map_err(|e| Failure::Weights(e.to_string()))?;
+        let model = btm_model::weights::from_named_tensors(&cfg, tensors, &self.device)
+            .map_err(|e| Failure::Weights(e.to_string()))?;
+        let score = |m: &Gpt| -> Result<f64, Failure> {
+            let mut nll = 0.0;
+            let mut n = 0usize;
+            for &s in &starts {
+                let lp =
+                    btm_model::eval::token_logprobs(m, &pool[s..s + block + 1], 1, &self.device)
+                        .map_err(|e| Failure::Local(e.to_string()))?;
+                nll -= lp.iter().sum::<f64>();
+                n += lp.len();
+            }
+            Ok((nll / n.max(1) as f64).exp())
+        };
+        Ok(WithheldCheck {
+            public_ppl: public.ppl,
+            withheld_ppl: score(&model)?,
+            seed_withheld_ppl: score(&self.seed_model)?,
+            tokens: (starts.len() * block) as u64,
+        })
     }
 
     /// Steps 2-5 for a record that passed step 1, given its weights bytes and the domain's

@@ -3,8 +3,9 @@
 //! and keeps serving; with `accept_verified` it verifies announced ELMs itself and accepts the
 //! ones that pass into a new registry version.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
@@ -103,6 +104,44 @@ pub struct MaintainerConfig {
     pub expires_days: u64,
     /// Verify announced ELMs and accept the ones that pass into a new registry version.
     pub accept_verified: bool,
+    /// Share of each domain's training documents withheld as the verification pool (carved
+    /// out before any blob is made, never published; the registry commits to its hash).
+    /// 0: no pool (acceptance then rests on public data).
+    pub withheld_share: f64,
+    /// Acceptance: how far below the seed's the ELM's withheld perplexity must be (ppm).
+    pub min_gain_ppm: u32,
+    /// Acceptance: the most withheld/public perplexity ratio (ppm; memorisation check).
+    pub max_memorisation_ppm: u32,
+}
+
+/// Defaults of the acceptance settings: beat the seed by 1% on withheld data, and be at most
+/// 1.25x worse there than on the public `valid` split.
+pub const DEFAULT_WITHHELD_SHARE: f64 = 0.1;
+pub const DEFAULT_MIN_GAIN_PPM: u32 = 10_000;
+pub const DEFAULT_MAX_MEMORISATION_PPM: u32 = 1_250_000;
+
+/// Splits a domain's training data (JSONL, optionally zstd) into the documents published for
+/// training and the withheld verification pool: the last `share` of the documents (at least
+/// one), both as JSONL. `None` when there are fewer than 4 documents or `share` is 0.
+pub fn carve_withheld(
+    train: &[u8],
+    share: f64,
+) -> std::result::Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+    let docs = btm_net::verify::parse_documents(train)?;
+    if docs.len() < 4 || share <= 0.0 || !share.is_finite() {
+        return Ok(None);
+    }
+    let k = ((docs.len() as f64 * share.min(0.5)).round() as usize).clamp(1, docs.len() - 1);
+    let jsonl = |d: &[btm_model::data::Document]| -> Vec<u8> {
+        let mut out = String::new();
+        for doc in d {
+            out.push_str(&serde_json::json!({"id": doc.id, "text": doc.text}).to_string());
+            out.push('\n');
+        }
+        out.into_bytes()
+    };
+    let (kept, withheld) = docs.split_at(docs.len() - k);
+    Ok(Some((jsonl(kept), jsonl(withheld))))
 }
 
 /// What `publish` put on the network.
@@ -116,6 +155,8 @@ pub struct Published {
 #[derive(Debug, Clone)]
 pub struct Maintainer {
     config: MaintainerConfig,
+    /// Each domain's withheld pool (JSONL bytes), kept in memory only.
+    withheld: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
 }
 
 async fn offer(node: &Node, env: &[u8]) -> Result<()> {
@@ -138,7 +179,15 @@ fn sign(registry: Registry, keys: &[SigningKey]) -> Signed<Registry> {
 
 impl Maintainer {
     pub fn new(config: MaintainerConfig) -> Maintainer {
-        Maintainer { config }
+        Maintainer {
+            config,
+            withheld: Arc::default(),
+        }
+    }
+
+    /// The withheld pool of `domain`, if this maintainer carved one.
+    pub fn withheld(&self, domain: &str) -> Option<Vec<u8>> {
+        self.withheld.lock().ok()?.get(domain).cloned()
     }
 
     /// Adds the seed and the domains' data as blobs, publishes rotated roots and the registry.
@@ -177,7 +226,10 @@ impl Maintainer {
                 .collect(),
             None => c.domains.iter().map(|d| d.name.clone()).collect(),
         };
-        let ids = self.add_domain_blobs(node, &names).await?;
+        // Carve withheld pools only when this maintainer builds the registry (a signed registry
+        // file already names its data).
+        let carve = c.registry.is_none();
+        let ids = self.add_domain_blobs(node, &names, carve).await?;
         let envelope = match &c.registry {
             Some(env) => {
                 if env.record().seed.as_ref() != Some(&seed) {
@@ -195,17 +247,22 @@ impl Maintainer {
                 let mut domains: Vec<Domain> = names
                     .iter()
                     .zip(ids)
-                    .map(|(n, [train, valid, test])| Domain {
+                    .map(|(n, ([train, valid, test], withheld))| Domain {
                         name: n.clone(),
                         description: format!("{n} (bundled btm corpus)"),
                         train,
                         valid,
                         test,
-                        eval: EvalSettings::public(
-                            seed.architecture.context,
-                            c.eval_tokens,
-                            c.tolerance_ppm,
-                        ),
+                        eval: EvalSettings {
+                            min_gain_ppm: c.min_gain_ppm,
+                            max_memorisation_ppm: c.max_memorisation_ppm,
+                            withheld,
+                            ..EvalSettings::public(
+                                seed.architecture.context,
+                                c.eval_tokens,
+                                c.tolerance_ppm,
+                            )
+                        },
                     })
                     .collect();
                 domains.sort_by(|x, y| x.name.cmp(&y.name));
@@ -238,8 +295,15 @@ impl Maintainer {
         Ok(Published { version, seed })
     }
 
-    /// Each domain's train, valid and test splits as blobs (from the config's files by name).
-    async fn add_domain_blobs(&self, node: &Node, names: &[String]) -> Result<Vec<[ContentId; 3]>> {
+    /// Each domain's train, valid and test splits as blobs (from the config's files by name),
+    /// and, with `carve`, the commitment to its withheld pool (carved out of the training data
+    /// before the training blob is made; the pool itself is kept here, never added as a blob).
+    async fn add_domain_blobs(
+        &self,
+        node: &Node,
+        names: &[String],
+        carve: bool,
+    ) -> Result<Vec<([ContentId; 3], Option<ContentId>)>> {
         let mut out = Vec::new();
         for n in names {
             let files = self
@@ -258,13 +322,35 @@ impl Maintainer {
                         .join(", "),
                 })?;
             let mut ids = [ContentId([0; 32]); 3];
+            let mut commitment = None;
             for (i, path) in [&files.train, &files.valid, &files.test]
                 .into_iter()
                 .enumerate()
             {
-                ids[i] = node.add_blob_path(path).await?;
+                let carved = if i == 0 && carve && self.config.withheld_share > 0.0 {
+                    let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
+                    carve_withheld(&bytes, self.config.withheld_share).map_err(|why| {
+                        Error::Data {
+                            domain: n.clone(),
+                            what: "training data",
+                            why,
+                        }
+                    })?
+                } else {
+                    None
+                };
+                ids[i] = match carved {
+                    Some((train, withheld)) => {
+                        commitment = Some(ContentId::of(&withheld));
+                        if let Ok(mut w) = self.withheld.lock() {
+                            w.insert(n.clone(), withheld);
+                        }
+                        node.add_blob(train).await?
+                    }
+                    None => node.add_blob_path(path).await?,
+                };
             }
-            out.push(ids);
+            out.push((ids, commitment));
         }
         Ok(out)
     }
@@ -319,6 +405,56 @@ impl Maintainer {
         Ok(())
     }
 
+    /// Scores an ELM on its domain's withheld pool (windows sampled afresh) and judges it by
+    /// the registry's acceptance settings. `Ok(None)`: the domain has no pool this maintainer
+    /// holds.
+    pub async fn check_withheld(
+        &self,
+        node: &Node,
+        registry: &Registry,
+        elm: &btm_protocol::ElmRecord,
+    ) -> std::result::Result<Option<btm_net::verify::WithheldCheck>, String> {
+        let Some(domain) = registry.domain(&elm.domain).cloned() else {
+            return Err(format!("unknown domain {}", elm.domain));
+        };
+        let (Some(_), Some(pool)) = (domain.eval.withheld, self.withheld(&elm.domain)) else {
+            return Ok(None);
+        };
+        let seed = registry.seed.clone().ok_or("the registry has no seed")?;
+        let max = btm_model::weights::MAX_FILE_BYTES;
+        let weights = node
+            .blobs()
+            .read(&elm.weights, max)
+            .await
+            .map_err(|e| format!("the ELM's weights: {e}"))?;
+        let valid = node
+            .blobs()
+            .read(&domain.valid, max)
+            .await
+            .map_err(|e| format!("the public split: {e}"))?;
+        let (seed_weights, tokenizer) = (
+            self.config.seed.weights.clone(),
+            self.config.seed.tokenizer.clone(),
+        );
+        let registry = registry.clone();
+        let name = elm.domain.clone();
+        let sample: u64 = rand::random();
+        tokio::task::spawn_blocking(move || {
+            let device = btm_model::device::DeviceKind::Cpu
+                .device()
+                .map_err(|e| e.to_string())?;
+            let mut v = btm_net::verify::Verifier::new(&seed, &seed_weights, &tokenizer, device)
+                .map_err(|e| e.to_string())?;
+            let m = v
+                .measure_withheld(&registry, &name, &weights, &valid, &pool, sample)
+                .map_err(|e| e.to_string())?;
+            btm_net::verify::judge_withheld(&domain.eval, &m).map_err(|e| e.to_string())?;
+            Ok(Some(m))
+        })
+        .await
+        .map_err(|e| format!("the withheld check: {e}"))?
+    }
+
     /// A new registry version with these verified ELM records accepted (those whose domain is
     /// in the registry and whose parents are the seed or accepted ELMs).
     pub async fn accept(
@@ -349,6 +485,27 @@ impl Maintainer {
             if let Err(r) = fits {
                 events.note(format!("not accepting ELM {}: {r}", short(&id.0)));
                 continue;
+            }
+            // Acceptance rests on the withheld pool, which the trainer never had.
+            match self.check_withheld(node, &reg, e).await {
+                Ok(Some(m)) => events.note(format!(
+                    "ELM {} on {}'s withheld pool: perplexity {:.3} (seed {:.3}, public split {:.3}, {} tokens)",
+                    short(&id.0),
+                    e.domain,
+                    m.withheld_ppl,
+                    m.seed_withheld_ppl,
+                    m.public_ppl,
+                    m.tokens
+                )),
+                Ok(None) => events.note(format!(
+                    "ELM {}: {} has no withheld pool here; accepting on public data only",
+                    short(&id.0),
+                    e.domain
+                )),
+                Err(why) => {
+                    events.note(format!("not accepting ELM {}: {why}", short(&id.0)));
+                    continue;
+                }
             }
             reg.elms.push(AcceptedElm {
                 record: *id,

@@ -96,6 +96,9 @@ impl Fixture {
             tolerance_ppm: 10_000,
             expires_days: 1,
             accept_verified: true,
+            withheld_share: btm_roles::maintainer::DEFAULT_WITHHELD_SHARE,
+            min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
+            max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
         }
     }
 }

@@ -198,3 +198,150 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
         n.shutdown().await;
     }
 }
+
+/// Trains the fixture's seed on `jsonl` for `steps` updates; the weights file's bytes.
+fn train_on(jsonl: &[u8], steps: u64) -> Vec<u8> {
+    use btm_model::data::{DomainStream, Mixture};
+    use btm_model::train::{TrainConfig, Trainer};
+    let f = fixture();
+    let seed = btm_roles::SeedFiles::load(&f.seed_dir).expect("seed");
+    let tok = btm_model::tokenizer::Tokenizer::from_bytes(&seed.tokenizer).expect("tokenizer");
+    let device = btm_testkit::cpu();
+    let (config, tensors) = btm_model::weights::parse(&seed.weights, None).expect("seed weights");
+    let model = btm_model::weights::from_named_tensors(&config, tensors, &device).expect("model");
+    let docs = btm_net::verify::parse_documents(jsonl).expect("jsonl");
+    let (tokens, _) = btm_model::data::tokenize_documents(&tok, &docs, None).expect("tokens");
+    let data = Mixture::new(
+        vec![DomainStream::new("d", tokens, config.n_ctx).expect("stream")],
+        0,
+    )
+    .expect("mixture");
+    let cfg = TrainConfig {
+        steps,
+        batch_size: 8,
+        lr: 3e-3,
+        warmup_frac: 0.05,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(model, cfg, &device, None).expect("trainer");
+    t.run_to_end(&data, |_| {}).expect("train");
+    let m = t.model();
+    btm_model::weights::to_bytes(&m.config(), &btm_model::weights::named_tensors(&m))
+        .expect("weights")
+}
+
+/// Issue 13, acceptance on withheld data: the maintainers carve a verification pool out of a
+/// domain's training data before any blob is made and commit to it in the registry. An ELM
+/// trained on the domain's (published) training data is accepted; one trained on the public
+/// `valid` split, which verifiers' quick checks use, and one that memorised it, are refused,
+/// though both look good on that split.
+#[test]
+fn acceptance_rests_on_data_the_trainer_never_had() {
+    let f = fixture();
+    let d = &f.domains[2];
+    let train = std::fs::read(&d.train).expect("train");
+    let valid = std::fs::read(&d.valid).expect("valid");
+    let (published, withheld) = btm_roles::maintainer::carve_withheld(&train, 0.25)
+        .expect("carve")
+        .expect("enough documents");
+    assert!(!published.is_empty() && !withheld.is_empty());
+    let seed_files = btm_roles::SeedFiles::load(&f.seed_dir).expect("seed");
+    let seed = btm_protocol::SeedManifest {
+        architecture: seed_files.architecture().expect("architecture"),
+        tokenizer: btm_protocol::ContentId::of(&seed_files.tokenizer),
+        weights: btm_protocol::ContentId::of(&seed_files.weights),
+        training: seed_files.training,
+        schedule: btm_protocol::Schedule { step: 0, total: 0 },
+        optimizer: None,
+    };
+    let eval = btm_protocol::EvalSettings {
+        min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
+        max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
+        withheld: Some(btm_protocol::ContentId::of(&withheld)),
+        ..btm_protocol::EvalSettings::public(32, 2048, 10_000)
+    };
+    let registry = btm_protocol::Registry {
+        version: 1,
+        expires: u64::MAX,
+        min_client_version: btm_protocol::ClientVersion {
+            major: 0,
+            minor: 1,
+            patch: 0,
+        },
+        domains: vec![btm_protocol::Domain {
+            name: d.name.clone(),
+            description: String::new(),
+            train: btm_protocol::ContentId::of(&published),
+            valid: btm_protocol::ContentId::of(&valid),
+            test: btm_protocol::ContentId::of(b"test"),
+            eval,
+        }],
+        seed: Some(seed.clone()),
+        elms: vec![],
+    };
+    let mut v = btm_net::verify::Verifier::new(
+        &seed,
+        &seed_files.weights,
+        &seed_files.tokenizer,
+        btm_testkit::cpu(),
+    )
+    .expect("verifier");
+    let mut check = |name: &str, weights: &[u8], sample: u64| {
+        let m = v
+            .measure_withheld(&registry, &d.name, weights, &valid, &withheld, sample)
+            .expect("measure");
+        let verdict = btm_net::verify::judge_withheld(&eval, &m);
+        eprintln!(
+            "{name}: public {:.2}, withheld {:.2} (ratio {:.2}), seed on withheld {:.2}: {verdict:?}",
+            m.public_ppl,
+            m.withheld_ppl,
+            m.withheld_ppl / m.public_ppl,
+            m.seed_withheld_ppl
+        );
+        (m, verdict)
+    };
+    // The cheaters train on what verifiers' public checks score: the start of `valid`.
+    let scored: String = btm_net::verify::parse_documents(&valid)
+        .expect("valid")
+        .iter()
+        .map(|d| d.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .chars()
+        .take(10_000)
+        .collect();
+    let scored = format!("{}\n", serde_json::json!({"id": "scored", "text": scored}));
+    let honest = train_on(&published, 400);
+    let on_valid = train_on(scored.as_bytes(), 400);
+    let memorised = train_on(scored.as_bytes(), 2000);
+    let (h, verdict) = check("honest", &honest, 1);
+    assert!(verdict.is_ok(), "the honest ELM was refused: {verdict:?}");
+    // Windows are sampled afresh: another sample, the same verdict.
+    assert!(check("honest, other windows", &honest, 2).1.is_ok());
+    for (name, w) in [
+        ("trained on valid", &on_valid),
+        ("memorised valid", &memorised),
+    ] {
+        let (m, verdict) = check(name, w, 3);
+        // On the public split it looks better than the honest ELM...
+        assert!(m.public_ppl < h.public_ppl, "{name}: {m:?} vs {h:?}");
+        // ...and is refused on the withheld pool.
+        assert!(
+            matches!(verdict, Err(btm_net::verify::Failure::Memorised { .. })),
+            "{name} was not refused as memorised: {verdict:?}"
+        );
+    }
+    // A pool that does not match the registry's commitment is not used.
+    assert!(
+        v.measure_withheld(
+            &registry,
+            &d.name,
+            &honest,
+            &valid,
+            b"{\"id\":\"x\",\"text\":\"y\"}\n",
+            1
+        )
+        .is_err()
+    );
+}

@@ -280,7 +280,7 @@ impl EvalSettings {
             max_eval_tokens,
             ppl_tolerance_ppm,
             min_gain_ppm: 0,
-            max_memorisation_ppm: 1_100_000,
+            max_memorisation_ppm: 1_250_000,
             withheld: None,
         }
     }

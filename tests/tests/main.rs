@@ -459,7 +459,11 @@ fn a_claimed_domain_is_co_trained_not_waited_for() {
     let sb = net.wait_phase("b", &mut [&mut b], 600, "serving");
     assert_eq!(sb["domain"], "novels_austen");
     assert!(b.log().contains("co-training novels_austen"), "{}", b.log());
-    assert!(!b.log().contains("waiting for a lease to lapse"), "{}", b.log());
+    assert!(
+        !b.log().contains("waiting for a lease to lapse"),
+        "{}",
+        b.log()
+    );
     assert!(sb["elm"].is_string());
     net.maintainer.stop();
 }

@@ -36,6 +36,13 @@ fn user_env(cmd: &mut Command, home: &Path) {
         .current_dir(home);
 }
 
+/// `program` run as a user would, in [`user_env`].
+fn isolated(program: &Path, home: &Path) -> Command {
+    let mut c = Command::new(program);
+    user_env(&mut c, home);
+    c
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -161,4 +168,25 @@ exec \"$@\"";
     let second = run(&args);
     assert!(second.status.success(), "second run: {}", text(&second));
     assert!(tok.is_file());
+}
+
+/// A missing file is reported once: its path once, the OS error once, and what to do.
+#[test]
+fn missing_file_is_reported_once() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let missing = home.path().join("no-such-forest.json");
+    let missing_s = missing.to_str().expect("UTF-8 temp path");
+    let o = isolated(&exe(), home.path())
+        .args(["forest", "show", "--forest", missing_s])
+        .output()
+        .expect("run btm-node forest show");
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches(missing_s).count(), 1, "path not once: {err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "OS error not once: {err}"
+    );
+    assert!(err.contains("forest create"), "no advice: {err}");
 }

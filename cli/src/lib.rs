@@ -21,9 +21,23 @@ mod table;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// `btm-node --version`: this program's version and the protocol it speaks (the format version
+/// of records and envelopes, and the network's Kademlia protocol).
+fn version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} (protocol {}, {})",
+            env!("CARGO_PKG_VERSION"),
+            btm_protocol::FORMAT_VERSION,
+            btm_net::swarm::KAD_PROTOCOL
+        )
+    })
+}
+
 /// btm: train language models together with Branch-Train-Merge.
 #[derive(Debug, Parser)]
-#[command(name = "btm-node", version, about, long_about = None)]
+#[command(name = "btm-node", version = version(), about, long_about = None)]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]

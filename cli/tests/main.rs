@@ -170,6 +170,26 @@ exec \"$@\"";
     assert!(tok.is_file());
 }
 
+/// `--version` names the program's version and the protocol it speaks.
+#[test]
+fn version_names_the_protocol() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let o = isolated(&exe(), home.path())
+        .arg("--version")
+        .output()
+        .expect("run btm-node --version");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with(&format!("btm-node {}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("protocol {}", btm_protocol::FORMAT_VERSION)),
+        "{out}"
+    );
+}
+
 /// A missing file is reported once: its path once, the OS error once, and what to do.
 #[test]
 fn missing_file_is_reported_once() {

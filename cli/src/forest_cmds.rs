@@ -140,7 +140,7 @@ pub struct PriorArgs {
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }
@@ -165,7 +165,7 @@ pub struct EnsembleOpts {
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }
@@ -497,7 +497,7 @@ pub struct ExperimentArgs {
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }

@@ -21,9 +21,23 @@ mod table;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// `btm-node --version`: this program's version and the protocol it speaks (the format version
+/// of records and envelopes, and the network's Kademlia protocol).
+fn version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} (protocol {}, {})",
+            env!("CARGO_PKG_VERSION"),
+            btm_protocol::FORMAT_VERSION,
+            btm_net::swarm::KAD_PROTOCOL
+        )
+    })
+}
+
 /// btm: train language models together with Branch-Train-Merge.
 #[derive(Debug, Parser)]
-#[command(name = "btm-node", version, about, long_about = None)]
+#[command(name = "btm-node", version = version(), about, long_about = None)]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -83,9 +97,32 @@ pub fn main() {
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each said once.
+///
+/// The library crates' error types follow the convention of putting their cause in their own
+/// message (`"{path}: {source}"`) and also returning it from `source()`, so anyhow's `{:#}`
+/// said every cause twice ("f.json: No such file or directory (os error 2): No such file or
+/// directory (os error 2)"). Here a cause whose text is already in the message is left out;
+/// any other is appended after ": ".
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            // Said already, in its parent's words.
+        } else {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {

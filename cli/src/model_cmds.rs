@@ -168,7 +168,7 @@ pub struct TrainArgs {
     /// Compute device: cpu, wgpu or cuda (the latter two need the matching cargo feature).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceKind,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     pub(crate) corpus: Option<PathBuf>,
     /// Tokens of the validation split to evaluate before and after training.
@@ -398,7 +398,7 @@ pub struct EvalArgs {
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }
@@ -564,7 +564,7 @@ pub struct TokenizerArgs {
     /// Output file.
     #[arg(long, default_value = TOKENIZER_FILE)]
     out: PathBuf,
-    /// Corpus root (default: the bundled data/corpus).
+    /// Corpus root (default: $BTM_CORPUS, else the copy of data/corpus carried in btm-node).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }

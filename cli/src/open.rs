@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use btm_model::forest::{Forest, manifest};
 use btm_model::tokenizer::Tokenizer;
 
@@ -15,9 +15,21 @@ fn manifest_path(p: &Path) -> PathBuf {
     }
 }
 
+/// Opens a forest; the error names the file once (the model's error carries it) and, when
+/// there is none, how to make one.
 pub(crate) fn open(p: &Path) -> Result<Forest> {
     let path = manifest_path(p);
-    Forest::open(&path).with_context(|| format!("opening the forest {}", path.display()))
+    Forest::open(&path).map_err(|e| match &e {
+        btm_model::forest::Error::Model(btm_model::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            anyhow::anyhow!(
+                "opening the forest: {e}; make one with `btm-node forest create --dir DIR \
+                 --tokenizer FILE --seed MODEL` or fetch one with `btm-node fetch --out DIR`"
+            )
+        }
+        _ => anyhow::Error::new(e).context("opening the forest"),
+    })
 }
 
 pub(crate) fn tokenizer_of(forest: &Forest) -> Result<Tokenizer> {

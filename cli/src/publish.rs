@@ -104,9 +104,7 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
     let keys = a
         .keys
         .iter()
-        .map(|p| {
-            btm_registry::maintainer::load_key(p).with_context(|| format!("key {}", p.display()))
-        })
+        .map(|p| btm_registry::maintainer::load_key(p).context("reading a maintainer key"))
         .collect::<Result<Vec<_>>>()?;
     let corpus = a.corpus.clone().map_or_else(Corpus::bundled, Corpus::new);
     let registry = match &a.registry {

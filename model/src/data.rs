@@ -95,26 +95,42 @@ pub struct Document {
 /// A corpus directory.
 #[derive(Debug, Clone)]
 pub struct Corpus {
-    root: PathBuf,
+    root: Root,
+}
+
+#[derive(Debug, Clone)]
+enum Root {
+    Dir(PathBuf),
+    /// The corpus carried in the program, unpacked on first read ([`crate::bundle`]).
+    Carried,
 }
 
 impl Corpus {
     /// A corpus rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Corpus { root: root.into() }
+        Corpus {
+            root: Root::Dir(root.into()),
+        }
     }
 
-    /// The corpus bundled with the source tree (`data/corpus`), or `$BTM_CORPUS` when set.
+    /// `$BTM_CORPUS` when set, else the corpus carried in the program (a copy of `data/corpus`,
+    /// unpacked into the user's data directory on first read: see [`crate::bundle`]). Needs no
+    /// source tree.
     pub fn bundled() -> Self {
         if let Some(dir) = std::env::var_os("BTM_CORPUS") {
             return Corpus::new(dir);
         }
-        Corpus::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/corpus"))
+        Corpus {
+            root: Root::Carried,
+        }
     }
 
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The root directory (for the carried corpus, its unpacked copy, unpacked now if need be).
+    pub fn root(&self) -> Result<&Path, Error> {
+        match &self.root {
+            Root::Dir(p) => Ok(p),
+            Root::Carried => crate::bundle::dir(),
+        }
     }
 
     /// The file holding `domain`'s `split`, compressed or not.
@@ -126,10 +142,8 @@ impl Corpus {
         {
             return Err(Error::Data(format!("invalid domain name {domain:?}")));
         }
-        let base = self
-            .root
-            .join(domain)
-            .join(format!("{}.jsonl", split.name()));
+        let root = self.root()?;
+        let base = root.join(domain).join(format!("{}.jsonl", split.name()));
         if base.exists() {
             return Ok(base);
         }
@@ -139,7 +153,7 @@ impl Corpus {
         }
         Err(Error::Data(format!(
             "no {split} split for domain {domain:?} under {} (looked for {} and {})",
-            self.root.display(),
+            root.display(),
             base.display(),
             zst.display()
         )))
@@ -147,7 +161,8 @@ impl Corpus {
 
     /// Domains present in the corpus (directories with at least a `valid` split), sorted.
     pub fn domains(&self) -> Result<Vec<String>, Error> {
-        let rd = std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        let root = self.root()?;
+        let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
         let mut out = Vec::new();
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

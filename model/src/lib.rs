@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bench;
+pub mod bundle;
 pub mod config;
 pub mod data;
 pub mod demix;

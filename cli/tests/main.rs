@@ -1,0 +1,212 @@
+//! Tests of the `btm-node` program as a user runs it: a copy of the built binary, away from
+//! the source tree. One binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The built program.
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_btm-node"))
+}
+
+/// The checkout the program was built from (the parent of this crate).
+fn checkout() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate has a parent directory")
+        .to_path_buf()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The environment a user's shell would give: HOME and the XDG data directory inside `home`,
+/// no `BTM_CORPUS`, nothing from cargo.
+fn user_env(cmd: &mut Command, home: &Path) {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .current_dir(home);
+}
+
+/// `program` run as a user would, in [`user_env`].
+fn isolated(program: &Path, home: &Path) -> Command {
+    let mut c = Command::new(program);
+    user_env(&mut c, home);
+    c
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `unshare` making a private mount namespace (with a user namespace when not root).
+fn unshare_mount() -> Command {
+    let mut c = Command::new("unshare");
+    if !is_root() {
+        c.arg("--user").arg("--map-root-user");
+    }
+    c.arg("--mount");
+    c
+}
+
+/// The installed program works with its source tree gone: the built binary is copied to an
+/// empty directory and run in a private mount namespace with a tmpfs over the checkout, so
+/// nothing it was built from can be read. Commands that need the corpus must find the one
+/// carried in the binary.
+#[test]
+fn binary_runs_without_the_checkout() {
+    let checkout = checkout();
+    let required = std::env::var_os("BTM_REQUIRE_NETNS").is_some();
+    let probe = unshare_mount()
+        .args([
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs \"$0\" && test ! -e \"$0/Cargo.toml\"",
+        ])
+        .arg(&checkout)
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => format!("unshare: {e}"),
+            };
+            assert!(
+                !required,
+                "BTM_REQUIRE_NETNS is set but a mount namespace cannot be made: {why}"
+            );
+            eprintln!(
+                "SKIPPED binary_runs_without_the_checkout: no mount namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it"
+            );
+            return;
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    assert!(
+        !dir.path().starts_with(&checkout),
+        "the temp dir {} is inside the checkout",
+        dir.path().display()
+    );
+    let bin_dir = dir.path().join("bin");
+    let home = dir.path().join("home");
+    for d in [&bin_dir, &home] {
+        std::fs::create_dir_all(d).expect("create dir");
+    }
+    let copy = bin_dir.join("btm-node");
+    std::fs::copy(exe(), &copy).expect("copy the program");
+
+    // In the namespace: hide the checkout, check it is hidden, then run the copy.
+    let run = |args: &[&str]| -> Output {
+        let script = "set -e
+checkout=$1; shift
+mount -t tmpfs tmpfs \"$checkout\"
+test ! -e \"$checkout/Cargo.toml\"
+exec \"$@\"";
+        let mut c = unshare_mount();
+        user_env(&mut c, &home);
+        c.args(["sh", "-c", script, "sh"])
+            .arg(&checkout)
+            .arg(&copy)
+            .args(args)
+            .output()
+            .expect("run the program in a mount namespace")
+    };
+
+    let tok = home.join("tok.json");
+    let tok_arg = tok.to_str().expect("UTF-8 temp path");
+    let args = [
+        "tokenizer",
+        "--vocab",
+        "300",
+        "--bytes-per-domain",
+        "2048",
+        "--out",
+        tok_arg,
+    ];
+    let first = run(&args);
+    assert!(
+        first.status.success(),
+        "btm-node tokenizer without the checkout: {}",
+        text(&first)
+    );
+    assert!(tok.is_file(), "no tokenizer written: {}", text(&first));
+    let unpacked = home.join("data").join("btm").join("corpus");
+    assert!(
+        unpacked.is_dir(),
+        "the corpus was not unpacked under {}",
+        unpacked.display()
+    );
+    // The provenance travels with the data.
+    let readme = std::fs::read_dir(&unpacked)
+        .expect("read the unpacked corpus dir")
+        .flatten()
+        .any(|e| e.path().join("README.md").is_file() && e.path().join("PROVENANCE.md").is_file());
+    assert!(
+        readme,
+        "no README.md/PROVENANCE.md beside the unpacked corpus"
+    );
+
+    // A second run uses the unpacked copy.
+    std::fs::remove_file(&tok).expect("remove the tokenizer");
+    let second = run(&args);
+    assert!(second.status.success(), "second run: {}", text(&second));
+    assert!(tok.is_file());
+}
+
+/// `--version` names the program's version and the protocol it speaks.
+#[test]
+fn version_names_the_protocol() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let o = isolated(&exe(), home.path())
+        .arg("--version")
+        .output()
+        .expect("run btm-node --version");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with(&format!("btm-node {}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("protocol {}", btm_protocol::FORMAT_VERSION)),
+        "{out}"
+    );
+}
+
+/// A missing file is reported once: its path once, the OS error once, and what to do.
+#[test]
+fn missing_file_is_reported_once() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let missing = home.path().join("no-such-forest.json");
+    let missing_s = missing.to_str().expect("UTF-8 temp path");
+    let o = isolated(&exe(), home.path())
+        .args(["forest", "show", "--forest", missing_s])
+        .output()
+        .expect("run btm-node forest show");
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches(missing_s).count(), 1, "path not once: {err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "OS error not once: {err}"
+    );
+    assert!(err.contains("forest create"), "no advice: {err}");
+}

@@ -251,7 +251,7 @@ fn claims_renew_only_with_progress_and_are_capped() {
         decide_claim(
             &reg,
             &c(t0 + 2400, t0, None),
-            &[late.clone()],
+            std::slice::from_ref(&late),
             &limits,
             t0 + 1500
         ),
@@ -264,7 +264,7 @@ fn claims_renew_only_with_progress_and_are_capped() {
         decide_claim(
             &reg,
             &c(t0 + 2400, t0, Some(100)),
-            &[late.clone()],
+            std::slice::from_ref(&late),
             &limits,
             t0 + 1500
         ),
@@ -277,7 +277,7 @@ fn claims_renew_only_with_progress_and_are_capped() {
         decide_claim(
             &reg,
             &c(t0 + 2400, t0, Some(180)),
-            &[late.clone()],
+            std::slice::from_ref(&late),
             &limits,
             t0 + 1500
         ),

@@ -800,7 +800,7 @@ async fn run_verification(
         .cloned()
         .ok_or_else(|| Failure::Local("domain vanished".into()))?;
     let trainer = [e.trainer];
-    fetch_sized(inner, e.weights, Some(e.weights_size), &trainer)
+    fetch_sized(inner, e.weights, Some(e.weights_size), &trainer, false)
         .await
         .map_err(|err| Failure::Download(err.to_string()))?;
     for id in [seed.weights, seed.tokenizer, domain.valid] {
@@ -863,16 +863,18 @@ async fn run_verification(
 
 /// Finds providers of a blob (DHT plus hints), resolves their addresses, downloads.
 async fn fetch(inner: &Arc<Inner>, id: ContentId, hints: &[NodeId]) -> Result<Fetched, NodeError> {
-    fetch_sized(inner, id, None, hints).await
+    fetch_sized(inner, id, None, hints, true).await
 }
 
 /// [`fetch`] of a blob of known size: a provider whose blob has another size is refused before
-/// its body is fetched.
+/// its body is fetched. With `provide` false the node does not offer the blob afterwards (an
+/// ELM's weights are provided only once this node has accepted them).
 async fn fetch_sized(
     inner: &Arc<Inner>,
     id: ContentId,
     size: Option<u64>,
     hints: &[NodeId],
+    provide: bool,
 ) -> Result<Fetched, NodeError> {
     if inner.blobs.has(&id).await {
         return Ok(inner.blobs.fetch(&id, &[]).await?);
@@ -928,10 +930,12 @@ async fn fetch_sized(
         }
         .into());
     };
-    let c = inner.client.clone();
-    tokio::spawn(async move {
-        let _ = c.provide(ProviderKey::Blob(id)).await;
-    });
+    if provide {
+        let c = inner.client.clone();
+        tokio::spawn(async move {
+            let _ = c.provide(ProviderKey::Blob(id)).await;
+        });
+    }
     Ok(fetched)
 }
 

@@ -391,11 +391,7 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
     let mut unknown = Signed::new(f.elm("nope", &f.good_weights, f.good_ppl, me));
     unknown.sign(&key);
     for env in [&forged, &unknown] {
-        attacker
-            .client()
-            .publish_raw(Topic::Elms, env.encode())
-            .await
-            .expect("publish");
+        gossip(&attacker, Topic::Elms, env.encode()).await;
     }
     for r in rx.iter_mut() {
         for _ in 0..2 {
@@ -448,6 +444,21 @@ async fn bad_elm_records_are_rejected_by_every_honest_node() {
                 n.node_id()
             );
         }
+        // Nobody offers the rejected weights onward: a node provides an ELM's weights only
+        // after its own acceptance.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let providers = sybil
+            .client()
+            .providers(btm_net::ProviderKey::Blob(env.record().weights))
+            .await
+            .unwrap_or_default();
+        for n in &honest {
+            assert!(
+                !providers.contains(&n.peer_id()),
+                "{what}: {} provides weights it rejected",
+                n.node_id()
+            );
+        }
         sybils.push(sybil);
     }
     for s in &sybils {
@@ -479,11 +490,7 @@ async fn old_or_expired_registries_are_refused() {
     let mut rx: Vec<_> = honest[1..].iter().map(Node::observe).collect();
     // An expired v3 (validly signed) and the old v1, replayed by the attacker.
     let expired = f.signed_registry(3, now() - 1);
-    attacker
-        .client()
-        .publish_raw(Topic::Registry, expired.clone())
-        .await
-        .expect("publish");
+    gossip(&attacker, Topic::Registry, expired.clone()).await;
     for r in rx.iter_mut() {
         let o = wait_observed(r, "the expired registry refused", |o| {
             matches!(
@@ -665,11 +672,7 @@ async fn a_root_rotation_reaches_running_and_late_nodes() {
             attacker.identity().signing_key(),
         )],
     );
-    attacker
-        .client()
-        .publish_raw(Topic::Registry, forged.clone())
-        .await
-        .expect("publish");
+    gossip(&attacker, Topic::Registry, forged.clone()).await;
     for r in rx.iter_mut() {
         let o = wait_observed(r, "the forged root refused", |o| {
             matches!(o, Observed::Refused { what: "root", .. })
@@ -846,11 +849,7 @@ async fn an_oversized_elm_costs_honest_nodes_at_most_64_kib() {
     rec.weights_size = 4 << 30;
     let mut env = Signed::new(rec);
     env.sign(&key);
-    attacker
-        .client()
-        .publish_raw(Topic::Elms, env.encode())
-        .await
-        .expect("publish");
+    gossip(&attacker, Topic::Elms, env.encode()).await;
     for r in rx.iter_mut() {
         wait_observed(r, "the 4 GiB record refused", |o| {
             matches!(o, Observed::Refused { what: "elm record", reason, .. } if reason.contains("weights size"))
@@ -910,4 +909,12 @@ async fn an_oversized_elm_costs_honest_nodes_at_most_64_kib() {
         );
     }
     net.shutdown().await;
+}
+
+/// `node` gossips `bytes` on `topic` (as an attacker would: no local checks).
+async fn gossip(node: &Node, topic: Topic, bytes: Vec<u8>) {
+    node.client()
+        .publish_raw(topic, bytes)
+        .await
+        .expect("publish");
 }

@@ -1005,24 +1005,16 @@ impl Record for Attestation {
         let verifier = f.key("attestation.verifier")?;
         let elm = f.id("attestation.elm")?;
         let measured_ppl_milli = f.u64("attestation.measured_ppl_milli")?;
-        let verdict = match f.u64("attestation.verdict")? {
-            0 => Verdict::Accept,
-            1 => Verdict::Reject,
-            _ => {
-                return Err(DecodeError::OutOfRange {
-                    field: "attestation.verdict",
-                });
-            }
-        };
-        let pool = match f.u64("attestation.pool")? {
-            0 => EvalPool::Public,
-            1 => EvalPool::Withheld,
-            _ => {
-                return Err(DecodeError::OutOfRange {
-                    field: "attestation.pool",
-                });
-            }
-        };
+        let verdict = one_of(
+            f.u64("attestation.verdict")?,
+            [Verdict::Accept, Verdict::Reject],
+            "attestation.verdict",
+        )?;
+        let pool = one_of(
+            f.u64("attestation.pool")?,
+            [EvalPool::Public, EvalPool::Withheld],
+            "attestation.pool",
+        )?;
         Ok(Attestation {
             verifier,
             elm,
@@ -1031,4 +1023,16 @@ impl Record for Attestation {
             pool,
         })
     }
+}
+
+/// The enum value numbered `n` (its position in `values`), or `OutOfRange`.
+fn one_of<T: Copy, const N: usize>(
+    n: u64,
+    values: [T; N],
+    field: &'static str,
+) -> Result<T, DecodeError> {
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| values.get(i).copied())
+        .ok_or(DecodeError::OutOfRange { field })
 }

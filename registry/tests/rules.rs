@@ -247,42 +247,30 @@ fn claims_renew_only_with_progress_and_are_capped() {
     );
     // Past the grace period: progress or no renewal.
     let late = c(t0 + 1700, t0, Some(100));
-    assert_eq!(
+    let renew = |step: Option<u64>| {
         decide_claim(
             &reg,
-            &c(t0 + 2400, t0, None),
+            &c(t0 + 2400, t0, step),
             std::slice::from_ref(&late),
             &limits,
-            t0 + 1500
-        ),
+            t0 + 1500,
+        )
+    };
+    assert_eq!(
+        renew(None),
         Err(Reject::NoProgress {
             held: 100,
             offered: None
         })
     );
     assert_eq!(
-        decide_claim(
-            &reg,
-            &c(t0 + 2400, t0, Some(100)),
-            std::slice::from_ref(&late),
-            &limits,
-            t0 + 1500
-        ),
+        renew(Some(100)),
         Err(Reject::NoProgress {
             held: 100,
             offered: Some(100)
         })
     );
-    assert_eq!(
-        decide_claim(
-            &reg,
-            &c(t0 + 2400, t0, Some(180)),
-            std::slice::from_ref(&late),
-            &limits,
-            t0 + 1500
-        ),
-        Ok(ClaimFit::Renewal)
-    );
+    assert_eq!(renew(Some(180)), Ok(ClaimFit::Renewal));
     // The total hold is capped, progress or not.
     assert_eq!(
         decide_claim(

@@ -19,9 +19,9 @@ use crate::report::Reporter;
 #[derive(Debug, Subcommand)]
 pub enum SeedCmd {
     /// Train the seed LM on the domain-balanced mix of the eight training domains.
-    Train(model_cmds::TrainArgs),
+    Train(Box<model_cmds::TrainArgs>),
     /// Publish the registry and the seed on the network and serve them; optionally accept verified ELMs.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -85,9 +85,9 @@ pub fn run_seed(cmd: SeedCmd, json: bool) -> Result<()> {
             if a.out.is_none() {
                 a.out = Some(PathBuf::from("runs/seed"));
             }
-            model_cmds::train(a, json)
+            model_cmds::train(*a, json)
         }
-        SeedCmd::Publish(a) => publish(a, json),
+        SeedCmd::Publish(a) => publish(*a, json),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Tests of the `btm-node` program as a user runs it: a copy of the built binary, away from
 //! the source tree. One binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -120,13 +120,19 @@ pub const DEFAULT_WITHHELD_SHARE: f64 = 0.1;
 pub const DEFAULT_MIN_GAIN_PPM: u32 = 10_000;
 pub const DEFAULT_MAX_MEMORISATION_PPM: u32 = 1_250_000;
 
+/// A domain's training data split in two, both as JSONL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carved {
+    /// The documents published for training.
+    pub train: Vec<u8>,
+    /// The maintainers' withheld verification pool.
+    pub withheld: Vec<u8>,
+}
+
 /// Splits a domain's training data (JSONL, optionally zstd) into the documents published for
 /// training and the withheld verification pool: the last `share` of the documents (at least
-/// one), both as JSONL. `None` when there are fewer than 4 documents or `share` is 0.
-pub fn carve_withheld(
-    train: &[u8],
-    share: f64,
-) -> std::result::Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+/// one). `None` when there are fewer than 4 documents or `share` is 0.
+pub fn carve_withheld(train: &[u8], share: f64) -> std::result::Result<Option<Carved>, String> {
     let docs = btm_net::verify::parse_documents(train)?;
     if docs.len() < 4 || share <= 0.0 || !share.is_finite() {
         return Ok(None);
@@ -141,7 +147,10 @@ pub fn carve_withheld(
         out.into_bytes()
     };
     let (kept, withheld) = docs.split_at(docs.len() - k);
-    Ok(Some((jsonl(kept), jsonl(withheld))))
+    Ok(Some(Carved {
+        train: jsonl(kept),
+        withheld: jsonl(withheld),
+    }))
 }
 
 /// What `publish` put on the network.
@@ -340,7 +349,7 @@ impl Maintainer {
                     None
                 };
                 ids[i] = match carved {
-                    Some((train, withheld)) => {
+                    Some(Carved { train, withheld }) => {
                         commitment = Some(ContentId::of(&withheld));
                         if let Ok(mut w) = self.withheld.lock() {
                             w.insert(n.clone(), withheld);

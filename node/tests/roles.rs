@@ -242,7 +242,10 @@ fn acceptance_rests_on_data_the_trainer_never_had() {
     let d = &f.domains[2];
     let train = std::fs::read(&d.train).expect("train");
     let valid = std::fs::read(&d.valid).expect("valid");
-    let (published, withheld) = btm_roles::maintainer::carve_withheld(&train, 0.25)
+    let btm_roles::maintainer::Carved {
+        train: published,
+        withheld,
+    } = btm_roles::maintainer::carve_withheld(&train, 0.25)
         .expect("carve")
         .expect("enough documents");
     assert!(!published.is_empty() && !withheld.is_empty());

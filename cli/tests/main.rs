@@ -45,25 +45,9 @@ fn isolated(program: &Path, home: &Path) -> Command {
     c
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// `unshare` making a private mount namespace (with a user namespace when not root).
 fn unshare_mount() -> Command {
-    let mut c = Command::new("unshare");
-    if !is_root() {
-        c.arg("--user").arg("--map-root-user");
-    }
-    c.arg("--mount");
-    c
+    btm_testkit::unshare("--mount")
 }
 
 /// The installed program works with its source tree gone: the built binary is copied to an
@@ -73,7 +57,6 @@ fn unshare_mount() -> Command {
 #[test]
 fn binary_runs_without_the_checkout() {
     let checkout = checkout();
-    let required = std::env::var_os("BTM_REQUIRE_NETNS").is_some();
     let probe = unshare_mount()
         .args([
             "sh",
@@ -82,22 +65,12 @@ fn binary_runs_without_the_checkout() {
         ])
         .arg(&checkout)
         .output();
-    match probe {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let why = match other {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                Err(e) => format!("unshare: {e}"),
-            };
-            assert!(
-                !required,
-                "BTM_REQUIRE_NETNS is set but a mount namespace cannot be made: {why}"
-            );
-            eprintln!(
-                "SKIPPED binary_runs_without_the_checkout: no mount namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it"
-            );
-            return;
-        }
+    if !btm_testkit::namespace_available(
+        "binary_runs_without_the_checkout",
+        "mount namespace",
+        probe,
+    ) {
+        return;
     }
 
     let dir = tempfile::tempdir().expect("temp dir");

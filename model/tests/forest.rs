@@ -607,7 +607,7 @@ fn compute_accounting_sums_correctly() {
     )
     .unwrap();
     let seed = forest::branch::train(
-        Gpt::init(&a, 0, &cpu()),
+        forest::branch::Start::Fresh(Gpt::init(&a, 0, &cpu())),
         &mix,
         tc(plan.seed_steps),
         &dir.path().join("seed"),
@@ -620,7 +620,7 @@ fn compute_accounting_sums_correctly() {
         let m = weights::load(&seed.weights, Some(&a), &cpu()).unwrap();
         let data = btm_model::data::Mixture::new(vec![stream(d, a.n_ctx)], 0).unwrap();
         let elm = forest::branch::train(
-            m,
+            forest::branch::Start::Fresh(m),
             &data,
             tc(plan.elm_steps),
             &dir.path().join(d),
@@ -657,7 +657,7 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         ..base.clone()
     };
     forest::branch::train(
-        Gpt::init(&a, 0, &cpu()),
+        forest::branch::Start::Fresh(Gpt::init(&a, 0, &cpu())),
         &mix,
         seed_cfg,
         &dir.path().join("seed"),
@@ -671,8 +671,8 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         ..base.clone()
     };
     let mut lrs = Vec::new();
-    let t = forest::branch::train_continuing(
-        &dir.path().join("seed"),
+    let t = forest::branch::train(
+        forest::branch::Start::<Gpt>::Continue(&dir.path().join("seed")),
         &elm_data,
         cont.clone(),
         &dir.path().join("elm"),
@@ -695,8 +695,8 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
         "only the branch's own tokens are counted"
     );
     // Asking again resumes the finished run and changes nothing.
-    let again = forest::branch::train_continuing(
-        &dir.path().join("seed"),
+    let again = forest::branch::train(
+        forest::branch::Start::<Gpt>::Continue(&dir.path().join("seed")),
         &elm_data,
         cont,
         &dir.path().join("elm"),
@@ -708,8 +708,8 @@ fn a_branch_can_continue_the_seeds_optimizer_and_schedule() {
     // steps must exceed the parent's.
     let bad = btm_model::train::TrainConfig { steps: 4, ..base };
     assert!(
-        forest::branch::train_continuing(
-            &dir.path().join("seed"),
+        forest::branch::train(
+            forest::branch::Start::<Gpt>::Continue(&dir.path().join("seed")),
             &elm_data,
             bad,
             &dir.path().join("elm2"),

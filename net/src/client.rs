@@ -301,3 +301,23 @@ pub enum Observed {
         reason: String,
     },
 }
+
+impl Observed {
+    /// A claim was accepted into the store.
+    pub(crate) fn claim(c: &btm_protocol::Claim) -> Observed {
+        Observed::Claim {
+            domain: c.domain.clone(),
+            node: c.node,
+            lease_expires: c.lease_expires,
+        }
+    }
+
+    /// An attestation was accepted into the store.
+    pub(crate) fn attestation(a: &btm_protocol::Attestation) -> Observed {
+        Observed::Attestation {
+            elm: a.elm,
+            verifier: a.verifier,
+            accepted: a.verdict == btm_protocol::Verdict::Accept,
+        }
+    }
+}

@@ -189,29 +189,32 @@ fn observe(tx: &broadcast::Sender<Observed>, o: Observed) {
     let _ = tx.send(o);
 }
 
+/// What the event loop is made from (see [`EventLoop::new`]).
+pub(crate) struct Parts {
+    pub swarm: Swarm<Behaviour>,
+    pub net: NetworkId,
+    pub commands: mpsc::Receiver<Command>,
+    pub events: mpsc::Sender<Event>,
+    pub observers: broadcast::Sender<Observed>,
+    pub store: Arc<Mutex<Store>>,
+    pub trusted: Trusted,
+    pub horizons: Horizons,
+    pub limits: Limits,
+}
+
 impl EventLoop {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        swarm: Swarm<Behaviour>,
-        net: NetworkId,
-        commands: mpsc::Receiver<Command>,
-        events: mpsc::Sender<Event>,
-        observers: broadcast::Sender<Observed>,
-        store: Arc<Mutex<Store>>,
-        trusted: Trusted,
-        horizons: Horizons,
-        limits: Limits,
-    ) -> Self {
-        let chain = match store.lock() {
+    pub(crate) fn new(parts: Parts) -> Self {
+        let chain = match parts.store.lock() {
             Ok(s) => s.roots().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "reading the root chain");
                 Vec::new()
             }),
             Err(_) => Vec::new(),
         };
+        let limits = parts.limits;
         let (store_jobs, jobs) = std::sync::mpsc::sync_channel(limits.store_queue.max(1));
         let (done_tx, store_done) = mpsc::channel(limits.store_queue.max(1));
-        if let Err(e) = spawn_store_thread(store.clone(), jobs, done_tx) {
+        if let Err(e) = spawn_store_thread(parts.store.clone(), jobs, done_tx) {
             // Without the thread every queued write is dropped (gossip ignored, never wrong).
             tracing::error!(error = %e, "starting the store thread");
         }
@@ -219,15 +222,15 @@ impl EventLoop {
         let mut el = EventLoop {
             store_jobs,
             store_done,
-            swarm,
-            net,
-            commands,
-            events,
-            observers,
-            store,
-            trusted,
+            swarm: parts.swarm,
+            net: parts.net,
+            commands: parts.commands,
+            events: parts.events,
+            observers: parts.observers,
+            store: parts.store,
+            trusted: parts.trusted,
             roots: BTreeMap::new(),
-            horizons,
+            horizons: parts.horizons,
             puts: RateLimiter::new(limits.dht_puts_per_peer, limits.max_tracked_peers),
             gossip: RateLimiter::new(limits.gossip_per_peer, limits.max_tracked_peers),
             limits,
@@ -576,15 +579,19 @@ impl EventLoop {
         Ok(decision)
     }
 
+    /// The trusted registry's seed manifest, if any.
+    fn trusted_seed(&self) -> Option<btm_protocol::SeedManifest> {
+        self.trusted
+            .registry
+            .as_ref()
+            .and_then(|r| r.record().seed.clone())
+    }
+
     /// Stores a newly adopted registry (and its seed manifest) locally on the DHT and at the
     /// closest peers, and gossips it.
     fn spread_registry(&mut self, bytes: Vec<u8>) {
         let net = self.net;
-        let seed = self
-            .trusted
-            .registry
-            .as_ref()
-            .and_then(|r| r.record().seed.clone());
+        let seed = self.trusted_seed();
         let dht = &mut self.swarm.behaviour_mut().kad;
         let _ = dht.put_record(
             kad::Record::new(RecordKey::Registry.kad(&net), bytes.clone()),
@@ -1148,11 +1155,7 @@ impl EventLoop {
             Ok(Freshness::Newer) => match self.adopt_registry(data) {
                 Ok(Decision::Accept(_)) => {
                     let net = self.net;
-                    let seed = self
-                        .trusted
-                        .registry
-                        .as_ref()
-                        .and_then(|r| r.record().seed.clone());
+                    let seed = self.trusted_seed();
                     let store = self.swarm.behaviour_mut().kad.store_mut();
                     let _ = store.put(kad::Record::new(
                         RecordKey::Registry.kad(&net),
@@ -1247,27 +1250,11 @@ impl EventLoop {
                 MessageAcceptance::Ignore
             }
             Ok(StoreOutcome::Claim(Decision::Accept(c))) => {
-                let r = c.record();
-                observe(
-                    &self.observers,
-                    Observed::Claim {
-                        domain: r.domain.clone(),
-                        node: r.node,
-                        lease_expires: r.lease_expires,
-                    },
-                );
+                observe(&self.observers, Observed::claim(c.record()));
                 MessageAcceptance::Accept
             }
             Ok(StoreOutcome::Attestation(Decision::Accept(a))) => {
-                let r = a.record();
-                observe(
-                    &self.observers,
-                    Observed::Attestation {
-                        elm: r.elm,
-                        verifier: r.verifier,
-                        accepted: r.verdict == btm_protocol::Verdict::Accept,
-                    },
-                );
+                observe(&self.observers, Observed::attestation(a.record()));
                 MessageAcceptance::Accept
             }
             Ok(StoreOutcome::Attestation(Decision::Reject(Reject::UnknownElm(elm)))) => {

@@ -189,17 +189,17 @@ impl Node {
         let (cmd_tx, cmd_rx) = mpsc::channel(config.swarm.limits.command_queue);
         let (ev_tx, ev_rx) = mpsc::channel(config.swarm.limits.event_queue);
         let (obs_tx, _) = broadcast::channel(4096);
-        let event_loop = crate::event_loop::EventLoop::new(
+        let event_loop = crate::event_loop::EventLoop::new(crate::event_loop::Parts {
             swarm,
             net,
-            cmd_rx,
-            ev_tx,
-            obs_tx.clone(),
-            store.clone(),
+            commands: cmd_rx,
+            events: ev_tx,
+            observers: obs_tx.clone(),
+            store: store.clone(),
             trusted,
-            config.horizons,
-            config.swarm.limits.clone(),
-        );
+            horizons: config.horizons,
+            limits: config.swarm.limits.clone(),
+        });
         let client = Client::new(cmd_tx, net, identity.peer_id(), config.call_timeout);
         let (job_tx, job_rx) = mpsc::channel(config.verify_queue.max(1));
         let inner = Arc::new(Inner {

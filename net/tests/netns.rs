@@ -44,21 +44,7 @@ ip route add 224.0.0.0/4 dev {IFACE}"
 }
 
 fn unshare() -> Command {
-    let mut c = Command::new("unshare");
-    // Root makes the namespace directly; anyone else needs a user namespace for it.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        c.arg("--user").arg("--map-root-user");
-    }
-    c.arg("--net");
-    c
+    btm_testkit::unshare("--net")
 }
 
 /// Whether this process is in a namespace made by [`run_confined`]: the test's interface is in
@@ -77,25 +63,10 @@ pub fn run_confined(test: &str) -> Confined {
         );
         return Confined::Inside;
     }
-    let required = std::env::var_os("BTM_REQUIRE_NETNS").is_some();
     // Probe: can a namespace with the veth pair be made here?
     let probe = unshare().args(["sh", "-c", &setup_script()]).output();
-    match probe {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let why = match other {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                Err(e) => format!("unshare: {e}"),
-            };
-            assert!(
-                !required,
-                "BTM_REQUIRE_NETNS is set but a network namespace cannot be made: {why}"
-            );
-            eprintln!(
-                "SKIPPED {test}: no network namespace ({why}); set BTM_REQUIRE_NETNS=1 to require it"
-            );
-            return Confined::Skipped;
-        }
+    if !btm_testkit::namespace_available(test, "network namespace", probe) {
+        return Confined::Skipped;
     }
     let exe = std::env::current_exe().expect("test binary path");
     let script = format!("{}\nexec \"$0\" \"$@\"", setup_script());

@@ -120,10 +120,11 @@ impl Fields {
     }
 
     pub(crate) fn text(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
-        match self.next(field)? {
-            Value::Text(s) => at_most(s.len(), s, field, max),
-            _ => Err(wrong_type(field, "a text string")),
-        }
+        let s = match self.next(field)? {
+            Value::Text(s) => s,
+            _ => return Err(wrong_type(field, "a text string")),
+        };
+        at_most(s.len(), s, field, max)
     }
 
     pub(crate) fn bytes(
@@ -132,7 +133,8 @@ impl Fields {
         max: usize,
     ) -> Result<Vec<u8>, DecodeError> {
         match self.next(field)? {
-            Value::Bytes(b) => at_most(b.len(), b, field, max),
+            Value::Bytes(b) if b.len() > max => Err(DecodeError::TooLong { field, max }),
+            Value::Bytes(b) => Ok(b),
             _ => Err(wrong_type(field, "a byte string")),
         }
     }

@@ -271,22 +271,21 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn root_round_trips(r in root()) { round_trip(r)?; }
-
-    #[test]
-    fn registry_round_trips(r in registry()) { round_trip(r)?; }
-
-    #[test]
-    fn seed_round_trips(r in seed()) { round_trip(r)?; }
-
-    #[test]
-    fn claim_round_trips(r in claim()) { round_trip(r)?; }
-
-    #[test]
-    fn elm_round_trips(r in elm()) { round_trip(r)?; }
-
-    #[test]
-    fn attestation_round_trips(r in attestation()) { round_trip(r)?; }
+    fn every_record_round_trips(
+        r in root(),
+        g in registry(),
+        s in seed(),
+        c in claim(),
+        e in elm(),
+        a in attestation(),
+    ) {
+        round_trip(r)?;
+        round_trip(g)?;
+        round_trip(s)?;
+        round_trip(c)?;
+        round_trip(e)?;
+        round_trip(a)?;
+    }
 
     #[test]
     fn content_id_hex_round_trips(id in content_id()) {

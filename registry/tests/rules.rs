@@ -15,12 +15,7 @@ fn claims_stale_quota_unknown_expired() {
     // (Moved from btm-net's claim board, whose `offer` only its tests used.)
     let mut reg = registry(1, "");
     reg.domains.push(domain("math"));
-    let limits = ClaimLimits {
-        max_live_per_node: 2,
-        max_lease_secs: u64::MAX,
-        max_total_lease_secs: u64::MAX,
-        grace_secs: u64::MAX,
-    };
+    let limits = limits(2, u64::MAX, u64::MAX, u64::MAX);
     let mut held: Vec<Claim> = Vec::new();
     let mut offer = |c: Claim, now: u64| {
         let decision = decide_claim(&reg, &c, &held_by(&held, &c.node), &limits, now);
@@ -51,15 +46,20 @@ fn claims_stale_quota_unknown_expired() {
     assert_eq!(offer(claim(1, "legal", 900), 400), Ok(ClaimFit::New));
 }
 
+/// Claim limits: live claims per node, lease horizon, total hold, grace without progress.
+fn limits(live: usize, lease: u64, total: u64, grace: u64) -> ClaimLimits {
+    ClaimLimits {
+        max_live_per_node: live,
+        max_lease_secs: lease,
+        max_total_lease_secs: total,
+        grace_secs: grace,
+    }
+}
+
 #[test]
 fn claim_lease_horizon() {
     let reg = registry(1, "");
-    let limits = ClaimLimits {
-        max_live_per_node: 16,
-        max_lease_secs: 3600,
-        max_total_lease_secs: u64::MAX,
-        grace_secs: u64::MAX,
-    };
+    let limits = limits(16, 3600, u64::MAX, u64::MAX);
     let at = |lease| decide_claim(&reg, &claim(1, "legal", lease), &[], &limits, NOW);
     assert_eq!(at(NOW + 3600), Ok(ClaimFit::New));
     assert_eq!(
@@ -210,12 +210,7 @@ fn repeated_signers_are_refused_before_any_signature_is_verified() {
 #[test]
 fn claims_renew_only_with_progress_and_are_capped() {
     let reg = registry(1, "");
-    let limits = ClaimLimits {
-        max_live_per_node: 1,
-        max_lease_secs: 900,
-        max_total_lease_secs: 3600,
-        grace_secs: 1800,
-    };
+    let limits = limits(1, 900, 3600, 1800);
     let t0 = NOW;
     let c = |lease: u64, first: u64, step: Option<u64>| Claim {
         progress: step.map(|s| ClaimProgress {

@@ -123,3 +123,43 @@ pub async fn wait_registry_where(
     })
     .await;
 }
+
+/// `unshare` making a new namespace of `kind` (`--net`, `--mount`): directly as root, inside a
+/// user namespace otherwise.
+pub fn unshare(kind: &str) -> std::process::Command {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false);
+    let mut c = std::process::Command::new("unshare");
+    if !root {
+        c.arg("--user").arg("--map-root-user");
+    }
+    c.arg(kind);
+    c
+}
+
+/// Whether the namespace probe `probe` worked. If not, the test `test` is SKIPPED (printed),
+/// unless `BTM_REQUIRE_NETNS` is set (as CI does), which turns that into a failure naming
+/// `what` could not be made.
+pub fn namespace_available(
+    test: &str,
+    what: &str,
+    probe: std::io::Result<std::process::Output>,
+) -> bool {
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("unshare: {e}"),
+    };
+    assert!(
+        std::env::var_os("BTM_REQUIRE_NETNS").is_none(),
+        "BTM_REQUIRE_NETNS is set but {what} cannot be made: {why}"
+    );
+    eprintln!("SKIPPED {test}: no {what} ({why}); set BTM_REQUIRE_NETNS=1 to require it");
+    false
+}

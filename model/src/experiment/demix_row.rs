@@ -66,7 +66,14 @@ pub fn system(
     let trained = train_once(&dir, || {
         let data = Mixture::new(streams.to_vec(), cfg.seed)?;
         let model = Demix::init(arch, n, cfg.seed, device);
-        branch::train(model, &data, tc, &dir, device, on_step)
+        branch::train(
+            branch::Start::Fresh(model),
+            &data,
+            tc,
+            &dir,
+            device,
+            on_step,
+        )
     })?;
     let model = demix::load(&trained.weights, Some(arch), device)?;
     let prior_cfg = PriorConfig {

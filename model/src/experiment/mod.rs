@@ -34,7 +34,7 @@ use crate::config::GptConfig;
 use crate::data::{self, Corpus, DomainStream, EVAL_DOMAINS, Mixture, Split, TRAIN_DOMAINS};
 use crate::files::TOKENIZER_FILE;
 use crate::forest::average;
-use crate::forest::branch::{self, OptimizerInit};
+use crate::forest::branch::{self, OptimizerInit, Start};
 use crate::forest::manifest::{InitKind, Parent};
 use crate::forest::posterior::{self, PriorConfig, Weighting};
 use crate::forest::{Error, Forest};
@@ -428,9 +428,14 @@ pub fn run(
     let seed = if plan.seed_steps > 0 {
         say(&format!("seed: {} updates on the mix", plan.seed_steps));
         let s = train_once(&seed_dir, || {
-            branch::train(init(), &mix_all, seed_cfg, &seed_dir, device, |s| {
-                on_step("seed", s)
-            })
+            branch::train(
+                Start::Fresh(init()),
+                &mix_all,
+                seed_cfg,
+                &seed_dir,
+                device,
+                |s| on_step("seed", s),
+            )
         })?;
         let m = weights::load(&s.weights, Some(&arch), device)?;
         let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
@@ -475,13 +480,34 @@ pub fn run(
                         schedule_steps: Some(plan.seed_steps + plan.elm_steps),
                         ..tc(plan.seed_steps + elm_steps)
                     };
-                    branch::train_continuing(&seed_dir, &mix, c, &run_dir, device, &mut on_step)
+                    branch::train(
+                        Start::<Gpt>::Continue(&seed_dir),
+                        &mix,
+                        c,
+                        &run_dir,
+                        device,
+                        &mut on_step,
+                    )
                 }
                 (Some(s), true) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
-                    branch::train(m, &mix, tc(elm_steps), &run_dir, device, &mut on_step)
+                    branch::train(
+                        Start::Fresh(m),
+                        &mix,
+                        tc(elm_steps),
+                        &run_dir,
+                        device,
+                        &mut on_step,
+                    )
                 }
-                _ => branch::train(init(), &mix, tc(elm_steps), &run_dir, device, &mut on_step),
+                _ => branch::train(
+                    Start::Fresh(init()),
+                    &mix,
+                    tc(elm_steps),
+                    &run_dir,
+                    device,
+                    &mut on_step,
+                ),
             })?;
             flops += trained.record.flops;
             let (init_kind, parents) = match (&seed, from_seed) {

@@ -10,7 +10,7 @@
 //! - Each ELM then trains on its own domain only ([`train`] on a one-domain [`Mixture`]),
 //!   independently of every other. The paper restarts the optimiser (fresh Adam moments, a
 //!   new warm-up); [`OptimizerInit::ContinueSeed`] is the released code's behaviour: the seed's
-//!   Adam moments and LR schedule carry on ([`train_continuing`]).
+//!   Adam moments and LR schedule carry on ([`Start::Continue`]).
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,6 @@ use super::error::Error;
 pub use super::manifest::InitKind;
 use super::manifest::{Forest, Parent, TrainRecord};
 use crate::data::Mixture;
-use crate::gpt::Gpt;
 use crate::train::{CHECKPOINT_FILE, StepStats, TrainConfig, Trainable, Trainer};
 use crate::{content_id, fsutil};
 
@@ -75,11 +74,22 @@ pub fn finish<M: Trainable>(
     })
 }
 
-/// Trains `model` on `data` with a fresh optimiser in `run_dir` (resuming a checkpoint there),
-/// then writes `run_dir/model.safetensors`. A seed is this on the mix of all training
-/// domains; an ELM is this on its one domain. `on_step` sees every update.
+/// Where a training run starts.
+#[derive(Debug)]
+pub enum Start<'a, M> {
+    /// From these weights, with a fresh optimiser and schedule. A seed is this on the mix of all
+    /// training domains; an ELM branched the paper's way is this on its one domain.
+    Fresh(M),
+    /// Continuing the optimiser state and schedule of the run whose checkpoint is
+    /// `dir/checkpoint.safetensors` (the released code's branch); `cfg.steps` then counts from
+    /// that run's first update.
+    Continue(&'a Path),
+}
+
+/// Trains on `data` from `start` in `run_dir` (resuming a checkpoint there), then writes
+/// `run_dir/model.safetensors`. `on_step` sees every update.
 pub fn train<M: Trainable>(
-    model: M,
+    start: Start<'_, M>,
     data: &Mixture,
     cfg: TrainConfig,
     run_dir: &Path,
@@ -87,8 +97,16 @@ pub fn train<M: Trainable>(
     on_step: impl FnMut(&StepStats),
 ) -> Result<Trained, Error> {
     create_dir(run_dir)?;
-    let trainer = Trainer::new(model, cfg, device, Some(run_dir))?;
-    run_and_finish(trainer, data, 0, run_dir, on_step)
+    let (trainer, start_step) = match start {
+        Start::Fresh(model) => (Trainer::new(model, cfg, device, Some(run_dir))?, 0),
+        Start::Continue(parent_run) => {
+            let parent = parent_run.join(CHECKPOINT_FILE);
+            let parent_steps = Trainer::<M>::resume(&parent, device)?.state.step;
+            let t = Trainer::<M>::continue_from(&parent, cfg, device, Some(run_dir))?;
+            (t, parent_steps)
+        }
+    };
+    run_and_finish(trainer, data, start_step, run_dir, on_step)
 }
 
 fn create_dir(dir: &Path) -> Result<(), Error> {
@@ -104,24 +122,6 @@ fn run_and_finish<M: Trainable>(
 ) -> Result<Trained, Error> {
     trainer.run_to_end(data, on_step)?;
     finish(&trainer, start_step, run_dir)
-}
-
-/// Trains on `data` continuing the optimiser state and schedule of the run whose checkpoint is
-/// `parent_run/checkpoint.safetensors` (the released code's branch). `cfg.steps` counts from the
-/// parent's first update.
-pub fn train_continuing(
-    parent_run: &Path,
-    data: &Mixture,
-    cfg: TrainConfig,
-    run_dir: &Path,
-    device: &Device,
-    on_step: impl FnMut(&StepStats),
-) -> Result<Trained, Error> {
-    create_dir(run_dir)?;
-    let parent = parent_run.join(CHECKPOINT_FILE);
-    let parent_steps = Trainer::<Gpt>::resume(&parent, device)?.state.step;
-    let trainer = Trainer::<Gpt>::continue_from(&parent, cfg, device, Some(run_dir))?;
-    run_and_finish(trainer, data, parent_steps, run_dir, on_step)
 }
 
 /// Writes the initial weights of a branch by the paper's best rule: the parameter average of

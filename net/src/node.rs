@@ -713,9 +713,32 @@ async fn handle_job(inner: &Arc<Inner>, job: Job) {
     }
 }
 
+/// The marker of a verification in progress: `<data dir>/verifying/<record id>`. It is made
+/// before the ELM is loaded and removed when a verdict (or a clean failure) is reached, so one
+/// left behind means the node died verifying that ELM (out of memory, killed).
+fn verifying_marker(inner: &Inner, elm: &ContentId) -> PathBuf {
+    inner
+        .config
+        .data_dir
+        .join("verifying")
+        .join(elm.to_string())
+}
+
 /// Ok(verdict) when a verdict was reached (and attested); Err when we could not verify.
 async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> Result<bool, ()> {
     let elm = envelope.id();
+    // A crash while verifying one ELM must not loop: if an earlier verification of this ELM
+    // never finished, do not try it again.
+    let marker = verifying_marker(inner, &elm);
+    if marker.exists() {
+        tracing::warn!(%elm, "an earlier verification of this ELM did not finish; not verifying it again");
+        let _ = inner.observers.send(Observed::Refused {
+            what: "elm verification",
+            from: None,
+            reason: "an earlier verification of it did not finish (the node crashed or was killed); not trying again".into(),
+        });
+        return Err(());
+    }
     let result = run_verification(inner, envelope).await;
     let (verdict, measured, reason) = match &result {
         Ok(m) => (Verdict::Accept, Some(m.ppl), "accepted".to_string()),
@@ -840,9 +863,17 @@ async fn run_verification(
     } else {
         None
     };
+    // From here the ELM is loaded and scored (memory and time): mark it, so that a crash here
+    // is not repeated on the next start.
+    let marker = verifying_marker(inner, &envelope.id());
+    if let Some(dir) = marker.parent()
+        && let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&marker, b""))
+    {
+        tracing::warn!(error = %e, "writing the verification marker");
+    }
     let slot = inner.verifier.clone();
     let envelope = envelope.clone();
-    tokio::task::spawn_blocking(move || {
+    let scored = tokio::task::spawn_blocking(move || {
         let mut guard = slot
             .lock()
             .map_err(|_| Failure::Local("verifier lock poisoned".into()))?;
@@ -857,8 +888,12 @@ async fn run_verification(
             .ok_or_else(|| Failure::Local("no verifier".into()))?;
         v.verify(&registry, &envelope, &weights, &valid)
     })
-    .await
-    .map_err(|e| Failure::Local(format!("verification task: {e}")))?
+    .await;
+    // A scoring that panicked counts as a crash: the marker stays, the ELM is not tried again.
+    if scored.is_ok() {
+        let _ = std::fs::remove_file(&marker);
+    }
+    scored.map_err(|e| Failure::Local(format!("verification task: {e}")))?
 }
 
 /// Finds providers of a blob (DHT plus hints), resolves their addresses, downloads.

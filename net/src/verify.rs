@@ -59,10 +59,10 @@ pub enum Failure {
         seed: f64,
         margin_ppm: u32,
     },
-    /// Acceptance: far better on the public `valid` split than on withheld data (trained on,
-    /// or memorised, the public split).
+    /// Acceptance: far better on the public `valid` split than on withheld data, relative to
+    /// the seed (trained on, or memorised, the public split).
     #[error(
-        "withheld perplexity {withheld:.3} is {ratio:.3}x the public one {public:.3} (at most {max:.3}x): memorised the public split"
+        "withheld perplexity {withheld:.3} is {ratio:.3}x the public one {public:.3}, relative to the seed's ratio (at most {max:.3}x): memorised the public split"
     )]
     Memorised {
         withheld: f64,
@@ -81,14 +81,25 @@ pub enum Failure {
 pub struct WithheldCheck {
     pub public_ppl: f64,
     pub withheld_ppl: f64,
+    pub seed_public_ppl: f64,
     pub seed_withheld_ppl: f64,
     /// Tokens scored on the withheld pool.
     pub tokens: u64,
 }
 
+impl WithheldCheck {
+    /// How much better the ELM does on the public split than on the withheld pool, relative to
+    /// the seed: `(withheld / public) / (seed withheld / seed public)`. About 1 for an ELM that
+    /// never saw either (the two sets may differ in difficulty, which the seed's ratio takes
+    /// out); well above 1 for one trained on, or memorising, the public split.
+    pub fn memorisation(&self) -> f64 {
+        (self.withheld_ppl / self.public_ppl) / (self.seed_withheld_ppl / self.seed_public_ppl)
+    }
+}
+
 /// Acceptance's rule, alone (specs/network.md, "Acceptance"): the ELM's withheld perplexity is
-/// below the seed's by `min_gain_ppm` (strictly below when 0), and at most
-/// `max_memorisation_ppm / 1e6` times its public one.
+/// below the seed's by `min_gain_ppm` (strictly below when 0), and its
+/// [`WithheldCheck::memorisation`] at most `max_memorisation_ppm / 1e6`.
 pub fn judge_withheld(eval: &btm_protocol::EvalSettings, c: &WithheldCheck) -> Result<(), Failure> {
     let margin = f64::from(eval.min_gain_ppm) / 1e6;
     let bound = c.seed_withheld_ppl * (1.0 - margin);
@@ -100,7 +111,7 @@ pub fn judge_withheld(eval: &btm_protocol::EvalSettings, c: &WithheldCheck) -> R
         });
     }
     let max = f64::from(eval.max_memorisation_ppm) / 1e6;
-    let ratio = c.withheld_ppl / c.public_ppl;
+    let ratio = c.memorisation();
     if !ratio.is_finite() || ratio > max {
         return Err(Failure::Memorised {
             withheld: c.withheld_ppl,
@@ -315,6 +326,7 @@ impl Verifier {
         };
         Ok(WithheldCheck {
             public_ppl: public.ppl,
+            seed_public_ppl: public.seed_ppl,
             withheld_ppl: score(&model)?,
             seed_withheld_ppl: score(&self.seed_model)?,
             tokens: (starts.len() * block) as u64,

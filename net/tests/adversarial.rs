@@ -918,3 +918,39 @@ async fn gossip(node: &Node, topic: Topic, bytes: Vec<u8>) {
         .await
         .expect("publish");
 }
+
+/// THREATS: a crash while verifying one ELM. A node that died scoring an ELM (the marker of
+/// that verification left in `<data dir>/verifying/`) does not try it again when it comes
+/// back, so one poisonous ELM cannot crash-loop it; other nodes verify it as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_while_verifying_one_elm_is_not_repeated() {
+    let f = fixture();
+    let (net, honest, attacker) = network_with_attacker(|_, c| c).await;
+    let mut env = Signed::new(f.elm("alpha", &f.good_weights, f.good_ppl, attacker.node_id()));
+    env.sign(attacker.identity().signing_key());
+    // What a verification killed mid-scoring leaves behind on node 1.
+    let verifying = net.dirs[1].path().join("verifying");
+    std::fs::create_dir_all(&verifying).expect("dir");
+    std::fs::write(verifying.join(env.id().to_string()), b"").expect("marker");
+    let mut rx = honest[1].observe();
+    attacker
+        .blobs()
+        .add_bytes(f.good_weights.clone())
+        .await
+        .expect("add");
+    attacker.announce_signed(&env).await.expect("announce");
+    wait_observed(&mut rx, "node 1 declining to verify again", |o| {
+        matches!(o, Observed::Refused { what: "elm verification", reason, .. } if reason.contains("did not finish"))
+    })
+    .await;
+    // Node 2 has no marker: it verifies and accepts the ELM; node 1 holds no verdict on it.
+    assert!(wait_verdict(&honest[2], env.id()).await);
+    assert!(honest[1].verdict(&env.id()).expect("store").is_none());
+    // A finished verification leaves no marker behind.
+    let left = net.dirs[2]
+        .path()
+        .join("verifying")
+        .join(env.id().to_string());
+    assert!(!left.exists(), "{} was left behind", left.display());
+    net.shutdown().await;
+}

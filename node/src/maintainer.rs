@@ -115,7 +115,8 @@ pub struct MaintainerConfig {
 }
 
 /// Defaults of the acceptance settings: beat the seed by 1% on withheld data, and be at most
-/// 1.25x worse there than on the public `valid` split.
+/// 1.25x worse there than on the public `valid` split, relative to the seed
+/// (`WithheldCheck::memorisation`).
 pub const DEFAULT_WITHHELD_SHARE: f64 = 0.1;
 pub const DEFAULT_MIN_GAIN_PPM: u32 = 10_000;
 pub const DEFAULT_MAX_MEMORISATION_PPM: u32 = 1_250_000;
@@ -498,12 +499,13 @@ impl Maintainer {
             // Acceptance rests on the withheld pool, which the trainer never had.
             match self.check_withheld(node, &reg, e).await {
                 Ok(Some(m)) => events.note(format!(
-                    "ELM {} on {}'s withheld pool: perplexity {:.3} (seed {:.3}, public split {:.3}, {} tokens)",
+                    "ELM {} on {}'s withheld pool: perplexity {:.3} (seed {:.3}; public split {:.3}, memorisation {:.3}, {} tokens)",
                     short(&id.0),
                     e.domain,
                     m.withheld_ppl,
                     m.seed_withheld_ppl,
                     m.public_ppl,
+                    m.memorisation(),
                     m.tokens
                 )),
                 Ok(None) => events.note(format!(

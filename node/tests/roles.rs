@@ -296,11 +296,12 @@ fn acceptance_rests_on_data_the_trainer_never_had() {
             .expect("measure");
         let verdict = btm_net::verify::judge_withheld(&eval, &m);
         eprintln!(
-            "{name}: public {:.2}, withheld {:.2} (ratio {:.2}), seed on withheld {:.2}: {verdict:?}",
+            "{name}: public {:.2}, withheld {:.2}, seed {:.2} / {:.2}, memorisation {:.2}: {verdict:?}",
             m.public_ppl,
             m.withheld_ppl,
-            m.withheld_ppl / m.public_ppl,
-            m.seed_withheld_ppl
+            m.seed_public_ppl,
+            m.seed_withheld_ppl,
+            m.memorisation()
         );
         (m, verdict)
     };

@@ -263,9 +263,9 @@ pub struct EvalSettings {
     /// Acceptance: the ELM's withheld-data perplexity must be below the seed's by at least this
     /// share (parts per million; 0 = merely not worse).
     pub min_gain_ppm: u32,
-    /// Acceptance: the ELM's withheld-data perplexity may exceed its public-data (`valid`)
-    /// perplexity by at most this ratio (parts per million, at least 1 000 000); more means it
-    /// memorised the public split.
+    /// Acceptance: the ELM's ratio of withheld-data to public-data (`valid`) perplexity, divided
+    /// by the seed's same ratio, may be at most this (parts per million, at least 1 000 000);
+    /// more means it was trained on, or memorised, the public split.
     pub max_memorisation_ppm: u32,
     /// BLAKE3 commitment to the domain's withheld verification pool (never published as a
     /// blob); `None` when the maintainers keep none (acceptance then rests on public data).

@@ -131,8 +131,11 @@ pub struct Carved {
 }
 
 /// Splits a domain's training data (JSONL, optionally zstd) into the documents published for
-/// training and the withheld verification pool: the last `share` of the documents (at least
-/// one). `None` when there are fewer than 4 documents or `share` is 0.
+/// training and the withheld verification pool: about `share` of the documents (at least one),
+/// chosen by the BLAKE3 of each document's id and text, so the pool is spread over the whole
+/// split (a tail would differ from `valid` wherever the split is ordered by source) and the
+/// same data always gives the same pool. `None` when there are fewer than 4 documents or
+/// `share` is 0.
 pub fn carve_withheld(train: &[u8], share: f64) -> std::result::Result<Option<Carved>, String> {
     let docs = btm_net::verify::parse_documents(train)?;
     if docs.len() < 4 || share <= 0.0 || !share.is_finite() {
@@ -147,10 +150,30 @@ pub fn carve_withheld(train: &[u8], share: f64) -> std::result::Result<Option<Ca
         }
         out.into_bytes()
     };
-    let (kept, withheld) = docs.split_at(docs.len() - k);
+    // The k documents with the smallest hashes: a uniform sample, deterministic.
+    let mut order: Vec<(blake3::Hash, usize)> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut h = blake3::Hasher::new();
+            h.update(d.id.as_bytes());
+            h.update(&[0]);
+            h.update(d.text.as_bytes());
+            (h.finalize(), i)
+        })
+        .collect();
+    order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let pool: BTreeSet<usize> = order.iter().take(k).map(|(_, i)| *i).collect();
+    let (withheld, kept): (Vec<_>, Vec<_>) = docs
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| pool.contains(i));
+    let strip = |v: Vec<(usize, btm_model::data::Document)>| -> Vec<btm_model::data::Document> {
+        v.into_iter().map(|(_, d)| d).collect()
+    };
     Ok(Some(Carved {
-        train: jsonl(kept),
-        withheld: jsonl(withheld),
+        train: jsonl(&strip(kept)),
+        withheld: jsonl(&strip(withheld)),
     }))
 }
 

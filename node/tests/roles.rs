@@ -103,7 +103,20 @@ async fn volunteers_branch_train_announce_and_are_accepted() {
         nodes.push(n);
     }
     for e in &elms {
-        wait_accepted(&mnode, *e).await;
+        let notes = m_events.clone();
+        let accepted =
+            tokio::time::timeout(Duration::from_secs(115), wait_accepted(&mnode, *e)).await;
+        if accepted.is_err() {
+            let said: Vec<String> = notes
+                .all()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Note { message } => Some(message),
+                    _ => None,
+                })
+                .collect();
+            panic!("ELM {e} not accepted; the maintainer said: {said:#?}");
+        }
     }
 
     // A fourth volunteer is stopped after its fifth update, then resumes from its checkpoint.

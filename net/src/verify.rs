@@ -274,27 +274,22 @@ impl Verifier {
         sample_seed: u64,
     ) -> Result<WithheldCheck, Failure> {
         use rand::{Rng, SeedableRng};
-        let public = self.measure(registry, domain, weights, valid_data)?;
-        let d = registry
-            .domain(domain)
-            .ok_or_else(|| Failure::Record(Reject::UnknownDomain(domain.to_string())))?;
+        let d = domain_of(registry, domain)?;
         let ev = d.eval;
-        match ev.withheld {
-            Some(id) if id == ContentId::of(withheld) => {}
-            Some(_) => {
-                return Err(Failure::Local(
-                    "the withheld pool does not match the registry's commitment".into(),
-                ));
-            }
-            None => {
-                return Err(Failure::Local(format!(
-                    "the registry commits to no withheld pool for {domain}"
-                )));
-            }
+        let Some(commitment) = ev.withheld else {
+            return Err(Failure::Local(format!(
+                "the registry commits to no withheld pool for {domain}"
+            )));
+        };
+        if ContentId::of(withheld) != commitment {
+            return Err(Failure::Local(
+                "the withheld pool does not match the registry's commitment".into(),
+            ));
         }
-        let docs = parse_documents(withheld).map_err(Failure::Local)?;
-        let (pool, _) = btm_model::data::tokenize_documents(&self.tokenizer, &docs, None)
-            .map_err(|e| Failure::Local(e.to_string()))?;
+        let model = self.load_checked(weights)?;
+        let public = self.measure_loaded(&d, &model, valid_data)?;
+        // All of the pool's tokens, tokenised once per verifier.
+        let pool = self.eval_tokens(commitment, withheld, u64::MAX)?;
         let block = (ev.block_size as usize).clamp(1, self.config.n_ctx);
         if pool.len() < block + 1 {
             return Err(Failure::Local(format!(
@@ -308,10 +303,6 @@ impl Verifier {
         let starts: Vec<usize> = (0..windows)
             .map(|_| rng.random_range(0..=pool.len() - block - 1))
             .collect();
-        let (cfg, tensors) = btm_model::weights::parse(weights, Some(&self.config))
-            .map_err(|e| Failure::Weights(e.to_string()))?;
-        let model = btm_model::weights::from_named_tensors(&cfg, tensors, &self.device)
-            .map_err(|e| Failure::Weights(e.to_string()))?;
         let score = |m: &Gpt| -> Result<f64, Failure> {
             let mut nll = 0.0;
             let mut n = 0usize;
@@ -366,11 +357,14 @@ impl Verifier {
         weights: &[u8],
         valid_data: &[u8],
     ) -> Result<Measured, Failure> {
-        let domain = registry
-            .domain(domain)
-            .ok_or_else(|| Failure::Record(Reject::UnknownDomain(domain.to_string())))?
-            .clone();
-        // 3. The architecture in the file is the seed's.
+        let domain = domain_of(registry, domain)?;
+        let model = self.load_checked(weights)?;
+        self.measure_loaded(&domain, &model, valid_data)
+    }
+
+    /// Steps 3-4: the architecture in the file is the seed's; names, shapes, dtype and finite
+    /// values; the model, loaded.
+    fn load_checked(&self, weights: &[u8]) -> Result<Gpt, Failure> {
         let file_config = read_config(weights).map_err(Failure::Architecture)?;
         if file_config != self.config {
             return Err(Failure::Architecture(format!(
@@ -378,12 +372,19 @@ impl Verifier {
                 self.config
             )));
         }
-        // 4. Names, shapes, dtype, finite values.
         let (cfg, tensors) = btm_model::weights::parse(weights, Some(&self.config))
             .map_err(|e| Failure::Weights(e.to_string()))?;
-        let model = btm_model::weights::from_named_tensors(&cfg, tensors, &self.device)
-            .map_err(|e| Failure::Weights(e.to_string()))?;
-        // 5. Quality on the registry's validation data.
+        btm_model::weights::from_named_tensors(&cfg, tensors, &self.device)
+            .map_err(|e| Failure::Weights(e.to_string()))
+    }
+
+    /// Step 5's measurement: `model` and the seed on `domain`'s validation data.
+    fn measure_loaded(
+        &mut self,
+        domain: &btm_protocol::Domain,
+        model: &Gpt,
+        valid_data: &[u8],
+    ) -> Result<Measured, Failure> {
         let ev = domain.eval;
         let tokens = self.eval_tokens(domain.valid, valid_data, ev.max_eval_tokens)?;
         let key = (domain.valid, ev.block_size, ev.max_eval_tokens);
@@ -395,7 +396,7 @@ impl Verifier {
                 p
             }
         };
-        let measured = self.perplexity(&model, &tokens, ev.block_size)?;
+        let measured = self.perplexity(model, &tokens, ev.block_size)?;
         Ok(Measured {
             ppl: measured,
             seed_ppl,
@@ -457,6 +458,14 @@ pub fn perplexity(
     }
     let nll = -lp.iter().sum::<f64>() / lp.len() as f64;
     Ok(nll.exp())
+}
+
+/// The registry's domain named `name`, or `UnknownDomain`.
+fn domain_of(registry: &Registry, name: &str) -> Result<btm_protocol::Domain, Failure> {
+    registry
+        .domain(name)
+        .cloned()
+        .ok_or_else(|| Failure::Record(Reject::UnknownDomain(name.to_string())))
 }
 
 /// The `btm.config` metadata of a safetensors file.

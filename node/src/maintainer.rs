@@ -143,12 +143,13 @@ pub fn carve_withheld(train: &[u8], share: f64) -> std::result::Result<Option<Ca
     }
     let k = ((docs.len() as f64 * share.min(0.5)).round() as usize).clamp(1, docs.len() - 1);
     let jsonl = |d: &[btm_model::data::Document]| -> Vec<u8> {
-        let mut out = String::new();
+        let mut out = Vec::new();
         for doc in d {
-            out.push_str(&serde_json::json!({"id": doc.id, "text": doc.text}).to_string());
-            out.push('\n');
+            // A document of two strings always serialises.
+            out.extend(serde_json::to_vec(doc).unwrap_or_default());
+            out.push(b'\n');
         }
-        out.into_bytes()
+        out
     };
     // The k documents with the smallest hashes: a uniform sample, deterministic.
     let mut order: Vec<(blake3::Hash, usize)> = docs
@@ -190,6 +191,8 @@ pub struct Maintainer {
     config: MaintainerConfig,
     /// Each domain's withheld pool (JSONL bytes), kept in memory only.
     withheld: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// The seed loaded for acceptance checks (and the pools' tokens), made on first use.
+    verifier: Arc<Mutex<Option<btm_net::verify::Verifier>>>,
 }
 
 async fn offer(node: &Node, env: &[u8]) -> Result<()> {
@@ -215,6 +218,7 @@ impl Maintainer {
         Maintainer {
             config,
             withheld: Arc::default(),
+            verifier: Arc::default(),
         }
     }
 
@@ -465,19 +469,36 @@ impl Maintainer {
             .read(&domain.valid, max)
             .await
             .map_err(|e| format!("the public split: {e}"))?;
-        let (seed_weights, tokenizer) = (
-            self.config.seed.weights.clone(),
-            self.config.seed.tokenizer.clone(),
-        );
+        // The seed is loaded once; its bytes are copied only when it must be.
+        let needs_seed = self
+            .verifier
+            .lock()
+            .map(|g| g.as_ref().is_none_or(|v| v.seed() != &seed))
+            .unwrap_or(true);
+        let seed_bytes = needs_seed.then(|| {
+            (
+                self.config.seed.weights.clone(),
+                self.config.seed.tokenizer.clone(),
+            )
+        });
         let registry = registry.clone();
         let name = elm.domain.clone();
         let sample: u64 = rand::random();
+        let slot = self.verifier.clone();
         tokio::task::spawn_blocking(move || {
-            let device = btm_model::device::DeviceKind::Cpu
-                .device()
-                .map_err(|e| e.to_string())?;
-            let mut v = btm_net::verify::Verifier::new(&seed, &seed_weights, &tokenizer, device)
-                .map_err(|e| e.to_string())?;
+            let mut guard = slot
+                .lock()
+                .map_err(|_| "verifier lock poisoned".to_string())?;
+            if let Some((w, t)) = seed_bytes {
+                let device = btm_model::device::DeviceKind::Cpu
+                    .device()
+                    .map_err(|e| e.to_string())?;
+                *guard = Some(
+                    btm_net::verify::Verifier::new(&seed, &w, &t, device)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let v = guard.as_mut().ok_or("no verifier")?;
             let m = v
                 .measure_withheld(&registry, &name, &weights, &valid, &pool, sample)
                 .map_err(|e| e.to_string())?;

@@ -557,13 +557,28 @@ pub(crate) type Progress = Arc<std::sync::Mutex<Option<(u64, f64)>>>;
 
 /// The claim progress to sign: the last update and loss, and the BLAKE3 of the run's current
 /// checkpoint (none before the first checkpoint).
-fn claim_progress(progress: &Progress, run_dir: &Path) -> Option<btm_protocol::ClaimProgress> {
+/// The checkpoint file is hashed again only when it changed (`seen`: its modification time
+/// and hash at the last renewal), not read whole at every renewal.
+fn claim_progress(
+    progress: &Progress,
+    run_dir: &Path,
+    seen: &mut Option<(std::time::SystemTime, ContentId)>,
+) -> Option<btm_protocol::ClaimProgress> {
     let (step, loss) = (*progress.lock().ok()?)?;
-    let checkpoint = std::fs::read(run_dir.join(CHECKPOINT_FILE)).ok()?;
+    let path = run_dir.join(CHECKPOINT_FILE);
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    let checkpoint = match *seen {
+        Some((at, id)) if at == modified => id,
+        _ => {
+            let id = ContentId::of(&std::fs::read(&path).ok()?);
+            *seen = Some((modified, id));
+            id
+        }
+    };
     Some(btm_protocol::ClaimProgress {
         step,
         loss_milli: ppl_to_milli(loss).unwrap_or(0),
-        checkpoint: ContentId::of(&checkpoint),
+        checkpoint,
     })
 }
 
@@ -577,9 +592,10 @@ async fn renew(
     events: Events,
 ) {
     let every = Duration::from_secs((lease / 4).max(1));
+    let mut seen = None;
     loop {
         tokio::time::sleep(every).await;
-        let shown = claim_progress(&progress, &run_dir);
+        let shown = claim_progress(&progress, &run_dir, &mut seen);
         if let Err(e) = node.claim_with(Some(&domain), shown).await {
             events.note(format!(
                 "renewing the claim on {domain} failed: {e} (will retry)"

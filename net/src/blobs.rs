@@ -4,6 +4,7 @@
 //! stream (bao), resume from what is already stored, and are retried from other providers with
 //! per-peer error budgets and timeouts.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,11 +19,19 @@ use iroh::{Endpoint, EndpointAddr, TransportAddr};
 use iroh_blobs::api::blobs::BlobStatus;
 use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::store::fs::options::Options;
+use iroh_blobs::store::{GcConfig, ProtectOutcome};
 use iroh_blobs::{BlobsProtocol, Hash};
 pub use rustls_pki_types::CertificateDer;
 
 use crate::identity::{Identity, endpoint_id_of};
 use crate::limits::ErrorBudget;
+
+/// The longest opening the store or binding the endpoint may take.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest each step of [`Blobs::shutdown`] may take before it is abandoned.
+pub const SHUTDOWN_STEP: Duration = Duration::from_secs(5);
 
 /// Reads the PEM certificates in `path` (trust anchors of a self-hosted relay).
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, BlobError> {
@@ -52,6 +61,9 @@ pub struct BlobConfig {
     pub connect_timeout: Duration,
     /// Longest time one transfer attempt may take.
     pub transfer_timeout: Duration,
+    /// Longest time one blob's download may take over all its attempts: providers that
+    /// trickle just fast enough to dodge the stall timeout cannot hold it longer.
+    pub blob_deadline: Duration,
     /// Longest time without progress before an attempt is abandoned (a stalled peer).
     pub stall_timeout: Duration,
     /// Failed attempts a provider may have outstanding before we stop asking it.
@@ -62,6 +74,9 @@ pub struct BlobConfig {
     pub max_blob_bytes: u64,
     /// Most providers tried for one blob.
     pub max_attempts: usize,
+    /// How often the store deletes blobs no tag keeps ([`Blobs::forget`], partial downloads
+    /// nobody is resuming). Downloads in progress are protected.
+    pub gc_interval: Duration,
 }
 
 impl Default for BlobConfig {
@@ -72,11 +87,13 @@ impl Default for BlobConfig {
             relay_roots: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             transfer_timeout: Duration::from_secs(600),
+            blob_deadline: Duration::from_secs(1800),
             stall_timeout: Duration::from_secs(30),
             peer_error_budget: 3,
             peer_error_forgive: Duration::from_secs(600),
             max_blob_bytes: btm_model::weights::MAX_FILE_BYTES,
             max_attempts: 8,
+            gc_interval: Duration::from_secs(600),
         }
     }
 }
@@ -168,6 +185,62 @@ struct Inner {
     errors: Mutex<ErrorBudget<NodeId>>,
     /// Bytes received on download connections.
     received: std::sync::atomic::AtomicU64,
+    /// Blobs being downloaded now: kept by the garbage collector until they are complete and
+    /// tagged, or abandoned.
+    in_flight: InFlight,
+}
+
+type InFlight = Arc<Mutex<HashMap<Hash, usize>>>;
+
+/// Marks a blob as being downloaded for as long as it lives.
+struct Downloading {
+    set: InFlight,
+    hash: Hash,
+}
+
+impl Downloading {
+    fn new(set: &InFlight, hash: Hash) -> Downloading {
+        if let Ok(mut m) = set.lock() {
+            *m.entry(hash).or_default() += 1;
+        }
+        Downloading {
+            set: set.clone(),
+            hash,
+        }
+    }
+}
+
+impl Drop for Downloading {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.set.lock()
+            && let Some(n) = m.get_mut(&self.hash)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// The garbage collector of the store: every `interval` it deletes the blobs that no tag keeps,
+/// except those being downloaded (`in_flight`). If the set cannot be read, the run is skipped.
+fn gc_config(interval: Duration, in_flight: InFlight) -> GcConfig {
+    GcConfig {
+        interval,
+        add_protected: Some(Arc::new(move |live| {
+            let now: Option<Vec<Hash>> = in_flight.lock().ok().map(|m| m.keys().copied().collect());
+            Box::pin(async move {
+                match now {
+                    Some(hashes) => {
+                        live.extend(hashes);
+                        ProtectOutcome::Continue
+                    }
+                    None => ProtectOutcome::Abort,
+                }
+            })
+        })),
+    }
 }
 
 impl std::fmt::Debug for Blobs {
@@ -193,9 +266,21 @@ impl Blobs {
             path: dir.to_path_buf(),
             source,
         })?;
-        let store = FsStore::load(dir)
-            .await
-            .map_err(|e| BlobError::Start(format!("store in {}: {e}", dir.display())))?;
+        let in_flight = InFlight::default();
+        let mut options = Options::new(dir);
+        options.gc = Some(gc_config(config.gc_interval, in_flight.clone()));
+        let store = tokio::time::timeout(
+            START_TIMEOUT,
+            FsStore::load_with_opts(dir.join("blobs.db"), options),
+        )
+        .await
+        .map_err(|_| {
+            BlobError::Start(format!(
+                "store in {}: not open after {START_TIMEOUT:?} (is another process using it?)",
+                dir.display()
+            ))
+        })?
+        .map_err(|e| BlobError::Start(format!("store in {}: {e}", dir.display())))?;
         let relay_mode = if config.relays.is_empty() {
             iroh::RelayMode::Disabled
         } else {
@@ -209,14 +294,15 @@ impl Blobs {
                 iroh::tls::CaTlsConfig::embedded().with_extra_roots(config.relay_roots.clone()),
             );
         }
-        let endpoint = builder
+        let bound = builder
             .clear_address_lookup()
             .clear_ip_transports()
             .bind_addr(config.bind)
             .map_err(|e| BlobError::Start(format!("bind address {}: {e}", config.bind)))?
-            .alpns(vec![iroh_blobs::ALPN.to_vec()])
-            .bind()
+            .alpns(vec![iroh_blobs::ALPN.to_vec()]);
+        let endpoint = tokio::time::timeout(START_TIMEOUT, bound.bind())
             .await
+            .map_err(|_| BlobError::Start(format!("endpoint: not bound after {START_TIMEOUT:?}")))?
             .map_err(|e| BlobError::Start(format!("endpoint: {e}")))?;
         let blobs = BlobsProtocol::new(&store, None);
         let router = Router::builder(endpoint)
@@ -234,6 +320,7 @@ impl Blobs {
                 config,
                 errors,
                 received: std::sync::atomic::AtomicU64::new(0),
+                in_flight,
             }),
         })
     }
@@ -331,6 +418,29 @@ impl Blobs {
         Ok(id)
     }
 
+    /// Tags the blob `btm/<id>` so the garbage collector keeps it.
+    async fn keep(&self, id: &ContentId) -> Result<(), BlobError> {
+        self.inner
+            .store
+            .tags()
+            .set(format!("btm/{id}"), hash(id))
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// Drops the tag that keeps the blob: the garbage collector deletes its bytes on its next
+    /// run (every [`BlobConfig::gc_interval`]) unless a download or [`Blobs::add_bytes`] keeps
+    /// it again first. Rejected weights are forgotten this way.
+    pub async fn forget(&self, id: &ContentId) -> Result<(), BlobError> {
+        self.inner
+            .store
+            .tags()
+            .delete(format!("btm/{id}"))
+            .await
+            .map(|_| ())
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
     /// Whether the whole blob is stored here.
     pub async fn has(&self, id: &ContentId) -> bool {
         matches!(
@@ -423,7 +533,10 @@ impl Blobs {
         providers: &[Provider],
     ) -> Result<Fetched, BlobError> {
         let start = Instant::now();
+        let _downloading = Downloading::new(&self.inner.in_flight, hash(id));
         if self.has(id).await {
+            // Keep it (again, if it was forgotten and the collector has not run yet).
+            self.keep(id).await?;
             return Ok(Fetched {
                 from: None,
                 bytes: 0,
@@ -434,8 +547,19 @@ impl Blobs {
         let cfg = &self.inner.config;
         let me = self.inner.router.endpoint().id();
         let mut failures = Vec::new();
+        let deadline = start + cfg.blob_deadline;
         for p in providers.iter().take(cfg.max_attempts) {
             if p.node.as_bytes() == me.as_bytes() {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                failures.push((
+                    p.node,
+                    format!(
+                        "not tried: the blob's {:?} deadline passed",
+                        cfg.blob_deadline
+                    ),
+                ));
                 continue;
             }
             let spent = self
@@ -448,14 +572,9 @@ impl Blobs {
                 failures.push((p.node, "error budget spent".to_string()));
                 continue;
             }
-            match self.attempt(id, size, p).await {
+            match self.attempt(id, size, p, deadline).await {
                 Ok(bytes) => {
-                    self.inner
-                        .store
-                        .tags()
-                        .set(format!("btm/{id}"), hash(id))
-                        .await
-                        .map_err(|e| BlobError::Store(e.to_string()))?;
+                    self.keep(id).await?;
                     return Ok(Fetched {
                         from: Some(p.node),
                         bytes,
@@ -476,11 +595,13 @@ impl Blobs {
         })
     }
 
+    /// One provider, until `deadline` at the latest (the blob's, over all attempts).
     async fn attempt(
         &self,
         id: &ContentId,
         size: Option<u64>,
         p: &Provider,
+        deadline: Instant,
     ) -> Result<u64, String> {
         let cfg = &self.inner.config;
         let endpoint_id = endpoint_id_of(&p.node).ok_or("not a valid endpoint id")?;
@@ -495,13 +616,14 @@ impl Blobs {
                 .chain(p.relays.iter().map(|r| TransportAddr::Relay(r.clone()))),
         );
         let conn = tokio::time::timeout(
-            cfg.connect_timeout,
+            cfg.connect_timeout
+                .min(deadline.saturating_duration_since(Instant::now())),
             self.inner.router.endpoint().connect(addr, iroh_blobs::ALPN),
         )
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
-        let result = self.transfer(&conn, id, size).await;
+        let result = self.transfer(&conn, id, size, deadline).await;
         let received = conn.stats().udp_rx.bytes;
         self.inner
             .received
@@ -521,12 +643,14 @@ impl Blobs {
         conn: &iroh::endpoint::Connection,
         id: &ContentId,
         size: Option<u64>,
+        blob_deadline: Instant,
     ) -> Result<u64, String> {
         let cfg = &self.inner.config;
         // Size before bytes: the last chunk and its proof (a few KiB) show the blob's size.
         if let Some(want) = size {
             let proved = tokio::time::timeout(
-                cfg.stall_timeout,
+                cfg.stall_timeout
+                    .min(blob_deadline.saturating_duration_since(Instant::now())),
                 iroh_blobs::get::request::get_verified_size(conn, &hash(id)),
             )
             .await
@@ -541,11 +665,17 @@ impl Blobs {
         }
         let progress = self.inner.store.remote().fetch(conn.clone(), hash(id));
         let mut stream = std::pin::pin!(progress.stream());
-        let deadline = Instant::now() + cfg.transfer_timeout;
+        let deadline = blob_deadline.min(Instant::now() + cfg.transfer_timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = left.min(cfg.stall_timeout);
             match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) if Instant::now() >= blob_deadline => {
+                    return Err(format!(
+                        "timed out: the blob's {:?} deadline passed",
+                        cfg.blob_deadline
+                    ));
+                }
                 Err(_) => return Err("timed out (stalled or too slow)".to_string()),
                 Ok(None) => return Err("transfer ended without a result".to_string()),
                 Ok(Some(GetProgressItem::Progress(n))) => {
@@ -567,13 +697,27 @@ impl Blobs {
     }
 
     /// Stops the endpoint and flushes the store.
+    ///
+    /// Each step (router, endpoint, store) gets [`SHUTDOWN_STEP`]; one that takes longer is
+    /// abandoned with a warning, so a peer that never acknowledges a close cannot hold the
+    /// node's shutdown open.
     pub async fn shutdown(&self) {
-        if let Err(e) = self.inner.router.shutdown().await {
-            tracing::warn!(error = %e, "blob router shutdown");
+        use tokio::time::timeout;
+        match timeout(SHUTDOWN_STEP, self.inner.router.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "blob router shutdown"),
+            Err(_) => tracing::warn!("blob router did not stop within {SHUTDOWN_STEP:?}"),
         }
-        self.inner.router.endpoint().close().await;
-        if let Err(e) = self.inner.store.shutdown().await {
-            tracing::debug!(error = %e, "blob store shutdown");
+        if timeout(SHUTDOWN_STEP, self.inner.router.endpoint().close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("blob endpoint did not close within {SHUTDOWN_STEP:?}");
+        }
+        match timeout(SHUTDOWN_STEP, self.inner.store.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "blob store shutdown"),
+            Err(_) => tracing::warn!("blob store did not stop within {SHUTDOWN_STEP:?}"),
         }
     }
 }

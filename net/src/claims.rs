@@ -2,9 +2,10 @@
 //! trains. Choosing is pure: functions of (board, input, now) -> decision.
 //!
 //! Rules (`specs/network.md`, "Claims"): a claim is live while `now < lease_expires`; expired
-//! claims free their domain; a node holds at most `max_own_claims` live claims (its own
-//! restraint; whether a peer's claim is accepted, stale or over the quota every node enforces
-//! is `btm_registry::rules::decide_claim`, called by the store and the DHT); a node choosing a
+//! claims free their domain; a node holds one live claim (a claim on another domain, first
+//! made later, moves it there and releases the domain it held; whether a peer's claim is
+//! accepted, stale or superseded every node decides with `btm_registry::rules::decide_claim`,
+//! called by the store and the DHT); a node choosing a
 //! domain picks, among the registry's domains, one with the fewest live claims by *other*
 //! nodes, ties broken by BLAKE3(node || domain) so that simultaneous choosers spread out
 //! instead of all picking the first name.
@@ -20,7 +21,8 @@ pub struct ClaimPolicy {
     pub lease_secs: u64,
     /// Renew when less than this much of the lease is left.
     pub renew_before_secs: u64,
-    /// Most live claims this node holds at once.
+    /// Most live claims this node holds at once (the network keeps one per node: a second
+    /// claim moves the first).
     pub max_own_claims: usize,
 }
 

@@ -21,7 +21,7 @@ use crate::client::{Command, Event, NetError, Observed};
 use crate::diversity;
 use crate::identity::node_id_of;
 use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
-use crate::limits::{Limits, RateLimiter, now_secs};
+use crate::limits::{Clock, ErrorBudget, Limits, RateLimiter};
 use crate::swarm::{Behaviour, BehaviourEvent};
 use crate::validate::{self, Freshness, Horizons, Invalid, View};
 
@@ -91,6 +91,7 @@ struct StoreDone {
 /// and supersession rules in one transaction) and sends each result back. It ends when the
 /// event loop drops its sender.
 fn spawn_store_thread(
+    clock: Clock,
     store: Arc<Mutex<Store>>,
     jobs: std::sync::mpsc::Receiver<StoreJob>,
     done: mpsc::Sender<StoreDone>,
@@ -103,7 +104,7 @@ fn spawn_store_thread(
                     Err(_) => Err("store lock poisoned".to_string()),
                     Ok(mut s) => match job.kind {
                         StoreKind::Claim => {
-                            s.put_claim(&job.data, now_secs()).map(StoreOutcome::Claim)
+                            s.put_claim(&job.data, clock.now()).map(StoreOutcome::Claim)
                         }
                         StoreKind::Attestation => {
                             s.put_attestation(&job.data).map(StoreOutcome::Attestation)
@@ -141,8 +142,15 @@ pub(crate) struct EventLoop {
     /// Ids of the accepted roots by version (the chain served under `RecordKey::Root`).
     roots: BTreeMap<u64, ContentId>,
     horizons: Horizons,
+    clock: Clock,
     limits: Limits,
     puts: RateLimiter<PeerId>,
+    /// Lookups of unknown ELMs named by a peer's attestations.
+    lookups: RateLimiter<PeerId>,
+    /// Invalid DHT PUTs per peer, forgiven over time (`penalise_puts`).
+    bad_puts: ErrorBudget<PeerId>,
+    /// Peers whose application score is negative now.
+    penalised: HashSet<PeerId>,
     gossip: RateLimiter<PeerId>,
     store_jobs: std::sync::mpsc::SyncSender<StoreJob>,
     store_done: mpsc::Receiver<StoreDone>,
@@ -200,6 +208,7 @@ pub(crate) struct Parts {
     pub trusted: Trusted,
     pub horizons: Horizons,
     pub limits: Limits,
+    pub clock: Clock,
 }
 
 impl EventLoop {
@@ -214,7 +223,7 @@ impl EventLoop {
         let limits = parts.limits;
         let (store_jobs, jobs) = std::sync::mpsc::sync_channel(limits.store_queue.max(1));
         let (done_tx, store_done) = mpsc::channel(limits.store_queue.max(1));
-        if let Err(e) = spawn_store_thread(parts.store.clone(), jobs, done_tx) {
+        if let Err(e) = spawn_store_thread(parts.clock, parts.store.clone(), jobs, done_tx) {
             // Without the thread every queued write is dropped (gossip ignored, never wrong).
             tracing::error!(error = %e, "starting the store thread");
         }
@@ -231,7 +240,15 @@ impl EventLoop {
             trusted: parts.trusted,
             roots: BTreeMap::new(),
             horizons: parts.horizons,
+            clock: parts.clock,
             puts: RateLimiter::new(limits.dht_puts_per_peer, limits.max_tracked_peers),
+            lookups: RateLimiter::new(limits.lookups_per_peer, limits.max_tracked_peers),
+            bad_puts: ErrorBudget::new(
+                limits.bad_puts_per_peer,
+                limits.bad_put_forgive,
+                limits.max_tracked_peers,
+            ),
+            penalised: HashSet::new(),
             gossip: RateLimiter::new(limits.gossip_per_peer, limits.max_tracked_peers),
             limits,
             listen_addrs: Vec::new(),
@@ -301,7 +318,7 @@ impl EventLoop {
         View {
             trusted: &self.trusted,
             roots: &self.roots,
-            now: now_secs(),
+            now: self.clock.now(),
             horizons: self.horizons,
         }
     }
@@ -527,7 +544,7 @@ impl EventLoop {
     /// Offers the next root to the store's rules; on acceptance it becomes the trusted root
     /// (registries are checked against its keys from now on) and is held on the DHT.
     fn adopt_root(&mut self, bytes: &[u8]) -> Result<Decision<Signed<Root>>, NetError> {
-        let decision = self.write_store(|s| s.update_root(bytes, now_secs()))?;
+        let decision = self.write_store(|s| s.update_root(bytes, self.clock.now()))?;
         if let Decision::Accept(root) = &decision {
             let version = root.record().version;
             self.trusted.root = root.clone();
@@ -565,7 +582,7 @@ impl EventLoop {
         &mut self,
         bytes: &[u8],
     ) -> Result<Decision<Signed<btm_protocol::Registry>>, NetError> {
-        let decision = self.write_store(|s| s.update_registry(bytes, now_secs()))?;
+        let decision = self.write_store(|s| s.update_registry(bytes, self.clock.now()))?;
         if let Decision::Accept(reg) = &decision {
             self.trusted.registry = Some(reg.clone());
             tracing::info!(version = reg.record().version, "registry adopted");
@@ -637,22 +654,26 @@ impl EventLoop {
             return Err(NetError::Invalid(Invalid::Rules(Reject::Stale)));
         }
         if let RecordKey::Claim { node, .. } = key {
-            // The node's other claims held here decide its quota (`rules::decide_claim`).
+            // The node's claim records held here decide a renewal or a move
+            // (`rules::decide_claim`); a move deletes the records of the domains it leaves, so
+            // a node holds one claim record on this node's part of the DHT.
             let prefix = format!("btm/1/{}/claim/", self.net);
             let suffix = format!("/{node}");
-            let held: Vec<btm_protocol::Claim> = store
-                .records()
-                .filter(|r| {
-                    let k = r.key.as_ref();
-                    k.starts_with(prefix.as_bytes()) && k.ends_with(suffix.as_bytes())
-                })
-                .filter_map(|r| Signed::<btm_protocol::Claim>::decode(&r.value).ok())
-                .map(Signed::into_record)
-                .collect();
+            let mut held = Vec::new();
+            let mut held_keys = Vec::new();
+            for r in store.records() {
+                let k = r.key.as_ref();
+                if k.starts_with(prefix.as_bytes())
+                    && k.ends_with(suffix.as_bytes())
+                    && let Ok(c) = Signed::<btm_protocol::Claim>::decode(&r.value)
+                {
+                    held_keys.push((r.key.clone(), c.record().domain.clone()));
+                    held.push(c.into_record());
+                }
+            }
             let claim = Signed::<btm_protocol::Claim>::decode(&value)
                 .map_err(|e| Invalid::Rules(e.into()))?;
             let limits = ClaimLimits {
-                max_live_per_node: self.limits.max_dht_claims_per_node,
                 max_lease_secs: self.horizons.max_lease_secs,
                 max_total_lease_secs: rules::MAX_TOTAL_LEASE_SECS,
                 grace_secs: rules::CLAIM_GRACE_SECS,
@@ -663,13 +684,18 @@ impl EventLoop {
                 claim.record(),
                 &held,
                 &limits,
-                now_secs(),
+                self.clock.now(),
             )
             .map_err(Invalid::Rules)?;
+            for (k, domain) in held_keys {
+                if domain != claim.record().domain {
+                    store.remove(&k);
+                }
+            }
         }
         let mut record = kad::Record::new(kkey, value);
         record.publisher = from;
-        record.expires = expiry_of(key, &record.value, from.is_some());
+        record.expires = expiry_of(key, &record.value, from.is_some(), self.clock.now());
         store
             .put(record.clone())
             .map_err(|e| NetError::Dht(e.to_string()))?;
@@ -887,8 +913,22 @@ impl EventLoop {
                     self.refused("dht put", Some(source), "unknown key".into());
                     return;
                 };
-                if let Err(e) = self.check_and_store(&key, record.value, Some(source)) {
-                    self.refused("dht put", Some(source), e.to_string());
+                if self.bad_puts.spent(&source, Instant::now()) {
+                    // Not even validated: checking its records is what this peer costs us.
+                    self.refused(
+                        "dht put",
+                        Some(source),
+                        "this peer sent too many invalid records; ignored for a while".into(),
+                    );
+                    return;
+                }
+                match self.check_and_store(&key, record.value, Some(source)) {
+                    Ok(_) => self.penalise_puts(source, false),
+                    Err(e) => {
+                        let invalid = matches!(&e, NetError::Invalid(i) if matches!(refusal(i), MessageAcceptance::Reject));
+                        self.refused("dht put", Some(source), e.to_string());
+                        self.penalise_puts(source, invalid);
+                    }
                 }
             }
             kad::Event::InboundRequest {
@@ -1087,6 +1127,27 @@ impl EventLoop {
         }
     }
 
+    /// Charges `peer` one invalid DHT PUT (when `invalid`) and sets its gossipsub application
+    /// score to minus its outstanding invalid PUTs (weight 10 each, like one rejected gossip
+    /// message; eight outstanding graylist it). A valid PUT refreshes the score as the charges
+    /// are forgiven.
+    fn penalise_puts(&mut self, peer: PeerId, invalid: bool) {
+        let now = Instant::now();
+        if invalid {
+            self.bad_puts.charge(&peer, now);
+        }
+        let outstanding = self.bad_puts.outstanding(&peer, now);
+        if invalid || outstanding > 0 || self.penalised.remove(&peer) {
+            if outstanding > 0 {
+                self.penalised.insert(peer);
+            }
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(&peer, -f64::from(outstanding));
+        }
+    }
+
     fn refused(&self, what: &'static str, from: Option<PeerId>, reason: String) {
         tracing::debug!(what, ?from, %reason, "refused");
         observe(&self.observers, Observed::Refused { what, from, reason });
@@ -1258,7 +1319,17 @@ impl EventLoop {
                 MessageAcceptance::Accept
             }
             Ok(StoreOutcome::Attestation(Decision::Reject(Reject::UnknownElm(elm)))) => {
-                let _ = self.events.try_send(Event::UnknownElm(elm));
+                // Each costs a DHT lookup: a few per peer, then none (attestations of ELMs
+                // nobody announced are the cheapest way to make a node search).
+                if self.lookups.allow(&source, Instant::now()) {
+                    let _ = self.events.try_send(Event::UnknownElm(elm));
+                } else {
+                    self.refused(
+                        "attestation",
+                        Some(source),
+                        "names an unknown ELM; lookup rate limit".into(),
+                    );
+                }
                 MessageAcceptance::Ignore
             }
             Ok(
@@ -1321,16 +1392,16 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
 /// expire with it; a record from a peer expires at the latest after its kind's TTL
 /// ([`validate::record_ttl`]: its publisher republishes it hourly). Our own records without a
 /// natural end stay (Kademlia republishes them with its record TTL).
-fn expiry_of(key: &RecordKey, value: &[u8], foreign: bool) -> Option<Instant> {
+fn expiry_of(key: &RecordKey, value: &[u8], foreign: bool, now: u64) -> Option<Instant> {
     let ttl = foreign.then(|| Instant::now() + validate::record_ttl(key));
-    let natural = natural_end(key, value);
+    let natural = natural_end(key, value, now);
     match (natural, ttl) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
 }
 
-fn natural_end(key: &RecordKey, value: &[u8]) -> Option<Instant> {
+fn natural_end(key: &RecordKey, value: &[u8], now: u64) -> Option<Instant> {
     let until = match key {
         RecordKey::Claim { .. } => Signed::<btm_protocol::Claim>::decode(value)
             .ok()
@@ -1340,6 +1411,6 @@ fn natural_end(key: &RecordKey, value: &[u8]) -> Option<Instant> {
             .map(|a| a.expires),
         _ => None,
     }?;
-    let secs = until.saturating_sub(now_secs());
+    let secs = until.saturating_sub(now);
     Some(Instant::now() + Duration::from_secs(secs))
 }

@@ -41,6 +41,7 @@ pub mod identity;
 pub mod keys;
 pub mod limits;
 pub mod node;
+pub mod queue;
 pub mod record_store;
 pub mod swarm;
 pub mod validate;

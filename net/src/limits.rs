@@ -23,10 +23,18 @@ pub struct Limits {
     pub max_provided_keys: usize,
     /// Most foreign DHT records held from one publishing peer (`record_store`).
     pub max_dht_records_per_peer: usize,
-    /// Most DHT claim records held per claiming node (the protocol's live-claim quota).
-    pub max_dht_claims_per_node: usize,
     /// Inbound DHT PUT and ADD_PROVIDER requests per peer.
     pub dht_puts_per_peer: Rate,
+    /// Invalid DHT PUTs a peer may have outstanding before its PUTs are ignored unread; each
+    /// also lowers its gossipsub score by 10.
+    pub bad_puts_per_peer: u32,
+    /// One invalid PUT is forgiven every this long.
+    pub bad_put_forgive: Duration,
+    /// DHT lookups that one peer's attestations of unknown ELMs may cause.
+    pub lookups_per_peer: Rate,
+    /// DHT lookups of unknown ELMs running at once (beyond: skipped; the next sync finds
+    /// what was real).
+    pub max_unknown_lookups: usize,
     /// Gossip messages validated per propagating peer (beyond: ignored, not forwarded).
     pub gossip_per_peer: Rate,
     /// Most established connections in total, and per peer.
@@ -59,11 +67,17 @@ impl Default for Limits {
             max_dht_records_per_peer: 256,
             max_providers_per_key: 20,
             max_provided_keys: 4096,
-            max_dht_claims_per_node: btm_registry::store::MAX_CLAIMS_PER_NODE,
             dht_puts_per_peer: Rate {
                 burst: 128.0,
                 per_sec: 8.0,
             },
+            bad_puts_per_peer: 8,
+            bad_put_forgive: Duration::from_secs(60),
+            lookups_per_peer: Rate {
+                burst: 4.0,
+                per_sec: 0.2,
+            },
+            max_unknown_lookups: 4,
             gossip_per_peer: Rate {
                 burst: 256.0,
                 per_sec: 32.0,
@@ -208,6 +222,20 @@ impl<K: Hash + Eq + Clone> ErrorBudget<K> {
 fn refill(rate: Rate, b: Bucket, now: Instant) -> f64 {
     let dt = now.saturating_duration_since(b.at).as_secs_f64();
     (b.tokens + dt * rate.per_sec).min(rate.burst)
+}
+
+/// A node's clock: the system's, shifted by `skew_secs`. Real nodes run at 0; tests play a
+/// node whose clock is minutes off (issue 13: leases and expiry must hold under +-5 minutes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub skew_secs: i64,
+}
+
+impl Clock {
+    /// Seconds since the Unix epoch, as this node's clock reads them.
+    pub fn now(&self) -> u64 {
+        now_secs().saturating_add_signed(self.skew_secs)
+    }
 }
 
 /// Seconds since the Unix epoch.

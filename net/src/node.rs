@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use btm_protocol::{
     Attestation, Claim, ContentId, ElmRecord, NodeId, Registry, Root, Signed, Verdict, ppl_to_milli,
@@ -21,7 +21,8 @@ use crate::claims::{self, Board, ClaimPolicy};
 use crate::client::{Client, Event, NetError, Observed};
 use crate::identity::{Identity, IdentityError, node_id_of, peer_id_of};
 use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
-use crate::limits::now_secs;
+use crate::limits::{Clock, ErrorBudget};
+use crate::queue::{FairQueue, Full};
 use crate::swarm::SwarmConfig;
 use crate::validate::Horizons;
 use crate::verify::{self, Failure, Verifier};
@@ -43,10 +44,19 @@ pub struct NodeConfig {
     pub claims: ClaimPolicy,
     /// ELM records waiting for verification; beyond this they are ignored (not forwarded).
     pub verify_queue: usize,
+    /// ELM records of one trainer waiting for verification (the queue serves trainers in turn,
+    /// `queue`); beyond this that trainer's records are ignored.
+    pub verify_queue_per_trainer: usize,
+    /// Downloads of a trainer's announced weights that may fail (no provider served them)
+    /// before its further records are refused without a download; one is forgiven every
+    /// `blobs.peer_error_forgive`.
+    pub trainer_download_failures: u32,
     /// Verifications run at once.
     pub verify_concurrency: usize,
     /// Timeout of each call into the event loop.
     pub call_timeout: Duration,
+    /// This node's clock (the system's unless a test skews it).
+    pub clock: Clock,
     /// Use this key instead of `<data_dir>/node.key` (tests, benchmarks).
     pub identity: Option<Identity>,
 }
@@ -74,9 +84,12 @@ impl NodeConfig {
             blobs: BlobConfig::default(),
             horizons: Horizons::default(),
             claims: ClaimPolicy::default(),
-            verify_queue: 16,
+            verify_queue: 64,
+            verify_queue_per_trainer: 4,
+            trainer_download_failures: 3,
             verify_concurrency: 1,
             call_timeout: Duration::from_secs(60),
+            clock: Clock::default(),
             identity: None,
         }
     }
@@ -126,7 +139,9 @@ struct Inner {
     /// Known blob addresses of other nodes.
     addrs: Mutex<HashMap<NodeId, (Provider, u64)>>,
     verifier: Arc<Mutex<Option<Verifier>>>,
-    queue: mpsc::Sender<Job>,
+    queue: FairQueue<NodeId, Job>,
+    /// Announced weights that could not be downloaded, charged to their trainer.
+    trainer_failures: Mutex<ErrorBudget<NodeId>>,
 }
 
 struct Job {
@@ -169,7 +184,7 @@ impl Node {
         let net = NetworkId::of_root(&root);
         let mut store = Store::open(config.data_dir.join("node.db"))?;
         if store.trusted()?.is_none()
-            && let Decision::Reject(r) = store.init_root(&config.root, now_secs())?
+            && let Decision::Reject(r) = store.init_root(&config.root, config.clock.now())?
         {
             return Err(NodeError::Root(r.to_string()));
         }
@@ -199,9 +214,9 @@ impl Node {
             trusted,
             horizons: config.horizons,
             limits: config.swarm.limits.clone(),
+            clock: config.clock,
         });
         let client = Client::new(cmd_tx, net, identity.peer_id(), config.call_timeout);
-        let (job_tx, job_rx) = mpsc::channel(config.verify_queue.max(1));
         let inner = Arc::new(Inner {
             identity,
             client: client.clone(),
@@ -211,13 +226,17 @@ impl Node {
             config: config.clone(),
             addrs: Mutex::new(HashMap::new()),
             verifier: Arc::new(Mutex::new(None)),
-            queue: job_tx,
+            queue: FairQueue::new(config.verify_queue_per_trainer, config.verify_queue),
+            trainer_failures: Mutex::new(ErrorBudget::new(
+                config.trainer_download_failures,
+                config.blobs.peer_error_forgive,
+                10_000,
+            )),
         });
         let mut tasks = vec![tokio::spawn(event_loop.run())];
         tasks.push(tokio::spawn(dispatch(inner.clone(), ev_rx)));
-        let job_rx = Arc::new(tokio::sync::Mutex::new(job_rx));
         for _ in 0..config.verify_concurrency.max(1) {
-            tasks.push(tokio::spawn(verify_worker(inner.clone(), job_rx.clone())));
+            tasks.push(tokio::spawn(verify_worker(inner.clone())));
         }
         let node = Node {
             inner,
@@ -333,7 +352,7 @@ impl Node {
     pub async fn publish_addr(&self) -> Result<(), NodeError> {
         let rec = AddrRecord {
             node: self.node_id(),
-            expires: now_secs() + self.inner.config.horizons.max_addr_secs,
+            expires: self.inner.config.clock.now() + self.inner.config.horizons.max_addr_secs,
             addrs: self.inner.blobs.addrs(),
             relays: self.inner.blobs.relay_urls(),
         };
@@ -375,7 +394,7 @@ impl Node {
 
     /// The live claims on the registry's domains, as a board.
     pub fn board(&self, registry: &Registry) -> Result<Board, NodeError> {
-        let now = now_secs();
+        let now = self.inner.config.clock.now();
         let store = lock(&self.inner.store)?;
         let mut claims = Vec::new();
         for d in &registry.domains {
@@ -403,7 +422,7 @@ impl Node {
         progress: Option<btm_protocol::ClaimProgress>,
     ) -> Result<Signed<Claim>, NodeError> {
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
-        let now = now_secs();
+        let now = self.inner.config.clock.now();
         let domain = match domain {
             Some(d) => d.to_string(),
             None => {
@@ -413,11 +432,17 @@ impl Node {
             }
         };
         let me = self.node_id();
-        let first_claimed = lock(&self.inner.store)?
-            .claims(&domain, now)?
-            .iter()
-            .find(|c| c.record().node == me)
-            .map_or(now, |c| c.record().first_claimed);
+        // A renewal keeps its first-claim time; a new claim is first made now, and a move to
+        // another domain strictly after the claim it leaves (one claim per node,
+        // `rules::decide_claim`), even within the same second.
+        let held = lock(&self.inner.store)?.claims_by(&me, now)?;
+        let first_claimed = match held.iter().find(|c| c.record().domain == domain) {
+            Some(c) => c.record().first_claimed,
+            None => held
+                .iter()
+                .map(|c| c.record().first_claimed.saturating_add(1))
+                .fold(now, u64::max),
+        };
         let mut envelope = Signed::new(Claim {
             domain: domain.clone(),
             node: me,
@@ -458,7 +483,7 @@ impl Node {
             registry.record(),
             &self.node_id(),
             &policy,
-            now_secs(),
+            self.inner.config.clock.now(),
             false,
         ) {
             out.push(self.claim(Some(&domain)).await?);
@@ -492,7 +517,7 @@ impl Node {
     pub async fn announce_signed(&self, envelope: &Signed<ElmRecord>) -> Result<(), NodeError> {
         let e = envelope.record();
         let bytes = envelope.encode();
-        let now = now_secs();
+        let now = self.inner.config.clock.now();
         if let Decision::Reject(r) = lock(&self.inner.store)?.put_elm(&bytes, now)? {
             return Err(NodeError::Refused(r.to_string()));
         }
@@ -551,7 +576,7 @@ impl Node {
                 .map(|r| r.record().version);
         }
         let registry = self.registry().await?.ok_or(NodeError::NoRegistry)?;
-        let now = now_secs();
+        let now = self.inner.config.clock.now();
         for d in &registry.record().domains {
             let domain = || d.name.clone();
             let claim = |node| RecordKey::Claim {
@@ -636,14 +661,22 @@ pub struct SyncReport {
 // --- worker ---------------------------------------------------------------------------------
 
 async fn dispatch(inner: Arc<Inner>, mut events: mpsc::Receiver<Event>) {
+    let lookups = Arc::new(tokio::sync::Semaphore::new(
+        inner.config.swarm.limits.max_unknown_lookups.max(1),
+    ));
     while let Some(event) = events.recv().await {
         match event {
             Event::ElmOffered {
                 envelope, message, ..
             } => enqueue(&inner, *envelope, message).await,
             Event::UnknownElm(id) => {
+                let Ok(permit) = lookups.clone().try_acquire_owned() else {
+                    tracing::debug!(elm = %id, "skipping a lookup: too many running");
+                    continue;
+                };
                 let inner = inner.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Ok(Some(bytes)) = inner.client.get_record(RecordKey::Elm(id)).await
                         && let Ok(envelope) = Signed::<ElmRecord>::decode(&bytes)
                     {
@@ -660,13 +693,16 @@ async fn enqueue(
     envelope: Signed<ElmRecord>,
     message: Option<(MessageId, PeerId)>,
 ) {
-    if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-        inner.queue.try_send(Job { envelope, message })
-    {
+    let trainer = envelope.record().trainer;
+    if let Err((full, job)) = inner.queue.push(trainer, Job { envelope, message }) {
+        let reason = match full {
+            Full::Key => "this trainer's records already fill its share of the verification queue",
+            Full::Total => "verification queue full",
+        };
         let _ = inner.observers.send(Observed::Refused {
             what: "elm record",
             from: job.message.as_ref().map(|m| m.1),
-            reason: "verification queue full".into(),
+            reason: reason.into(),
         });
         if let Some((id, source)) = job.message {
             let _ = inner
@@ -677,10 +713,9 @@ async fn enqueue(
     }
 }
 
-async fn verify_worker(inner: Arc<Inner>, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
+async fn verify_worker(inner: Arc<Inner>) {
     loop {
-        let job = { jobs.lock().await.recv().await };
-        let Some(job) = job else { return };
+        let job = inner.queue.pop().await;
         handle_job(&inner, job).await;
     }
 }
@@ -699,8 +734,27 @@ async fn handle_job(inner: &Arc<Inner>, job: Job) {
                 .map(Signed::into_record)
                 .find(|a| a.verifier == me)
         });
+    let trainer = job.envelope.record().trainer;
+    let charged = inner
+        .trainer_failures
+        .lock()
+        .map(|b| b.spent(&trainer, Instant::now()))
+        .unwrap_or(false);
     let outcome = match known {
         Some(a) => Ok(a.verdict == Verdict::Accept),
+        None if charged => {
+            // Its trainer's announced weights could not be downloaded, again and again: do not
+            // spend a download on this one until some of that is forgiven.
+            let _ = inner.observers.send(Observed::Refused {
+                what: "elm record",
+                from: job.message.as_ref().map(|m| m.1),
+                reason: format!(
+                    "the weights its trainer {trainer} announced could not be downloaded {} times; not trying its records for a while",
+                    inner.config.trainer_download_failures
+                ),
+            });
+            Err(())
+        }
         None => judge_and_attest(inner, &job.envelope).await,
     };
     if let Some((id, source)) = job.message {
@@ -745,6 +799,12 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         Err(f) if f.is_verdict() => (Verdict::Reject, None, f.to_string()),
         Err(f) => {
             tracing::info!(%elm, error = %f, "could not verify");
+            if matches!(f, Failure::Download(_))
+                && let Ok(mut b) = inner.trainer_failures.lock()
+            {
+                // Failed downloads cost the announcer, not only the providers tried.
+                b.charge(&envelope.record().trainer, Instant::now());
+            }
             let _ = inner.observers.send(Observed::Refused {
                 what: "elm verification",
                 from: None,
@@ -754,7 +814,7 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         }
     };
     tracing::info!(%elm, ?verdict, %reason, "verified");
-    let now = now_secs();
+    let now = inner.config.clock.now();
     let bytes = envelope.encode();
     let attestation = {
         let mut a = Signed::new(Attestation {
@@ -785,6 +845,12 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
     let c = inner.client.clone();
     let weights = envelope.record().weights;
     let accepted = verdict == Verdict::Accept;
+    if !accepted && !weights_still_needed(inner, &weights).await {
+        // Rejected weights are not kept: the store's collector deletes them.
+        if let Err(e) = inner.blobs.forget(&weights).await {
+            tracing::warn!(%weights, error = %e, "forgetting rejected weights");
+        }
+    }
     tokio::spawn(async move {
         if let Err(e) = c
             .publish_raw(Topic::Attestations, attestation.encode())
@@ -797,6 +863,38 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         }
     });
     Ok(accepted)
+}
+
+/// Whether weights this node just rejected under one record are still needed here: they are
+/// the seed's, an ELM's the registry accepted, or weights this node accepted under another
+/// record (the same bytes announced twice). If that cannot be told, they are kept.
+async fn weights_still_needed(inner: &Inner, weights: &ContentId) -> bool {
+    let Ok(trusted) = inner.client.trusted().await else {
+        return true;
+    };
+    if let Some(reg) = trusted.registry.as_ref().map(Signed::record)
+        && (reg.seed.as_ref().is_some_and(|s| s.weights == *weights)
+            || reg.elms.iter().any(|e| e.weights == *weights))
+    {
+        return true;
+    }
+    let me = inner.identity.node_id();
+    let Ok(store) = inner.store.lock() else {
+        return true;
+    };
+    let Ok(elms) = store.elms(usize::MAX) else {
+        return true;
+    };
+    elms.iter()
+        .filter(|e| e.record().weights == *weights)
+        .any(|e| {
+            store.attestations(&e.id()).map_or(true, |atts| {
+                atts.iter().any(|a| {
+                    let a = a.record();
+                    a.verifier == me && a.verdict == Verdict::Accept
+                })
+            })
+        })
 }
 
 /// Steps 1-5 for one record: fetches what is missing, then scores on a blocking thread.
@@ -976,7 +1074,7 @@ async fn fetch_sized(
 
 /// A node's blob addresses, from the cache or its DHT address record.
 async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Provider> {
-    let now = now_secs();
+    let now = inner.config.clock.now();
     if let Ok(cache) = inner.addrs.lock()
         && let Some((provider, exp)) = cache.get(node)
         && *exp > now

@@ -70,7 +70,7 @@ pub enum Invalid {
     #[error("root v{0} differs from the root v{0} this node accepted")]
     RootConflict(u64),
     /// An address record that has expired or lives too long.
-    #[error("address record expiry {expires} is not within ({now}, now + horizon]")]
+    #[error("address record expiry {expires} is not within ({now}, now + horizon + 10 min]")]
     AddrExpiry { expires: u64, now: u64 },
 }
 
@@ -199,9 +199,12 @@ pub fn check_record(view: &View<'_>, key: &RecordKey, value: &[u8]) -> Result<Fr
         RecordKey::Addr(node) => {
             let a = AddrRecord::decode(value)?;
             current_if_keyed(a.node == *node)?;
-            if a.expires <= view.now
-                || a.expires > view.now.saturating_add(view.horizons.max_addr_secs)
-            {
+            // A publisher's clock may run ahead of ours by as much as clocks differ.
+            let horizon = view
+                .horizons
+                .max_addr_secs
+                .saturating_add(btm_registry::rules::MAX_CLOCK_AHEAD_SECS);
+            if a.expires <= view.now || a.expires > view.now.saturating_add(horizon) {
                 return Err(Invalid::AddrExpiry {
                     expires: a.expires,
                     now: view.now,

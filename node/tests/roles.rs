@@ -49,167 +49,170 @@ fn announced(o: Outcome) -> btm_protocol::Signed<btm_protocol::ElmRecord> {
 /// average of all three announces a record with three parents (weights that decode: sorted ids,
 /// exactly 1,000,000 ppm), is verified by the maintainers' node and accepted; a volunteer stopped
 /// mid-training resumes from its checkpoint; a client fetches all four as a forest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn volunteers_branch_train_announce_and_are_accepted() {
-    let f = fixture();
-    let mdir = tempfile::tempdir().unwrap();
-    let mnode = node(mdir.path(), None).await;
-    let maintainer = Maintainer::new(f.maintainer_config());
-    let m_events = Recorded::default();
-    let published = maintainer
-        .publish(&mnode, &m_events.events())
-        .await
-        .unwrap();
-    assert_eq!(published.version, 1);
-    let stop = Stop::new();
-    let serving = {
-        let (maintainer, mnode, stop, ev) = (
-            maintainer.clone(),
-            mnode.clone(),
-            stop.clone(),
-            m_events.events(),
-        );
-        tokio::spawn(async move { maintainer.serve(&mnode, &stop, &ev).await })
-    };
-
-    // Three volunteers, one domain each, from the seed.
-    let mut dirs = Vec::new();
-    let mut tasks = Vec::new();
-    for d in &DOMAINS[..3] {
-        let dir = tempfile::tempdir().unwrap();
-        let n = node(dir.path(), Some(&mnode)).await;
-        let cfg = volunteer(&dir.path().join("vol"), d, 30);
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let rec = Recorded::default();
-            let out = Volunteer::new(cfg).run(&n, &stop, &rec.events()).await;
-            (n, out, rec)
-        }));
-        dirs.push(dir);
-    }
-    let mut nodes = Vec::new();
-    let mut elms = Vec::new();
-    for t in tasks {
-        let (n, out, rec) = t.await.unwrap();
-        let env = announced(out.unwrap());
-        assert_eq!(env.record().parents.len(), 1, "branched from the seed");
-        let ev = rec.all();
-        assert!(ev.iter().any(|e| matches!(e, Event::Step { .. })), "{ev:?}");
-        assert!(
-            ev.iter()
-                .any(|e| matches!(e, Event::Trained { ppl, seed_ppl } if ppl < seed_ppl))
-        );
-        elms.push(env.id());
-        nodes.push(n);
-    }
-    for e in &elms {
-        let notes = m_events.clone();
-        let accepted =
-            tokio::time::timeout(Duration::from_secs(115), wait_accepted(&mnode, *e)).await;
-        if accepted.is_err() {
-            let said: Vec<String> = notes
-                .all()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Event::Note { message } => Some(message),
-                    _ => None,
-                })
-                .collect();
-            panic!("ELM {e} not accepted; the maintainer said: {said:#?}");
-        }
-    }
-
-    // A fourth volunteer is stopped after its fifth update, then resumes from its checkpoint.
-    let dir4 = tempfile::tempdir().unwrap();
-    let n4 = node(dir4.path(), Some(&mnode)).await;
-    let mut cfg4 = volunteer(&dir4.path().join("vol"), DOMAINS[3], 30);
-    cfg4.branch = BranchPolicy::Fixed(InitKind::PosteriorAverage);
-    cfg4.branch_top_k = 3;
-    let stop4 = Stop::new();
-    let s = stop4.clone();
-    let first = Events::new(move |e| {
-        if let Event::Step { step: 5, .. } = e {
-            s.request();
-        }
-    });
-    let out = Volunteer::new(cfg4.clone())
-        .run(&n4, &stop4, &first)
-        .await
-        .unwrap();
-    assert_eq!(out, Outcome::Stopped);
-    let rec4 = Recorded::default();
-    let env4 = announced(
-        Volunteer::new(cfg4)
-            .run(&n4, &Stop::new(), &rec4.events())
+#[test]
+fn volunteers_branch_train_announce_and_are_accepted() {
+    btm_testkit::run(4, async {
+        let f = fixture();
+        let mdir = tempfile::tempdir().unwrap();
+        let mnode = node(mdir.path(), None).await;
+        let maintainer = Maintainer::new(f.maintainer_config());
+        let m_events = Recorded::default();
+        let published = maintainer
+            .publish(&mnode, &m_events.events())
             .await
-            .unwrap(),
-    );
-    let ev = rec4.all();
-    assert!(
-        ev.iter()
-            .any(|e| matches!(e, Event::TrainingStarted { resumed_from: Some(k), .. } if *k >= 5)),
-        "resumed from the checkpoint: {ev:?}"
-    );
-    // Branched from all three accepted ELMs; the record decodes (it was announced) and names them.
-    let parents = &env4.record().parents;
-    assert_eq!(parents.len(), 3, "{parents:?}");
-    assert!(parents.windows(2).all(|w| w[0].weights < w[1].weights));
-    assert_eq!(
-        parents.iter().map(|p| u64::from(p.weight_ppm)).sum::<u64>(),
-        1_000_000
-    );
-    let accepted_weights: Vec<_> = mnode
-        .registry()
-        .await
-        .unwrap()
-        .unwrap()
-        .record()
-        .elms
-        .iter()
-        .map(|e| e.weights)
-        .collect();
-    assert!(
-        parents
-            .iter()
-            .all(|p| accepted_weights.contains(&p.weights))
-    );
-    wait_accepted(&mnode, env4.id()).await;
-    assert!(m_events.all().iter().any(|e| matches!(e, Event::Published { added, .. } if added.iter().any(|(id, _)| *id == env4.id()))));
+            .unwrap();
+        assert_eq!(published.version, 1);
+        let stop = Stop::new();
+        let serving = {
+            let (maintainer, mnode, stop, ev) = (
+                maintainer.clone(),
+                mnode.clone(),
+                stop.clone(),
+                m_events.events(),
+            );
+            tokio::spawn(async move { maintainer.serve(&mnode, &stop, &ev).await })
+        };
 
-    // A client fetches the four verified ELMs as a forest.
-    let cdir = tempfile::tempdir().unwrap();
-    let cnode = node(cdir.path(), Some(&mnode)).await;
-    let client = Client::new(ClientConfig {
-        wait_registry: Duration::from_secs(60),
-        wait: Duration::from_secs(120),
-    });
-    let req = FetchRequest {
-        out: cdir.path().join("forest"),
-        domains: vec![],
-        unverified: false,
-        min_elms: Some(4),
-    };
-    let rows = client
-        .fetch(&cnode, &req, &Stop::new(), &Events::ignore())
-        .await
-        .unwrap()
-        .expect("not stopped");
-    assert_eq!(rows.len(), 4, "{rows:?}");
-    assert!(rows.iter().all(|r| r.verified_here == Some(true)));
-    let forest = btm_model::forest::Forest::open(&req.out.join("forest.json")).unwrap();
-    assert_eq!(forest.elms.len(), 4);
-
-    stop.request();
-    serving.await.unwrap().unwrap();
-    assert!(m_events.all().iter().any(|e| matches!(
-        e,
-        Event::Phase {
-            phase: Phase::Stopped
+        // Three volunteers, one domain each, from the seed.
+        let mut dirs = Vec::new();
+        let mut tasks = Vec::new();
+        for d in &DOMAINS[..3] {
+            let dir = tempfile::tempdir().unwrap();
+            let n = node(dir.path(), Some(&mnode)).await;
+            let cfg = volunteer(&dir.path().join("vol"), d, 30);
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let rec = Recorded::default();
+                let out = Volunteer::new(cfg).run(&n, &stop, &rec.events()).await;
+                (n, out, rec)
+            }));
+            dirs.push(dir);
         }
-    )));
-    for n in nodes.iter().chain([&n4, &cnode, &mnode]) {
-        n.shutdown().await;
-    }
+        let mut nodes = Vec::new();
+        let mut elms = Vec::new();
+        for t in tasks {
+            let (n, out, rec) = t.await.unwrap();
+            let env = announced(out.unwrap());
+            assert_eq!(env.record().parents.len(), 1, "branched from the seed");
+            let ev = rec.all();
+            assert!(ev.iter().any(|e| matches!(e, Event::Step { .. })), "{ev:?}");
+            assert!(
+                ev.iter()
+                    .any(|e| matches!(e, Event::Trained { ppl, seed_ppl } if ppl < seed_ppl))
+            );
+            elms.push(env.id());
+            nodes.push(n);
+        }
+        for e in &elms {
+            let notes = m_events.clone();
+            let accepted =
+                tokio::time::timeout(Duration::from_secs(115), wait_accepted(&mnode, *e)).await;
+            if accepted.is_err() {
+                let said: Vec<String> = notes
+                    .all()
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Event::Note { message } => Some(message),
+                        _ => None,
+                    })
+                    .collect();
+                panic!("ELM {e} not accepted; the maintainer said: {said:#?}");
+            }
+        }
+
+        // A fourth volunteer is stopped after its fifth update, then resumes from its checkpoint.
+        let dir4 = tempfile::tempdir().unwrap();
+        let n4 = node(dir4.path(), Some(&mnode)).await;
+        let mut cfg4 = volunteer(&dir4.path().join("vol"), DOMAINS[3], 30);
+        cfg4.branch = BranchPolicy::Fixed(InitKind::PosteriorAverage);
+        cfg4.branch_top_k = 3;
+        let stop4 = Stop::new();
+        let s = stop4.clone();
+        let first = Events::new(move |e| {
+            if let Event::Step { step: 5, .. } = e {
+                s.request();
+            }
+        });
+        let out = Volunteer::new(cfg4.clone())
+            .run(&n4, &stop4, &first)
+            .await
+            .unwrap();
+        assert_eq!(out, Outcome::Stopped);
+        let rec4 = Recorded::default();
+        let env4 = announced(
+            Volunteer::new(cfg4)
+                .run(&n4, &Stop::new(), &rec4.events())
+                .await
+                .unwrap(),
+        );
+        let ev = rec4.all();
+        assert!(
+            ev.iter().any(
+                |e| matches!(e, Event::TrainingStarted { resumed_from: Some(k), .. } if *k >= 5)
+            ),
+            "resumed from the checkpoint: {ev:?}"
+        );
+        // Branched from all three accepted ELMs; the record decodes (it was announced) and names them.
+        let parents = &env4.record().parents;
+        assert_eq!(parents.len(), 3, "{parents:?}");
+        assert!(parents.windows(2).all(|w| w[0].weights < w[1].weights));
+        assert_eq!(
+            parents.iter().map(|p| u64::from(p.weight_ppm)).sum::<u64>(),
+            1_000_000
+        );
+        let accepted_weights: Vec<_> = mnode
+            .registry()
+            .await
+            .unwrap()
+            .unwrap()
+            .record()
+            .elms
+            .iter()
+            .map(|e| e.weights)
+            .collect();
+        assert!(
+            parents
+                .iter()
+                .all(|p| accepted_weights.contains(&p.weights))
+        );
+        wait_accepted(&mnode, env4.id()).await;
+        assert!(m_events.all().iter().any(|e| matches!(e, Event::Published { added, .. } if added.iter().any(|(id, _)| *id == env4.id()))));
+
+        // A client fetches the four verified ELMs as a forest.
+        let cdir = tempfile::tempdir().unwrap();
+        let cnode = node(cdir.path(), Some(&mnode)).await;
+        let client = Client::new(ClientConfig {
+            wait_registry: Duration::from_secs(60),
+            wait: Duration::from_secs(120),
+        });
+        let req = FetchRequest {
+            out: cdir.path().join("forest"),
+            domains: vec![],
+            unverified: false,
+            min_elms: Some(4),
+        };
+        let rows = client
+            .fetch(&cnode, &req, &Stop::new(), &Events::ignore())
+            .await
+            .unwrap()
+            .expect("not stopped");
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert!(rows.iter().all(|r| r.verified_here == Some(true)));
+        let forest = btm_model::forest::Forest::open(&req.out.join("forest.json")).unwrap();
+        assert_eq!(forest.elms.len(), 4);
+
+        stop.request();
+        serving.await.unwrap().unwrap();
+        assert!(m_events.all().iter().any(|e| matches!(
+            e,
+            Event::Phase {
+                phase: Phase::Stopped
+            }
+        )));
+        for n in nodes.iter().chain([&n4, &cnode, &mnode]) {
+            n.shutdown().await;
+        }
+    });
 }
 
 /// Trains the fixture's seed on `jsonl` for `steps` updates; the weights file's bytes.

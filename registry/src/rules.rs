@@ -148,6 +148,9 @@ pub enum Reject {
     /// A single-signer record (claim, ELM, attestation) without a valid signature by its signer.
     #[error("{0}")]
     Signature(#[from] SignatureError),
+    /// A claim first made further in the future than clocks differ.
+    #[error("first claimed at {first_claimed}, more than 10 minutes after now ({now})")]
+    FirstClaimAhead { first_claimed: u64, now: u64 },
     /// A claim whose lease has already ended.
     #[error("lease ended at {lease_expires} (now {now})")]
     LeaseExpired { lease_expires: u64, now: u64 },
@@ -183,6 +186,16 @@ pub enum Reject {
     /// renews.
     #[error("a renewal must show progress past step {held} (offered {offered:?})")]
     NoProgress { held: u64, offered: Option<u64> },
+    /// A claim on a domain the node has since moved away from: it holds a live claim on
+    /// another domain first made at `latest`, not before this one.
+    #[error(
+        "the node has since claimed another domain (at {latest}); its claim on {domain:?} from {first_claimed} is superseded"
+    )]
+    Superseded {
+        domain: String,
+        first_claimed: u64,
+        latest: u64,
+    },
     /// The signer already has as many records of this type stored as a peer may.
     #[error("quota: at most {max} stored per signer")]
     Quota { max: usize },
@@ -221,6 +234,8 @@ impl Reject {
                 | Reject::LeaseTooLong { .. }
                 | Reject::FirstClaimMoved { .. }
                 | Reject::NoProgress { .. }
+                | Reject::Superseded { .. }
+                | Reject::FirstClaimAhead { .. }
         )
     }
 }
@@ -449,8 +464,6 @@ pub fn parents_known(registry: &Registry, elm: &ElmRecord) -> Result<(), Reject>
 /// The policy numbers of claim acceptance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClaimLimits {
-    /// Most live claims one node may hold (a renewal of a held claim does not count again).
-    pub max_live_per_node: usize,
     /// Longest lease a claim may ask for, in seconds after now (`u64::MAX`: no bound).
     pub max_lease_secs: u64,
     /// Longest a claim may hold its domain in total, renewals included
@@ -463,21 +476,30 @@ pub struct ClaimLimits {
 
 /// Longest total hold of a domain by one claim: 12 hours.
 pub const MAX_TOTAL_LEASE_SECS: u64 = 12 * 3600;
+/// How far ahead of the receiver's clock a claim's first-claim time may be: clocks differ by a
+/// few minutes, and a node that moves between domains within a second stamps the move a second
+/// later (`specs/network.md`, 5.2).
+pub const MAX_CLOCK_AHEAD_SECS: u64 = 10 * 60;
+
 /// Renewals without progress are accepted for the first 30 minutes of a claim.
 pub const CLAIM_GRACE_SECS: u64 = 30 * 60;
 
 /// What an acceptable claim is to the claims already held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimFit {
-    /// The node holds no live claim on the domain: one more toward its quota.
+    /// The node holds no live claim.
     New,
-    /// A later lease for a live claim the node already holds on the domain.
+    /// A later lease for the live claim the node holds on the domain.
     Renewal,
+    /// The node moves to this domain: its live claims on other domains, all first made
+    /// before this one, are released (the caller deletes them). One live claim per node.
+    Moves,
 }
 
 /// The claim's own bounds: its lease has not ended (`LeaseExpired`; a lease ending at `now`
-/// has ended), it is at most `max_lease_secs` ahead of `now` (`LeaseTooLong`), and its domain
-/// is one of the registry's (`UnknownDomain`). The node's signature is the caller's to check.
+/// has ended), it is at most `max_lease_secs` ahead of `now` (`LeaseTooLong`), it was first
+/// made at most [`MAX_CLOCK_AHEAD_SECS`] after `now` (`FirstClaimAhead`), and its domain is
+/// one of the registry's (`UnknownDomain`). The node's signature is the caller's to check.
 pub fn claim_fits(
     registry: &Registry,
     claim: &Claim,
@@ -497,6 +519,12 @@ pub fn claim_fits(
             max: max_lease_secs,
         });
     }
+    if claim.first_claimed > now.saturating_add(MAX_CLOCK_AHEAD_SECS) {
+        return Err(Reject::FirstClaimAhead {
+            first_claimed: claim.first_claimed,
+            now,
+        });
+    }
     if registry.domain(&claim.domain).is_none() {
         return Err(Reject::UnknownDomain(claim.domain.clone()));
     }
@@ -509,8 +537,11 @@ pub fn claim_fits(
 /// `max_total_lease_secs` (`LeaseCapped`). If the node holds a live claim on the domain, this
 /// is a renewal: the lease must be later (`Stale`), the first-claim time the same
 /// (`FirstClaimMoved`), and the progress no less, and past `grace_secs` from the first claim
-/// strictly more, than the held claim's (`NoProgress`). Otherwise the node must hold fewer
-/// than `max_live_per_node` live claims (`Quota`).
+/// strictly more, than the held claim's (`NoProgress`). Otherwise it is new, or a move from
+/// the node's live claims on other domains, which must all have been first made before this
+/// one (`Superseded`: the node has since moved on, so an older claim, or a renewal of one,
+/// cannot come back). A node holds one live claim at a time, in every store and on the DHT:
+/// whoever stores an accepted claim deletes the node's claims on other domains.
 pub fn decide_claim(
     registry: &Registry,
     claim: &Claim,
@@ -527,18 +558,23 @@ pub fn decide_claim(
             max: limits.max_total_lease_secs,
         });
     }
-    let live: Vec<&Claim> = held.iter().filter(|c| c.lease_expires > now).collect();
-    let same = live
-        .iter()
-        .filter(|c| c.domain == claim.domain)
-        .max_by_key(|c| c.lease_expires);
-    let Some(h) = same else {
-        if live.len() >= limits.max_live_per_node {
-            return Err(Reject::Quota {
-                max: limits.max_live_per_node,
-            });
-        }
-        return Ok(ClaimFit::New);
+    let live = held.iter().filter(|c| c.lease_expires > now);
+    let (same, others): (Vec<&Claim>, Vec<&Claim>) = live.partition(|c| c.domain == claim.domain);
+    let latest_other = others.iter().map(|c| c.first_claimed).max();
+    if let Some(latest) = latest_other
+        && latest >= claim.first_claimed
+    {
+        return Err(Reject::Superseded {
+            domain: claim.domain.clone(),
+            first_claimed: claim.first_claimed,
+            latest,
+        });
+    }
+    let Some(h) = same.into_iter().max_by_key(|c| c.lease_expires) else {
+        return Ok(match latest_other {
+            None => ClaimFit::New,
+            Some(_) => ClaimFit::Moves,
+        });
     };
     if h.lease_expires >= claim.lease_expires {
         return Err(Reject::Stale);

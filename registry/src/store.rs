@@ -13,8 +13,6 @@ use crate::rules::{self, ClaimLimits, Decision, Reject, Trusted};
 
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = 1;
-/// Most live claims one node may hold.
-pub const MAX_CLAIMS_PER_NODE: usize = 16;
 /// Most ELM records stored per trainer.
 pub const MAX_ELMS_PER_TRAINER: usize = 256;
 /// Most attestations stored per ELM.
@@ -437,7 +435,8 @@ impl Store {
     /// Stores a claim signed by its node that [`rules::decide_claim`] accepts under
     /// [`CLAIM_LIMITS`] against the node's stored claims (a domain of the trusted registry, a
     /// lease that has not ended; a later lease from the same node for the same domain replaces
-    /// an earlier one; the per-node quota). Identical bytes are `Unchanged`.
+    /// an earlier one). A node holds one claim: an accepted claim on another domain (first
+    /// made later) deletes its claims elsewhere. Identical bytes are `Unchanged`.
     pub fn put_claim(
         &mut self,
         bytes: &[u8],
@@ -447,6 +446,11 @@ impl Store {
             |conn| check_claim(conn, bytes, now),
             |tx, claim| {
                 let c = claim.record();
+                // One live claim per node: a move releases the node's other domains.
+                tx.execute(
+                    "DELETE FROM claims WHERE node = ?1 AND domain <> ?2",
+                    params![&c.node.0[..], c.domain],
+                )?;
                 tx.execute(
                     "INSERT OR REPLACE INTO claims (domain, node, lease_expires, envelope) VALUES (?1, ?2, ?3, ?4)",
                     params![c.domain, &c.node.0[..], time_i64(c.lease_expires), bytes],
@@ -460,6 +464,16 @@ impl Store {
         self.envelopes(
             "SELECT envelope FROM claims WHERE domain = ?1 AND lease_expires > ?2 ORDER BY node",
             params![domain, time_i64(now)],
+            "claim",
+        )
+    }
+
+    /// The stored claims by `node` whose lease has not ended at `now` (one, unless the store
+    /// was written before a node held one claim at a time).
+    pub fn claims_by(&self, node: &PublicKey, now: u64) -> Result<Vec<Signed<Claim>>, StoreError> {
+        self.envelopes(
+            "SELECT envelope FROM claims WHERE node = ?1 AND lease_expires > ?2 ORDER BY domain",
+            params![&node.0[..], time_i64(now)],
             "claim",
         )
     }
@@ -623,10 +637,9 @@ fn trusted_registry(conn: &Connection) -> Result<Option<Registry>, StoreError> {
         .map(Signed::into_record))
 }
 
-/// The claim rules' numbers here: at most [`MAX_CLAIMS_PER_NODE`] live claims per node; leases
-/// are not bounded by the store (the network bounds them on the way in).
+/// The claim rules' numbers here: leases are not bounded by the store (the network bounds
+/// them on the way in).
 pub const CLAIM_LIMITS: ClaimLimits = ClaimLimits {
-    max_live_per_node: MAX_CLAIMS_PER_NODE,
     max_lease_secs: u64::MAX,
     max_total_lease_secs: rules::MAX_TOTAL_LEASE_SECS,
     grace_secs: rules::CLAIM_GRACE_SECS,

@@ -10,46 +10,82 @@ fn held_by(held: &[Claim], node: &NodeId) -> Vec<Claim> {
     held.iter().filter(|c| c.node == *node).cloned().collect()
 }
 
+/// Issue 13: one live claim per node. A claim on another domain is a move (it releases the
+/// node's other domains) when first made after them; a claim on a domain the node has since
+/// moved away from, or a renewal of one, is superseded.
 #[test]
-fn claims_stale_quota_unknown_expired() {
+fn claims_stale_unknown_expired_and_one_per_node() {
     // (Moved from btm-net's claim board, whose `offer` only its tests used.)
     let mut reg = registry(1, "");
     reg.domains.push(domain("math"));
-    let limits = limits(2, u64::MAX, u64::MAX, u64::MAX);
+    let limits = limits(u64::MAX, u64::MAX, u64::MAX);
     let mut held: Vec<Claim> = Vec::new();
     let mut offer = |c: Claim, now: u64| {
         let decision = decide_claim(&reg, &c, &held_by(&held, &c.node), &limits, now);
         if decision.is_ok() {
-            held.retain(|h| !(h.domain == c.domain && h.node == c.node));
+            // Whoever stores an accepted claim deletes the node's others.
+            held.retain(|h| h.node != c.node);
             held.push(c);
         }
         decision
     };
+    let first = |c: Claim, first_claimed: u64| Claim { first_claimed, ..c };
     assert_eq!(offer(claim(1, "legal", 200), 100), Ok(ClaimFit::New));
     assert_eq!(offer(claim(1, "legal", 150), 100), Err(Reject::Stale));
     assert_eq!(offer(claim(1, "legal", 200), 100), Err(Reject::Stale));
     assert_eq!(offer(claim(1, "legal", 300), 100), Ok(ClaimFit::Renewal));
-    assert_eq!(offer(claim(1, "code", 300), 100), Ok(ClaimFit::New));
+    // A second domain first claimed no later than the held one: refused, not a second claim.
     assert_eq!(
-        offer(claim(1, "math", 300), 100),
-        Err(Reject::Quota { max: 2 })
+        offer(claim(1, "code", 300), 100),
+        Err(Reject::Superseded {
+            domain: "code".into(),
+            first_claimed: 0,
+            latest: 0
+        })
     );
+    // First claimed later: the node moves, and legal is released.
+    assert_eq!(
+        offer(first(claim(1, "code", 300), 5), 100),
+        Ok(ClaimFit::Moves)
+    );
+    // The old domain cannot come back, not even as a renewal with a later lease.
+    assert_eq!(
+        offer(claim(1, "legal", 400), 100),
+        Err(Reject::Superseded {
+            domain: "legal".into(),
+            first_claimed: 0,
+            latest: 5
+        })
+    );
+    // Another node is not affected.
+    assert_eq!(offer(claim(3, "legal", 300), 100), Ok(ClaimFit::New));
     assert_eq!(
         offer(claim(2, "zz", 300), 100),
         Err(Reject::UnknownDomain("zz".into()))
     );
     assert_eq!(offer(claim(2, "legal", 90), 100), lapsed(90, 100));
     assert_eq!(offer(claim(2, "legal", 100), 100), lapsed(100, 100));
-    // After the leases end the quota is free again, and an ended lease is no renewal.
+    // A first claim further ahead than clocks differ (a node that hopped domains every second
+    // for ten minutes) is refused.
+    assert_eq!(
+        offer(first(claim(5, "math", 300), 100 + 601), 100),
+        Err(Reject::FirstClaimAhead {
+            first_claimed: 701,
+            now: 100
+        })
+    );
+    assert_eq!(
+        offer(first(claim(5, "math", 300), 100 + 600), 100),
+        Ok(ClaimFit::New)
+    );
+    // After the lease ends the node is free again, and an ended lease is no renewal.
     assert_eq!(offer(claim(1, "math", 900), 400), Ok(ClaimFit::New));
     assert_eq!(offer(claim(1, "legal", 250), 400), lapsed(250, 400));
-    assert_eq!(offer(claim(1, "legal", 900), 400), Ok(ClaimFit::New));
 }
 
-/// Claim limits: live claims per node, lease horizon, total hold, grace without progress.
-fn limits(live: usize, lease: u64, total: u64, grace: u64) -> ClaimLimits {
+/// Claim limits: lease horizon, total hold, grace without progress.
+fn limits(lease: u64, total: u64, grace: u64) -> ClaimLimits {
     ClaimLimits {
-        max_live_per_node: live,
         max_lease_secs: lease,
         max_total_lease_secs: total,
         grace_secs: grace,
@@ -59,7 +95,7 @@ fn limits(live: usize, lease: u64, total: u64, grace: u64) -> ClaimLimits {
 #[test]
 fn claim_lease_horizon() {
     let reg = registry(1, "");
-    let limits = limits(16, 3600, u64::MAX, u64::MAX);
+    let limits = limits(3600, u64::MAX, u64::MAX);
     let at = |lease| decide_claim(&reg, &claim(1, "legal", lease), &[], &limits, NOW);
     assert_eq!(at(NOW + 3600), Ok(ClaimFit::New));
     assert_eq!(
@@ -210,7 +246,7 @@ fn repeated_signers_are_refused_before_any_signature_is_verified() {
 #[test]
 fn claims_renew_only_with_progress_and_are_capped() {
     let reg = registry(1, "");
-    let limits = limits(1, 900, 3600, 1800);
+    let limits = limits(900, 3600, 1800);
     let t0 = NOW;
     let c = |lease: u64, first: u64, step: Option<u64>| Claim {
         progress: step.map(|s| ClaimProgress {

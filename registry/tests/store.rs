@@ -2,7 +2,7 @@
 //! records (claims, ELM records, attestations, peers).
 
 use btm_protocol::*;
-use btm_registry::{Decision, Reject, Store, StoreError, store::MAX_CLAIMS_PER_NODE};
+use btm_registry::{Decision, Reject, Store, StoreError};
 
 use crate::common::*;
 
@@ -135,33 +135,46 @@ fn claims() {
     assert_eq!(store.prune_claims(NOW + 200).unwrap(), 2);
 }
 
+/// Issue 13: one live claim per node. A flood of claims on every domain from one node leaves
+/// it holding one (each a move that releases the last), an older claim cannot come back, and
+/// other nodes are not affected.
 #[test]
-fn claim_flood_from_one_node_hits_its_quota() {
+fn a_claim_flood_from_one_node_leaves_it_one_claim() {
     let (_dir, mut store) = store();
     let mut reg = registry(6, "many domains");
-    reg.domains = (0..MAX_CLAIMS_PER_NODE + 1)
-        .map(|i| domain(&format!("d{i:03}")))
-        .collect();
+    reg.domains = (0..17).map(|i| domain(&format!("d{i:03}"))).collect();
     assert!(accepted(
         store.update_registry(&signed(reg, &[0, 1]).encode(), NOW)
     ));
-    for i in 0..MAX_CLAIMS_PER_NODE {
-        assert!(accepted(store.put_claim(
-            &signed_claim(3, &format!("d{i:03}"), NOW + 3600),
-            NOW
-        )));
+    let at = |node: u32, domain: &str, first: u64| {
+        let c = Claim {
+            first_claimed: first,
+            ..claim(node, domain, NOW + 3600)
+        };
+        signed(c, &[node]).encode()
+    };
+    for i in 0..17u64 {
+        assert!(accepted(
+            store.put_claim(&at(3, &format!("d{i:03}"), NOW + i), NOW + i)
+        ));
     }
-    let last = signed_claim(3, &format!("d{MAX_CLAIMS_PER_NODE:03}"), NOW + 3600);
-    assert_eq!(
-        store.put_claim(&last, NOW).unwrap().rejection(),
-        Some(&Reject::Quota {
-            max: MAX_CLAIMS_PER_NODE
-        })
-    );
+    let held = store.claims_by(&pk(3), NOW + 17).unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].record().domain, "d016");
+    assert!(store.claims("d000", NOW + 17).unwrap().is_empty());
+    // Replaying an older claim of the flood is refused.
+    assert!(matches!(
+        store
+            .put_claim(&at(3, "d000", NOW), NOW + 17)
+            .unwrap()
+            .rejection(),
+        Some(Reject::Superseded { .. })
+    ));
     // Another node is not affected.
     assert!(accepted(
-        store.put_claim(&signed_claim(4, "d000", NOW + 3600), NOW)
+        store.put_claim(&signed_claim(4, "d000", NOW + 3600), NOW + 17)
     ));
+    assert_eq!(store.claims_by(&pk(3), NOW + 17).unwrap().len(), 1);
 }
 
 #[test]

@@ -77,6 +77,49 @@ pub async fn start(config: NodeConfig) -> Node {
     node
 }
 
+/// How long one network test may run, runtime shutdown included, before [`run`] fails it.
+pub const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs the async body of a network test on a multi-thread runtime of `workers` threads, under
+/// a watchdog: if the test (its body, or the shutdown of its runtime) has not finished within
+/// [`TEST_LIMIT`], the watchdog names it and ends the whole test binary with a failure. A
+/// future that never resolves, or a blocking task the runtime waits for on drop, then fails
+/// the run in minutes instead of holding CI until its time limit with no word of where.
+/// Tasks still running when the body returns get 5 seconds to stop, then are left behind.
+///
+/// # Panics
+/// When the runtime cannot be built, or as the body panics.
+pub fn run<F: Future<Output = ()>>(workers: usize, body: F) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a network test")
+        .to_string();
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(TEST_LIMIT) {
+            eprintln!(
+                "btm-testkit watchdog: {test} did not finish within {TEST_LIMIT:?}; \
+                 ending the test binary (a hung future or a task the runtime waited for)"
+            );
+            std::process::exit(101);
+        }
+    });
+    // `done` drops (and the watchdog stands down) on return, or on a panic in the body once the
+    // runtime has dropped: it is declared first, and locals drop in reverse order.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("a tokio runtime: {e}"),
+    };
+    rt.block_on(body);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    drop(done);
+    let _ = watchdog.join();
+}
+
 /// Polls `check` until it holds.
 ///
 /// # Panics

@@ -439,9 +439,10 @@ async fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
         forest.contains("id=\"report\""),
         "no report table: {forest}"
     );
-    for d in [DOMAINS[0]] {
-        assert!(forest.contains(&format!("data-domain=\"{d}\"")), "{forest}");
-    }
+    assert!(
+        forest.contains(&format!("data-domain=\"{}\"", DOMAINS[0])),
+        "{forest}"
+    );
     assert!(
         forest.contains("Continuation"),
         "the ensemble box did not answer: {forest}"
@@ -470,4 +471,24 @@ async fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
     drop(ui);
     vnode.shutdown().await;
     mnode.shutdown().await;
+
+    // `btm-node status` reads the same state from the volunteer's data directory.
+    let st = Command::new(env!("CARGO_BIN_EXE_btm-node"))
+        .args(["--json", "status", "--data-dir"])
+        .arg(&vdir)
+        .output()
+        .expect("run btm-node status");
+    assert!(
+        st.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    assert_eq!(st["registry_version"].as_u64(), Some(version), "{st}");
+    assert_eq!(
+        st["elms"][0]["id"].as_str(),
+        Some(elm.to_string().as_str()),
+        "{st}"
+    );
+    assert_eq!(st["elms"][0]["in_registry"].as_bool(), Some(true), "{st}");
 }

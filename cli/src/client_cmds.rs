@@ -202,6 +202,7 @@ pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
             let Some(rows) = client.fetch(node, &req, stop, events).await? else {
                 return Ok(());
             };
+            write_verification(node, &req.out, &rows)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
@@ -233,6 +234,45 @@ pub fn fetch(a: FetchArgs, json: bool) -> Result<()> {
             Ok(())
         },
     )
+}
+
+/// Writes `<forest>/verification.json`: for each fetched ELM (by forest name) its record id,
+/// claimed and measured perplexity, and every verdict this node holds (who, accepted, measured
+/// perplexity, data pool), for model cards (`forest export-hf`).
+fn write_verification(node: &Node, out: &Path, rows: &[btm_roles::FetchedElm]) -> Result<()> {
+    let mut doc = serde_json::Map::new();
+    for r in rows {
+        let atts = node.with_store(|s| s.attestations(&r.id))??;
+        let verdicts: Vec<serde_json::Value> = atts
+            .iter()
+            .map(|a| {
+                let a = a.record();
+                serde_json::json!({
+                    "verifier": a.verifier.to_string(),
+                    "accepted": a.verdict == btm_protocol::Verdict::Accept,
+                    "measured_ppl": (a.measured_ppl_milli > 0)
+                        .then(|| btm_protocol::milli_to_ppl(a.measured_ppl_milli)),
+                    "pool": a.pool,
+                })
+            })
+            .collect();
+        doc.insert(
+            r.name.clone(),
+            serde_json::json!({
+                "record": r.id.to_string(),
+                "domain": r.domain,
+                "claimed_ppl": r.claimed_ppl,
+                "measured_ppl_here": r.measured_ppl,
+                "verified_here": r.verified_here,
+                "verdicts": verdicts,
+            }),
+        );
+    }
+    fsutil::write_atomic(
+        &out.join(crate::hf_export::VERIFICATION_FILE),
+        &serde_json::to_vec_pretty(&serde_json::Value::Object(doc))?,
+    )?;
+    Ok(())
 }
 
 // ---- forest report -----------------------------------------------------------------------
@@ -568,7 +608,11 @@ fn input_text(text: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
 }
 
 /// The cached prior of `tokens` over the forest (uniform when too short to say).
-fn prior_on(forest: &Forest, tokens: &[u32], device: &burn::tensor::Device) -> Result<Vec<f64>> {
+pub(crate) fn prior_on(
+    forest: &Forest,
+    tokens: &[u32],
+    device: &burn::tensor::Device,
+) -> Result<Vec<f64>> {
     let e = forest.elms.len();
     if tokens.len() < 2 {
         return Ok(vec![1.0 / e as f64; e]);
@@ -739,4 +783,68 @@ pub fn average(a: AverageArgs, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---- ui ----------------------------------------------------------------------------------
+
+#[derive(Debug, Args)]
+pub struct UiCmdArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Address of the web UI (loopback by default; port 0 picks a free one).
+    #[arg(long, default_value = crate::ui::DEFAULT_ADDR)]
+    addr: std::net::SocketAddr,
+    /// The forest the forest page shows (from `btm-node fetch`; its report from `forest report`).
+    #[arg(long, default_value = "runs/forest")]
+    forest: PathBuf,
+}
+
+/// `btm-node ui`: a client node that follows the network (and verifies the ELMs it hears of)
+/// and serves the web UI until stopped.
+pub fn ui(a: UiCmdArgs, json: bool) -> Result<()> {
+    let settings = client_settings(&a.net)?;
+    net::runtime()?.block_on(net::run_node(
+        &settings,
+        "client",
+        async |node, status, stop| {
+            let reporter = Reporter::new("ui", json, Some(status.clone()));
+            let ui = crate::ui::Ui::start(
+                node,
+                crate::ui::UiConfig {
+                    addr: a.addr,
+                    role: "client".into(),
+                    data_dir: settings.data_dir.clone(),
+                    forest: Some(a.forest.clone()),
+                },
+            )
+            .await?;
+            if !a.addr.ip().is_loopback() {
+                reporter.line(format!(
+                    "warning: the web UI listens on {}, reachable from other machines",
+                    a.addr
+                ));
+            }
+            reporter.line(format!("web UI on {} (Ctrl-C to stop)", ui.url()));
+            let url = ui.url();
+            status.update(|s| s.ui = Some(url));
+            let events = ui.tee(reporter.events());
+            events.phase(btm_roles::Phase::WaitingForRegistry);
+            match btm_roles::wait_registry(node, settings.wait_registry, stop).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(r)) => {
+                    let r = r.record();
+                    events.emit(btm_roles::Event::Registry {
+                        version: r.version,
+                        domains: r.domains.len(),
+                        seed: r.seed.as_ref().map(|s| s.weights),
+                        accepted: r.elms.iter().map(|e| e.record).collect(),
+                    });
+                }
+                Err(e) => reporter.line(format!("{e}; serving the UI and still looking")),
+            }
+            btm_roles::serve(node, stop, &events).await?;
+            drop(ui);
+            Ok(())
+        },
+    ))
 }

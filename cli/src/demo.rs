@@ -68,6 +68,10 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    /// Serve no web UI (by default the maintainer and every volunteer serve one on loopback,
+    /// on a free port, and the demo prints their addresses).
+    #[arg(long)]
+    no_ui: bool,
 }
 
 /// What `demo` writes to `<dir>/result.json`.
@@ -306,28 +310,39 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         logs: logs.clone(),
     };
     let network = dir.join("network.toml");
-    procs.spawn(
-        "maintainer",
-        &[
-            s("seed"),
-            s("publish"),
-            s("--root"),
-            s(root_path.display()),
-            s("--key"),
-            s(key_path.display()),
-            s("--seed"),
-            s(seed_dir.display()),
-            s("--data-dir"),
-            s(dir.join("maintainer").display()),
-            s("--listen"),
-            s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
-            s("--eval-tokens"),
-            s(a.eval_tokens),
-            s("--network-out"),
-            s(network.display()),
-            s("--accept-verified"),
-        ],
-    )?;
+    let forest = dir.join("forest");
+    // The web UI: loopback, a free port; the address is read back from status.json.
+    let ui_args = |forest: Option<&Path>| -> Vec<String> {
+        if a.no_ui {
+            return vec![];
+        }
+        let mut v = vec![s("--ui"), s("127.0.0.1:0")];
+        if let Some(f) = forest {
+            v.extend([s("--ui-forest"), s(f.display())]);
+        }
+        v
+    };
+    let mut maintainer_args = vec![
+        s("seed"),
+        s("publish"),
+        s("--root"),
+        s(root_path.display()),
+        s("--key"),
+        s(key_path.display()),
+        s("--seed"),
+        s(seed_dir.display()),
+        s("--data-dir"),
+        s(dir.join("maintainer").display()),
+        s("--listen"),
+        s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
+        s("--eval-tokens"),
+        s(a.eval_tokens),
+        s("--network-out"),
+        s(network.display()),
+        s("--accept-verified"),
+    ];
+    maintainer_args.extend(ui_args(Some(&forest)));
+    procs.spawn("maintainer", &maintainer_args)?;
     say("starting the maintainer: registry, seed and domain data as blobs");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !network.exists() {
@@ -341,6 +356,13 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let net = NetworkFile::load(&network)?;
+    if let Some(ui) =
+        StatusFile::read(&dir.join("maintainer").join("status.json")).and_then(|st| st.ui)
+    {
+        say(&format!(
+            "web UI of the maintainer's node: {ui} (the network, domains, verdicts; the forest once reported)"
+        ));
+    }
     say(&format!(
         "registry published; the network is described in {} (bootstrap {})",
         network.display(),
@@ -370,7 +392,10 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
                 s(a.lease_secs),
                 s("--checkpoint-every"),
                 s(25),
-            ],
+            ]
+            .into_iter()
+            .chain(ui_args(None))
+            .collect::<Vec<_>>(),
         )?;
         std::thread::sleep(Duration::from_millis(700));
     }
@@ -402,12 +427,25 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     );
     mbar.set_prefix("maintainer");
     let deadline = started + Duration::from_secs(a.timeout);
+    let mut ui_told = vec![false; names.len()];
     let statuses = loop {
         procs.check()?;
         let st: Vec<Status> = names
             .iter()
             .map(|n| StatusFile::read(&dir.join(n).join("status.json")).unwrap_or_default())
             .collect();
+        for (i, s) in st.iter().enumerate() {
+            if let Some(ui) = &s.ui
+                && !ui_told[i]
+                && !json
+            {
+                ui_told[i] = true;
+                let _ = multi.println(format!(
+                    "[demo] web UI of {}: {ui} (its training curve and verdicts)",
+                    names[i]
+                ));
+            }
+        }
         let m = StatusFile::read(&dir.join("maintainer").join("status.json")).unwrap_or_default();
         for (b, s) in bars.iter().zip(&st) {
             b.set_prefix(format!(
@@ -467,7 +505,6 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
 
     // 5. The client.
     let t = Instant::now();
-    let forest = dir.join("forest");
     say("client: fetching the verified forest (it verifies every ELM itself)");
     run_step(
         "client-fetch",
@@ -514,6 +551,11 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
             "the network keeps running (Ctrl-C to stop); try: btm-node forest list --network {}",
             network.display()
         ));
+        if let Some(ui) = &maint.ui {
+            say(&format!(
+                "web UI: {ui}forest (the report and an ensemble box)"
+            ));
+        }
         for (_, child) in &mut procs.children {
             let _ = child.wait();
         }

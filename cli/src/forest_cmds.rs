@@ -63,6 +63,8 @@ pub enum ForestCmd {
     List(crate::client_cmds::ListArgs),
     /// Per-domain perplexity of the seed, each ELM, the ensemble and the averages, as a table and a PNG.
     Report(crate::client_cmds::ReportArgs),
+    /// Each ELM (and averages) as a transformers-loadable folder with a model card, and the ensemble recipe.
+    ExportHf(crate::hf_export::ExportHfArgs),
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +250,7 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
     match cmd {
         ForestCmd::List(a) => crate::client_cmds::list(a, json),
         ForestCmd::Report(a) => crate::client_cmds::report(a, json),
+        ForestCmd::ExportHf(a) => crate::hf_export::export_hf(a, json),
         ForestCmd::Create(a) => {
             let (seed_w, _) = model_files(&a.seed);
             let (arch, _) = weights::read(&seed_w, None)?;

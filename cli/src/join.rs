@@ -46,6 +46,8 @@ pub struct JoinArgs {
     /// Exit once the ELM is announced instead of serving and verifying until stopped.
     #[arg(long)]
     pub exit_after_announce: bool,
+    #[command(flatten)]
+    pub ui: crate::ui::UiArgs,
 }
 
 /// The volunteer's configuration from flags, the config file and the node settings.
@@ -105,9 +107,21 @@ pub fn join(a: JoinArgs, json: bool) -> Result<()> {
                 settings.bootstrap.len()
             ));
             status.update(|s| s.listen = addrs.iter().map(ToString::to_string).collect());
-            Volunteer::new(vc)
-                .run(node, stop, &reporter.events())
-                .await?;
+            let ui = crate::ui::start_if_asked(
+                &a.ui,
+                node,
+                "volunteer",
+                &settings.data_dir,
+                Some(status),
+                |m| reporter.line(m),
+            )
+            .await?;
+            let events = match &ui {
+                Some(ui) => ui.tee(reporter.events()),
+                None => reporter.events(),
+            };
+            Volunteer::new(vc).run(node, stop, &events).await?;
+            drop(ui);
             Ok(())
         },
     ))

@@ -7,16 +7,20 @@
 mod client_cmds;
 mod demo;
 mod forest_cmds;
+mod hf_export;
 mod join;
 mod maintainer;
 mod model_cmds;
 mod net;
+mod node_status;
 mod open;
 mod plot;
 mod publish;
 mod report;
 mod sampling;
 mod table;
+#[doc(hidden)]
+pub mod ui;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -82,6 +86,10 @@ enum Command {
     Ensemble(client_cmds::EnsembleArgs),
     /// Client: average a forest's ELMs into one model (uniform, or weighted for a target text).
     Average(client_cmds::AverageArgs),
+    /// Client: serve the web UI of a client node (the network, its domains, a local forest) until stopped.
+    Ui(client_cmds::UiCmdArgs),
+    /// A node's state from its data directory (or a network file) as a table.
+    Status(node_status::StatusArgs),
     /// Run a whole local network on the bundled corpus: a maintainer, volunteers and a client as processes.
     Demo(demo::DemoArgs),
 }
@@ -142,6 +150,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(a) => client_cmds::fetch(a, cli.json),
         Command::Ensemble(a) => client_cmds::ensemble(a, cli.json),
         Command::Average(a) => client_cmds::average(a, cli.json),
+        Command::Ui(a) => client_cmds::ui(a, cli.json),
+        Command::Status(a) => node_status::status(a, cli.json),
         Command::Demo(a) => demo::demo(a, cli.json),
     }
 }

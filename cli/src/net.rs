@@ -410,6 +410,9 @@ pub struct Status {
     /// ELM record ids in the trusted registry.
     #[serde(default)]
     pub accepted: Vec<String>,
+    /// The web UI's address (`http://ADDR/`), when it serves one.
+    #[serde(default)]
+    pub ui: Option<String>,
     pub updated: u64,
 }
 

@@ -75,6 +75,8 @@ pub struct PublishArgs {
     /// means the ELM memorised the public split.
     #[arg(long, default_value_t = btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM)]
     max_memorisation_ppm: u32,
+    #[command(flatten)]
+    ui: crate::ui::UiArgs,
 }
 
 pub fn run_seed(cmd: SeedCmd, json: bool) -> Result<()> {
@@ -158,7 +160,19 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
         "maintainer",
         async |node, status, stop| {
             let reporter = Reporter::new("maintainer", json, Some(status.clone()));
-            let events = reporter.events();
+            let ui = crate::ui::start_if_asked(
+                &a.ui,
+                node,
+                "maintainer",
+                &settings.data_dir,
+                Some(status),
+                |m| reporter.line(m),
+            )
+            .await?;
+            let events = match &ui {
+                Some(ui) => ui.tee(reporter.events()),
+                None => reporter.events(),
+            };
             maintainer.publish(node, &events).await?;
             let addrs = node.listen_addrs().await?;
             if let Some(out) = &a.network_out {
@@ -177,6 +191,7 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
                 "serving (Ctrl-C to stop)"
             });
             maintainer.serve(node, stop, &events).await?;
+            drop(ui);
             Ok(())
         },
     ))

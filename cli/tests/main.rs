@@ -1,7 +1,10 @@
 //! Tests of the `btm-node` program as a user runs it: a copy of the built binary, away from
-//! the source tree. One binary.
+//! the source tree; and its web UI in a real browser (`ui`). One binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod hf;
+mod ui;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -13,11 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use btm_cli::ui::{Ui, UiConfig};
-use btm_model::data::{Corpus, Split};
-use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
-use btm_model::gpt::Gpt;
-use btm_model::tokenizer::Tokenizer;
-use btm_model::weights;
 use btm_net::Node;
 use btm_protocol::{Registry, Signed, test_key};
 use btm_roles::{
@@ -135,49 +130,18 @@ fn text_of(dom: &str, id: &str) -> Option<String> {
     Some(out.trim().to_string())
 }
 
-fn slice(corpus: &Corpus, domain: &str, split: Split, docs: usize, out: &Path) -> PathBuf {
-    let mut text = String::new();
-    for d in corpus
-        .documents(domain, split)
-        .expect("corpus")
-        .into_iter()
-        .take(docs)
-    {
-        text.push_str(&serde_json::json!({"id": d.id, "text": d.text}).to_string());
-        text.push('\n');
-    }
-    let path = out.join(format!("{domain}-{}.jsonl", split.name()));
-    std::fs::write(&path, text).expect("write slice");
-    path
-}
-
 /// A tokenizer and a random tiny seed (easy to beat), and slices of two domains.
 fn seed_and_domains(dir: &Path) -> (PathBuf, Vec<DomainFiles>) {
-    let corpus = Corpus::bundled();
-    let domains: Vec<DomainFiles> = DOMAINS
-        .iter()
-        .map(|d| DomainFiles {
-            name: d.to_string(),
-            train: slice(&corpus, d, Split::Train, 40, dir),
-            valid: slice(&corpus, d, Split::Valid, 10, dir),
-            test: slice(&corpus, d, Split::Test, 10, dir),
+    let (seed_dir, slices) = btm_testkit::tiny_seed_and_slices(dir, &DOMAINS);
+    let domains = slices
+        .into_iter()
+        .map(|s| DomainFiles {
+            name: s.name,
+            train: s.train,
+            valid: s.valid,
+            test: s.test,
         })
         .collect();
-    let texts: Vec<String> = domains
-        .iter()
-        .map(|d| std::fs::read_to_string(&d.train).expect("slice"))
-        .collect();
-    let tok = Tokenizer::train(texts.iter().map(String::as_str), 320).expect("tokenizer");
-    let config = btm_testkit::tiny_gpt(tok.vocab_size(), 32);
-    let seed = Gpt::init(&config, 7, &btm_testkit::cpu());
-    let seed_dir = dir.join("seed");
-    std::fs::create_dir_all(&seed_dir).expect("seed dir");
-    std::fs::write(
-        seed_dir.join(WEIGHTS_FILE),
-        weights::to_bytes(&config, &weights::named_tensors(&seed)).expect("weights"),
-    )
-    .expect("write seed");
-    std::fs::write(seed_dir.join(TOKENIZER_FILE), tok.json()).expect("write tokenizer");
     (seed_dir, domains)
 }
 
@@ -198,297 +162,300 @@ async fn registry_version(n: &Node) -> u64 {
 }
 
 /// Issue 16: every page in headless chromium, against live nodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
-    let started = Instant::now();
-    let Some(exe) = chromium() else {
-        assert!(
-            std::env::var_os("BTM_REQUIRE_CHROMIUM").is_none(),
-            "BTM_REQUIRE_CHROMIUM is set but no chromium is on the PATH (apt-get install chromium)"
-        );
-        eprintln!(
-            "SKIPPED web_ui_in_chromium: no chromium on the PATH (apt-get install chromium); \
+#[test]
+fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
+    btm_testkit::run(2, async {
+        let started = Instant::now();
+        let Some(exe) = chromium() else {
+            assert!(
+                std::env::var_os("BTM_REQUIRE_CHROMIUM").is_none(),
+                "BTM_REQUIRE_CHROMIUM is set but no chromium is on the PATH (apt-get install chromium)"
+            );
+            eprintln!(
+                "SKIPPED web_ui_in_chromium: no chromium on the PATH (apt-get install chromium); \
              set BTM_REQUIRE_CHROMIUM=1 to require it"
-        );
-        return;
-    };
-    let browser = Browser {
-        exe,
-        profile: tempfile::tempdir().expect("profile dir"),
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (seed_dir, domains) = seed_and_domains(dir.path());
-    let maintainer_key = test_key("btm-cli ui maintainer");
-    let root = btm_testkit::root(&maintainer_key);
+            );
+            return;
+        };
+        let browser = Browser {
+            exe,
+            profile: tempfile::tempdir().expect("profile dir"),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (seed_dir, domains) = seed_and_domains(dir.path());
+        let maintainer_key = test_key("btm-cli ui maintainer");
+        let root = btm_testkit::root(&maintainer_key);
 
-    // The maintainers' node: registry v1, then v2 with hostile domain descriptions.
-    let mnode = node(&dir.path().join("m"), &root, None).await;
-    let maintainer = Maintainer::new(MaintainerConfig {
-        keys: vec![maintainer_key.clone()],
-        seed: SeedFiles::load(&seed_dir).expect("seed files"),
-        registry: None,
-        rotate_roots: vec![],
-        domains,
-        eval_tokens: 512,
-        tolerance_ppm: 10_000,
-        expires_days: 1,
-        accept_verified: true,
-        withheld_share: 0.25,
-        min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
-        max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
-    });
-    maintainer
-        .publish(&mnode, &Events::ignore())
-        .await
-        .expect("publish");
-    let v1 = mnode.registry().await.expect("registry").expect("v1");
-    let mut hostile: Registry = v1.record().clone();
-    hostile.version += 1;
-    for d in &mut hostile.domains {
-        d.description = HOSTILE.into();
-    }
-    let mut env = Signed::new(hostile);
-    env.sign(&maintainer_key);
-    let offered = mnode
-        .publish_registry(&env.encode())
-        .await
-        .expect("hostile registry offered");
-    assert!(
-        matches!(offered, btm_registry::Decision::Accept(_)),
-        "{offered:?}"
-    );
-    assert_eq!(registry_version(&mnode).await, 2);
-    let stop = Stop::new();
-    let serving = {
-        let (m, n, s) = (maintainer.clone(), mnode.clone(), stop.clone());
-        tokio::spawn(async move { m.serve(&n, &s, &Events::ignore()).await })
-    };
-
-    // A volunteer with the UI: trains, announces, keeps serving.
-    let vdir = dir.path().join("v");
-    let vnode = node(&vdir, &root, Some(&mnode)).await;
-    let forest_dir = dir.path().join("forest");
-    let ui = Ui::start(
-        &vnode,
-        UiConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            role: "volunteer".into(),
-            data_dir: vdir.clone(),
-            forest: Some(forest_dir.clone()),
-        },
-    )
-    .await
-    .expect("ui");
-    let base = ui.url();
-    let mut vc = VolunteerConfig::new(vdir.join("vol"));
-    vc.domain = Some(DOMAINS[0].into());
-    vc.train = TrainSettings {
-        steps: STEPS,
-        batch_size: 8,
-        lr: Some(3e-3),
-        checkpoint_every: 10,
-        seed: 0,
-    };
-    vc.wait_registry = Duration::from_secs(60);
-    vc.lease_secs = 120;
-    let volunteer = {
-        let (n, s, ev) = (vnode.clone(), stop.clone(), ui.tee(Events::ignore()));
-        tokio::spawn(async move { Volunteer::new(vc).run(&n, &s, &ev).await })
-    };
-
-    // Accepted by the maintainers' node (registry v3).
-    let deadline = Instant::now() + Duration::from_secs(100);
-    let elm = loop {
-        let r = mnode.registry().await.expect("registry").expect("some");
-        if let Some(e) = r.record().elms.first() {
-            break e.record;
+        // The maintainers' node: registry v1, then v2 with hostile domain descriptions.
+        let mnode = node(&dir.path().join("m"), &root, None).await;
+        let maintainer = Maintainer::new(MaintainerConfig {
+            keys: vec![maintainer_key.clone()],
+            seed: SeedFiles::load(&seed_dir).expect("seed files"),
+            registry: None,
+            rotate_roots: vec![],
+            domains,
+            eval_tokens: 512,
+            tolerance_ppm: 10_000,
+            expires_days: 1,
+            accept_verified: true,
+            withheld_share: 0.25,
+            min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
+            max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
+        });
+        maintainer
+            .publish(&mnode, &Events::ignore())
+            .await
+            .expect("publish");
+        let v1 = mnode.registry().await.expect("registry").expect("v1");
+        let mut hostile: Registry = v1.record().clone();
+        hostile.version += 1;
+        for d in &mut hostile.domains {
+            d.description = HOSTILE.into();
         }
+        let mut env = Signed::new(hostile);
+        env.sign(&maintainer_key);
+        let offered = mnode
+            .publish_registry(&env.encode())
+            .await
+            .expect("hostile registry offered");
         assert!(
-            Instant::now() < deadline,
-            "the ELM was not accepted in time; the UI's node page says: {}",
-            serde_json::to_string(&ui.activity().snapshot()).unwrap_or_default()
+            matches!(offered, btm_registry::Decision::Accept(_)),
+            "{offered:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    btm_testkit::wait_for("the volunteer to serve", Duration::from_secs(30), || {
+        assert_eq!(registry_version(&mnode).await, 2);
+        let stop = Stop::new();
+        let serving = {
+            let (m, n, s) = (maintainer.clone(), mnode.clone(), stop.clone());
+            tokio::spawn(async move { m.serve(&n, &s, &Events::ignore()).await })
+        };
+
+        // A volunteer with the UI: trains, announces, keeps serving.
+        let vdir = dir.path().join("v");
+        let vnode = node(&vdir, &root, Some(&mnode)).await;
+        let forest_dir = dir.path().join("forest");
+        let ui = Ui::start(
+            &vnode,
+            UiConfig {
+                addr: "127.0.0.1:0".parse().expect("addr"),
+                role: "volunteer".into(),
+                data_dir: vdir.clone(),
+                forest: Some(forest_dir.clone()),
+            },
+        )
+        .await
+        .expect("ui");
+        let base = ui.url();
+        let mut vc = VolunteerConfig::new(vdir.join("vol"));
+        vc.domain = Some(DOMAINS[0].into());
+        vc.train = TrainSettings {
+            steps: STEPS,
+            batch_size: 8,
+            lr: Some(3e-3),
+            checkpoint_every: 10,
+            seed: 0,
+        };
+        vc.wait_registry = Duration::from_secs(60);
+        vc.lease_secs = 120;
+        let volunteer = {
+            let (n, s, ev) = (vnode.clone(), stop.clone(), ui.tee(Events::ignore()));
+            tokio::spawn(async move { Volunteer::new(vc).run(&n, &s, &ev).await })
+        };
+
+        // Accepted by the maintainers' node (registry v3).
+        let deadline = Instant::now() + Duration::from_secs(100);
+        let elm = loop {
+            let r = mnode.registry().await.expect("registry").expect("some");
+            if let Some(e) = r.record().elms.first() {
+                break e.record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ELM was not accepted in time; the UI's node page says: {}",
+                serde_json::to_string(&ui.activity().snapshot()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        btm_testkit::wait_for("the volunteer to serve", Duration::from_secs(30), || {
+            let a = ui.activity().snapshot();
+            async move { a.phase == "serving" }
+        })
+        .await;
+        let elm_short = &elm.to_string()[..8];
+
+        // A client fetches the forest; `forest report` scores it.
+        let cnode = node(&dir.path().join("c"), &root, Some(&mnode)).await;
+        let fetched = Client::new(ClientConfig {
+            wait_registry: Duration::from_secs(30),
+            wait: Duration::from_secs(60),
+        })
+        .fetch(
+            &cnode,
+            &FetchRequest {
+                out: forest_dir.clone(),
+                domains: vec![],
+                unverified: false,
+                min_elms: Some(1),
+            },
+            &stop,
+            &Events::ignore(),
+        )
+        .await
+        .expect("fetch")
+        .expect("not stopped");
+        assert_eq!(fetched.len(), 1, "{fetched:?}");
+        let report = Command::new(env!("CARGO_BIN_EXE_btm-node"))
+            .args(["--json", "forest", "report", "--max-tokens", "256"])
+            .args(["--prior-blocks", "2", "--forest"])
+            .arg(&forest_dir)
+            .output()
+            .expect("run forest report");
+        assert!(
+            report.status.success(),
+            "forest report: {}",
+            String::from_utf8_lossy(&report.stderr)
+        );
+        cnode.shutdown().await;
+        let setup = started.elapsed();
+
+        // The pages.
+        let shots = match std::env::var_os("BTM_UI_SCREENSHOTS") {
+            Some(d) => PathBuf::from(d),
+            None => dir.path().join("screenshots"),
+        };
+        std::fs::create_dir_all(&shots).expect("screenshot dir");
+
+        let net = browser.dom(&base);
+        assert!(
+            net.contains("data-loaded=\"1\""),
+            "the page never loaded: {net}"
+        );
+        let version = registry_version(&vnode).await;
+        assert!(version >= 3, "the volunteer trusts v{version}");
+        assert_eq!(
+            text_of(&net, "registry-version").as_deref(),
+            Some(version.to_string().as_str()),
+            "{net}"
+        );
+        assert_eq!(text_of(&net, "root-version").as_deref(), Some("1"));
+        assert_eq!(text_of(&net, "accepted-count").as_deref(), Some("1"));
+        let peers = vnode.client().connected_peers().await.expect("peers").len();
+        assert!(peers >= 1);
+        assert!(
+            text_of(&net, "peers-connected")
+                .is_some_and(|p| p.parse::<usize>().is_ok_and(|p| p >= 1)),
+            "{net}"
+        );
+        for d in DOMAINS {
+            assert!(net.contains(&format!("data-domain=\"{d}\"")), "{d}: {net}");
+        }
+        // Hostile descriptions are text: escaped in the DOM, no element or script made of them.
+        assert!(net.contains(HOSTILE_AS_TEXT), "not shown as text: {net}");
+        assert!(!net.contains("<b>hostile"), "markup from a record: {net}");
+        assert!(
+            !net.contains("<img src=\"x\""),
+            "markup from a record: {net}"
+        );
+        assert!(
+            !net.contains("pwned</title>"),
+            "a record's script ran: {net}"
+        );
+
+        let doms = browser.dom(&format!("{base}domains"));
+        assert!(doms.contains("data-loaded=\"1\""), "{doms}");
+        assert!(doms.contains(HOSTILE_AS_TEXT), "{doms}");
+        assert!(!doms.contains("<b>hostile"), "{doms}");
+        assert!(
+            doms.contains(&format!("data-elm=\"{elm}\"")),
+            "the accepted ELM is not listed: {doms}"
+        );
+        assert!(doms.contains(elm_short), "{doms}");
+        let mshort = &mnode.node_id().to_string()[..8];
+        assert!(
+            doms.contains(mshort),
+            "the maintainers' node's verdict is not shown: {doms}"
+        );
+        assert!(doms.contains(" public"), "no verdict's data pool: {doms}");
+        assert!(doms.contains("class=\"tree\""), "no branch tree: {doms}");
+
+        let me = browser.dom(&format!("{base}node"));
+        assert!(me.contains("data-loaded=\"1\""), "{me}");
         let a = ui.activity().snapshot();
-        async move { a.phase == "serving" }
-    })
-    .await;
-    let elm_short = &elm.to_string()[..8];
+        assert_eq!(text_of(&me, "phase").as_deref(), Some(a.phase.as_str()));
+        assert_eq!(
+            text_of(&me, "step").as_deref(),
+            Some(format!("{STEPS} / {STEPS}").as_str()),
+            "{me}"
+        );
+        assert_eq!(text_of(&me, "domain").as_deref(), Some(DOMAINS[0]));
+        assert!(
+            text_of(&me, "announced").is_some_and(|t| t == elm_short),
+            "{me}"
+        );
+        let ppl = a.valid_ppl.expect("measured");
+        assert!(
+            text_of(&me, "valid-ppl").is_some_and(|t| t.starts_with(&format!("{ppl:.2}"))),
+            "{me}"
+        );
+        assert!(me.contains("<polyline"), "no training curve: {me}");
 
-    // A client fetches the forest; `forest report` scores it.
-    let cnode = node(&dir.path().join("c"), &root, Some(&mnode)).await;
-    let fetched = Client::new(ClientConfig {
-        wait_registry: Duration::from_secs(30),
-        wait: Duration::from_secs(60),
-    })
-    .fetch(
-        &cnode,
-        &FetchRequest {
-            out: forest_dir.clone(),
-            domains: vec![],
-            unverified: false,
-            min_elms: Some(1),
-        },
-        &stop,
-        &Events::ignore(),
-    )
-    .await
-    .expect("fetch")
-    .expect("not stopped");
-    assert_eq!(fetched.len(), 1, "{fetched:?}");
-    let report = Command::new(env!("CARGO_BIN_EXE_btm-node"))
-        .args(["--json", "forest", "report", "--max-tokens", "256"])
-        .args(["--prior-blocks", "2", "--forest"])
-        .arg(&forest_dir)
-        .output()
-        .expect("run forest report");
-    assert!(
-        report.status.success(),
-        "forest report: {}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    cnode.shutdown().await;
-    let setup = started.elapsed();
+        let forest_url = format!("{base}forest?text=In%20the%20beginning%20God%20created");
+        let forest = browser.dom(&forest_url);
+        assert!(forest.contains("data-loaded=\"1\""), "{forest}");
+        assert!(
+            forest.contains("id=\"report\""),
+            "no report table: {forest}"
+        );
+        assert!(
+            forest.contains(&format!("data-domain=\"{}\"", DOMAINS[0])),
+            "{forest}"
+        );
+        assert!(
+            forest.contains("Continuation"),
+            "the ensemble box did not answer: {forest}"
+        );
+        assert!(forest.contains("<mark>"), "{forest}");
 
-    // The pages.
-    let shots = match std::env::var_os("BTM_UI_SCREENSHOTS") {
-        Some(d) => PathBuf::from(d),
-        None => dir.path().join("screenshots"),
-    };
-    std::fs::create_dir_all(&shots).expect("screenshot dir");
+        // Screenshots of every page.
+        for (name, url) in [
+            ("ui-network.png", base.clone()),
+            ("ui-domains.png", format!("{base}domains")),
+            ("ui-node.png", format!("{base}node")),
+            ("ui-forest.png", forest_url),
+        ] {
+            browser.screenshot(&url, &shots.join(name));
+        }
+        eprintln!(
+            "web UI test: network up and forest reported in {:.0} s, pages checked in {:.0} s; screenshots in {}",
+            setup.as_secs_f64(),
+            (started.elapsed() - setup).as_secs_f64(),
+            shots.display()
+        );
 
-    let net = browser.dom(&base);
-    assert!(
-        net.contains("data-loaded=\"1\""),
-        "the page never loaded: {net}"
-    );
-    let version = registry_version(&vnode).await;
-    assert!(version >= 3, "the volunteer trusts v{version}");
-    assert_eq!(
-        text_of(&net, "registry-version").as_deref(),
-        Some(version.to_string().as_str()),
-        "{net}"
-    );
-    assert_eq!(text_of(&net, "root-version").as_deref(), Some("1"));
-    assert_eq!(text_of(&net, "accepted-count").as_deref(), Some("1"));
-    let peers = vnode.client().connected_peers().await.expect("peers").len();
-    assert!(peers >= 1);
-    assert!(
-        text_of(&net, "peers-connected").is_some_and(|p| p.parse::<usize>().is_ok_and(|p| p >= 1)),
-        "{net}"
-    );
-    for d in DOMAINS {
-        assert!(net.contains(&format!("data-domain=\"{d}\"")), "{d}: {net}");
-    }
-    // Hostile descriptions are text: escaped in the DOM, no element or script made of them.
-    assert!(net.contains(HOSTILE_AS_TEXT), "not shown as text: {net}");
-    assert!(!net.contains("<b>hostile"), "markup from a record: {net}");
-    assert!(
-        !net.contains("<img src=\"x\""),
-        "markup from a record: {net}"
-    );
-    assert!(
-        !net.contains("pwned</title>"),
-        "a record's script ran: {net}"
-    );
+        stop.request();
+        let _ = volunteer.await;
+        let _ = serving.await;
+        drop(ui);
+        vnode.shutdown().await;
+        mnode.shutdown().await;
 
-    let doms = browser.dom(&format!("{base}domains"));
-    assert!(doms.contains("data-loaded=\"1\""), "{doms}");
-    assert!(doms.contains(HOSTILE_AS_TEXT), "{doms}");
-    assert!(!doms.contains("<b>hostile"), "{doms}");
-    assert!(
-        doms.contains(&format!("data-elm=\"{elm}\"")),
-        "the accepted ELM is not listed: {doms}"
-    );
-    assert!(doms.contains(elm_short), "{doms}");
-    let mshort = &mnode.node_id().to_string()[..8];
-    assert!(
-        doms.contains(mshort),
-        "the maintainers' node's verdict is not shown: {doms}"
-    );
-    assert!(doms.contains(" public"), "no verdict's data pool: {doms}");
-    assert!(doms.contains("class=\"tree\""), "no branch tree: {doms}");
-
-    let me = browser.dom(&format!("{base}node"));
-    assert!(me.contains("data-loaded=\"1\""), "{me}");
-    let a = ui.activity().snapshot();
-    assert_eq!(text_of(&me, "phase").as_deref(), Some(a.phase.as_str()));
-    assert_eq!(
-        text_of(&me, "step").as_deref(),
-        Some(format!("{STEPS} / {STEPS}").as_str()),
-        "{me}"
-    );
-    assert_eq!(text_of(&me, "domain").as_deref(), Some(DOMAINS[0]));
-    assert!(
-        text_of(&me, "announced").is_some_and(|t| t == elm_short),
-        "{me}"
-    );
-    let ppl = a.valid_ppl.expect("measured");
-    assert!(
-        text_of(&me, "valid-ppl").is_some_and(|t| t.starts_with(&format!("{ppl:.2}"))),
-        "{me}"
-    );
-    assert!(me.contains("<polyline"), "no training curve: {me}");
-
-    let forest_url = format!("{base}forest?text=In%20the%20beginning%20God%20created");
-    let forest = browser.dom(&forest_url);
-    assert!(forest.contains("data-loaded=\"1\""), "{forest}");
-    assert!(
-        forest.contains("id=\"report\""),
-        "no report table: {forest}"
-    );
-    assert!(
-        forest.contains(&format!("data-domain=\"{}\"", DOMAINS[0])),
-        "{forest}"
-    );
-    assert!(
-        forest.contains("Continuation"),
-        "the ensemble box did not answer: {forest}"
-    );
-    assert!(forest.contains("<mark>"), "{forest}");
-
-    // Screenshots of every page.
-    for (name, url) in [
-        ("ui-network.png", base.clone()),
-        ("ui-domains.png", format!("{base}domains")),
-        ("ui-node.png", format!("{base}node")),
-        ("ui-forest.png", forest_url),
-    ] {
-        browser.screenshot(&url, &shots.join(name));
-    }
-    eprintln!(
-        "web UI test: network up and forest reported in {:.0} s, pages checked in {:.0} s; screenshots in {}",
-        setup.as_secs_f64(),
-        (started.elapsed() - setup).as_secs_f64(),
-        shots.display()
-    );
-
-    stop.request();
-    let _ = volunteer.await;
-    let _ = serving.await;
-    drop(ui);
-    vnode.shutdown().await;
-    mnode.shutdown().await;
-
-    // `btm-node status` reads the same state from the volunteer's data directory.
-    let st = Command::new(env!("CARGO_BIN_EXE_btm-node"))
-        .args(["--json", "status", "--data-dir"])
-        .arg(&vdir)
-        .output()
-        .expect("run btm-node status");
-    assert!(
-        st.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
-    assert_eq!(st["registry_version"].as_u64(), Some(version), "{st}");
-    assert_eq!(
-        st["elms"][0]["id"].as_str(),
-        Some(elm.to_string().as_str()),
-        "{st}"
-    );
-    assert_eq!(st["elms"][0]["in_registry"].as_bool(), Some(true), "{st}");
+        // `btm-node status` reads the same state from the volunteer's data directory.
+        let st = Command::new(env!("CARGO_BIN_EXE_btm-node"))
+            .args(["--json", "status", "--data-dir"])
+            .arg(&vdir)
+            .output()
+            .expect("run btm-node status");
+        assert!(
+            st.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+        assert_eq!(st["registry_version"].as_u64(), Some(version), "{st}");
+        assert_eq!(
+            st["elms"][0]["id"].as_str(),
+            Some(elm.to_string().as_str()),
+            "{st}"
+        );
+        assert_eq!(st["elms"][0]["in_registry"].as_bool(), Some(true), "{st}");
+    });
 }

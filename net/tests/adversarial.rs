@@ -256,6 +256,20 @@ fn a_blob_is_fetched_through_a_configured_relay() {
     });
 }
 
+/// A bare iroh endpoint with `id`'s key on loopback, speaking the blobs ALPN (for providers
+/// that misbehave).
+async fn blob_endpoint(id: &Identity) -> iroh::Endpoint {
+    iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(id.iroh_secret())
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .expect("addr")
+        .alpns(vec![iroh_blobs::ALPN.to_vec()])
+        .bind()
+        .await
+        .expect("bind")
+}
+
 /// A stalled provider: accepts the connection and never answers.
 #[derive(Debug, Clone)]
 struct Stall;
@@ -278,15 +292,7 @@ fn a_stalled_provider_times_out_and_another_is_tried() {
         let honest = Store::holding("honest 2", blob_config(), &blob).await;
         let (honest_id, honest) = (&honest.id, &honest.blobs);
         let stall_id = Identity::from_key(test_key("staller"));
-        let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
-            .secret_key(stall_id.iroh_secret())
-            .clear_ip_transports()
-            .bind_addr("127.0.0.1:0")
-            .expect("addr")
-            .alpns(vec![iroh_blobs::ALPN.to_vec()])
-            .bind()
-            .await
-            .expect("bind");
+        let ep = blob_endpoint(&stall_id).await;
         let stall_addrs: Vec<_> = ep.bound_sockets();
         let router = iroh::protocol::Router::builder(ep)
             .accept(iroh_blobs::ALPN, Stall)
@@ -1140,15 +1146,7 @@ async fn trickler(
             }
         }
     });
-    let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
-        .secret_key(id.iroh_secret())
-        .clear_ip_transports()
-        .bind_addr("127.0.0.1:0")
-        .expect("addr")
-        .alpns(vec![iroh_blobs::ALPN.to_vec()])
-        .bind()
-        .await
-        .expect("bind");
+    let ep = blob_endpoint(&id).await;
     let addrs = ep.bound_sockets();
     let router = iroh::protocol::Router::builder(ep)
         .accept(

@@ -2,14 +2,9 @@
 //! written as `seed train` leaves it, small JSONL slices of four bundled domains, and nodes on
 //! loopback.
 
-use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use btm_model::data::{Corpus, Split};
-use btm_model::gpt::Gpt;
-use btm_model::tokenizer::Tokenizer;
-use btm_model::weights;
 use btm_net::Node;
 use btm_protocol::{SigningKey, test_key};
 use btm_roles::{DomainFiles, Event, Events, MaintainerConfig, SeedFiles};
@@ -26,20 +21,14 @@ pub struct Fixture {
     pub domains: Vec<DomainFiles>,
 }
 
-fn slice(corpus: &Corpus, domain: &str, split: Split, docs: usize, out: &Path) -> PathBuf {
-    let mut text = String::new();
-    for d in corpus
-        .documents(domain, split)
-        .expect("corpus")
-        .into_iter()
-        .take(docs)
-    {
-        text.push_str(&serde_json::json!({"id": d.id, "text": d.text}).to_string());
-        text.push('\n');
+/// The roles' form of a test slice.
+pub fn domain_files(s: btm_testkit::DomainSlice) -> DomainFiles {
+    DomainFiles {
+        name: s.name,
+        train: s.train,
+        valid: s.valid,
+        test: s.test,
     }
-    let path = out.join(format!("{domain}-{}.jsonl", split.name()));
-    std::fs::write(&path, text).expect("write slice");
-    path
 }
 
 pub fn fixture() -> &'static Fixture {
@@ -48,32 +37,8 @@ pub fn fixture() -> &'static Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let maintainer = test_key("btm-roles maintainer");
         let root = btm_testkit::root(&maintainer);
-        let corpus = Corpus::bundled();
-        let domains: Vec<DomainFiles> = DOMAINS
-            .iter()
-            .map(|d| DomainFiles {
-                name: d.to_string(),
-                train: slice(&corpus, d, Split::Train, 40, dir.path()),
-                valid: slice(&corpus, d, Split::Valid, 10, dir.path()),
-                test: slice(&corpus, d, Split::Test, 10, dir.path()),
-            })
-            .collect();
-        let texts: Vec<String> = domains
-            .iter()
-            .map(|d| std::fs::read_to_string(&d.train).expect("slice"))
-            .collect();
-        let tok = Tokenizer::train(texts.iter().map(String::as_str), 320).expect("tokenizer");
-        let config = btm_testkit::tiny_gpt(tok.vocab_size(), 32);
-        let device = btm_testkit::cpu();
-        let seed = Gpt::init(&config, 7, &device);
-        let seed_dir = dir.path().join("seed");
-        std::fs::create_dir_all(&seed_dir).expect("seed dir");
-        std::fs::write(
-            seed_dir.join(WEIGHTS_FILE),
-            weights::to_bytes(&config, &weights::named_tensors(&seed)).expect("weights"),
-        )
-        .expect("write seed");
-        std::fs::write(seed_dir.join(TOKENIZER_FILE), tok.json()).expect("write tokenizer");
+        let (seed_dir, slices) = btm_testkit::tiny_seed_and_slices(dir.path(), &DOMAINS);
+        let domains = slices.into_iter().map(domain_files).collect();
         Fixture {
             _dir: dir,
             maintainer,

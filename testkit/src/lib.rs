@@ -38,6 +38,91 @@ pub fn tiny_gpt(vocab_size: usize, d_model: usize) -> GptConfig {
     }
 }
 
+/// The train, valid and test files of one domain's slice of the bundled corpus.
+#[derive(Debug, Clone)]
+pub struct DomainSlice {
+    pub name: String,
+    pub train: std::path::PathBuf,
+    pub valid: std::path::PathBuf,
+    pub test: std::path::PathBuf,
+}
+
+/// The first `docs` documents of `domain`'s `split` of the bundled corpus as a JSONL file in
+/// `out`.
+///
+/// # Panics
+/// When the corpus cannot be read or the file written.
+pub fn corpus_slice(
+    corpus: &btm_model::data::Corpus,
+    domain: &str,
+    split: btm_model::data::Split,
+    docs: usize,
+    out: &Path,
+) -> std::path::PathBuf {
+    let mut text = String::new();
+    let documents = match corpus.documents(domain, split) {
+        Ok(d) => d,
+        Err(e) => panic!("the corpus: {e}"),
+    };
+    for d in documents.into_iter().take(docs) {
+        text.push_str(&serde_json::json!({"id": d.id, "text": d.text}).to_string());
+        text.push('\n');
+    }
+    let path = out.join(format!("{domain}-{}.jsonl", split.name()));
+    if let Err(e) = std::fs::write(&path, text) {
+        panic!("writing {}: {e}", path.display());
+    }
+    path
+}
+
+/// The roles' test world in `dir`: slices of `domains` (40 training, 10 valid and 10 test
+/// documents each), a 320-token tokenizer trained on their training slices, and a random tiny
+/// seed (easy to beat) in `dir/seed` with its tokenizer. Returns the seed directory and the
+/// slices.
+///
+/// # Panics
+/// When a file cannot be read or written, or the tokenizer cannot be trained.
+pub fn tiny_seed_and_slices(
+    dir: &Path,
+    domains: &[&str],
+) -> (std::path::PathBuf, Vec<DomainSlice>) {
+    use btm_model::data::{Corpus, Split};
+    use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
+    let corpus = Corpus::bundled();
+    let slices: Vec<DomainSlice> = domains
+        .iter()
+        .map(|d| DomainSlice {
+            name: d.to_string(),
+            train: corpus_slice(&corpus, d, Split::Train, 40, dir),
+            valid: corpus_slice(&corpus, d, Split::Valid, 10, dir),
+            test: corpus_slice(&corpus, d, Split::Test, 10, dir),
+        })
+        .collect();
+    let texts: Vec<String> = slices
+        .iter()
+        .map(|d| std::fs::read_to_string(&d.train).unwrap_or_default())
+        .collect();
+    let tok = match btm_model::tokenizer::Tokenizer::train(texts.iter().map(String::as_str), 320) {
+        Ok(t) => t,
+        Err(e) => panic!("the tokenizer: {e}"),
+    };
+    let config = tiny_gpt(tok.vocab_size(), 32);
+    let seed = btm_model::gpt::Gpt::init(&config, 7, &cpu());
+    let seed_dir = dir.join("seed");
+    let bytes =
+        match btm_model::weights::to_bytes(&config, &btm_model::weights::named_tensors(&seed)) {
+            Ok(b) => b,
+            Err(e) => panic!("the seed's weights: {e}"),
+        };
+    let written = std::fs::create_dir_all(&seed_dir)
+        .and_then(|()| std::fs::write(seed_dir.join(WEIGHTS_FILE), bytes))
+        .and_then(|()| std::fs::write(seed_dir.join(TOKENIZER_FILE), tok.json()));
+    if let Err(e) = written {
+        panic!("writing the seed in {}: {e}", seed_dir.display());
+    }
+    (seed_dir, slices)
+}
+
 /// The CPU device.
 ///
 /// # Panics

@@ -1,10 +1,11 @@
 //! `btm-node demo`: the whole network on one machine, as separate processes on loopback, on
 //! the bundled corpus.
 //!
-//! 1. keys and the network's root (one maintainer, threshold 1);
+//! 1. keys and the network's root (two maintainers, threshold 2: no one process can accept);
 //! 2. the seed LM on the balanced mix of the eight training domains (`seed train`);
-//! 3. a maintainer node (`seed publish --accept-verified`): the registry, the seed and every
-//!    domain's data as blobs; it verifies announced ELMs and accepts the good ones;
+//! 3. two maintainer nodes (`seed publish --accept-verified`, one key each): the registry, the
+//!    seed and every domain's data as blobs, the first registry and every acceptance signed by
+//!    both; each verifies announced ELMs on its own withheld pool and co-signs the good ones;
 //! 4. volunteers (`join`): each claims a different domain, branches from the seed, trains,
 //!    announces, and verifies the others' ELMs;
 //! 5. a client (`fetch`, then `forest report`): fetches and verifies the forest and prints
@@ -249,22 +250,30 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
 
-    // 1. Keys and root.
-    let key_path = dir.join("maintainer.key");
-    let pk = btm_registry::maintainer::generate_key(&key_path, true)?;
-    let key = btm_registry::maintainer::load_key(&key_path)?;
+    // 1. Keys and root: two maintainers, both needed to sign.
+    let key_paths = [dir.join("maintainer.key"), dir.join("maintainer-2.key")];
+    let mut keys = Vec::new();
+    for p in &key_paths {
+        btm_registry::maintainer::generate_key(p, true)?;
+        keys.push(btm_registry::maintainer::load_key(p)?);
+    }
+    let mut pks: Vec<PublicKey> = keys.iter().map(PublicKey::of).collect();
+    pks.sort();
     let mut root = Signed::new(Root {
         version: 1,
         expires: btm_net::limits::now_secs() + 365 * 86_400,
-        threshold: 1,
-        keys: vec![pk],
+        threshold: 2,
+        keys: pks,
     });
-    root.sign(&key);
+    for k in &keys {
+        root.sign(k);
+    }
     let root_path = dir.join("root.cbor");
     btm_model::fsutil::write_atomic(&root_path, &root.encode())?;
     say(&format!(
-        "maintainer key {} and the network root written to {}",
-        &PublicKey::of(&key).to_string()[..8],
+        "maintainer keys {} and {} (threshold 2) and the network root written to {}",
+        &PublicKey::of(&keys[0]).to_string()[..8],
+        &PublicKey::of(&keys[1]).to_string()[..8],
         dir.display()
     ));
 
@@ -328,7 +337,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         s("--root"),
         s(root_path.display()),
         s("--key"),
-        s(key_path.display()),
+        s(key_paths[0].display()),
         s("--seed"),
         s(seed_dir.display()),
         s("--data-dir"),
@@ -343,14 +352,51 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     ];
     maintainer_args.extend(ui_args(Some(&forest)));
     procs.spawn("maintainer", &maintainer_args)?;
-    say("starting the maintainer: registry, seed and domain data as blobs");
+    say("starting the maintainers: registry, seed and domain data as blobs");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !network.exists() {
         procs.check()?;
         if Instant::now() > deadline {
             bail!(
-                "the maintainer did not publish within 120 s; see {}",
+                "the maintainer did not start within 120 s; see {}",
                 logs.join("maintainer.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The second maintainer builds the same first registry from the same seed, data and
+    // settings and co-signs it; later it co-signs only ELMs it verified itself.
+    procs.spawn(
+        "maintainer-2",
+        &[
+            s("seed"),
+            s("publish"),
+            s("--network"),
+            s(network.display()),
+            s("--key"),
+            s(key_paths[1].display()),
+            s("--seed"),
+            s(seed_dir.display()),
+            s("--data-dir"),
+            s(dir.join("maintainer-2").display()),
+            s("--listen"),
+            s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
+            s("--eval-tokens"),
+            s(a.eval_tokens),
+            s("--accept-verified"),
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while StatusFile::read(&dir.join("maintainer").join("status.json"))
+        .and_then(|st| st.registry_version)
+        .is_none()
+    {
+        procs.check()?;
+        if Instant::now() > deadline {
+            bail!(
+                "the maintainers did not publish a registry signed by both within 180 s; see {} and {}",
+                logs.join("maintainer.log").display(),
+                logs.join("maintainer-2.log").display()
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -501,7 +547,9 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     }
     mbar.finish();
     timings.push(("volunteers".to_string(), t.elapsed().as_secs_f64()));
-    say("every ELM is announced, verified by every other volunteer and accepted by the maintainer");
+    say(
+        "every ELM is announced, verified by every other volunteer and accepted by both maintainers",
+    );
 
     // 5. The client.
     let t = Instant::now();

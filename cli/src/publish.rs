@@ -31,7 +31,8 @@ pub struct PublishArgs {
     /// The seed: a directory holding model.safetensors and tokenizer.json (from `btm-node seed train`).
     #[arg(long, default_value = "runs/seed")]
     seed: PathBuf,
-    /// A maintainer key file; repeat until the root's threshold is met.
+    /// A maintainer key file (repeatable). Keys short of the root's threshold propose each
+    /// registry version to the other maintainers, who co-sign what they verified themselves.
     #[arg(long = "key", required_unless_present = "registry")]
     keys: Vec<PathBuf>,
     /// Publish this registry file (signed with the file workflow, `btm-node registry ...`)
@@ -173,7 +174,8 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
                 Some(ui) => ui.tee(reporter.events()),
                 None => reporter.events(),
             };
-            maintainer.publish(node, &events).await?;
+            // The network description first: other maintainers start from it to co-sign the
+            // first registry when one key does not meet the root's threshold.
             let addrs = node.listen_addrs().await?;
             if let Some(out) = &a.network_out {
                 NetworkFile {
@@ -185,6 +187,7 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
                 reporter.line(format!("network description written to {}", out.display()));
             }
             status.update(|s| s.listen = addrs.iter().map(ToString::to_string).collect());
+            maintainer.publish(node, &events).await?;
             reporter.line(if a.accept_verified {
                 "serving; verifying announced ELMs and accepting the ones that pass (Ctrl-C to stop)"
             } else {

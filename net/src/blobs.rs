@@ -140,12 +140,43 @@ pub enum BlobError {
     /// The blob is larger than allowed.
     #[error("blob {id} is larger than {max} bytes")]
     TooLarge { id: ContentId, max: u64 },
+    /// This node could not store what it received (a full disk, an I/O error): not the
+    /// provider's fault, and no other provider would do better.
+    #[error("could not store {id} here: {why}")]
+    Local { id: ContentId, why: String },
     /// Every provider failed; the last error of each is listed.
     #[error("could not download {id}: {}", describe(.attempts))]
     Download {
         id: ContentId,
         attempts: Vec<(NodeId, String)>,
     },
+}
+
+/// Below this many free bytes the store's disk counts as full.
+const LOW_DISK: u64 = 1 << 20;
+
+/// Free bytes (for an unprivileged user) on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Marks an attempt's error as this node's own failure (see [`BlobError::Local`]).
+const LOCAL: &str = "local: ";
+
+/// An error and its sources, each said once ("local failure: writing ...: No space left on
+/// device (os error 28)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
 }
 
 fn describe(attempts: &[(NodeId, String)]) -> String {
@@ -180,6 +211,8 @@ pub struct Blobs {
 struct Inner {
     router: Router,
     store: FsStore,
+    /// The store's directory (its disk's free space tells a full disk from a bad provider).
+    dir: PathBuf,
     config: BlobConfig,
     /// Failed attempts per provider, forgiven over time.
     errors: Mutex<ErrorBudget<NodeId>>,
@@ -313,16 +346,19 @@ impl Blobs {
             config.peer_error_forgive,
             10_000,
         ));
-        Ok(Blobs {
+        let blobs = Blobs {
             inner: Arc::new(Inner {
                 router,
                 store,
+                dir: dir.to_path_buf(),
                 config,
                 errors,
                 received: std::sync::atomic::AtomicU64::new(0),
                 in_flight,
             }),
-        })
+        };
+        blobs.sweep_orphans().await;
+        Ok(blobs)
     }
 
     /// The direct addresses peers can dial.
@@ -392,7 +428,20 @@ impl Blobs {
             .with_named_tag(format!("btm/{id}"))
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
+        self.commit().await?;
         Ok(id)
+    }
+
+    /// Commits the store's pending writes to disk. The store batches its database writes; a
+    /// blob is reported added or downloaded only once they are committed, so a node killed
+    /// right after does not lose it (found by the SIGKILL test: without this, a blob added
+    /// just before the kill was missing after the restart).
+    async fn commit(&self) -> Result<(), BlobError> {
+        self.inner
+            .store
+            .sync_db()
+            .await
+            .map_err(|e| BlobError::Store(format!("committing to disk: {e}")))
     }
 
     /// Adds a file (copied into the store); returns its content id.
@@ -415,7 +464,44 @@ impl Blobs {
             .set(format!("btm/{id}"), haf.hash_and_format())
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
+        self.commit().await?;
         Ok(id)
+    }
+
+    /// Removes download files the store's database does not know. On a full disk a data file
+    /// is written but the entry naming it is never committed, so the collector (which works
+    /// from the database) would never free those bytes: the disk stayed full across restarts
+    /// (found by the full-disk test). Run when the store opens, before anything is added.
+    async fn sweep_orphans(&self) {
+        let data = self.inner.dir.join("data");
+        let Ok(entries) = std::fs::read_dir(&data) else {
+            return;
+        };
+        let mut freed = 0u64;
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .split_once('.')
+                .and_then(|(hex, _)| hex.parse::<ContentId>().ok())
+            else {
+                continue;
+            };
+            if matches!(self.status(&id).await, Ok(BlobStatus::NotFound)) {
+                let len = e.metadata().map_or(0, |m| m.len());
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => freed += len,
+                    Err(err) => {
+                        tracing::warn!(path = %e.path().display(), error = %err, "removing an orphaned download file");
+                    }
+                }
+            }
+        }
+        if freed > 0 {
+            tracing::info!(
+                bytes = freed,
+                "removed download files the store did not record"
+            );
+        }
     }
 
     /// Tags the blob `btm/<id>` so the garbage collector keeps it.
@@ -425,7 +511,8 @@ impl Blobs {
             .tags()
             .set(format!("btm/{id}"), hash(id))
             .await
-            .map_err(|e| BlobError::Store(e.to_string()))
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        self.commit().await
     }
 
     /// Drops the tag that keeps the blob: the garbage collector deletes its bytes on its next
@@ -583,6 +670,24 @@ impl Blobs {
                     });
                 }
                 Err(e) => {
+                    if let Some(free) = free_bytes(&self.inner.dir)
+                        && free < LOW_DISK
+                    {
+                        return Err(BlobError::Local {
+                            id: *id,
+                            why: format!(
+                                "the disk holding {} is full ({free} bytes free): free some space and try again (the attempt said: {e})",
+                                self.inner.dir.display()
+                            ),
+                        });
+                    }
+                    if let Some(why) = e.strip_prefix(LOCAL) {
+                        tracing::warn!(blob = %id, error = %why, "could not store a download");
+                        return Err(BlobError::Local {
+                            id: *id,
+                            why: why.to_string(),
+                        });
+                    }
                     tracing::debug!(blob = %id, provider = %p.node, error = %e, "download attempt failed");
                     self.charge(&p.node);
                     failures.push((p.node, e));
@@ -684,7 +789,15 @@ impl Blobs {
                     }
                 }
                 Ok(Some(GetProgressItem::Done(stats))) => return Ok(stats.payload_bytes_read),
-                Ok(Some(GetProgressItem::Error(e))) => return Err(format!("{e}")),
+                Ok(Some(GetProgressItem::Error(e))) => {
+                    let local = matches!(e, iroh_blobs::get::GetError::LocalFailure { .. });
+                    let chain = error_chain(&e);
+                    return Err(if local {
+                        format!("{LOCAL}{chain}")
+                    } else {
+                        chain
+                    });
+                }
             }
         }
     }

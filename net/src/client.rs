@@ -70,6 +70,7 @@ pub(crate) enum Command {
     Trusted(Reply<Trusted>),
     OfferRegistry(Vec<u8>, Reply<Decision<Signed<Registry>>>),
     OfferRoot(Vec<u8>, Reply<Decision<Signed<Root>>>),
+    Block(PeerId, bool, Reply<()>),
     Shutdown(Reply<()>),
 }
 
@@ -156,6 +157,12 @@ impl Client {
     /// checked by the caller; tests use this to play a misbehaving peer).
     pub async fn publish_raw(&self, topic: Topic, data: Vec<u8>) -> Result<(), NetError> {
         self.call(|r| Command::Publish(topic, data, r)).await
+    }
+
+    /// Blocks a peer (`true`: its connections are closed and no new one is made or accepted)
+    /// or unblocks it.
+    pub async fn block_peer(&self, peer: PeerId, blocked: bool) -> Result<(), NetError> {
+        self.call(|r| Command::Block(peer, blocked, r)).await
     }
 
     /// Reports the outcome of validating a gossip message held back for verification.
@@ -294,6 +301,9 @@ pub enum Observed {
         verifier: btm_protocol::NodeId,
         accepted: bool,
     },
+    /// A registry proposal passed the relay checks (every signature a trusted maintainer's,
+    /// newer than the trusted registry): for maintainers to co-sign.
+    Proposal(Signed<btm_protocol::Registry>),
     /// Something a peer sent was refused.
     Refused {
         what: &'static str,

@@ -391,6 +391,15 @@ impl EventLoop {
                 let started = self.swarm.behaviour_mut().kad.bootstrap();
                 pending(&mut self.pending_bootstrap, started, reply);
             }
+            Command::Block(peer, blocked, reply) => {
+                let b = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    b.block_peer(peer);
+                } else {
+                    b.unblock_peer(peer);
+                }
+                let _ = reply.send(Ok(()));
+            }
             Command::Publish(topic, data, reply) => {
                 let hash = self.topic_hash(topic);
                 let r = self
@@ -585,6 +594,14 @@ impl EventLoop {
         let decision = self.write_store(|s| s.update_registry(bytes, self.clock.now()))?;
         if let Decision::Accept(reg) = &decision {
             self.trusted.registry = Some(reg.clone());
+            // Serve what we trust, however it arrived (gossip, a lookup, our own offer): the
+            // copy held since the start is our own record, which no copy from a peer replaces,
+            // so without this a node that adopted a newer registry through a lookup kept
+            // serving the old one (found by the partition test).
+            self.hold(RecordKey::Registry, bytes.to_vec());
+            if let Some(seed) = &reg.record().seed {
+                self.hold(RecordKey::Seed, seed.encode());
+            }
             tracing::info!(version = reg.record().version, "registry adopted");
             observe(
                 &self.observers,
@@ -1166,6 +1183,7 @@ impl EventLoop {
                 MessageAcceptance::Ignore
             }
             Some(Topic::Registry) => self.on_registry_message(source, &message.data),
+            Some(Topic::Proposals) => self.on_proposal_message(source, &message.data),
             Some(Topic::Claims) => match self.on_claim_message(source, &id, message.data) {
                 // Held back until the store thread has decided.
                 None => return,
@@ -1187,6 +1205,21 @@ impl EventLoop {
             .behaviour_mut()
             .gossipsub
             .report_message_validation_result(&id, &source, acceptance);
+    }
+
+    /// A registry proposal: relayed when only trusted maintainers signed it; maintainers
+    /// observe it to co-sign. Nodes do not store proposals.
+    fn on_proposal_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        match validate::check_proposal(&self.view(), data) {
+            Ok(env) => {
+                observe(&self.observers, Observed::Proposal(env));
+                MessageAcceptance::Accept
+            }
+            Err(e) => {
+                self.refused("proposal", Some(source), e.to_string());
+                refusal(&e)
+            }
+        }
     }
 
     /// A root (rotation) on the registry topic.
@@ -1214,20 +1247,7 @@ impl EventLoop {
         }
         match validate::check_registry(&self.view(), data) {
             Ok(Freshness::Newer) => match self.adopt_registry(data) {
-                Ok(Decision::Accept(_)) => {
-                    let net = self.net;
-                    let seed = self.trusted_seed();
-                    let store = self.swarm.behaviour_mut().kad.store_mut();
-                    let _ = store.put(kad::Record::new(
-                        RecordKey::Registry.kad(&net),
-                        data.to_vec(),
-                    ));
-                    if let Some(seed) = seed {
-                        let _ =
-                            store.put(kad::Record::new(RecordKey::Seed.kad(&net), seed.encode()));
-                    }
-                    MessageAcceptance::Accept
-                }
+                Ok(Decision::Accept(_)) => MessageAcceptance::Accept,
                 Ok(_) => MessageAcceptance::Ignore,
                 Err(e) => {
                     tracing::warn!(error = %e, "storing a registry");
@@ -1413,4 +1433,64 @@ fn natural_end(key: &RecordKey, value: &[u8], now: u64) -> Option<Instant> {
     }?;
     let secs = until.saturating_sub(now);
     Some(Instant::now() + Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: every record a peer stores here leaves the store: at its natural end (a
+    /// claim's lease, an address record's expiry) or at its kind's TTL, whichever is first.
+    /// Our own records without a natural end stay (Kademlia republishes them). Fails when the
+    /// TTL of foreign records is dropped (records then stay for good, filling the store).
+    #[test]
+    fn foreign_records_expire_own_records_stay() {
+        let node = btm_protocol::PublicKey([7; 32]);
+        let id = ContentId([9; 32]);
+        let keys = [
+            RecordKey::Registry,
+            RecordKey::Root(2),
+            RecordKey::Seed,
+            RecordKey::Elm(id),
+            RecordKey::ElmOf {
+                domain: "d".into(),
+                node,
+            },
+            RecordKey::Claim {
+                domain: "d".into(),
+                node,
+            },
+            RecordKey::Addr(node),
+        ];
+        let now = 1_800_000_000;
+        for key in &keys {
+            let before = Instant::now();
+            let ttl = validate::record_ttl(key);
+            assert!(ttl <= Duration::from_secs(48 * 3600), "{key:?}");
+            // Undecodable values have no natural end: the TTL bounds them.
+            let foreign = expiry_of(key, b"junk", true, now).expect("foreign records expire");
+            assert!(foreign <= Instant::now() + ttl, "{key:?}");
+            assert!(foreign >= before + ttl, "{key:?}");
+            let own = expiry_of(key, b"junk", false, now);
+            assert_eq!(own, None, "{key:?}: our own records stay");
+        }
+        // A claim whose lease ends in ten minutes leaves then, before its 3 h TTL.
+        let claimer = btm_protocol::test_key("ttl claimer");
+        let mut claim = Signed::new(btm_protocol::Claim {
+            domain: "d".into(),
+            node: btm_protocol::PublicKey::of(&claimer),
+            lease_expires: now + 600,
+            first_claimed: now,
+            progress: None,
+        });
+        claim.sign(&claimer);
+        let key = RecordKey::Claim {
+            domain: "d".into(),
+            node: btm_protocol::PublicKey::of(&claimer),
+        };
+        let at = expiry_of(&key, &claim.encode(), true, now).expect("expires");
+        assert!(at <= Instant::now() + Duration::from_secs(600));
+        assert!(at > Instant::now() + Duration::from_secs(590));
+    }
 }

@@ -67,14 +67,17 @@ pub enum Topic {
     Claims,
     Elms,
     Attestations,
+    /// Registry versions gathering maintainers' signatures toward the threshold.
+    Proposals,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 4] = [
+    pub const ALL: [Topic; 5] = [
         Topic::Registry,
         Topic::Claims,
         Topic::Elms,
         Topic::Attestations,
+        Topic::Proposals,
     ];
 
     fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Topic {
             Topic::Claims => "claims",
             Topic::Elms => "elms",
             Topic::Attestations => "attestations",
+            Topic::Proposals => "proposals",
         }
     }
 

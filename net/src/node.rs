@@ -127,6 +127,12 @@ pub enum NodeError {
     NoDomain,
     #[error("verification: {0}")]
     Verify(#[from] Failure),
+    /// The blob endpoint has neither a direct address nor a relay: peers could not fetch
+    /// from this node, so no address record is published.
+    #[error(
+        "the blob endpoint has no address to publish (no direct address, no relay): peers could not fetch from this node; bind it to a reachable address or configure a relay"
+    )]
+    NoBlobAddress,
 }
 
 struct Inner {
@@ -307,6 +313,34 @@ impl Node {
         Ok(self.inner.client.offer_registry(envelope.to_vec()).await?)
     }
 
+    /// The trusted root and registry.
+    pub async fn trusted(&self) -> Result<btm_registry::Trusted, NodeError> {
+        Ok(self.inner.client.trusted().await?)
+    }
+
+    /// Gossips a registry proposal (a registry signed by fewer maintainers than the threshold)
+    /// for the other maintainers to co-sign. A proposal sent before, byte for byte, within the
+    /// gossip's duplicate window is not sent again (`Ok(false)`).
+    pub async fn publish_proposal(&self, envelope: &Signed<Registry>) -> Result<bool, NodeError> {
+        match self
+            .inner
+            .client
+            .publish_raw(crate::keys::Topic::Proposals, envelope.encode())
+            .await
+        {
+            Ok(()) => Ok(true),
+            // Sent already, or no peer on the topic yet (or every queue full): try again later.
+            Err(crate::NetError::Publish(e))
+                if ["Duplicate", "NoPeersSubscribedToTopic", "AllQueuesFull"]
+                    .iter()
+                    .any(|k| e.starts_with(k)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Offers the next root (a maintainers' key rotation, signed by a threshold of the trusted
     /// keys and of its own): an accepted one becomes trusted, is stored on the DHT under its
     /// version and gossiped, and registries are checked against its keys from then on.
@@ -350,12 +384,12 @@ impl Node {
 
     /// Publishes (or refreshes) this node's blob-address record on the DHT.
     pub async fn publish_addr(&self) -> Result<(), NodeError> {
-        let rec = AddrRecord {
-            node: self.node_id(),
-            expires: self.inner.config.clock.now() + self.inner.config.horizons.max_addr_secs,
-            addrs: self.inner.blobs.addrs(),
-            relays: self.inner.blobs.relay_urls(),
-        };
+        let rec = addr_record(
+            self.node_id(),
+            self.inner.config.clock.now() + self.inner.config.horizons.max_addr_secs,
+            self.inner.blobs.addrs(),
+            self.inner.blobs.relay_urls(),
+        )?;
         let bytes = rec.sign(self.inner.identity.signing_key());
         self.inner
             .client
@@ -643,6 +677,25 @@ async fn provided_records(
         }
     }
     Ok(out)
+}
+
+/// This node's address record, if it has anything to say: a record with no address and no
+/// relay is refused by every peer (and says nothing), so it is an error here.
+fn addr_record(
+    node: NodeId,
+    expires: u64,
+    addrs: Vec<std::net::SocketAddr>,
+    relays: Vec<iroh::RelayUrl>,
+) -> Result<AddrRecord, NodeError> {
+    if addrs.is_empty() && relays.is_empty() {
+        return Err(NodeError::NoBlobAddress);
+    }
+    Ok(AddrRecord {
+        node,
+        expires,
+        addrs,
+        relays,
+    })
 }
 
 /// What [`Node::sync`] found.
@@ -1103,4 +1156,33 @@ async fn resolve(inner: &Arc<Inner>, node: &NodeId) -> Option<Provider> {
     }
     let _ = peer_id_of(node);
     Some(provider)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: a blob endpoint with no address is a clear error, not a record every peer
+    /// refuses as malformed.
+    #[test]
+    fn an_address_record_needs_an_address() {
+        let key = btm_protocol::test_key("addr");
+        let node = btm_protocol::PublicKey::of(&key);
+        let err = addr_record(node, 10, vec![], vec![]).expect_err("nothing to publish");
+        assert!(matches!(err, NodeError::NoBlobAddress));
+        assert!(err.to_string().contains("no address to publish"), "{err}");
+        let rec = addr_record(node, 10, vec!["127.0.0.1:4000".parse().unwrap()], vec![])
+            .expect("an address");
+        let decoded = AddrRecord::decode(&rec.sign(&key)).expect("valid for peers");
+        assert_eq!(decoded, rec);
+        // What the old code published instead: a record with no entry, which peers refuse.
+        let empty = AddrRecord {
+            node,
+            expires: 10,
+            addrs: vec![],
+            relays: vec![],
+        };
+        assert!(AddrRecord::decode(&empty.sign(&key)).is_err());
+    }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns, noise,
-    ping, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits, gossipsub, identify,
+    kad, mdns, noise, ping, tcp, yamux,
 };
 
 use crate::identity::Identity;
@@ -34,6 +34,8 @@ pub fn small_message_max() -> usize {
 /// The swarm's behaviours, polled together by the swarm.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// Peers this node refuses to connect with (an operator's block list; partitions in tests).
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
     pub kad: kad::Behaviour<crate::record_store::BoundedStore>,
     pub gossipsub: gossipsub::Behaviour,
@@ -143,7 +145,7 @@ fn gossip_config(net: &NetworkId, cfg: &SwarmConfig) -> Result<gossipsub::Config
             gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
         });
     for t in Topic::ALL {
-        let max = if t == Topic::Registry {
+        let max = if matches!(t, Topic::Registry | Topic::Proposals) {
             registry_message_max()
         } else {
             small_message_max()
@@ -220,6 +222,7 @@ pub(crate) fn build(
                 None
             };
             Ok(Behaviour {
+                blocked: allow_block_list::Behaviour::default(),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established(Some(limits.max_connections))

@@ -132,6 +132,12 @@ pub fn check_registry(view: &View<'_>, bytes: &[u8]) -> Result<Freshness, Invali
     }
 }
 
+/// Checks a registry proposal (gossiped while it gathers maintainers' signatures): see
+/// [`rules::check_proposal`].
+pub fn check_proposal(view: &View<'_>, bytes: &[u8]) -> Result<Signed<Registry>, Invalid> {
+    Ok(rules::check_proposal(view.trusted, bytes, view.now)?)
+}
+
 /// Checks a root envelope (of `version`, when it was found under a key) against the chain this
 /// node accepted: a root it holds is current, the next one must pass the rotation rules
 /// (thresholds of the trusted keys and of its own), a later one waits for the chain.

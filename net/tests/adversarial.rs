@@ -1330,3 +1330,337 @@ fn ten_sybils_flooding_for_a_minute_cannot_stop_honest_work() {
         net.shutdown().await;
     });
 }
+
+/// THREATS (eclipse): a newcomer whose bootstrap peers are mostly liars (three of four hold
+/// only a stale, validly signed registry or junk under the registry key, and refuse to hear
+/// from the maintainer) still ends up trusting the newest valid registry: every answer of the
+/// lookup is validated, the junk is refused, and the newest valid one wins.
+#[test]
+fn a_newcomer_among_liars_trusts_the_newest_valid_registry() {
+    btm_testkit::run(4, async {
+        let f = fixture();
+        let mut net = Net::start(2).await;
+        let (maintainer, honest) = (net.nodes[0].clone(), net.nodes[1].clone());
+        publish_world(&maintainer).await;
+        wait_registry(&net.nodes, 1).await;
+        let mut liars = Vec::new();
+        for _ in 0..3 {
+            liars.push(net.add(|c| c).await);
+        }
+        wait_connected(&liars, 1).await;
+        for l in &liars {
+            l.sync().await.expect("the liars catch up on v1");
+        }
+        wait_registry(&liars, 1).await;
+        // The liars cut themselves off from the honest nodes, so they never hear of v2.
+        for l in &liars {
+            for h in [&maintainer, &honest] {
+                l.client()
+                    .block_peer(h.peer_id(), true)
+                    .await
+                    .expect("block");
+            }
+        }
+        let v2 = f.signed_registry(2, now() + 86400);
+        let d = maintainer.publish_registry(&v2).await.expect("v2");
+        assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+        wait_registry(&[maintainer.clone(), honest.clone()], 2).await;
+        // Two liars serve junk under the registry key (stored unchecked in their own stores);
+        // one serves the stale v1.
+        let key = RecordKey::Registry.to_bytes(&liars[0].client().network());
+        for l in &liars[..2] {
+            l.client()
+                .put_record_raw(key.clone(), b"not a registry".to_vec())
+                .await
+                .expect("put");
+        }
+        for l in &liars {
+            assert_eq!(
+                l.registry()
+                    .await
+                    .expect("registry")
+                    .expect("v1")
+                    .record()
+                    .version,
+                1
+            );
+        }
+
+        // The newcomer knows three liars and one honest peer.
+        let mut bootstrap = Vec::new();
+        for n in liars.iter().chain([&honest]) {
+            bootstrap.extend(n.listen_addrs().await.expect("addrs"));
+        }
+        let newcomer = net
+            .add(move |mut c| {
+                c.bootstrap = bootstrap;
+                c
+            })
+            .await;
+        wait_connected(std::slice::from_ref(&newcomer), 4).await;
+        let report = newcomer.sync().await.expect("sync");
+        assert_eq!(report.registry, Some(2), "{report:?}");
+        let trusted = newcomer.registry().await.expect("registry").expect("some");
+        assert_eq!(trusted.record().version, 2);
+        net.shutdown().await;
+    });
+}
+
+const BLOB_CRASH_CHILD: &str = "BTM_BLOB_CRASH_DIR";
+const BLOB_CRASH_SIZE: usize = 2 << 20;
+/// The crash child stops adding after this many blobs (disk use stays under 128 MiB).
+const BLOB_CRASH_MAX: u32 = 64;
+
+/// The blobs the crash child writes, in order.
+fn crash_blob(i: u32) -> Vec<u8> {
+    noise(
+        BLOB_CRASH_SIZE,
+        2_654_435_761u32.wrapping_add(i.wrapping_mul(2)),
+        7,
+    )
+}
+
+/// The child of `sigkill_during_blob_writes_leaves_a_consistent_store`: does nothing in a normal
+/// run; with `BTM_BLOB_CRASH_DIR` set it adds blobs to the store there until it is killed.
+#[test]
+fn blob_crash_child() {
+    let Some(dir) = std::env::var_os(BLOB_CRASH_CHILD) else {
+        return;
+    };
+    btm_testkit::run(2, async move {
+        let id = Identity::from_key(test_key("blob crash"));
+        let blobs = Blobs::open(std::path::Path::new(&dir), &id, blob_config())
+            .await
+            .expect("open");
+        let start = blobs_held(&blobs).await;
+        for i in start..BLOB_CRASH_MAX {
+            let blob = crash_blob(i);
+            // The parent kills us right after this line: in the middle of the write.
+            println!("adding {i}");
+            blobs.add_bytes(blob).await.expect("add");
+        }
+        std::future::pending::<()>().await;
+    });
+}
+
+/// How many of the crash child's blobs are complete in `blobs` (they are added in order).
+async fn blobs_held(blobs: &Blobs) -> u32 {
+    let mut i = 0;
+    while blobs.has(&ContentId::of(&crash_blob(i))).await {
+        i += 1;
+    }
+    i
+}
+
+/// THREATS (node killed mid-write): a child process adds 2 MiB blobs in a loop and is killed
+/// with SIGKILL at varying moments. After each kill the store opens, every blob it lists as
+/// complete reads back byte for byte, a partly written one is never complete, and the next
+/// child carries on where the last stopped.
+#[test]
+fn sigkill_during_blob_writes_leaves_a_consistent_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut held = 0;
+    for round in 0..4u32 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "adversarial::blob_crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(BLOB_CRASH_CHILD, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child");
+        // Kill it as it starts writing blob `held + 1 + round` (a few already written).
+        let target = format!("adding {}", held + 1 + round);
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+        let seen = lines.any(|l| l.is_ok_and(|l| l == target));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        assert!(seen, "the child never reached {target:?}");
+        let now_held = {
+            let path = dir.path().to_path_buf();
+            let (tx, rx) = std::sync::mpsc::channel();
+            btm_testkit::run(2, async move {
+                let id = Identity::from_key(test_key("blob crash"));
+                let blobs = Blobs::open(&path, &id, blob_config())
+                    .await
+                    .expect("the store opens after a SIGKILL");
+                let n = blobs_held(&blobs).await;
+                for i in 0..n {
+                    let want = crash_blob(i);
+                    let got = blobs
+                        .read(&ContentId::of(&want), u64::MAX)
+                        .await
+                        .expect("read a complete blob");
+                    assert!(got == want, "blob {i} is complete but its bytes differ");
+                }
+                // Whatever follows the complete ones is not complete (a write cut short).
+                for i in n..n + 3 {
+                    assert!(!blobs.has(&ContentId::of(&crash_blob(i))).await);
+                }
+                blobs.shutdown().await;
+                tx.send(n).expect("send");
+            });
+            rx.recv().expect("result")
+        };
+        eprintln!("round {round}: {now_held} complete blobs after SIGKILL");
+        assert!(
+            now_held > held + round,
+            "complete blobs were lost: {now_held} after {held} and {} more written",
+            round + 1
+        );
+        held = now_held;
+    }
+    assert!(
+        held > 0,
+        "the child never completed a blob; the kills came too early"
+    );
+}
+
+const TMPFS_CHILD: &str = "BTM_TEST_IN_TMPFS";
+const TMPFS_TEST: &str =
+    "adversarial::a_full_disk_during_download_and_checkpointing_is_a_clear_error_and_loses_nothing";
+
+/// THREATS (disk full): a node whose data directory is an 8 MiB tmpfs (in a private mount
+/// namespace; SKIPPED where none can be made, required in CI) downloads a 16 MiB blob and
+/// writes a checkpoint with the disk full. Both fail with an error that says the disk is full;
+/// the blob accepted before and the previous checkpoint are intact, no temporary file is left,
+/// and with space again the checkpoint is written and a download completes.
+#[test]
+fn a_full_disk_during_download_and_checkpointing_is_a_clear_error_and_loses_nothing() {
+    let Some(dir) = std::env::var_os(TMPFS_CHILD) else {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount = format!(
+            "mount -t tmpfs -o size=8m btmtest '{}'",
+            dir.path().display()
+        );
+        let probe = btm_testkit::unshare("--mount")
+            .args(["sh", "-c", &mount])
+            .output();
+        if !btm_testkit::namespace_available(TMPFS_TEST, "mount namespace with a tmpfs", probe) {
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let out = btm_testkit::unshare("--mount")
+            .args(["sh", "-c", &format!("set -e\n{mount}\nexec \"$0\" \"$@\"")])
+            .arg(exe)
+            .args(["--exact", TMPFS_TEST, "--nocapture", "--test-threads=1"])
+            .env(TMPFS_CHILD, dir.path())
+            .output()
+            .expect("run the child");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{log}");
+        assert!(out.status.success(), "the child failed");
+        assert!(log.contains("1 passed"), "the child ran no test");
+        return;
+    };
+    let root = std::path::PathBuf::from(dir);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.starts_with("btmtest ") && l.contains(&*root.to_string_lossy())),
+        "no tmpfs at {}",
+        root.display()
+    );
+    btm_testkit::run(2, async move {
+        let cfg = BlobConfig {
+            gc_interval: Duration::from_secs(1),
+            ..blob_config()
+        };
+        let id = Identity::from_key(test_key("tmpfs me"));
+        let store_dir = root.join("blobs");
+        let me = Blobs::open(&store_dir, &id, cfg.clone())
+            .await
+            .expect("open on the tmpfs");
+        let small = noise(256 << 10, 2_654_435_761, 5);
+        let small_id = me.add_bytes(small.clone()).await.expect("add a small blob");
+        let ckpt = root.join("run").join("checkpoint.safetensors");
+        let v1 = noise(1 << 20, 40_503, 3);
+        btm_model::fsutil::write_atomic(&ckpt, &v1).expect("checkpoint v1");
+
+        // A download that does not fit.
+        let big = noise(16 << 20, 2_246_822_519, 9);
+        let provider = Store::holding("tmpfs provider", blob_config(), &big).await;
+        let err = me
+            .fetch(&ContentId::of(&big), &[provider.provider()])
+            .await
+            .expect_err("16 MiB cannot fit in 8 MiB");
+        let msg = err.to_string();
+        eprintln!("download on a full disk: {msg}");
+        assert!(
+            msg.contains("could not store") && msg.contains("is full"),
+            "unclear: {msg}"
+        );
+
+        // A checkpoint on a full disk: the failed download's partial bytes are collected
+        // (untagged, every second here), then a filler takes every free byte.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let filler = root.join("filler");
+        assert!(
+            std::fs::write(&filler, vec![0u8; 8 << 20]).is_err(),
+            "the tmpfs is not full"
+        );
+        let v2 = noise(1 << 20, 69_069, 4);
+        let full = btm_model::fsutil::write_atomic(&ckpt, &v2)
+            .expect_err("a checkpoint cannot be written on a full disk")
+            .to_string();
+        eprintln!("checkpoint on a full disk: {full}");
+        assert!(full.contains("No space left on device"), "unclear: {full}");
+        assert!(full.contains("checkpoint.safetensors"), "no path: {full}");
+        assert_eq!(std::fs::read(&ckpt).expect("checkpoint"), v1, "v1 damaged");
+        let stray: Vec<_> = std::fs::read_dir(root.join("run"))
+            .expect("run dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|n| n != "checkpoint.safetensors")
+            .collect();
+        assert!(stray.is_empty(), "left behind: {stray:?}");
+        std::fs::remove_file(&filler).expect("free the disk");
+
+        // Nothing accepted is lost, after a restart too.
+        me.shutdown().await;
+        let me = Blobs::open(&store_dir, &id, cfg).await.expect("reopen");
+        assert_eq!(me.read(&small_id, u64::MAX).await.expect("read"), small);
+        assert!(!me.has(&ContentId::of(&big)).await);
+        // Resumable: with space again, the checkpoint is written and a download completes.
+        // The collector removes the failed download's partial bytes, freeing the disk.
+        let freed = std::time::Instant::now();
+        let mut written = btm_model::fsutil::write_atomic(&ckpt, &v2);
+        while written.is_err() && freed.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            written = btm_model::fsutil::write_atomic(&ckpt, &v2);
+        }
+        if written.is_err() {
+            let ls = std::process::Command::new("ls")
+                .arg("-laR")
+                .arg(&root)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            eprintln!("the tmpfs holds:\n{}", ls.unwrap_or_default());
+        }
+        written.expect("checkpoint v2 once the collector freed the disk");
+        eprintln!(
+            "checkpoint written {:.1} s after the restart",
+            freed.elapsed().as_secs_f64()
+        );
+        assert_eq!(std::fs::read(&ckpt).expect("checkpoint"), v2);
+        let medium = noise(2 << 20, 1_103_515_245, 6);
+        let other = Store::holding("tmpfs provider 2", blob_config(), &medium).await;
+        me.fetch(&ContentId::of(&medium), &[other.provider()])
+            .await
+            .expect("a download that fits");
+        other.blobs.shutdown().await;
+        me.shutdown().await;
+        provider.blobs.shutdown().await;
+    });
+}

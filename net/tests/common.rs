@@ -267,7 +267,7 @@ where
 /// Waits until each of `nodes` sees each of `peers` subscribed to every topic.
 pub async fn wait_gossip_peers(nodes: &[Node], peers: &[Node]) {
     for pid in peers.iter().map(Node::peer_id) {
-        let all_topics = |ps: Vec<(PeerId, usize)>| ps.contains(&(pid, 4));
+        let all_topics = |ps: Vec<(PeerId, usize)>| ps.contains(&(pid, btm_net::Topic::ALL.len()));
         wait_clients("gossip subscriptions", nodes, |c| async move {
             c.gossip_peers().await.is_ok_and(all_topics)
         })

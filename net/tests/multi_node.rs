@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use btm_net::RecordKey;
+use btm_protocol::Signed;
 
 use crate::common::*;
 
@@ -392,5 +393,170 @@ fn five_minutes_of_clock_skew_either_way_keeps_claims_and_expiry_working() {
             );
         }
         net.shutdown().await;
+    });
+}
+
+/// Issue 13: partition, then heal. Group A (the maintainer's node and one more) and group B (two
+/// nodes) reach each other only through a bridge peer: each group blocks the other's peers. The
+/// bridge is killed; group A adopts registry v2 while group B announces and verifies an ELM; the
+/// bridge restarts with its identity and data directory. Every node then converges to registry v2
+/// and to the ELM, verified by itself, within 90 s of the restart (the time is printed), with
+/// each node catching up as the roles do (`Node::sync`, here every 2 s).
+#[test]
+fn a_partition_heals_through_a_restarted_bridge() {
+    btm_testkit::run(6, async {
+        let f = fixture();
+        let bridge_dir = tempfile::tempdir().expect("tempdir");
+        let bridge = btm_testkit::start(config(bridge_dir.path())).await;
+        let via_bridge = bridge.listen_addrs().await.expect("addrs");
+        let mut dirs = Vec::new();
+        let mut group = Vec::new();
+        for _ in 0..4 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut c = config(dir.path());
+            c.bootstrap = via_bridge.clone();
+            group.push(btm_testkit::start(c).await);
+            dirs.push(dir);
+        }
+        let (a, b) = (group[..2].to_vec(), group[2..].to_vec());
+        for x in &a {
+            for y in &b {
+                x.client()
+                    .block_peer(y.peer_id(), true)
+                    .await
+                    .expect("block");
+                y.client()
+                    .block_peer(x.peer_id(), true)
+                    .await
+                    .expect("block");
+            }
+        }
+        wait_gossip_peers(&group, std::slice::from_ref(&bridge)).await;
+        publish_world(&a[0]).await;
+        wait_registry(&group, 1).await;
+        wait_registry(std::slice::from_ref(&bridge), 1).await;
+        for x in &a {
+            let peers = x.client().connected_peers().await.expect("peers");
+            assert!(
+                b.iter().all(|y| !peers.contains(&y.peer_id())),
+                "the groups are connected directly"
+            );
+        }
+
+        // B holds what verifying needs (the seed, its tokenizer, the data) before the split.
+        for y in &b {
+            for blob in [&f.seed_weights, &f.tokenizer, &f.data] {
+                y.fetch_blob(btm_protocol::ContentId::of(blob), &[])
+                    .await
+                    .expect("fetch through the bridge");
+            }
+        }
+
+        // The bridge dies. A adopts registry v2; B announces an ELM and verifies it.
+        bridge.shutdown().await;
+        let d = a[0]
+            .publish_registry(&f.signed_registry(2, now() + 86400))
+            .await
+            .expect("publish v2");
+        assert!(matches!(d, btm_registry::Decision::Accept(_)), "{d:?}");
+        wait_registry(&a, 2).await;
+        let domain = DOMAINS[0];
+        b[0].claim(Some(domain)).await.expect("claim");
+        let rec = f.elm(domain, &f.good_weights, f.good_ppl, b[0].node_id());
+        let elm = b[0]
+            .announce(rec, f.good_weights.clone())
+            .await
+            .expect("announce")
+            .id();
+        assert!(wait_verdict(&b[1], elm).await, "B rejected an honest ELM");
+        // The partition held.
+        for y in &b {
+            assert_eq!(
+                y.registry()
+                    .await
+                    .expect("registry")
+                    .expect("v1")
+                    .record()
+                    .version,
+                1
+            );
+        }
+        for x in &a {
+            assert!(x.verdict(&elm).expect("verdict").is_none());
+        }
+
+        // The bridge comes back, with its identity, and dials both groups.
+        let healed = std::time::Instant::now();
+        let mut c = config(bridge_dir.path());
+        c.bootstrap = a[0].listen_addrs().await.expect("addrs");
+        c.bootstrap
+            .extend(b[0].listen_addrs().await.expect("addrs"));
+        let bridge = btm_testkit::start(c).await;
+        let everyone: Vec<btm_net::Node> = group.iter().cloned().chain([bridge.clone()]).collect();
+        let trainer = b[0].node_id();
+        let converged = |n: btm_net::Node| async move {
+            let v2 = n
+                .registry()
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.record().version == 2);
+            let verified = n
+                .verdict(&elm)
+                .ok()
+                .flatten()
+                .is_some_and(|a| a.verdict == btm_protocol::Verdict::Accept);
+            v2 && (verified || n.node_id() == trainer)
+        };
+        let deadline = healed + Duration::from_secs(90);
+        loop {
+            let mut done = true;
+            for n in &everyone {
+                if !converged(n.clone()).await {
+                    done = false;
+                    let _ = n.sync().await;
+                }
+            }
+            if done {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let mut state = Vec::new();
+                for n in &everyone {
+                    let got = n.client().get_record(RecordKey::Registry).await;
+                    let held = n.client().local_record(RecordKey::Registry).await;
+                    let v = |b: &[u8]| {
+                        Signed::<btm_protocol::Registry>::decode(b).map(|r| r.record().version)
+                    };
+                    eprintln!(
+                        "node {}: get {:?}, held {:?}, sync {:?}, peers {:?}",
+                        n.peer_id(),
+                        got.map(|o| o.map(|b| v(&b))),
+                        held.map(|o| o.map(|b| v(&b))),
+                        n.sync().await,
+                        n.client().connected_peers().await
+                    );
+                    state.push((
+                        n.registry()
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(|r| r.record().version),
+                        n.verdict(&elm).ok().flatten().map(|a| a.verdict),
+                    ));
+                }
+                panic!(
+                    "not converged 90 s after the bridge came back: (registry, verdict) per node {state:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        eprintln!(
+            "partition healed: every node on registry v2 with the ELM verified {:.1} s after the bridge restarted",
+            healed.elapsed().as_secs_f64()
+        );
+        for n in &everyone {
+            n.shutdown().await;
+        }
     });
 }

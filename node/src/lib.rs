@@ -16,6 +16,7 @@
 
 pub mod client;
 mod common;
+mod council;
 mod error;
 mod events;
 pub mod maintainer;

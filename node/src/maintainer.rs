@@ -18,6 +18,7 @@ use btm_protocol::{
 use btm_registry::{Decision, rules};
 
 use crate::common::short;
+use crate::council::{self, Council, Held};
 use crate::error::{Error, Result};
 use crate::{Event, Events, Phase, Stop};
 
@@ -193,6 +194,19 @@ pub struct Maintainer {
     withheld: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     /// The seed loaded for acceptance checks (and the pools' tokens), made on first use.
     verifier: Arc<Mutex<Option<btm_net::verify::Verifier>>>,
+    /// Proposals on their way to the maintainers' threshold (when this maintainer's keys alone
+    /// do not meet it).
+    council: Arc<tokio::sync::Mutex<Council>>,
+}
+
+/// What a maintainer makes of another's proposal.
+enum Judgement {
+    /// Sign it: it adds these ELMs, each verified here.
+    Sign(Vec<ContentId>),
+    /// Not yet: this node has not verified every ELM it adds.
+    Wait,
+    /// Never: why.
+    Refuse(String),
 }
 
 async fn offer(node: &Node, env: &[u8]) -> Result<()> {
@@ -219,6 +233,7 @@ impl Maintainer {
             config,
             withheld: Arc::default(),
             verifier: Arc::default(),
+            council: Arc::default(),
         }
     }
 
@@ -305,7 +320,7 @@ impl Maintainer {
                 domains.sort_by(|x, y| x.name.cmp(&y.name));
                 let registry = Registry {
                     version,
-                    expires: btm_net::limits::now_secs() + c.expires_days * 86_400,
+                    expires: council::expiry(btm_net::limits::now_secs(), c.expires_days),
                     min_client_version: ClientVersion {
                         major: 0,
                         minor: 1,
@@ -318,6 +333,20 @@ impl Maintainer {
                         .filter(|e| names.contains(&e.domain))
                         .collect(),
                 };
+                let root = node.trusted().await?.root.into_record();
+                if !council::keys_meet_threshold(&c.keys, &root) {
+                    // The other maintainers co-sign the same registry, built from the same
+                    // seed, data and settings.
+                    let domains = registry.domains.len();
+                    let version = self.gather_genesis(node, registry, events).await?;
+                    events.emit(Event::Published {
+                        version,
+                        domains,
+                        seed: seed.weights,
+                        added: vec![],
+                    });
+                    return Ok(Published { version, seed });
+                }
                 sign(registry, &c.keys)
             }
         };
@@ -420,16 +449,29 @@ impl Maintainer {
                             pending.insert(elm);
                         }
                     }
+                    Ok(Observed::Registry { version }) => {
+                        if let Ok(Some(r)) = node.registry().await {
+                            let r = r.record();
+                            events.emit(Event::Registry {
+                                version,
+                                domains: r.domains.len(),
+                                seed: r.seed.as_ref().map(|s| s.weights),
+                                accepted: r.elms.iter().map(|e| e.record).collect(),
+                            });
+                        }
+                    }
+                    Ok(Observed::Proposal(env)) => {
+                        if self.config.accept_verified {
+                            self.on_proposal(node, env, &mut pending, events).await;
+                        }
+                    }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
                 _ = tick.tick() => {
-                    if !pending.is_empty() {
-                        let ids = std::mem::take(&mut pending);
-                        if let Err(e) = self.accept(node, &ids, events).await {
-                            events.note(format!("accepting ELMs failed: {e}"));
-                        }
+                    if let Err(e) = self.tick(node, &mut pending, events).await {
+                        events.note(format!("accepting ELMs failed: {e}"));
                     }
                     sync_every += 1;
                     if sync_every.is_multiple_of(20) {
@@ -510,11 +552,14 @@ impl Maintainer {
     }
 
     /// A new registry version with these verified ELM records accepted (those whose domain is
-    /// in the registry and whose parents are the seed or accepted ELMs).
+    /// in the registry, whose parents are the seed or accepted ELMs, and which pass this
+    /// maintainer's withheld check), signed with this maintainer's keys: offered as the
+    /// registry when they meet the root's threshold, else proposed to the other maintainers.
+    /// The ids it will never accept are removed from `ids`.
     pub async fn accept(
         &self,
         node: &Node,
-        ids: &BTreeSet<ContentId>,
+        ids: &mut BTreeSet<ContentId>,
         events: &Events,
     ) -> Result<()> {
         let c = &self.config;
@@ -524,72 +569,452 @@ impl Maintainer {
                 why: "no maintainer keys to sign with".into(),
             });
         }
-        let trusted = node.registry().await?.ok_or(Error::NoSeed)?;
-        let mut reg = trusted.record().clone();
+        let trusted = node.trusted().await?;
+        let root = trusted.root.record();
+        let reg = trusted.registry.as_ref().ok_or(Error::NoSeed)?.record();
+        let (mut next, added) = self.extend(node, reg, ids, events).await;
+        if added.is_empty() {
+            return Ok(());
+        }
+        next.expires = council::expiry(btm_net::limits::now_secs(), c.expires_days);
+        if council::keys_meet_threshold(&c.keys, root) {
+            next.version = reg.version + 1;
+            return self.finish(node, &sign(next, &c.keys), events).await;
+        }
+        let mut k = self.council.lock().await;
+        next.version = k.next_version(reg.version);
+        self.propose(node, &mut k, next, events).await
+    }
+
+    /// `reg` with those of `ids` added that this maintainer accepts; the ids refused for good
+    /// are removed from `ids`.
+    async fn extend(
+        &self,
+        node: &Node,
+        reg: &Registry,
+        ids: &mut BTreeSet<ContentId>,
+        events: &Events,
+    ) -> (Registry, Vec<(ContentId, String)>) {
+        let mut next = reg.clone();
         let mut added = Vec::new();
-        for id in ids {
-            if reg.elms.iter().any(|e| e.record == *id) {
+        let mut refused = Vec::new();
+        for id in ids.iter() {
+            if next.elms.iter().any(|e| e.record == *id) {
+                refused.push(*id);
                 continue;
             }
-            let Some(env) = node.with_store(|s| s.elm(id))?? else {
+            let Ok(Ok(Some(env))) = node.with_store(|s| s.elm(id)) else {
                 continue;
             };
             let e = env.record();
-            let fits = rules::elm_fits(&reg, e).and_then(|()| rules::parents_known(&reg, e));
-            if let Err(r) = fits {
-                events.note(format!("not accepting ELM {}: {r}", short(&id.0)));
-                continue;
-            }
-            // Acceptance rests on the withheld pool, which the trainer never had.
-            match self.check_withheld(node, &reg, e).await {
-                Ok(Some(m)) => events.note(format!(
-                    "ELM {} on {}'s withheld pool: perplexity {:.3} (seed {:.3}; public split {:.3}, memorisation {:.3}, {} tokens)",
-                    short(&id.0),
-                    e.domain,
-                    m.withheld_ppl,
-                    m.seed_withheld_ppl,
-                    m.public_ppl,
-                    m.memorisation(),
-                    m.tokens
-                )),
-                Ok(None) => events.note(format!(
-                    "ELM {}: {} has no withheld pool here; accepting on public data only",
-                    short(&id.0),
-                    e.domain
-                )),
+            match self.acceptable(node, reg, id, e, events).await {
+                Ok(()) => {}
                 Err(why) => {
                     events.note(format!("not accepting ELM {}: {why}", short(&id.0)));
+                    refused.push(*id);
                     continue;
                 }
             }
-            reg.elms.push(AcceptedElm {
+            next.elms.push(AcceptedElm {
                 record: *id,
                 domain: e.domain.clone(),
                 weights: e.weights,
             });
             added.push((*id, e.domain.clone()));
         }
-        if added.is_empty() {
-            return Ok(());
+        for id in refused {
+            ids.remove(&id);
         }
-        reg.elms.sort_by_key(|e| e.record);
-        reg.version += 1;
-        reg.expires = btm_net::limits::now_secs() + c.expires_days * 86_400;
-        let env = sign(reg, &c.keys);
+        next.elms.sort_by_key(|e| e.record);
+        (next, added)
+    }
+
+    /// This maintainer's own checks of an ELM for acceptance into `reg`: it fits the seed and a
+    /// domain, its parents are the seed or accepted ELMs, and it passes the withheld check.
+    async fn acceptable(
+        &self,
+        node: &Node,
+        reg: &Registry,
+        id: &ContentId,
+        e: &btm_protocol::ElmRecord,
+        events: &Events,
+    ) -> std::result::Result<(), String> {
+        rules::elm_fits(reg, e)
+            .and_then(|()| rules::parents_known(reg, e))
+            .map_err(|r| r.to_string())?;
+        // Acceptance rests on the withheld pool, which the trainer never had.
+        match self.check_withheld(node, reg, e).await? {
+            Some(m) => events.note(format!(
+                "ELM {} on {}'s withheld pool: perplexity {:.3} (seed {:.3}; public split {:.3}, memorisation {:.3}, {} tokens)",
+                short(&id.0),
+                e.domain,
+                m.withheld_ppl,
+                m.seed_withheld_ppl,
+                m.public_ppl,
+                m.memorisation(),
+                m.tokens
+            )),
+            None => events.note(format!(
+                "ELM {}: {} has no withheld pool here; accepting on public data only",
+                short(&id.0),
+                e.domain
+            )),
+        }
+        Ok(())
+    }
+
+    /// Offers a registry signed by the threshold, and reports it.
+    async fn finish(&self, node: &Node, env: &Signed<Registry>, events: &Events) -> Result<()> {
+        let before: Vec<ContentId> = node
+            .registry()
+            .await?
+            .map(|r| r.record().elms.iter().map(|e| e.record).collect())
+            .unwrap_or_default();
         offer(node, &env.encode()).await?;
         let r = env.record();
+        let added = r
+            .elms
+            .iter()
+            .filter(|e| !before.contains(&e.record))
+            .map(|e| (e.record, e.domain.clone()))
+            .collect();
+        // (`serve` reports the registry itself when the node adopts it.)
         events.emit(Event::Published {
             version: r.version,
             domains: r.domains.len(),
             seed: r.seed.as_ref().map_or(ContentId([0; 32]), |s| s.weights),
             added,
         });
-        events.emit(Event::Registry {
-            version: r.version,
-            domains: r.domains.len(),
-            seed: r.seed.as_ref().map(|s| s.weights),
-            accepted: r.elms.iter().map(|e| e.record).collect(),
-        });
         Ok(())
+    }
+
+    /// Signs `body` and gossips it as a proposal (this maintainer's keys fall short of the
+    /// threshold); the council pushes it until the threshold signs it or it is given up.
+    async fn propose(
+        &self,
+        node: &Node,
+        k: &mut Council,
+        body: Registry,
+        events: &Events,
+    ) -> Result<()> {
+        let mut env = Signed::new(body);
+        if !k.sign(&mut env, &self.config.keys) {
+            return Ok(());
+        }
+        let r = env.record();
+        events.note(format!(
+            "proposing registry v{} ({} ELMs) to the other maintainers",
+            r.version,
+            r.elms.len()
+        ));
+        k.held = Some(Held {
+            env,
+            since: std::time::Instant::now(),
+            sent: None,
+        });
+        self.push(node, k, events).await
+    }
+
+    /// Offers the held proposal once the threshold signed it, else gossips it again when due.
+    async fn push(&self, node: &Node, k: &mut Council, events: &Events) -> Result<()> {
+        let root = node.trusted().await?.root.into_record();
+        let Some(h) = k.held.as_mut() else {
+            return Ok(());
+        };
+        if rules::threshold_met(&h.env, &root) {
+            let env = h.env.clone();
+            k.held = None;
+            return self.finish(node, &env, events).await;
+        }
+        if h.sent.is_none_or(|t| t.elapsed() >= council::RESEND) {
+            node.publish_proposal(&h.env).await?;
+            h.sent = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Once a second: accepts or proposes what this node verified, pushes the held proposal,
+    /// gives up a stuck one, and retries a foreign proposal that waited for verdicts.
+    async fn tick(
+        &self,
+        node: &Node,
+        pending: &mut BTreeSet<ContentId>,
+        events: &Events,
+    ) -> Result<()> {
+        let trusted = node.trusted().await?;
+        let root = trusted.root.record().clone();
+        let tv = trusted.registry.as_ref().map_or(0, |r| r.record().version);
+        if let Some(r) = &trusted.registry {
+            pending.retain(|id| !r.record().elms.iter().any(|e| e.record == *id));
+        }
+        if council::keys_meet_threshold(&self.config.keys, &root) {
+            if !pending.is_empty() {
+                return self.accept(node, pending, events).await;
+            }
+            return Ok(());
+        }
+        let mut k = self.council.lock().await;
+        k.settle(tv);
+        let rank = council::rank(&self.config.keys, &root);
+        let patience = council::STUCK + council::RANK_DELAY * rank.min(64);
+        if let Some(h) = &k.held
+            && h.since.elapsed() > patience
+        {
+            let r = h.env.record();
+            events.note(format!(
+                "registry v{} gathered {} of {} signatures in {} s; giving that version up",
+                r.version,
+                rules::tally(&h.env, &root.keys).valid,
+                root.threshold,
+                patience.as_secs()
+            ));
+            k.held = None;
+            k.wanting_since = Some(std::time::Instant::now());
+        }
+        if k.held.is_some() {
+            return self.push(node, &mut k, events).await;
+        }
+        if let Some(w) = k.waiting.take() {
+            if w.since.elapsed() > patience {
+                events.note(format!(
+                    "registry v{} waited {} s for this node's verdicts on its ELMs; not signing it",
+                    w.env.record().version,
+                    patience.as_secs()
+                ));
+                k.refused.insert(w.env.id());
+                return Ok(());
+            }
+            drop(k);
+            self.on_proposal(node, w.env, pending, events).await;
+            k = self.council.lock().await;
+            if k.held.is_some() || k.waiting.is_some() {
+                return Ok(());
+            }
+        }
+        let wants = !pending.is_empty() || (trusted.registry.is_none() && k.genesis.is_some());
+        if !wants {
+            k.wanting_since = None;
+            return Ok(());
+        }
+        let since = *k.wanting_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() < council::RANK_DELAY * rank.min(64) {
+            return Ok(());
+        }
+        match &trusted.registry {
+            None => {
+                let Some(mut body) = k.genesis.clone() else {
+                    return Ok(());
+                };
+                body.version = k.next_version(0);
+                body.expires =
+                    council::expiry(btm_net::limits::now_secs(), self.config.expires_days);
+                self.propose(node, &mut k, body, events).await
+            }
+            Some(_) => {
+                drop(k);
+                self.accept(node, pending, events).await
+            }
+        }
+    }
+
+    /// Another maintainer's proposal: merges its signatures into the held one of the same body,
+    /// or co-signs it when this maintainer verified everything it adds (and signed no other
+    /// body of its version).
+    async fn on_proposal(
+        &self,
+        node: &Node,
+        env: Signed<Registry>,
+        pending: &mut BTreeSet<ContentId>,
+        events: &Events,
+    ) {
+        let Ok(trusted) = node.trusted().await else {
+            return;
+        };
+        let root = trusted.root.record().clone();
+        let tv = trusted.registry.as_ref().map_or(0, |r| r.record().version);
+        let v = env.record().version;
+        let id = env.id();
+        let mut k = self.council.lock().await;
+        if v <= tv || k.refused.contains(&id) {
+            return;
+        }
+        k.seen = k.seen.max(v);
+        if let Some(h) = k.held.as_mut()
+            && h.env.id() == id
+        {
+            council::merge(&mut h.env, &env);
+            h.sent = None;
+            if let Err(e) = self.push(node, &mut k, events).await {
+                events.note(format!("offering registry v{v} failed: {e}"));
+            }
+            return;
+        }
+        if k.signed.get(&v).is_some_and(|s| *s != id) {
+            return;
+        }
+        drop(k);
+        let judged = self.judge(node, &trusted, env.record(), events).await;
+        let mut k = self.council.lock().await;
+        match judged {
+            Judgement::Wait => {
+                let since = match &k.waiting {
+                    Some(w) if w.env.id() == id => w.since,
+                    Some(w) if w.env.record().version > v => return,
+                    _ => std::time::Instant::now(),
+                };
+                k.waiting = Some(Held {
+                    env,
+                    since,
+                    sent: None,
+                });
+            }
+            Judgement::Refuse(why) => {
+                events.note(format!(
+                    "not co-signing registry v{v} ({}): {why}",
+                    short(&id.0)
+                ));
+                k.refused.insert(id);
+            }
+            Judgement::Sign(added) => {
+                let mut env = env;
+                if !k.sign(&mut env, &self.config.keys) {
+                    return;
+                }
+                for a in &added {
+                    pending.remove(a);
+                }
+                events.note(format!(
+                    "co-signed registry v{v} ({} of {} signatures)",
+                    rules::tally(&env, &root.keys).valid,
+                    root.threshold
+                ));
+                k.held = Some(Held {
+                    env,
+                    since: std::time::Instant::now(),
+                    sent: None,
+                });
+                if let Err(e) = self.push(node, &mut k, events).await {
+                    events.note(format!("pushing registry v{v} failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Whether this maintainer signs `proposed`: the first registry only if it is the one this
+    /// maintainer builds; a later one only if it adds nothing but ELMs this node accepted on
+    /// the public split and this maintainer accepts on its withheld pool.
+    async fn judge(
+        &self,
+        node: &Node,
+        trusted: &btm_registry::Trusted,
+        proposed: &Registry,
+        events: &Events,
+    ) -> Judgement {
+        let now = btm_net::limits::now_secs();
+        let max_expires = council::expiry(now + 86_400, self.config.expires_days);
+        let Some(current) = &trusted.registry else {
+            let k = self.council.lock().await;
+            return match &k.genesis {
+                Some(g) if council::same_content(g, proposed) && proposed.expires <= max_expires => {
+                    Judgement::Sign(vec![])
+                }
+                Some(_) => Judgement::Refuse(
+                    "it is not the registry this maintainer builds from its seed, data and settings"
+                        .into(),
+                ),
+                None => Judgement::Wait,
+            };
+        };
+        let reg = current.record();
+        let added = match rules::proposal_extends(reg, proposed, max_expires) {
+            Ok(a) => a,
+            Err(r) => return Judgement::Refuse(r.to_string()),
+        };
+        // First the verdicts of this node (cheap); the withheld checks only once all are in.
+        let mut records = Vec::new();
+        for a in &added {
+            match node.verdict(&a.record) {
+                Ok(Some(att)) if att.verdict == btm_protocol::Verdict::Accept => {}
+                Ok(Some(_)) => {
+                    return Judgement::Refuse(format!(
+                        "ELM {} failed this node's verification",
+                        short(&a.record.0)
+                    ));
+                }
+                _ => return Judgement::Wait,
+            }
+            match node.with_store(|s| s.elm(&a.record)) {
+                Ok(Ok(Some(env))) => records.push(env),
+                _ => return Judgement::Wait,
+            }
+        }
+        for (a, env) in added.iter().zip(&records) {
+            let e = env.record();
+            if e.domain != a.domain || e.weights != a.weights {
+                return Judgement::Refuse(format!(
+                    "ELM {} is listed with another domain or weights than its record's",
+                    short(&a.record.0)
+                ));
+            }
+            if let Err(why) = self.acceptable(node, reg, &a.record, e, events).await {
+                return Judgement::Refuse(format!("ELM {}: {why}", short(&a.record.0)));
+            }
+        }
+        Judgement::Sign(added.iter().map(|a| a.record).collect())
+    }
+
+    /// The first registry when this maintainer's keys fall short of the threshold: proposes the
+    /// body it built and co-signs the same body from the others, until a registry is trusted.
+    async fn gather_genesis(&self, node: &Node, body: Registry, events: &Events) -> Result<u64> {
+        let mut observed = node.observe();
+        {
+            let mut k = self.council.lock().await;
+            k.genesis = Some(body.clone());
+            k.wanting_since = Some(std::time::Instant::now());
+            self.propose(node, &mut k, body.clone(), events).await?;
+        }
+        let deadline = std::time::Instant::now() + council::GENESIS_WAIT;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut none = BTreeSet::new();
+        loop {
+            if let Some(r) = node.registry().await? {
+                let r = r.record();
+                if r.domains == body.domains && r.seed == body.seed {
+                    return Ok(r.version);
+                }
+                return Err(Error::Refused {
+                    what: "publishing the registry".into(),
+                    why: format!(
+                        "the network trusts registry v{} with other domains or another seed than this maintainer builds",
+                        r.version
+                    ),
+                });
+            }
+            if std::time::Instant::now() > deadline {
+                let root = node.trusted().await?.root.into_record();
+                return Err(Error::Refused {
+                    what: "publishing the registry".into(),
+                    why: format!(
+                        "the other maintainers did not co-sign it within {} s (threshold {}, this maintainer holds {} key(s)); start them with the same seed, data and settings",
+                        council::GENESIS_WAIT.as_secs(),
+                        root.threshold,
+                        self.config.keys.len()
+                    ),
+                });
+            }
+            tokio::select! {
+                ev = observed.recv() => match ev {
+                    Ok(Observed::Proposal(env)) => self.on_proposal(node, env, &mut none, events).await,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(Error::Refused {
+                            what: "publishing the registry".into(),
+                            why: "the node stopped".into(),
+                        });
+                    }
+                },
+                _ = tick.tick() => self.tick(node, &mut none, events).await?,
+            }
+        }
     }
 }

@@ -73,7 +73,12 @@ impl Fixture {
 
 /// A node on loopback in `dir`, bootstrapping from `bootstrap`.
 pub async fn node(dir: &Path, bootstrap: Option<&Node>) -> Node {
-    let mut c = btm_testkit::loopback_config(dir, fixture().root.clone());
+    node_of(dir, &fixture().root, bootstrap).await
+}
+
+/// A node of the network with `root`, on loopback in `dir`, bootstrapping from `bootstrap`.
+pub async fn node_of(dir: &Path, root: &[u8], bootstrap: Option<&Node>) -> Node {
+    let mut c = btm_testkit::loopback_config(dir, root.to_vec());
     if let Some(b) = bootstrap {
         c.bootstrap = b.listen_addrs().await.expect("addrs");
     }

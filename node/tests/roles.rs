@@ -365,3 +365,174 @@ fn acceptance_rests_on_data_the_trainer_never_had() {
         .is_err()
     );
 }
+
+/// The maintainers' notes recorded in `r`.
+fn notes(r: &Recorded) -> Vec<String> {
+    r.all()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Note { message } => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 13: acceptance needs the maintainers' threshold, not one process. Two maintainers with
+/// one key each and a root of threshold 2 build the same first registry and sign it together;
+/// an ELM both verified is accepted with both signatures; while one maintainer is away the
+/// other's proposal stays a proposal, and the ELM is accepted once it is back; a proposal adding
+/// an ELM the other never verified is never co-signed.
+#[test]
+fn two_maintainers_accept_only_together() {
+    btm_testkit::run(4, async {
+        let f = fixture();
+        let keys = [
+            btm_protocol::test_key("btm-roles maintainer 1 of 2"),
+            btm_protocol::test_key("btm-roles maintainer 2 of 2"),
+        ];
+        let root = btm_testkit::root_of(&keys, 2);
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let n1 = node_of(d1.path(), &root, None).await;
+        let n2 = node_of(d2.path(), &root, Some(&n1)).await;
+        let config = |k: &btm_protocol::SigningKey| btm_roles::MaintainerConfig {
+            keys: vec![k.clone()],
+            ..f.maintainer_config()
+        };
+        let (m1, m2) = (
+            Maintainer::new(config(&keys[0])),
+            Maintainer::new(config(&keys[1])),
+        );
+        let (r1, r2) = (Recorded::default(), Recorded::default());
+        let (e1, e2) = (r1.events(), r2.events());
+        let (p1, p2) = tokio::join!(m1.publish(&n1, &e1), m2.publish(&n2, &e2));
+        let (p1, p2) = (p1.unwrap(), p2.unwrap());
+        assert_eq!(p1.version, p2.version);
+        let signers = |n: &Node| {
+            let n = n.clone();
+            async move {
+                let r = n.registry().await.unwrap().expect("a registry");
+                (r.record().version, r.signatures().len())
+            }
+        };
+        assert_eq!(signers(&n1).await, (p1.version, 2), "signed by both");
+
+        let serve = |m: &Maintainer, n: &Node, r: &Recorded| {
+            let (m, n, ev, stop) = (m.clone(), n.clone(), r.events(), Stop::new());
+            let s = stop.clone();
+            (
+                stop,
+                tokio::spawn(async move { m.serve(&n, &s, &ev).await }),
+            )
+        };
+        let (stop1, serving1) = serve(&m1, &n1, &r1);
+        let (stop2, serving2) = serve(&m2, &n2, &r2);
+
+        // An honest ELM: both verify it, and it is accepted with both signatures.
+        let train = |domain: &'static str| {
+            let n1 = n1.clone();
+            let root = root.clone();
+            async move {
+                let dir = tempfile::tempdir().unwrap();
+                let n = node_of(dir.path(), &root, Some(&n1)).await;
+                let out = Volunteer::new(volunteer(&dir.path().join("vol"), domain, 30))
+                    .run(&n, &Stop::new(), &Events::ignore())
+                    .await
+                    .unwrap();
+                (dir, n, announced(out))
+            }
+        };
+        let (_v1, vn1, elm1) = train(DOMAINS[0]).await;
+        for n in [&n1, &n2] {
+            if tokio::time::timeout(Duration::from_secs(150), wait_accepted(n, elm1.id()))
+                .await
+                .is_err()
+            {
+                panic!(
+                    "ELM not accepted; the maintainers said: {:#?} {:#?}",
+                    notes(&r1),
+                    notes(&r2)
+                );
+            }
+        }
+        let (v2, count) = signers(&n1).await;
+        assert!(v2 > p1.version);
+        assert_eq!(count, 2, "accepted by both maintainers");
+
+        // The second maintainer stops serving: the first one's proposal is not a registry.
+        stop2.request();
+        serving2.await.unwrap().unwrap();
+        let (_v2dir, vn2, elm2) = train(DOMAINS[1]).await;
+        let verified = |n: &Node, id| {
+            let n = n.clone();
+            async move {
+                for _ in 0..240 {
+                    if n.verdict(&id)
+                        .unwrap()
+                        .is_some_and(|a| a.verdict == btm_protocol::Verdict::Accept)
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                panic!("ELM {id} not verified");
+            }
+        };
+        verified(&n1, elm2.id()).await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let reg = n1.registry().await.unwrap().unwrap();
+        assert!(
+            !reg.record().elms.iter().any(|e| e.record == elm2.id()),
+            "accepted by one maintainer alone"
+        );
+        assert!(
+            notes(&r1)
+                .iter()
+                .any(|m| m.starts_with("proposing registry")),
+            "{:#?}",
+            notes(&r1)
+        );
+        // It comes back and co-signs.
+        let (stop2, serving2) = serve(&m2, &n2, &r2);
+        if tokio::time::timeout(Duration::from_secs(150), wait_accepted(&n1, elm2.id()))
+            .await
+            .is_err()
+        {
+            panic!(
+                "ELM not accepted after the second maintainer came back: {:#?} {:#?}",
+                notes(&r1),
+                notes(&r2)
+            );
+        }
+        assert_eq!(signers(&n1).await.1, 2);
+
+        // A proposal that adds an ELM the second maintainer never verified: never co-signed.
+        let trusted = n1.registry().await.unwrap().unwrap();
+        let mut body = trusted.record().clone();
+        body.version += 1;
+        body.elms.push(btm_protocol::AcceptedElm {
+            record: btm_protocol::ContentId([0xee; 32]),
+            domain: DOMAINS[2].into(),
+            weights: btm_protocol::ContentId([0xef; 32]),
+        });
+        body.elms.sort_by_key(|e| e.record);
+        let mut forged = btm_protocol::Signed::new(body);
+        forged.sign(&keys[0]);
+        n1.publish_proposal(&forged).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        for n in [&n1, &n2] {
+            assert_eq!(
+                n.registry().await.unwrap().unwrap().record().version,
+                trusted.record().version,
+                "the unverified ELM was accepted"
+            );
+        }
+
+        for (stop, serving) in [(stop1, serving1), (stop2, serving2)] {
+            stop.request();
+            serving.await.unwrap().unwrap();
+        }
+        for n in [&vn1, &vn2, &n1, &n2] {
+            n.shutdown().await;
+        }
+    });
+}

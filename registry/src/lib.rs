@@ -32,7 +32,7 @@ pub mod store;
 
 pub use rules::{
     ClaimFit, ClaimLimits, Decision, KeyRole, Reject, Tally, Trusted, cheap_signature_checks,
-    claim_fits, decide_claim, decide_initial_root, decide_registry, decide_root, elm_fits,
-    parents_known, signed_by, tally,
+    check_proposal, claim_fits, decide_claim, decide_initial_root, decide_registry, decide_root,
+    elm_fits, parents_known, proposal_extends, signed_by, tally, threshold_met,
 };
 pub use store::{Store, StoreError};

@@ -6,6 +6,9 @@
 //! - ELM records: [`elm_fits`] (domain and seed; the store, the maintainers' workflow and the
 //!   network check it) and [`parents_known`] (the parents are the seed or accepted ELMs; what a
 //!   maintainer checks before accepting an ELM into the forest).
+//! - Registry proposals (a registry gathering maintainers' signatures toward the threshold):
+//!   [`check_proposal`] (what any peer relays), [`proposal_extends`] (what a co-signing
+//!   maintainer requires of the body), [`threshold_met`].
 //! - Claims: [`claim_fits`] (lease bounds and domain) and [`decide_claim`] (that, plus the
 //!   node's held claims and its quota, under [`ClaimLimits`]); the store, the network's DHT
 //!   and gossip validation call them.
@@ -13,8 +16,8 @@
 use std::collections::BTreeSet;
 
 use btm_protocol::{
-    Claim, ContentId, DecodeError, ElmRecord, PublicKey, Record, Registry, Root, SignatureError,
-    Signed,
+    AcceptedElm, Claim, ContentId, DecodeError, ElmRecord, PublicKey, Record, Registry, Root,
+    SignatureError, Signed,
 };
 use serde::Serialize;
 
@@ -212,6 +215,16 @@ pub enum Reject {
     /// More signatures than the key set lists keys. Refused before any signature is verified.
     #[error("{count} signatures, but only {keys} keys may sign")]
     TooManySignatures { count: usize, keys: usize },
+    /// A registry proposal must carry at least one signature, every one valid and by a key of
+    /// the trusted root.
+    #[error(
+        "a proposal needs only valid signatures by trusted keys, at least one ({} valid, {} invalid, {} unknown)",
+        tally.valid, tally.invalid, tally.unknown
+    )]
+    ProposalSignatures { tally: Tally },
+    /// A proposed registry that changes more than adding ELMs to the trusted one.
+    #[error("the proposal does not extend the trusted registry: {0}")]
+    NotAnExtension(&'static str),
 }
 
 impl Reject {
@@ -236,6 +249,11 @@ impl Reject {
                 | Reject::NoProgress { .. }
                 | Reject::Superseded { .. }
                 | Reject::FirstClaimAhead { .. }
+                | Reject::NotAnExtension(_)
+        ) || matches!(
+            // Signed by keys of a root this node has not adopted yet: not the relay's fault.
+            self,
+            Reject::ProposalSignatures { tally } if tally.invalid == 0 && tally.unknown > 0
         )
     }
 }
@@ -401,6 +419,105 @@ fn registry_update(
         }
         Ok(Decision::Accept(offered))
     }
+}
+
+// --- registry proposals -----------------------------------------------------------------------
+
+/// Whether a threshold of `root`'s keys signed `envelope`.
+pub fn threshold_met<R: Record>(envelope: &Signed<R>, root: &Root) -> bool {
+    tally(envelope, &root.keys).valid >= root.threshold as usize
+}
+
+/// A registry proposal: a registry envelope on its way to the threshold, signed so far by
+/// some maintainers. Every peer relays one that carries at least one signature, each valid and
+/// by a key of the trusted root (so only maintainers can propose), whose version is newer than
+/// the trusted registry's and which has not expired. Whether a maintainer co-signs it is
+/// [`proposal_extends`]'s question and its own verification's.
+pub fn check_proposal(
+    trusted: &Trusted,
+    bytes: &[u8],
+    now: u64,
+) -> Result<Signed<Registry>, Reject> {
+    let offered = Signed::<Registry>::decode(bytes)?;
+    let root = trusted.root.record();
+    if now >= root.expires {
+        return Err(Reject::RootExpired {
+            version: root.version,
+            expires: root.expires,
+            now,
+        });
+    }
+    cheap_signature_checks(&offered, &root.keys)?;
+    let tally = tally(&offered, &root.keys);
+    if tally.valid == 0 || tally.invalid > 0 || tally.unknown > 0 {
+        return Err(Reject::ProposalSignatures { tally });
+    }
+    let new = offered.record();
+    if let Some(current) = &trusted.registry {
+        let old = current.record().version;
+        if new.version <= old {
+            return Err(Reject::Rollback {
+                trusted: old,
+                offered: new.version,
+            });
+        }
+    }
+    if now >= new.expires {
+        return Err(Reject::Expired {
+            version: new.version,
+            expires: new.expires,
+            now,
+        });
+    }
+    Ok(offered)
+}
+
+/// The ELMs a proposed registry adds to `trusted`, when that is all it changes: a newer
+/// version, the same domains, seed and client version, every accepted ELM kept, the list
+/// strictly ascending, at least one added, and an expiry no later than `max_expires`.
+/// A maintainer co-signs only such a proposal, and only if it verified every added ELM itself.
+pub fn proposal_extends<'a>(
+    trusted: &Registry,
+    proposed: &'a Registry,
+    max_expires: u64,
+) -> Result<Vec<&'a AcceptedElm>, Reject> {
+    if proposed.version <= trusted.version {
+        return Err(Reject::Rollback {
+            trusted: trusted.version,
+            offered: proposed.version,
+        });
+    }
+    if proposed.domains != trusted.domains {
+        return Err(Reject::NotAnExtension("the domains differ"));
+    }
+    if proposed.seed != trusted.seed {
+        return Err(Reject::NotAnExtension("the seed differs"));
+    }
+    if proposed.min_client_version != trusted.min_client_version {
+        return Err(Reject::NotAnExtension("the minimum client version differs"));
+    }
+    if proposed.expires > max_expires {
+        return Err(Reject::NotAnExtension(
+            "it expires later than a co-signer allows",
+        ));
+    }
+    if !proposed.elms.windows(2).all(|w| w[0].record < w[1].record) {
+        return Err(Reject::NotAnExtension(
+            "its ELMs are not strictly ascending by record id",
+        ));
+    }
+    if trusted.elms.iter().any(|e| !proposed.elms.contains(e)) {
+        return Err(Reject::NotAnExtension("it drops an accepted ELM"));
+    }
+    let added: Vec<&AcceptedElm> = proposed
+        .elms
+        .iter()
+        .filter(|e| !trusted.elms.contains(e))
+        .collect();
+    if added.is_empty() {
+        return Err(Reject::NotAnExtension("it adds no ELM"));
+    }
+    Ok(added)
 }
 
 // --- single-signer records ---------------------------------------------------------------------

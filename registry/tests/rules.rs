@@ -332,3 +332,124 @@ fn claims_renew_only_with_progress_and_are_capped() {
 fn lapsed(lease_expires: u64, now: u64) -> Result<ClaimFit, Reject> {
     Err(Reject::LeaseExpired { lease_expires, now })
 }
+
+/// Issue 13: acceptance needs a threshold of maintainers. A proposal (a registry on its way to
+/// the threshold) is relayed only when every signature on it is a trusted maintainer's, and a
+/// co-signer signs only a body that adds ELMs to the trusted registry and changes nothing else.
+#[test]
+fn proposals_carry_only_maintainer_signatures_and_only_add_elms() {
+    use btm_registry::{Tally, Trusted, check_proposal, proposal_extends, threshold_met};
+    let root = signed(root(1, &[1, 2, 3], 2), &[1, 2, 3]);
+    let v1 = signed(registry(1, ""), &[1, 2]);
+    let trusted = Trusted {
+        root: root.clone(),
+        registry: Some(v1.clone()),
+    };
+    let accepted = |i: u8| AcceptedElm {
+        record: ContentId([i; 32]),
+        domain: "legal".into(),
+        weights: ContentId([i + 100; 32]),
+    };
+    let mut body = registry(2, "");
+    body.elms = vec![accepted(1)];
+    let check = |env: &Signed<Registry>| check_proposal(&trusted, &env.encode(), NOW);
+
+    // One maintainer's signature: a proposal, not yet a registry.
+    let one = signed(body.clone(), &[1]);
+    assert!(check(&one).is_ok());
+    assert!(!threshold_met(&one, root.record()));
+    assert!(threshold_met(&signed(body.clone(), &[1, 3]), root.record()));
+    // No signature, a stranger's, or a forged one: refused (a stranger cannot propose).
+    let tally = |valid, invalid, unknown| Tally {
+        valid,
+        invalid,
+        unknown,
+        duplicate: 0,
+    };
+    assert_eq!(
+        check(&signed(body.clone(), &[])),
+        Err(Reject::ProposalSignatures {
+            tally: tally(0, 0, 0)
+        })
+    );
+    let stranger = check(&signed(body.clone(), &[1, 9]));
+    assert_eq!(
+        stranger,
+        Err(Reject::ProposalSignatures {
+            tally: tally(1, 0, 1)
+        })
+    );
+    // An unknown key may be a rotated root's: not the relay's fault. A forged one is.
+    assert!(stranger.unwrap_err().depends_on_state());
+    let mut forged = one.clone();
+    let other = signed(registry(2, "other"), &[2]);
+    forged.push_signature(other.signatures()[0].clone());
+    let refused = check(&forged).unwrap_err();
+    assert_eq!(
+        refused,
+        Reject::ProposalSignatures {
+            tally: tally(1, 1, 0)
+        }
+    );
+    assert!(!refused.depends_on_state());
+    // Not newer than the trusted registry, or expired: refused.
+    assert!(matches!(
+        check(&signed(registry(1, "x"), &[1])),
+        Err(Reject::Rollback { .. })
+    ));
+    let mut old = body.clone();
+    old.expires = NOW - 1;
+    assert!(matches!(
+        check(&signed(old, &[1])),
+        Err(Reject::Expired { .. })
+    ));
+
+    // What a co-signer requires of the body.
+    let t = v1.record();
+    assert_eq!(
+        proposal_extends(t, &body, LATER).unwrap(),
+        vec![&accepted(1)]
+    );
+    let refuse = |f: &dyn Fn(&mut Registry), why: &str| {
+        let mut b = body.clone();
+        f(&mut b);
+        assert_eq!(
+            proposal_extends(t, &b, LATER),
+            Err(Reject::NotAnExtension(match why {
+                "domains" => "the domains differ",
+                "seed" => "the seed differs",
+                "client" => "the minimum client version differs",
+                "expiry" => "it expires later than a co-signer allows",
+                "order" => "its ELMs are not strictly ascending by record id",
+                "none" => "it adds no ELM",
+                _ => unreachable!(),
+            })),
+            "{why}"
+        );
+    };
+    refuse(&|b| b.domains[0].description = "changed".into(), "domains");
+    refuse(&|b| b.seed = None, "seed");
+    refuse(&|b| b.min_client_version.minor = 9, "client");
+    refuse(&|b| b.expires = LATER + 1, "expiry");
+    refuse(&|b| b.elms = vec![accepted(2), accepted(1)], "order");
+    refuse(&|b| b.elms = vec![accepted(1), accepted(1)], "order");
+    refuse(&|b| b.elms.clear(), "none");
+    // Dropping an accepted ELM is not an extension either.
+    let mut v2 = body.clone();
+    v2.elms = vec![accepted(1)];
+    let mut v3 = registry(3, "");
+    v3.elms = vec![accepted(2)];
+    assert_eq!(
+        proposal_extends(&v2, &v3, LATER),
+        Err(Reject::NotAnExtension("it drops an accepted ELM"))
+    );
+    v3.elms = vec![accepted(1), accepted(2)];
+    assert_eq!(
+        proposal_extends(&v2, &v3, LATER).unwrap(),
+        vec![&accepted(2)]
+    );
+    assert!(matches!(
+        proposal_extends(&v2, &v2, LATER),
+        Err(Reject::Rollback { .. })
+    ));
+}

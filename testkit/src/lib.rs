@@ -26,6 +26,22 @@ pub fn root(maintainer: &SigningKey) -> Vec<u8> {
     root.encode()
 }
 
+/// A root of several maintainers, `threshold` of whom must sign, signed by all of them.
+pub fn root_of(maintainers: &[SigningKey], threshold: u32) -> Vec<u8> {
+    let mut keys: Vec<PublicKey> = maintainers.iter().map(PublicKey::of).collect();
+    keys.sort();
+    let mut root = Signed::new(Root {
+        version: 1,
+        expires: btm_net::limits::now_secs() + 365 * 86400,
+        threshold,
+        keys,
+    });
+    for k in maintainers {
+        root.sign(k);
+    }
+    root.encode()
+}
+
 /// The tiny GPT of the tests (one layer, two heads, 32 positions) for a tokenizer of
 /// `vocab_size` tokens, `d_model` wide.
 pub fn tiny_gpt(vocab_size: usize, d_model: usize) -> GptConfig {

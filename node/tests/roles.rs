@@ -504,6 +504,11 @@ fn two_maintainers_accept_only_together() {
             );
         }
         assert_eq!(signers(&n1).await.1, 2);
+        eprintln!(
+            "maintainer 1 said: {:#?}\nmaintainer 2 said: {:#?}",
+            notes(&r1),
+            notes(&r2)
+        );
 
         // A proposal that adds an ELM the second maintainer never verified: never co-signed.
         let trusted = n1.registry().await.unwrap().unwrap();

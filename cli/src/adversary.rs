@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use btm_net::{Client, Node, NetworkId, RecordKey, Topic};
+use btm_net::{Client, NetworkId, Node, RecordKey, Topic};
 use btm_protocol::{
     Attestation, ContentId, ElmRecord, EvalPool, Parent, PublicKey, SeedManifest, Signed, Verdict,
 };
@@ -432,7 +432,10 @@ async fn bad_elm(
     rng: &mut Junk,
     sent: &mut Sent,
 ) {
-    let Some(domain) = domains.get((n / 3) as usize % domains.len().max(1)).cloned() else {
+    let Some(domain) = domains
+        .get((n / 3) as usize % domains.len().max(1))
+        .cloned()
+    else {
         return;
     };
     let parents = match Parent::from_weights(&[(seed.weights, 1.0)]) {
@@ -472,7 +475,10 @@ async fn bad_elm(
             RecordKey::Elm(env.id()),
             RecordKey::ElmOf { domain, node: me },
         ] {
-            if let Err(e) = client.put_record_raw(key.to_bytes(net), bytes.clone()).await {
+            if let Err(e) = client
+                .put_record_raw(key.to_bytes(net), bytes.clone())
+                .await
+            {
                 sent.fail("lying ELM record PUT", e);
             }
         }

@@ -4,6 +4,7 @@
 //! the library crates. It is a library too so that the end-to-end tests (`tests/`) can build the
 //! same program under another name.
 
+mod adversary;
 mod client_cmds;
 mod demo;
 mod forest_cmds;
@@ -92,6 +93,9 @@ enum Command {
     Status(node_status::StatusArgs),
     /// Run a whole local network on the bundled corpus: a maintainer, volunteers and a client as processes.
     Demo(demo::DemoArgs),
+    /// A hostile peer for soak tests: floods, bad ELMs, claim squatting (bench/soak.sh).
+    #[command(hide = true)]
+    Adversary(adversary::AdversaryArgs),
 }
 
 /// Runs the program: parses the command line, runs the command, exits 1 with a message on error.
@@ -153,5 +157,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ui(a) => client_cmds::ui(a, cli.json),
         Command::Status(a) => node_status::status(a, cli.json),
         Command::Demo(a) => demo::demo(a, cli.json),
+        Command::Adversary(a) => adversary::adversary(a, cli.json),
     }
 }

@@ -467,3 +467,82 @@ fn a_claimed_domain_is_co_trained_not_waited_for() {
     assert!(sb["elm"].is_string());
     net.maintainer.stop();
 }
+
+/// The last lines of every log a soak run left in `<dir>/logs`, for a failure message.
+fn soak_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("logs")) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!(
+            "----- {}\n{}\n",
+            p.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        ));
+    }
+    out
+}
+
+/// Issue 13, the CI variant of `bench/soak.sh` (16 nodes, 10 minutes): eight nodes on
+/// loopback, two of them hostile (`btm-node adversary`: garbage DHT PUTs and gossip, bad and
+/// lying ELM records, claim squatting, forged attestations), for a minute. Every honest
+/// volunteer announces an ELM and the maintainer accepts it, no honest process dies, and the
+/// honest nodes' peak RSS stays within the script's bound.
+#[test]
+fn soak_eight_nodes_a_quarter_hostile_for_a_minute() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/soak.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .args("--nodes 8 --secs 60 --steps 30 --seed-steps 60 --grace 150".split(' '))
+        .arg("--dir")
+        .arg(dir.path())
+        .env("BTM_NODE", exe())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bench/soak.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "soak failed ({}):\n{stdout}\n{stderr}\n{}",
+        out.status,
+        soak_logs(dir.path())
+    );
+    eprintln!("{stdout}\nsoak took {:?}", started.elapsed());
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("soak.json")).unwrap()).unwrap();
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(v["nodes"], 8, "{v}");
+    assert_eq!(v["adversaries"], 2, "{v}");
+    assert_eq!(v["honest_volunteers"], 5, "{v}");
+    assert_eq!(v["accepted"], 5, "{v}");
+    assert!(v["ran_secs"].as_u64().unwrap() >= 60, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{v}");
+    for r in rows {
+        match r["role"].as_str().unwrap() {
+            "volunteer" => {
+                assert_eq!(r["accepted"], true, "{r}");
+                assert!(r["died_at_secs"].is_null(), "{r}");
+            }
+            "maintainer" => assert!(r["died_at_secs"].is_null(), "{r}"),
+            "adversary" => {
+                // The hostile traffic really was sent.
+                let sent = &r["sent"];
+                let n = |k: &str| sent[k].as_u64().unwrap_or(0);
+                assert!(n("puts") + n("gossip") > 0, "no flood: {r}");
+                assert!(n("claims") > 0, "no claim squatting: {r}");
+                assert!(n("bad_elms") + n("lying_elms") > 0, "no bad ELMs: {r}");
+            }
+            other => panic!("unknown role {other}: {r}"),
+        }
+    }
+}

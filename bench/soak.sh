@@ -14,7 +14,7 @@
 # $CARGO_TARGET_DIR/release/btm-node), --steps S (SOAK_STEPS, 40: updates of each ELM),
 # --seed-steps S (SOAK_SEED_STEPS, 60), --grace S (SOAK_GRACE, 300: after SECS, how long to keep
 # going while honest ELMs are still unannounced or unaccepted), --max-rss-mib M (SOAK_MAX_RSS_MIB,
-# 2048: the bound on every honest node's peak RSS).
+# 512: the bound on every honest node's peak RSS; debug builds of the tiny preset peak near 220).
 #
 # The network runs for at least SECS seconds after the last node started (the whole duration,
 # even when every honest ELM is accepted early), then up to GRACE seconds more while an honest
@@ -34,7 +34,7 @@ DIR=${SOAK_DIR:-runs/soak}
 STEPS=${SOAK_STEPS:-40}
 SEED_STEPS=${SOAK_SEED_STEPS:-60}
 GRACE=${SOAK_GRACE:-300}
-MAX_RSS_MIB=${SOAK_MAX_RSS_MIB:-2048}
+MAX_RSS_MIB=${SOAK_MAX_RSS_MIB:-512}
 BTM=${BTM_NODE:-}
 
 usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -89,6 +89,8 @@ if command -v jq >/dev/null 2>&1; then
   # json_ok TEXT: whether TEXT is one JSON value.
   json_ok() { [ -n "$1" ] && printf '%s' "$1" | jq -e . >/dev/null 2>&1; }
   json_in() { jq -e --arg f "$2" --arg v "$3" '(.[$f] // []) | index($v) != null' "$1" >/dev/null 2>&1; }
+  # json_len FILE FIELD: the length of the list FIELD (0 if missing).
+  json_len() { jq -r --arg f "$2" '(.[$f] // []) | length' "$1" 2>/dev/null || echo 0; }
 else
   json_field() {
     python3 - "$1" "$2" <<'EOF' 2>/dev/null || true
@@ -111,6 +113,15 @@ try:
 except Exception:
     ok = False
 sys.exit(0 if ok else 1)
+EOF
+  }
+  json_len() {
+    python3 - "$1" "$2" <<'EOF' 2>/dev/null || echo 0
+import json, sys
+try:
+    print(len(json.load(open(sys.argv[1])).get(sys.argv[2]) or []))
+except Exception:
+    print(0)
 EOF
   }
 fi
@@ -334,13 +345,19 @@ done
 MAX_HONEST_MIB=$(( (MAX_HONEST_KB + 1023) / 1024 ))
 
 echo
+# Nothing but honest ELMs may be accepted: the adversaries' bad ELMs never are.
+TOTAL_ACCEPTED=$(json_len "$FINAL" accepted)
+if [ "$TOTAL_ACCEPTED" -gt "$ACCEPTED" ]; then
+  PASS=false
+  REASONS+=("the maintainer accepted $TOTAL_ACCEPTED ELMs, $ACCEPTED of them honest")
+fi
 echo "## Soak: $NODES nodes ($HONEST honest volunteers, 1 maintainer, $HOSTILE adversaries), ${RAN} s"
 echo
 echo "| node | role | domain | ELM | accepted | peak RSS MiB | status | exit |"
 echo "|---|---|---|---|---|---:|---|---|"
 printf '%s' "$rows_md"
 echo
-echo "honest ELMs announced: $ANNOUNCED of $HONEST, accepted: $ACCEPTED; max honest peak RSS: $MAX_HONEST_MIB MiB (bound $MAX_RSS_MIB MiB); setup ${T_SETUP} s"
+echo "honest ELMs announced: $ANNOUNCED of $HONEST, accepted: $ACCEPTED; ELMs accepted in all: $TOTAL_ACCEPTED; max honest peak RSS: $MAX_HONEST_MIB MiB (bound $MAX_RSS_MIB MiB); setup ${T_SETUP} s"
 if $PASS; then
   echo "verdict: PASS"
 else
@@ -364,6 +381,7 @@ cat >"$DIR/soak.json" <<EOF
   "steps": $STEPS,
   "announced": $ANNOUNCED,
   "accepted": $ACCEPTED,
+  "accepted_in_all": $TOTAL_ACCEPTED,
   "max_honest_peak_rss_mib": $MAX_HONEST_MIB,
   "max_rss_bound_mib": $MAX_RSS_MIB,
   "pass": $PASS,

@@ -345,7 +345,7 @@ async fn flood(
 ) {
     let len = 16 + rng.below(2032);
     let junk = rng.bytes(len);
-    if rng.next() % 2 == 0 {
+    if rng.next().is_multiple_of(2) {
         let key = junk_key(net, domains, rng);
         sent.puts += 1;
         if let Err(e) = client.put_record_raw(key, junk).await {

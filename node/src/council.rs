@@ -72,7 +72,7 @@ pub fn merge(into: &mut Signed<Registry>, from: &Signed<Registry>) {
     }
     for sig in from.signatures() {
         if !into.signatures().iter().any(|s| s.key == sig.key) && into.verifies(sig) {
-            into.push_signature(sig.clone());
+            into.push_signature(*sig);
         }
     }
 }
@@ -211,10 +211,13 @@ mod tests {
             threshold: 2,
             keys: keys.clone(),
         };
-        let ranks = [rank(&[a.clone()], &root), rank(&[b.clone()], &root)];
+        let ranks = [
+            rank(std::slice::from_ref(&a), &root),
+            rank(std::slice::from_ref(&b), &root),
+        ];
         assert_eq!(ranks.iter().copied().collect::<BTreeSet<_>>().len(), 2);
         assert!(ranks.contains(&0) && ranks.contains(&1));
-        assert!(!keys_meet_threshold(&[a.clone()], &root));
+        assert!(!keys_meet_threshold(std::slice::from_ref(&a), &root));
         assert!(keys_meet_threshold(&[a.clone(), b], &root));
         assert!(!keys_meet_threshold(&[a.clone(), a], &root));
     }

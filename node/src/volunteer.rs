@@ -46,6 +46,9 @@ pub enum BranchPolicy {
     Fixed(InitKind),
 }
 
+/// How long a volunteer keeps trying to download the seed or its data before it gives up.
+const FETCH_PATIENCE: Duration = Duration::from_secs(300);
+
 impl std::str::FromStr for BranchPolicy {
     type Err = String;
 
@@ -330,7 +333,27 @@ impl Volunteer {
             what: what.into(),
             id,
         });
-        node.fetch_blob(id, &[]).await?;
+        // Providers may not be found at once (a network still forming, peers busy or hostile,
+        // lookups answered with junk): try again with backoff before giving up. Found by the
+        // 16-node soak, where four of eleven volunteers gave up at their first failed lookup.
+        let deadline = std::time::Instant::now() + FETCH_PATIENCE;
+        let mut wait = Duration::from_secs(2);
+        loop {
+            match node.fetch_blob(id, &[]).await {
+                Ok(_) => break,
+                Err(btm_net::NodeError::Blob(e @ btm_net::blobs::BlobError::Download { .. }))
+                    if std::time::Instant::now() + wait < deadline =>
+                {
+                    events.note(format!(
+                        "fetching the {what} failed ({e}); trying again in {} s",
+                        wait.as_secs()
+                    ));
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let max = btm_net::blobs::BlobConfig::default().max_blob_bytes;
         Ok(node.blobs().read(&id, max).await?)
     }

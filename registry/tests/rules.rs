@@ -383,7 +383,7 @@ fn proposals_carry_only_maintainer_signatures_and_only_add_elms() {
     assert!(stranger.unwrap_err().depends_on_state());
     let mut forged = one.clone();
     let other = signed(registry(2, "other"), &[2]);
-    forged.push_signature(other.signatures()[0].clone());
+    forged.push_signature(other.signatures()[0]);
     let refused = check(&forged).unwrap_err();
     assert_eq!(
         refused,

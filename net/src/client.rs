@@ -62,6 +62,8 @@ pub(crate) enum Command {
     GetRecord(RecordKey, Reply<Option<Vec<u8>>>),
     LocalRecord(RecordKey, Reply<Option<Vec<u8>>>),
     Provide(ProviderKey, Reply<()>),
+    StopProviding(ProviderKey, Reply<()>),
+    Providing(ProviderKey, Reply<bool>),
     GetProviders(ProviderKey, Reply<Vec<PeerId>>),
     PeerScore(PeerId, Reply<Option<f64>>),
     StoreStats(Reply<crate::record_store::StoreStats>),
@@ -203,6 +205,17 @@ impl Client {
     /// Announces this node as a provider of `key`.
     pub async fn provide(&self, key: ProviderKey) -> Result<(), NetError> {
         self.call(|r| Command::Provide(key, r)).await
+    }
+
+    /// Stops providing `key`: the local provider record is removed and no longer republished
+    /// (copies at other peers live until their TTL).
+    pub async fn stop_providing(&self, key: ProviderKey) -> Result<(), NetError> {
+        self.call(|r| Command::StopProviding(key, r)).await
+    }
+
+    /// Whether this node provides `key` (and so republishes it).
+    pub async fn providing(&self, key: ProviderKey) -> Result<bool, NetError> {
+        self.call(|r| Command::Providing(key, r)).await
     }
 
     /// The providers of `key` found on the DHT (this node included when it provides it).

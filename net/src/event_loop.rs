@@ -479,6 +479,25 @@ impl EventLoop {
                 let started = dht.start_providing(key.kad(&self.net));
                 pending(&mut self.pending_provide, started, reply);
             }
+            Command::StopProviding(key, reply) => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&key.kad(&self.net));
+                let _ = reply.send(Ok(()));
+            }
+            Command::Providing(key, reply) => {
+                let k = key.kad(&self.net);
+                let me = *self.swarm.local_peer_id();
+                let providing = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .provided()
+                    .any(|p| p.key == k && p.provider == me);
+                let _ = reply.send(Ok(providing));
+            }
             Command::GetProviders(key, reply) => {
                 let Some(reply) = unless_busy(busy, reply) else {
                     return;

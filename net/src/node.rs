@@ -499,7 +499,15 @@ impl Node {
             bytes.clone(),
         )
         .await?;
-        c.provide(ProviderKey::Claimants(domain)).await?;
+        c.provide(ProviderKey::Claimants(domain.clone())).await?;
+        // A move: stop providing the domains left behind, so this node is no longer listed
+        // (and republished) as one of their claimants.
+        for old in held.iter().map(|h| &h.record().domain) {
+            if *old != domain {
+                c.stop_providing(ProviderKey::Claimants(old.clone()))
+                    .await?;
+            }
+        }
         if let Err(e) = c.publish_raw(Topic::Claims, bytes).await {
             tracing::debug!(error = %e, "gossiping a claim");
         }

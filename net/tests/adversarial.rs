@@ -1013,9 +1013,32 @@ fn a_node_holds_one_claim_and_an_old_one_cannot_come_back() {
         for n in &honest {
             wait_claim(n, "alpha", who, Duration::from_secs(30)).await;
         }
+        let claimants = |d: &str| btm_net::ProviderKey::Claimants(d.into());
+        assert!(
+            squatter
+                .client()
+                .providing(claimants("alpha"))
+                .await
+                .expect("providing")
+        );
         // Claimed within the same second: stamped one second later, so it is a move.
         let second = squatter.claim(Some("beta")).await.expect("claim beta");
         assert!(second.record().first_claimed > first.record().first_claimed);
+        // The mover no longer provides (nor republishes) the domain it left.
+        assert!(
+            !squatter
+                .client()
+                .providing(claimants("alpha"))
+                .await
+                .expect("providing")
+        );
+        assert!(
+            squatter
+                .client()
+                .providing(claimants("beta"))
+                .await
+                .expect("providing")
+        );
         for n in &honest {
             wait_claim(n, "beta", who, Duration::from_secs(30)).await;
         }

@@ -262,6 +262,10 @@ impl Node {
         Ok(node)
     }
 
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.config.data_dir
+    }
+
     pub fn identity(&self) -> &Identity {
         &self.inner.identity
     }

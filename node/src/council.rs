@@ -102,9 +102,53 @@ pub struct Council {
     pub genesis: Option<Registry>,
     /// Since when it has had something to propose (for the rank delay).
     pub wanting_since: Option<Instant>,
+    /// Where `signed` is kept across restarts, once loaded from there.
+    pub file: Option<std::path::PathBuf>,
 }
 
+/// The file in a maintainer node's data directory that remembers what it signed.
+pub const SIGNED_FILE: &str = "maintainer-signed.json";
+
 impl Council {
+    /// Remembers what was signed in `file` from now on, after reading what it already holds
+    /// (a restarted maintainer must not sign a second body at a version it signed before).
+    /// An unreadable file is an error: signing on without it could equivocate.
+    pub fn attach(&mut self, file: &std::path::Path) -> Result<(), String> {
+        if self.file.is_some() {
+            return Ok(());
+        }
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                let held: BTreeMap<u64, String> = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                for (v, id) in held {
+                    let id = id
+                        .parse::<ContentId>()
+                        .map_err(|e| format!("{}: {e}", file.display()))?;
+                    self.signed.entry(v).or_insert(id);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        }
+        self.file = Some(file.to_path_buf());
+        self.save()
+    }
+
+    /// Writes `signed` to the attached file (atomically).
+    fn save(&self) -> Result<(), String> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let held: BTreeMap<u64, String> = self
+            .signed
+            .iter()
+            .map(|(v, id)| (*v, id.to_string()))
+            .collect();
+        let bytes = serde_json::to_vec_pretty(&held).map_err(|e| e.to_string())?;
+        btm_model::fsutil::write_atomic(file, &bytes).map_err(|e| e.to_string())
+    }
+
     /// Signs `env` with `keys` unless this maintainer signed another body at its version.
     pub fn sign(&mut self, env: &mut Signed<Registry>, keys: &[SigningKey]) -> bool {
         let v = env.record().version;
@@ -115,10 +159,19 @@ impl Council {
         for k in keys {
             env.sign(k);
         }
-        self.signed.insert(v, id);
+        let before = self.signed.insert(v, id);
         // Old versions need not be remembered once far behind.
         while self.signed.len() > 256 {
             self.signed.pop_first();
+        }
+        if before.is_none()
+            && let Err(e) = self.save()
+        {
+            // Not remembered: do not count this signature as given.
+            tracing::warn!(error = %e, "cannot remember a signed registry version; not signing");
+            self.signed.remove(&v);
+            env.clear_signatures();
+            return false;
         }
         true
     }
@@ -195,6 +248,26 @@ mod tests {
         other.sign(&b);
         merge(&mut one, &other);
         assert_eq!(one.signatures().len(), 2);
+    }
+
+    /// A restarted maintainer remembers what it signed: it does not sign another body at a
+    /// version it signed before the restart.
+    #[test]
+    fn what_was_signed_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(SIGNED_FILE);
+        let a = test_key("council a");
+        let mut c = Council::default();
+        c.attach(&file).expect("attach");
+        assert!(c.sign(&mut Signed::new(registry(2, 100)), std::slice::from_ref(&a)));
+        let mut restarted = Council::default();
+        restarted.attach(&file).expect("attach again");
+        assert!(!restarted.sign(&mut Signed::new(registry(2, 200)), std::slice::from_ref(&a)));
+        assert!(restarted.sign(&mut Signed::new(registry(2, 100)), std::slice::from_ref(&a)));
+        assert_eq!(restarted.next_version(1), 3);
+        // A damaged file is an error, not a fresh start.
+        std::fs::write(&file, b"not json").expect("write");
+        assert!(Council::default().attach(&file).is_err());
     }
 
     #[test]

@@ -237,6 +237,20 @@ impl Maintainer {
         }
     }
 
+    /// Keeps what this maintainer signs in its node's data directory, so that a restart does not
+    /// let it sign a second body at a version it signed.
+    async fn remember_signatures(&self, node: &Node) -> Result<()> {
+        let file = node.data_dir().join(council::SIGNED_FILE);
+        self.council
+            .lock()
+            .await
+            .attach(&file)
+            .map_err(|why| Error::Refused {
+                what: "the record of registry versions this maintainer signed".into(),
+                why,
+            })
+    }
+
     /// The withheld pool of `domain`, if this maintainer carved one.
     pub fn withheld(&self, domain: &str) -> Option<Vec<u8>> {
         self.withheld.lock().ok()?.get(domain).cloned()
@@ -244,6 +258,7 @@ impl Maintainer {
 
     /// Adds the seed and the domains' data as blobs, publishes rotated roots and the registry.
     pub async fn publish(&self, node: &Node, events: &Events) -> Result<Published> {
+        self.remember_signatures(node).await?;
         let c = &self.config;
         events.phase(Phase::AddingBlobs);
         let seed = SeedManifest {
@@ -424,6 +439,7 @@ impl Maintainer {
     /// Serves until `stop`: reports claims, attestations and verdicts; with `accept_verified`
     /// accepts what this node verified into a new registry version.
     pub async fn serve(&self, node: &Node, stop: &Stop, events: &Events) -> Result<()> {
+        self.remember_signatures(node).await?;
         events.phase(Phase::Serving);
         let mut observed = node.observe();
         let mut pending: BTreeSet<ContentId> = BTreeSet::new();

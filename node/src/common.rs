@@ -57,3 +57,16 @@ pub fn own_verdicts(node: &Node) -> Result<Vec<(Signed<ElmRecord>, Option<bool>)
 pub fn short(b: &[u8]) -> String {
     b.iter().take(4).map(|x| format!("{x:02x}")).collect()
 }
+
+/// Reports the trusted registry (after the node adopted `version`) as an [`Event::Registry`].
+pub(crate) async fn report_registry(node: &Node, version: u64, events: &crate::Events) {
+    if let Ok(Some(r)) = node.registry().await {
+        let r = r.record();
+        events.emit(crate::Event::Registry {
+            version,
+            domains: r.domains.len(),
+            seed: r.seed.as_ref().map(|s| s.weights),
+            accepted: r.elms.iter().map(|e| e.record).collect(),
+        });
+    }
+}

@@ -466,15 +466,7 @@ impl Maintainer {
                         }
                     }
                     Ok(Observed::Registry { version }) => {
-                        if let Ok(Some(r)) = node.registry().await {
-                            let r = r.record();
-                            events.emit(Event::Registry {
-                                version,
-                                domains: r.domains.len(),
-                                seed: r.seed.as_ref().map(|s| s.weights),
-                                accepted: r.elms.iter().map(|e| e.record).collect(),
-                            });
-                        }
+                        crate::common::report_registry(node, version, events).await;
                     }
                     Ok(Observed::Proposal(env)) => {
                         if self.config.accept_verified {

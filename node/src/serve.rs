@@ -45,15 +45,7 @@ pub async fn serve(node: &Node, stop: &Stop, events: &Events) -> Result<()> {
                     events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
                 }
                 Ok(Observed::Registry { version }) => {
-                    if let Ok(Some(r)) = node.registry().await {
-                        let r = r.record();
-                        events.emit(Event::Registry {
-                            version,
-                            domains: r.domains.len(),
-                            seed: r.seed.as_ref().map(|s| s.weights),
-                            accepted: r.elms.iter().map(|e| e.record).collect(),
-                        });
-                    }
+                    crate::common::report_registry(node, version, events).await;
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

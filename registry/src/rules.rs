@@ -300,6 +300,30 @@ fn signed_by_threshold<R: Record>(
     }
 }
 
+/// The trusted root has not expired ("expired" means `now >= expires`).
+fn root_live(root: &Root, now: u64) -> Result<(), Reject> {
+    if now >= root.expires {
+        return Err(Reject::RootExpired {
+            version: root.version,
+            expires: root.expires,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// A registry has not expired.
+fn registry_live(registry: &Registry, now: u64) -> Result<(), Reject> {
+    if now >= registry.expires {
+        return Err(Reject::Expired {
+            version: registry.version,
+            expires: registry.expires,
+            now,
+        });
+    }
+    Ok(())
+}
+
 fn decided<T>(r: Result<Decision<T>, Reject>) -> Decision<T> {
     r.unwrap_or_else(Decision::Reject)
 }
@@ -379,13 +403,7 @@ fn registry_update(
     {
         let offered = Signed::<Registry>::decode(bytes)?;
         let root = trusted.root.record();
-        if now >= root.expires {
-            return Err(Reject::RootExpired {
-                version: root.version,
-                expires: root.expires,
-                now,
-            });
-        }
+        root_live(root, now)?;
         if let Some(current) = &trusted.registry
             && current.id() == offered.id()
         {
@@ -410,13 +428,7 @@ fn registry_update(
                 });
             }
         }
-        if now >= new.expires {
-            return Err(Reject::Expired {
-                version: new.version,
-                expires: new.expires,
-                now,
-            });
-        }
+        registry_live(new, now)?;
         Ok(Decision::Accept(offered))
     }
 }
@@ -440,13 +452,7 @@ pub fn check_proposal(
 ) -> Result<Signed<Registry>, Reject> {
     let offered = Signed::<Registry>::decode(bytes)?;
     let root = trusted.root.record();
-    if now >= root.expires {
-        return Err(Reject::RootExpired {
-            version: root.version,
-            expires: root.expires,
-            now,
-        });
-    }
+    root_live(root, now)?;
     cheap_signature_checks(&offered, &root.keys)?;
     let tally = tally(&offered, &root.keys);
     if tally.valid == 0 || tally.invalid > 0 || tally.unknown > 0 {
@@ -462,13 +468,7 @@ pub fn check_proposal(
             });
         }
     }
-    if now >= new.expires {
-        return Err(Reject::Expired {
-            version: new.version,
-            expires: new.expires,
-            now,
-        });
-    }
+    registry_live(new, now)?;
     Ok(offered)
 }
 

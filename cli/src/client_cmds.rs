@@ -363,8 +363,11 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         Ok(eval::evaluate(m, None, t, 8, &device)?.perplexity)
     };
     let mut rows = Vec::new();
+    // Per domain: the ensemble, every ELM, the seed and the two averages.
+    let bar =
+        crate::model_cmds::ScoreBar::new(!json, (domains.len() * (forest.elms.len() + 4)) as u64);
     for d in &domains {
-        say.line(format!("scoring {d}"));
+        bar.suspend(|| say.line(format!("scoring {d}")));
         let docs = corpus.documents(d, a.split)?;
         let (mut test, _) = data::tokenize_documents(&tok, &docs, Some(a.max_tokens * 8))?;
         test.truncate(a.max_tokens + 1);
@@ -382,7 +385,9 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         )?;
         let (ens, _) =
             Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
+        bar.scoring(format!("{d}: ensemble"));
         let ensemble_ppl = ens.evaluate(None, &test, 8)?.perplexity;
+        bar.done();
         let post_path = tmp.path().join("posterior.safetensors");
         let members: Vec<(usize, f64)> = prior.iter().copied().enumerate().collect();
         average::average_members(&forest, &members, &post_path)?;
@@ -390,20 +395,29 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         let mut elms = BTreeMap::new();
         let mut own = None;
         for (e, m) in forest.elms.iter().zip(&elm_models) {
+            bar.scoring(format!("{d}: ELM {}", e.name));
             let p = ppl(m, &test)?;
+            bar.done();
             if e.domains.iter().any(|x| x == d) {
                 own = Some(own.map_or(p, |o: f64| o.min(p)));
             }
             elms.insert(e.name.clone(), p);
         }
+        bar.scoring(format!("{d}: seed and averages"));
+        let seed = ppl(&seed_model, &test)?;
+        bar.done();
+        let average_posterior = ppl(&post, &test)?;
+        bar.done();
+        let average_uniform = ppl(&uniform, &test)?;
+        bar.done();
         rows.push(ReportRow {
             domain: d.clone(),
-            seed: ppl(&seed_model, &test)?,
+            seed,
             elms,
             own_elm: own,
             ensemble: ensemble_ppl,
-            average_posterior: ppl(&post, &test)?,
-            average_uniform: ppl(&uniform, &test)?,
+            average_posterior,
+            average_uniform,
         });
     }
     let report = ForestReport {

@@ -331,25 +331,31 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         }
         v
     };
-    let mut maintainer_args = vec![
-        s("seed"),
-        s("publish"),
-        s("--root"),
-        s(root_path.display()),
-        s("--key"),
-        s(key_paths[0].display()),
-        s("--seed"),
-        s(seed_dir.display()),
-        s("--data-dir"),
-        s(dir.join("maintainer").display()),
-        s("--listen"),
-        s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
-        s("--eval-tokens"),
-        s(a.eval_tokens),
-        s("--network-out"),
-        s(network.display()),
-        s("--accept-verified"),
-    ];
+    // Both maintainers: one key each, the same seed, data and settings; the first makes the
+    // root's network file, the second starts from it.
+    let maintainer = |key: &Path, data_dir: &str, network_arg: [String; 2]| -> Vec<String> {
+        let mut v = vec![s("seed"), s("publish")];
+        v.extend(network_arg);
+        v.extend([
+            s("--key"),
+            s(key.display()),
+            s("--seed"),
+            s(seed_dir.display()),
+        ]);
+        v.extend([s("--data-dir"), s(dir.join(data_dir).display())]);
+        v.extend([
+            s("--listen"),
+            s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
+        ]);
+        v.extend([s("--eval-tokens"), s(a.eval_tokens), s("--accept-verified")]);
+        v
+    };
+    let mut maintainer_args = maintainer(
+        &key_paths[0],
+        "maintainer",
+        [s("--root"), s(root_path.display())],
+    );
+    maintainer_args.extend([s("--network-out"), s(network.display())]);
     maintainer_args.extend(ui_args(Some(&forest)));
     procs.spawn("maintainer", &maintainer_args)?;
     say("starting the maintainers: registry, seed and domain data as blobs");
@@ -368,23 +374,11 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
     // settings and co-signs it; later it co-signs only ELMs it verified itself.
     procs.spawn(
         "maintainer-2",
-        &[
-            s("seed"),
-            s("publish"),
-            s("--network"),
-            s(network.display()),
-            s("--key"),
-            s(key_paths[1].display()),
-            s("--seed"),
-            s(seed_dir.display()),
-            s("--data-dir"),
-            s(dir.join("maintainer-2").display()),
-            s("--listen"),
-            s("/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1"),
-            s("--eval-tokens"),
-            s(a.eval_tokens),
-            s("--accept-verified"),
-        ],
+        &maintainer(
+            &key_paths[1],
+            "maintainer-2",
+            [s("--network"), s(network.display())],
+        ),
     )?;
     let deadline = Instant::now() + Duration::from_secs(180);
     while StatusFile::read(&dir.join("maintainer").join("status.json"))

@@ -402,19 +402,24 @@ pub fn run_forest(cmd: ForestCmd, json: bool) -> Result<()> {
             let device = a.opts.device.device()?;
             let sel = posterior::top_k(&prior, a.opts.top_k.unwrap_or(prior.len()));
             let mut rows = Vec::new();
+            let bar = crate::model_cmds::ScoreBar::new(!json, a.domain.len() as u64);
             for d in &a.domain {
+                bar.scoring(d.as_str());
                 let t = domain_tokens(&corpus(&a.opts.corpus), &tok, d, a.split, a.max_tokens)?;
                 let lp = ensemble::score_forest(&f, &sel, &t, a.opts.weighting, 8, &device)?;
                 let r = eval::EvalResult::from_logprobs(&lp, &t[1..], Some(&tok));
+                bar.done();
                 rows.push(serde_json::json!({"domain": d, "split": a.split, "elms": sel.iter().map(|s| f.elms[s.0].name.clone()).collect::<Vec<_>>(), "result": r}));
                 if !json {
-                    println!(
-                        "{d:<20} ppl {:>9.2} bpb {:.4} ({} ELMs, {})",
-                        r.perplexity,
-                        r.bits_per_byte,
-                        sel.len(),
-                        a.opts.weighting
-                    );
+                    bar.suspend(|| {
+                        println!(
+                            "{d:<20} ppl {:>9.2} bpb {:.4} ({} ELMs, {})",
+                            r.perplexity,
+                            r.bits_per_byte,
+                            sel.len(),
+                            a.opts.weighting
+                        )
+                    });
                 }
             }
             if json {

@@ -107,19 +107,15 @@ pub fn join(a: JoinArgs, json: bool) -> Result<()> {
                 settings.bootstrap.len()
             ));
             status.update(|s| s.listen = addrs.iter().map(ToString::to_string).collect());
-            let ui = crate::ui::start_if_asked(
+            let (ui, events) = crate::ui::role_events(
                 &a.ui,
                 node,
                 "volunteer",
                 &settings.data_dir,
-                Some(status),
-                |m| reporter.line(m),
+                status,
+                &reporter,
             )
             .await?;
-            let events = match &ui {
-                Some(ui) => ui.tee(reporter.events()),
-                None => reporter.events(),
-            };
             Volunteer::new(vc).run(node, stop, &events).await?;
             drop(ui);
             Ok(())

@@ -56,6 +56,61 @@ pub(crate) struct TrainBar {
     ema_tps: Option<f64>,
 }
 
+/// A progress bar over the scorings of a command (`eval`, `forest eval`, `forest report`):
+/// one position per scoring, the current one named in the message; hidden with `--json`.
+#[derive(Debug)]
+pub(crate) struct ScoreBar {
+    bar: Option<ProgressBar>,
+}
+
+impl ScoreBar {
+    pub(crate) fn new(shown: bool, scorings: u64) -> ScoreBar {
+        let bar = shown.then(|| {
+            let bar = ProgressBar::new(scorings);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} score [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
+        });
+        ScoreBar { bar }
+    }
+
+    /// Names the scoring that starts now.
+    pub(crate) fn scoring(&self, what: impl Into<String>) {
+        if let Some(b) = &self.bar {
+            b.set_message(what.into());
+        }
+    }
+
+    /// One scoring is done.
+    pub(crate) fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    /// Runs `f` (which prints) with the bar hidden.
+    pub(crate) fn suspend(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+}
+
+impl Drop for ScoreBar {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 impl TrainBar {
     pub(crate) fn new(shown: bool) -> Self {
         TrainBar {
@@ -434,7 +489,9 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
         a.domain.clone()
     };
     let mut rows = Vec::new();
+    let bar = ScoreBar::new(!json, domains.len() as u64);
     for d in &domains {
+        bar.scoring(d.as_str());
         let docs = corpus.documents(d, a.split)?;
         let limit = (a.max_tokens > 0).then_some(a.max_tokens * 8);
         let (mut tokens, _) = data::tokenize_documents(&tok, &docs, limit)?;
@@ -442,8 +499,9 @@ pub fn eval(a: EvalArgs, json: bool) -> Result<()> {
             tokens.truncate(a.max_tokens + 1);
         }
         let result = eval::evaluate(&model, Some(&tok), &tokens, a.batch_size, &device)?;
+        bar.done();
         if !json {
-            eprintln!("{d}: ppl {:.2}", result.perplexity);
+            bar.suspend(|| eprintln!("{d}: ppl {:.2}", result.perplexity));
         }
         rows.push(EvalRow {
             domain: d.clone(),

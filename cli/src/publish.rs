@@ -161,19 +161,15 @@ fn publish(a: PublishArgs, json: bool) -> Result<()> {
         "maintainer",
         async |node, status, stop| {
             let reporter = Reporter::new("maintainer", json, Some(status.clone()));
-            let ui = crate::ui::start_if_asked(
+            let (ui, events) = crate::ui::role_events(
                 &a.ui,
                 node,
                 "maintainer",
                 &settings.data_dir,
-                Some(status),
-                |m| reporter.line(m),
+                status,
+                &reporter,
             )
             .await?;
-            let events = match &ui {
-                Some(ui) => ui.tee(reporter.events()),
-                None => reporter.events(),
-            };
             // The network description first: other maintainers start from it to co-sign the
             // first registry when one key does not meet the root's threshold.
             let addrs = node.listen_addrs().await?;

@@ -23,6 +23,13 @@ pub fn phase_name(p: Phase) -> &'static str {
     }
 }
 
+/// A bar style from an indicatif template (the default bar if the template is wrong).
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
 /// ELM names with their weights: `elm0 0.25, elm1 0.75`.
 fn weighted_names(w: &[(String, f64)]) -> String {
     w.iter()
@@ -89,6 +96,21 @@ impl Reporter {
         }
     }
 
+    /// Puts `make()`'s bar in the slot unless one is there (not with `--json`), then lets `f`
+    /// update it.
+    fn with_bar(
+        &self,
+        make: impl FnOnce() -> indicatif::ProgressBar,
+        f: impl FnOnce(&indicatif::ProgressBar),
+    ) {
+        if self.json {
+            return;
+        }
+        if let Ok(mut b) = self.bar.lock() {
+            f(b.get_or_insert_with(make));
+        }
+    }
+
     fn finish_bar(&self) {
         if let Ok(mut b) = self.bar.lock()
             && let Some(b) = b.take()
@@ -150,6 +172,63 @@ impl Reporter {
             Event::Fetching { what, id } => {
                 self.line(format!("fetching the {what} ({})", short(&id.0)))
             }
+            Event::Download {
+                what,
+                bytes,
+                total,
+                ..
+            } => self.with_bar(
+                || {
+                    let (bar, template) = match total {
+                        Some(t) => (
+                            indicatif::ProgressBar::new(*t),
+                            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+                        ),
+                        None => (
+                            indicatif::ProgressBar::no_length(),
+                            "{spinner} {msg} {bytes} {bytes_per_sec} ({elapsed})",
+                        ),
+                    };
+                    bar.set_style(bar_style(template));
+                    bar.set_message(format!("downloading the {what}"));
+                    bar
+                },
+                |b| b.set_position(*bytes),
+            ),
+            Event::Fetched {
+                what,
+                bytes,
+                secs,
+                held_already,
+                ..
+            } => {
+                self.finish_bar();
+                if *held_already {
+                    self.line(format!("the {what} is held here already"));
+                } else {
+                    self.line(format!(
+                        "fetched the {what}: {} in {secs:.1} s ({}/s)",
+                        indicatif::HumanBytes(*bytes),
+                        indicatif::HumanBytes((*bytes as f64 / secs.max(1e-3)) as u64)
+                    ));
+                }
+            }
+            Event::Verifying { elm } => {
+                self.finish_bar();
+                let label = format!("verifying ELM {}", short(&elm.0));
+                self.with_bar(
+                    || {
+                        let bar = indicatif::ProgressBar::new_spinner();
+                        bar.set_style(bar_style("{spinner} {msg} ({elapsed})"));
+                        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                        bar
+                    },
+                    |b| b.set_message(label),
+                );
+            }
+            Event::Validation { step, ppl, tokens } => self.line(format!(
+                "update {step}: validation perplexity {ppl:.2} ({tokens} tokens of the public split)"
+            )),
             Event::Branched { init, parents } => {
                 let how = match init {
                     InitKind::Seed => "from the seed",
@@ -183,14 +262,11 @@ impl Reporter {
                     s.resumed_from = *resumed_from;
                 });
                 if !self.json {
+                    self.finish_bar();
                     let bar = indicatif::ProgressBar::new(*steps);
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                    );
+                    bar.set_style(bar_style(
+                        "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                    ));
                     bar.set_position(resumed_from.unwrap_or(0));
                     if let Ok(mut b) = self.bar.lock() {
                         *b = Some(bar);
@@ -259,6 +335,7 @@ impl Reporter {
                 measured_ppl,
                 reason,
             } => {
+                self.finish_bar();
                 self.line(format!(
                     "verified ELM {}: {}",
                     short(&elm.0),

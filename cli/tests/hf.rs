@@ -153,12 +153,21 @@ fn forest_export_hf_loads_in_transformers_with_the_same_perplexity() {
         );
         return;
     };
-    let elm = out.join("bible_kjv");
+    // One ELM and the posterior-weighted average: both load with the perplexity btm-node
+    // measures.
+    for folder in ["bible_kjv", "average-posterior"] {
+        check_in_transformers(&py, &out.join(folder), d);
+    }
+}
+
+/// Scores an exported folder with `btm-node eval` and with transformers
+/// (scripts/check_hf_export.py), which fails unless the two perplexities agree.
+fn check_in_transformers(py: &Path, elm: &Path, d: &Path) {
     let eval = btm(&[
         "--json",
         "eval",
         "--model",
-        s(&elm),
+        s(elm),
         "--domain",
         "bible_kjv",
         "--max-tokens",
@@ -167,9 +176,10 @@ fn forest_export_hf_loads_in_transformers_with_the_same_perplexity() {
     let btm_json = d.join("btm.json");
     std::fs::write(&btm_json, &eval.stdout).expect("write eval");
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let check = Command::new(&py)
+    let check = Command::new(py)
+        .env("HF_HUB_OFFLINE", "1")
         .arg(checkout.join("scripts").join("check_hf_export.py"))
-        .arg(&elm)
+        .arg(elm)
         .arg(checkout.join("data/corpus/bible_kjv/valid.jsonl.zst"))
         .arg("512")
         .arg(&btm_json)

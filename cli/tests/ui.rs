@@ -348,6 +348,12 @@ fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
         for d in DOMAINS {
             assert!(net.contains(&format!("data-domain=\"{d}\"")), "{d}: {net}");
         }
+        // Each connected peer's identify agent string (ours: btm-node/<version>).
+        let agent = format!("btm-node/{}", env!("CARGO_PKG_VERSION"));
+        assert!(
+            net.contains(&format!("<td>{agent}</td>")),
+            "no agent: {net}"
+        );
         // Hostile descriptions are text: escaped in the DOM, no element or script made of them.
         assert!(net.contains(HOSTILE_AS_TEXT), "not shown as text: {net}");
         assert!(!net.contains("<b>hostile"), "markup from a record: {net}");
@@ -397,6 +403,24 @@ fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
             "{me}"
         );
         assert!(me.contains("<polyline"), "no training curve: {me}");
+        // The validation curve: before the first update and about every tenth of the run,
+        // drawn as its own chart; perplexity falls over the run.
+        assert!(a.valid_curve.len() >= 3, "{:?}", a.valid_curve);
+        let (first, last) = (a.valid_curve[0], a.valid_curve[a.valid_curve.len() - 1]);
+        assert_eq!((first.step, last.step), (0, STEPS));
+        assert!(last.ppl < first.ppl, "{:?}", a.valid_curve);
+        assert!(
+            me.contains("aria-label=\"validation perplexity\""),
+            "no validation curve: {me}"
+        );
+        assert_eq!(me.matches("<polyline").count(), 3, "{me}");
+        // The volunteer served its ELM's weights to the maintainers' node and to the client.
+        let served = vnode.blobs().bytes_served();
+        assert!(served > 0, "nothing served");
+        assert!(
+            text_of(&me, "bytes-served").is_some_and(|t| t != "0 B" && t != "-"),
+            "{me}"
+        );
 
         let forest_url = format!("{base}forest?text=In%20the%20beginning%20God%20created");
         let forest = browser.dom(&forest_url);

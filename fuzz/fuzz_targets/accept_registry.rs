@@ -19,7 +19,7 @@ fn trusted() -> &'static Trusted {
         let registry = Registry {
             version: 5,
             expires: 1_900_000_000,
-            min_client_version: ClientVersion { major: 0, minor: 1, patch: 0 },
+            min_client_version: ClientVersion::new(0, 1, 0),
             domains: vec![],
             seed: None,
             elms: vec![],

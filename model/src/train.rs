@@ -747,6 +747,17 @@ impl<M: Trainable> Trainer<M> {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&StepStats),
     ) -> Result<RunOutcome, Error> {
+        self.run_with(data, stop, |s, _| on_step(s))
+    }
+
+    /// [`Self::run`], with `on_step` also seeing the trainer after each update (to score the
+    /// model on validation data as it trains, say).
+    pub fn run_with(
+        &mut self,
+        data: &Mixture,
+        stop: &AtomicBool,
+        mut on_step: impl FnMut(&StepStats, &Self),
+    ) -> Result<RunOutcome, Error> {
         let every = self.state.config.checkpoint_every;
         while !self.finished() {
             if stop.load(Ordering::SeqCst) {
@@ -756,7 +767,7 @@ impl<M: Trainable> Trainer<M> {
                 });
             }
             let stats = self.step(data)?;
-            on_step(&stats);
+            on_step(&stats, self);
             if every > 0 && self.state.step.is_multiple_of(every) && !self.finished() {
                 self.save_checkpoint()?;
             }

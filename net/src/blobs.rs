@@ -202,6 +202,46 @@ pub struct Fetched {
     pub failures: Vec<(NodeId, String)>,
 }
 
+/// Provider events for get requests (push stays disabled, as by default): a task adds the
+/// bytes of every transfer that ends to `served`. It ends when the router drops the sender.
+fn count_served(
+    served: Arc<std::sync::atomic::AtomicU64>,
+) -> iroh_blobs::provider::events::EventSender {
+    use iroh_blobs::provider::events::{
+        EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate,
+    };
+    let mask = EventMask {
+        get: RequestMode::NotifyLog,
+        get_many: RequestMode::NotifyLog,
+        ..EventMask::DEFAULT
+    };
+    let (sender, mut rx) = EventSender::channel(64, mask);
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let mut updates = match msg {
+                ProviderMessage::GetRequestReceivedNotify(m) => m.rx,
+                ProviderMessage::GetManyRequestReceivedNotify(m) => m.rx,
+                _ => continue,
+            };
+            let served = served.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(update)) = updates.recv().await {
+                    let stats = match update {
+                        RequestUpdate::Completed(c) => c.stats,
+                        RequestUpdate::Aborted(a) => a.stats,
+                        _ => continue,
+                    };
+                    served.fetch_add(
+                        stats.payload_bytes_sent + stats.other_bytes_sent,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            });
+        }
+    });
+    sender
+}
+
 /// The node's blob endpoint and store.
 #[derive(Clone)]
 pub struct Blobs {
@@ -218,26 +258,35 @@ struct Inner {
     errors: Mutex<ErrorBudget<NodeId>>,
     /// Bytes received on download connections.
     received: std::sync::atomic::AtomicU64,
+    /// Bytes sent to peers that downloaded from us (payload and verification hashes of every
+    /// transfer that ended, completed or aborted).
+    served: Arc<std::sync::atomic::AtomicU64>,
     /// Blobs being downloaded now: kept by the garbage collector until they are complete and
     /// tagged, or abandoned.
     in_flight: InFlight,
+    /// Bytes received so far by the current attempt of each download in progress.
+    progress: Progress,
 }
+
+type Progress = Arc<Mutex<HashMap<Hash, u64>>>;
 
 type InFlight = Arc<Mutex<HashMap<Hash, usize>>>;
 
 /// Marks a blob as being downloaded for as long as it lives.
 struct Downloading {
     set: InFlight,
+    progress: Progress,
     hash: Hash,
 }
 
 impl Downloading {
-    fn new(set: &InFlight, hash: Hash) -> Downloading {
+    fn new(set: &InFlight, progress: &Progress, hash: Hash) -> Downloading {
         if let Ok(mut m) = set.lock() {
             *m.entry(hash).or_default() += 1;
         }
         Downloading {
             set: set.clone(),
+            progress: progress.clone(),
             hash,
         }
     }
@@ -251,6 +300,9 @@ impl Drop for Downloading {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.hash);
+                if let Ok(mut p) = self.progress.lock() {
+                    p.remove(&self.hash);
+                }
             }
         }
     }
@@ -337,7 +389,8 @@ impl Blobs {
             .await
             .map_err(|_| BlobError::Start(format!("endpoint: not bound after {START_TIMEOUT:?}")))?
             .map_err(|e| BlobError::Start(format!("endpoint: {e}")))?;
-        let blobs = BlobsProtocol::new(&store, None);
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let blobs = BlobsProtocol::new(&store, Some(count_served(served.clone())));
         let router = Router::builder(endpoint)
             .accept(iroh_blobs::ALPN, blobs)
             .spawn();
@@ -354,7 +407,9 @@ impl Blobs {
                 config,
                 errors,
                 received: std::sync::atomic::AtomicU64::new(0),
+                served,
                 in_flight,
+                progress: Progress::default(),
             }),
         };
         blobs.sweep_orphans().await;
@@ -620,7 +675,7 @@ impl Blobs {
         providers: &[Provider],
     ) -> Result<Fetched, BlobError> {
         let start = Instant::now();
-        let _downloading = Downloading::new(&self.inner.in_flight, hash(id));
+        let _downloading = Downloading::new(&self.inner.in_flight, &self.inner.progress, hash(id));
         if self.has(id).await {
             // Keep it (again, if it was forgotten and the collector has not run yet).
             self.keep(id).await?;
@@ -787,6 +842,9 @@ impl Blobs {
                     if n > cfg.max_blob_bytes {
                         return Err(format!("more than {} bytes", cfg.max_blob_bytes));
                     }
+                    if let Ok(mut p) = self.inner.progress.lock() {
+                        p.insert(hash(id), n);
+                    }
                 }
                 Ok(Some(GetProgressItem::Done(stats))) => return Ok(stats.payload_bytes_read),
                 Ok(Some(GetProgressItem::Error(e))) => {
@@ -807,6 +865,18 @@ impl Blobs {
         self.inner
             .received
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes the current attempt of a download in progress has received so far (None when the
+    /// blob is not being downloaded, or no byte of it has arrived yet).
+    pub fn download_progress(&self, id: &ContentId) -> Option<u64> {
+        self.inner.progress.lock().ok()?.get(&hash(id)).copied()
+    }
+
+    /// Bytes sent to peers downloading from this node so far (payload and verification hashes
+    /// of every transfer that ended; one in progress counts when it ends).
+    pub fn bytes_served(&self) -> u64 {
+        self.inner.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the endpoint and flushes the store.

@@ -285,11 +285,7 @@ mod tests {
         Registry {
             version: 1,
             expires: u64::MAX,
-            min_client_version: ClientVersion {
-                major: 0,
-                minor: 1,
-                patch: 0,
-            },
+            min_client_version: ClientVersion::new(0, 1, 0),
             domains: names
                 .iter()
                 .map(|n| Domain {

@@ -66,6 +66,7 @@ pub(crate) enum Command {
     Providing(ProviderKey, Reply<bool>),
     GetProviders(ProviderKey, Reply<Vec<PeerId>>),
     PeerScore(PeerId, Reply<Option<f64>>),
+    PeerAgent(PeerId, Reply<Option<String>>),
     StoreStats(Reply<crate::record_store::StoreStats>),
     GossipPeers(Reply<Vec<(PeerId, usize)>>),
     RoutingTable(Reply<Vec<PeerId>>),
@@ -228,6 +229,13 @@ impl Client {
         self.call(|r| Command::PeerScore(peer, r)).await
     }
 
+    /// The agent string a connected peer sent with identify (`btm-node/0.1.0` for ours), cut to
+    /// [`crate::limits::MAX_AGENT_LEN`] bytes with control characters dropped. Untrusted:
+    /// any peer can send any text.
+    pub async fn peer_agent(&self, peer: PeerId) -> Result<Option<String>, NetError> {
+        self.call(|r| Command::PeerAgent(peer, r)).await
+    }
+
     /// What the DHT record store holds and has evicted.
     pub async fn store_stats(&self) -> Result<crate::record_store::StoreStats, NetError> {
         self.call(Command::StoreStats).await
@@ -301,6 +309,8 @@ pub enum Observed {
     },
     /// An ELM record passed the cheap checks and was queued for verification.
     ElmQueued(ContentId),
+    /// A verification started (its weights are fetched, then scored).
+    Verifying(ContentId),
     /// A verification finished.
     Verdict {
         elm: ContentId,

@@ -169,6 +169,21 @@ pub(crate) struct EventLoop {
     redial_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
     /// Redials per peer in the current window (bounded, see [`EventLoop::redial_later`]).
     redials: HashMap<PeerId, (Instant, u8)>,
+    /// The agent string each connected peer sent with identify (untrusted text, cut to
+    /// [`crate::limits::MAX_AGENT_LEN`]; forgotten when its last connection closes).
+    agents: HashMap<PeerId, String>,
+}
+
+/// A peer's agent string as kept: control characters dropped, at most [`crate::limits::MAX_AGENT_LEN`] bytes.
+pub(crate) fn clean_agent(agent: &str) -> String {
+    let mut out = String::new();
+    for c in agent.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > crate::limits::MAX_AGENT_LEN {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Redials after a dial race, per peer and window.
@@ -262,6 +277,7 @@ impl EventLoop {
             redial_tx,
             redial_rx,
             redials: HashMap::new(),
+            agents: HashMap::new(),
         };
         for t in Topic::ALL {
             let topic = gossipsub::IdentTopic::new(t.string(&el.net));
@@ -511,6 +527,9 @@ impl EventLoop {
             }
             Command::PeerScore(peer, reply) => {
                 let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
+            }
+            Command::PeerAgent(peer, reply) => {
+                let _ = reply.send(Ok(self.agents.get(&peer).cloned()));
             }
             Command::GossipPeers(reply) => {
                 let ours: Vec<_> = Topic::ALL.iter().map(|t| self.topic_hash(*t)).collect();
@@ -773,6 +792,7 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
+                self.agents.remove(&peer_id);
                 // Simultaneous dials: we refused the peer's connection because we had ours, and
                 // the peer refused ours because it had its own. Dial again, the smaller peer id
                 // first, so that one connection survives.
@@ -824,6 +844,10 @@ impl EventLoop {
             })) => {
                 if info.protocol_version != crate::swarm::ID_PROTOCOL {
                     return;
+                }
+                if self.swarm.is_connected(&peer_id) {
+                    self.agents
+                        .insert(peer_id, clean_agent(&info.agent_version));
                 }
                 for addr in info.listen_addrs.into_iter().take(16) {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -1458,6 +1482,18 @@ fn natural_end(key: &RecordKey, value: &[u8], now: u64) -> Option<Instant> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Agent strings come from any peer: control characters (terminal escapes, new lines) are
+    /// dropped and the text is cut at a character boundary within the limit.
+    #[test]
+    fn agent_strings_are_cut_and_lose_control_characters() {
+        assert_eq!(clean_agent("btm-node/0.1.0"), "btm-node/0.1.0");
+        assert_eq!(clean_agent("a\u{1b}[31mred\nb"), "a[31mredb");
+        let long = "é".repeat(200);
+        let cut = clean_agent(&long);
+        assert!(cut.len() <= crate::limits::MAX_AGENT_LEN, "{}", cut.len());
+        assert_eq!(cut.chars().count(), crate::limits::MAX_AGENT_LEN / 2);
+    }
 
     /// Issue 13: every record a peer stores here leaves the store: at its natural end (a
     /// claim's lease, an address record's expiry) or at its kind's TTL, whichever is first.

@@ -4,6 +4,10 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// The longest identify agent string kept per connected peer, in bytes (cut at a character
+/// boundary, control characters dropped).
+pub const MAX_AGENT_LEN: usize = 96;
+
 /// A token-bucket rate: `burst` at once, refilled at `per_sec`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {

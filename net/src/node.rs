@@ -858,6 +858,7 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
         });
         return Err(());
     }
+    let _ = inner.observers.send(Observed::Verifying(elm));
     let result = run_verification(inner, envelope).await;
     let (verdict, measured, reason) = match &result {
         Ok(m) => (Verdict::Accept, Some(m.ppl), "accepted".to_string()),

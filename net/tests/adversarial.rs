@@ -125,6 +125,20 @@ fn bad_bytes_abort_the_download_and_another_provider_completes_it() {
         // rest) or dropped; either way only verified bytes are stored.
         assert!(fetched.bytes <= blob.len() as u64);
         assert_eq!(me.read(&id, u64::MAX).await.expect("read"), blob);
+        // The honest provider counts what it sent (the transfer's payload and its hashes)
+        // once the transfer has ended on its side; a node that served nothing counts nothing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while honest.blobs.bytes_served() < fetched.bytes && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            honest.blobs.bytes_served() >= fetched.bytes,
+            "served {} < fetched {}",
+            honest.blobs.bytes_served(),
+            fetched.bytes
+        );
+        assert!(honest.blobs.bytes_served() < 2 * blob.len() as u64);
+        assert_eq!(me.bytes_served(), 0);
 
         // The liar has spent its error budget (3): it is no longer asked.
         let _ = me

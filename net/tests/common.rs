@@ -125,11 +125,7 @@ impl Fixture {
         Registry {
             version,
             expires,
-            min_client_version: ClientVersion {
-                major: 0,
-                minor: 1,
-                patch: 0,
-            },
+            min_client_version: ClientVersion::new(0, 1, 0),
             domains: DOMAINS
                 .iter()
                 .map(|n| Domain {

@@ -15,7 +15,7 @@ use btm_net::Node;
 use btm_protocol::{ContentId, ElmRecord, Registry, Signed, Verdict, milli_to_ppl};
 use serde::Serialize;
 
-use crate::common::{own_verdicts, short, wait_registry};
+use crate::common::{fetch_reported, own_verdicts, short, wait_registry};
 use crate::error::{Error, Result, io};
 use crate::{Events, Phase, Stop};
 
@@ -237,8 +237,12 @@ impl Client {
         let out = &req.out;
         let elms_dir = out.join("elms");
         std::fs::create_dir_all(&elms_dir).map_err(io(&elms_dir))?;
-        for id in [seed.weights, seed.tokenizer] {
-            node.fetch_blob(id, &[]).await?;
+        for (what, id) in [("seed", seed.weights), ("tokenizer", seed.tokenizer)] {
+            events.emit(crate::Event::Fetching {
+                what: what.into(),
+                id,
+            });
+            fetch_reported(node, what, id, &[], None, events).await?;
         }
         let seed_path = out.join("seed.safetensors");
         let tok_path = out.join(TOKENIZER_FILE);
@@ -260,7 +264,20 @@ impl Client {
         for (env, verdict) in &elms {
             let e = env.record();
             let id = env.id();
-            node.fetch_blob(e.weights, &[e.trainer]).await?;
+            let what = format!("{} ELM's weights", e.domain);
+            events.emit(crate::Event::Fetching {
+                what: what.clone(),
+                id: e.weights,
+            });
+            fetch_reported(
+                node,
+                &what,
+                e.weights,
+                &[e.trainer],
+                Some(e.weights_size),
+                events,
+            )
+            .await?;
             let path = elms_dir.join(format!("{}-{}.safetensors", e.domain, short(&id.0)));
             node.blobs().export(&e.weights, &path).await?;
             let name = if forest.elms.iter().any(|x| x.name == e.domain) {

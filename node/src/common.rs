@@ -3,10 +3,11 @@
 use std::time::{Duration, Instant};
 
 use btm_net::Node;
-use btm_protocol::{ElmRecord, Registry, Signed, Verdict};
+use btm_net::blobs::Fetched;
+use btm_protocol::{ContentId, ElmRecord, NodeId, Registry, Signed, Verdict};
 
-use crate::Stop;
 use crate::error::{Error, Result};
+use crate::{Event, Events, Stop};
 
 /// Waits until the node trusts a registry that names a seed, asking the DHT now and then.
 /// `None` when stopped first.
@@ -69,4 +70,52 @@ pub(crate) async fn report_registry(node: &Node, version: u64, events: &crate::E
             accepted: r.elms.iter().map(|e| e.record).collect(),
         });
     }
+}
+
+/// How often a download in progress is reported.
+const DOWNLOAD_REPORT: Duration = Duration::from_millis(500);
+
+/// [`Node::fetch_blob`], reported to `events`: [`Event::Download`] about twice a second while
+/// bytes arrive (what has arrived, the rate, the size when the caller knows it), then
+/// [`Event::Fetched`] when the blob is held.
+pub(crate) async fn fetch_reported(
+    node: &Node,
+    what: &str,
+    id: ContentId,
+    hints: &[NodeId],
+    total: Option<u64>,
+    events: &Events,
+) -> std::result::Result<Fetched, btm_net::NodeError> {
+    let start = Instant::now();
+    let fetch = node.fetch_blob(id, hints);
+    tokio::pin!(fetch);
+    let mut tick = tokio::time::interval(DOWNLOAD_REPORT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            r = &mut fetch => break r,
+            _ = tick.tick() => {
+                if let Some(bytes) = node.blobs().download_progress(&id) {
+                    let secs = start.elapsed().as_secs_f64().max(1e-3);
+                    events.emit(Event::Download {
+                        what: what.into(),
+                        id,
+                        bytes,
+                        total,
+                        bytes_per_s: bytes as f64 / secs,
+                    });
+                }
+            }
+        }
+    };
+    if let Ok(f) = &result {
+        events.emit(Event::Fetched {
+            what: what.into(),
+            id,
+            bytes: f.bytes,
+            secs: f.elapsed.as_secs_f64(),
+            held_already: f.from.is_none(),
+        });
+    }
+    result
 }

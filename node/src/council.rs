@@ -214,11 +214,7 @@ mod tests {
         Registry {
             version,
             expires,
-            min_client_version: ClientVersion {
-                major: 0,
-                minor: 1,
-                patch: 0,
-            },
+            min_client_version: ClientVersion::new(0, 1, 0),
             domains: vec![],
             seed: None,
             elms: vec![],

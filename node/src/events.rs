@@ -59,6 +59,27 @@ pub enum Event {
         what: String,
         id: ContentId,
     },
+    /// A download in progress: bytes received so far by the current attempt, and the blob's
+    /// size when it is known beforehand (an ELM record states its weights' size).
+    Download {
+        what: String,
+        id: ContentId,
+        bytes: u64,
+        total: Option<u64>,
+        bytes_per_s: f64,
+    },
+    /// A download ended: the blob is held (`held_already`: it was, nothing was fetched).
+    Fetched {
+        what: String,
+        id: ContentId,
+        bytes: u64,
+        secs: f64,
+        held_already: bool,
+    },
+    /// This node started verifying an ELM record (its verdict follows as [`Event::Verdict`]).
+    Verifying {
+        elm: ContentId,
+    },
     /// How the ELM was initialised (seed or posterior average), with (name, weight) parents.
     Branched {
         init: InitKind,
@@ -82,6 +103,15 @@ pub enum Event {
         steps: u64,
         loss: f64,
         tokens_per_s: f64,
+    },
+    /// The model's perplexity on the first tokens of the domain's public validation split
+    /// (at most [`crate::volunteer::VALID_CURVE_TOKENS`]), measured during training: before
+    /// the first update and about every tenth of the run. The curve for people; verifiers
+    /// measure the trained ELM on their own data.
+    Validation {
+        step: u64,
+        ppl: f64,
+        tokens: u64,
     },
     /// Training stopped on request at `step`, with a checkpoint to resume from.
     TrainingStopped {

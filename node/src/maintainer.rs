@@ -336,11 +336,7 @@ impl Maintainer {
                 let registry = Registry {
                     version,
                     expires: council::expiry(btm_net::limits::now_secs(), c.expires_days),
-                    min_client_version: ClientVersion {
-                        major: 0,
-                        minor: 1,
-                        patch: 0,
-                    },
+                    min_client_version: ClientVersion::new(0, 1, 0),
                     domains,
                     seed: Some(seed.clone()),
                     elms: elms
@@ -459,6 +455,7 @@ impl Maintainer {
                     Ok(Observed::Attestation { elm, verifier, accepted }) => {
                         events.emit(Event::Attestation { elm, verifier, accepted });
                     }
+                    Ok(Observed::Verifying(elm)) => events.emit(Event::Verifying { elm }),
                     Ok(Observed::Verdict { elm, accepted, measured_ppl, reason }) => {
                         events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
                         if accepted && self.config.accept_verified {

@@ -44,6 +44,7 @@ pub async fn serve(node: &Node, stop: &Stop, events: &Events) -> Result<()> {
                     told.insert(elm);
                     events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
                 }
+                Ok(Observed::Verifying(elm)) => events.emit(Event::Verifying { elm }),
                 Ok(Observed::Registry { version }) => {
                     crate::common::report_registry(node, version, events).await;
                 }

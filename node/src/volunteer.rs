@@ -28,7 +28,7 @@ use btm_net::verify::{self, Verifier};
 use btm_protocol::{ContentId, ElmRecord, Parent, Registry, SeedManifest, Signed, ppl_to_milli};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{own_verdicts, short, wait_registry};
+use crate::common::{fetch_reported, own_verdicts, short, wait_registry};
 use crate::error::{Error, Result, io};
 use crate::{Event, Events, Phase, Stop, serve};
 
@@ -48,6 +48,11 @@ pub enum BranchPolicy {
 
 /// How long a volunteer keeps trying to download the seed or its data before it gives up.
 const FETCH_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Tokens of the public validation split scored for the validation curve during training.
+pub const VALID_CURVE_TOKENS: usize = 2048;
+/// Points of the validation curve in a run (besides the one before the first update).
+const VALID_CURVE_POINTS: u64 = 10;
 
 impl std::str::FromStr for BranchPolicy {
     type Err = String;
@@ -339,7 +344,7 @@ impl Volunteer {
         let deadline = std::time::Instant::now() + FETCH_PATIENCE;
         let mut wait = Duration::from_secs(2);
         loop {
-            match node.fetch_blob(id, &[]).await {
+            match fetch_reported(node, what, id, &[], None, events).await {
                 Ok(_) => break,
                 Err(btm_net::NodeError::Blob(e @ btm_net::blobs::BlobError::Download { .. }))
                     if std::time::Instant::now() + wait < deadline =>
@@ -727,7 +732,10 @@ fn train_blocking(
         resumed_from: (start > 0).then_some(start),
     });
     let steps = job.cfg.steps;
-    let outcome = trainer.run(&data, stop, |s| {
+    let curve = ValidationCurve::new(&tok, &job, arch.n_ctx, &device, events);
+    curve.score(&trainer);
+    let every = (steps / VALID_CURVE_POINTS).max(1);
+    let outcome = trainer.run_with(&data, stop, |s, t| {
         if let Ok(mut p) = progress.lock() {
             *p = Some((s.step, s.loss));
         }
@@ -737,6 +745,9 @@ fn train_blocking(
             loss: s.loss,
             tokens_per_s: s.tokens_per_s,
         });
+        if s.step.is_multiple_of(every) || s.step == steps {
+            curve.score(t);
+        }
     })?;
     if let RunOutcome::Stopped { step } = outcome {
         return Ok(TrainOutcome::Stopped { step });
@@ -761,6 +772,53 @@ fn train_blocking(
         ppl: m.ppl,
         seed_ppl: m.seed_ppl,
     })))
+}
+
+/// The validation curve during training: perplexity on the first [`VALID_CURVE_TOKENS`] of
+/// the domain's public validation split. Monitoring only: a split too short to score, or a
+/// failed evaluation, becomes a note, never a failed run.
+struct ValidationCurve<'a> {
+    tokens: Option<Vec<u32>>,
+    device: &'a burn::tensor::Device,
+    events: &'a Events,
+}
+
+impl<'a> ValidationCurve<'a> {
+    fn new(
+        tok: &Tokenizer,
+        job: &TrainJob,
+        n_ctx: usize,
+        device: &'a burn::tensor::Device,
+        events: &'a Events,
+    ) -> ValidationCurve<'a> {
+        let tokens = match documents_stream(tok, &job.valid_data, &job.domain, n_ctx) {
+            Ok(mut t) => {
+                t.truncate(VALID_CURVE_TOKENS);
+                Some(t)
+            }
+            Err(e) => {
+                events.note(format!("no validation curve: {e}"));
+                None
+            }
+        };
+        ValidationCurve {
+            tokens,
+            device,
+            events,
+        }
+    }
+
+    fn score(&self, t: &Trainer) {
+        let Some(tokens) = &self.tokens else { return };
+        match btm_model::eval::evaluate(&t.model(), None, tokens, 8, self.device) {
+            Ok(r) => self.events.emit(Event::Validation {
+                step: t.state.step,
+                ppl: r.perplexity,
+                tokens: r.tokens,
+            }),
+            Err(e) => self.events.note(format!("validation curve: {e}")),
+        }
+    }
 }
 
 /// The paper's branching rule for a new domain: the average of existing ELMs weighted by their

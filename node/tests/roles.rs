@@ -283,11 +283,7 @@ fn acceptance_rests_on_data_the_trainer_never_had() {
     let registry = btm_protocol::Registry {
         version: 1,
         expires: u64::MAX,
-        min_client_version: btm_protocol::ClientVersion {
-            major: 0,
-            minor: 1,
-            patch: 0,
-        },
+        min_client_version: btm_protocol::ClientVersion::new(0, 1, 0),
         domains: vec![btm_protocol::Domain {
             name: d.name.clone(),
             description: String::new(),

@@ -226,6 +226,16 @@ pub struct ClientVersion {
     pub patch: u32,
 }
 
+impl ClientVersion {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> ClientVersion {
+        ClientVersion {
+            major,
+            minor,
+            patch,
+        }
+    }
+}
+
 impl std::fmt::Display for ClientVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.patch)

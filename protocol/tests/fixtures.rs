@@ -100,11 +100,7 @@ pub fn registry() -> Registry {
     Registry {
         version: 1,
         expires: 1_900_000_000,
-        min_client_version: ClientVersion {
-            major: 0,
-            minor: 1,
-            patch: 0,
-        },
+        min_client_version: ClientVersion::new(0, 1, 0),
         domains: vec![domain("code"), domain("legal")],
         seed: Some(seed()),
         elms: vec![AcceptedElm {

@@ -16,7 +16,7 @@
 //! let trusted = Trusted { root, registry: None };
 //!
 //! let registry = Registry {
-//!     version: 1, expires: 2_000_000_000, min_client_version: ClientVersion { major: 0, minor: 1, patch: 0 },
+//!     version: 1, expires: 2_000_000_000, min_client_version: ClientVersion::new(0, 1, 0),
 //!     domains: vec![], seed: None, elms: vec![],
 //! };
 //! let mut envelope = Signed::new(registry);

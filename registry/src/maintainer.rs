@@ -224,11 +224,7 @@ pub fn init_registry(out: &Path, init: RegistryInit, force: bool) -> Result<Sign
         .map(read_envelope::<Registry>)
         .transpose()?
         .map(Signed::into_record);
-    let default_client = ClientVersion {
-        major: 0,
-        minor: 1,
-        patch: 0,
-    };
+    let default_client = ClientVersion::new(0, 1, 0);
     let registry = match previous {
         Some(prev) => Registry {
             version: init.version.unwrap_or(prev.version.saturating_add(1)),

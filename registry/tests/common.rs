@@ -86,11 +86,7 @@ pub fn registry(version: u64, note: &str) -> Registry {
     Registry {
         version,
         expires: LATER,
-        min_client_version: ClientVersion {
-            major: 0,
-            minor: 1,
-            patch: 0,
-        },
+        min_client_version: ClientVersion::new(0, 1, 0),
         domains: vec![domain("code"), legal],
         seed: Some(seed()),
         elms: vec![],

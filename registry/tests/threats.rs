@@ -14,6 +14,16 @@ struct Case {
     check: fn(&Reject) -> bool,
 }
 
+/// A case checked at `NOW`.
+fn case(name: &'static str, bytes: Vec<u8>, check: fn(&Reject) -> bool) -> Case {
+    Case {
+        name,
+        bytes,
+        now: NOW,
+        check,
+    }
+}
+
 fn with_sigs(record: Registry, sigs: Vec<Signature>) -> Vec<u8> {
     let mut env = Signed::new(record);
     for s in sigs {
@@ -46,6 +56,7 @@ fn below(
     }
 }
 
+#[rustfmt::skip]
 fn cases() -> Vec<Case> {
     let v6 = registry(6, "v6");
     let body = v6.encode();
@@ -68,151 +79,27 @@ fn cases() -> Vec<Case> {
         garbage.push(x as u8);
     }
 
-    // Each check is a plain fn so the table stays a table.
+    // Each check is a plain fn so the table stays a table: one case a line.
     vec![
-        Case {
-            name: "missing: no signatures",
-            bytes: with_sigs(v6.clone(), vec![]),
-            now: NOW,
-            check: |r| {
-                matches!(
-                    r,
-                    Reject::BelowThreshold {
-                        tally: Tally { valid: 0, .. },
-                        ..
-                    }
-                )
-            },
-        },
-        Case {
-            name: "below threshold: one of two",
-            bytes: with_sigs(v6.clone(), vec![s(0)]),
-            now: NOW,
-            check: |r| below(1, 0, 0, 0)(r),
-        },
-        Case {
-            name: "duplicate: one key three times",
-            bytes: with_sigs(v6.clone(), vec![s(0), s(0), s(0)]),
-            now: NOW,
-            // Refused before any signature is verified (TUF: no duplicate keyids).
-            check: |r| matches!(r, Reject::RepeatedSigner(_)),
-        },
-        Case {
-            name: "bad: a flipped signature",
-            bytes: with_sigs(v6.clone(), vec![s(0), flipped]),
-            now: NOW,
-            check: |r| below(1, 1, 0, 0)(r),
-        },
-        Case {
-            name: "bad: unknown keys are ignored",
-            bytes: with_sigs(v6.clone(), vec![s(0), s(5), s(6)]),
-            now: NOW,
-            check: |r| below(1, 0, 2, 0)(r),
-        },
-        Case {
-            name: "lifted: key 1's signature over the same bytes as an ELM record",
-            bytes: with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Elm, &body)]),
-            now: NOW,
-            check: |r| below(1, 1, 0, 0)(r),
-        },
-        Case {
-            name: "lifted: key 1's signature from a root",
-            bytes: with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Root, &body)]),
-            now: NOW,
-            check: |r| below(1, 1, 0, 0)(r),
-        },
-        Case {
-            name: "expired registry",
-            bytes: signed(expired, &[0, 1]).encode(),
-            now: NOW,
-            check: |r| matches!(r, Reject::Expired { version: 6, .. }),
-        },
-        Case {
-            name: "expired trusted root (freeze)",
-            bytes: good.clone(),
-            now: LATER,
-            check: |r| matches!(r, Reject::RootExpired { version: 1, .. }),
-        },
-        Case {
-            name: "rolled back to v4",
-            bytes: signed(registry(4, "v4"), &[0, 1]).encode(),
-            now: NOW,
-            check: |r| {
-                *r == Reject::Rollback {
-                    trusted: 5,
-                    offered: 4,
-                }
-            },
-        },
-        Case {
-            name: "equivocation: another v5",
-            bytes: signed(registry(5, "other v5"), &[1, 2]).encode(),
-            now: NOW,
-            check: |r| matches!(r, Reject::Equivocation { version: 5, .. }),
-        },
-        Case {
-            name: "oversized",
-            bytes: oversized,
-            now: NOW,
-            check: |r| matches!(r, Reject::Malformed(DecodeError::TooLarge { .. })),
-        },
-        Case {
-            name: "deeply nested",
-            bytes: nested,
-            now: NOW,
-            check: |r| matches!(r, Reject::Malformed(DecodeError::TooDeep { .. })),
-        },
-        Case {
-            name: "truncated",
-            bytes: good[..good.len() - 7].to_vec(),
-            now: NOW,
-            check: |r| matches!(r, Reject::Malformed(DecodeError::Truncated)),
-        },
-        Case {
-            name: "trailing bytes",
-            bytes: [good.clone(), vec![0]].concat(),
-            now: NOW,
-            check: |r| {
-                matches!(
-                    r,
-                    Reject::Malformed(DecodeError::TrailingBytes { count: 1 })
-                )
-            },
-        },
-        Case {
-            name: "random bytes",
-            bytes: garbage,
-            now: NOW,
-            check: |r| matches!(r, Reject::Malformed(_)),
-        },
-        Case {
-            name: "a root offered as a registry",
-            bytes: signed(root(2, &[0, 1, 2], 2), &[0, 1]).encode(),
-            now: NOW,
-            check: |r| {
-                matches!(
-                    r,
-                    Reject::Malformed(DecodeError::WrongKind {
-                        expected: Kind::Registry,
-                        found: 1
-                    })
-                )
-            },
-        },
-        Case {
-            name: "a claim offered as a registry",
-            bytes: signed(claim(3, "legal", NOW + 3600), &[3]).encode(),
-            now: NOW,
-            check: |r| {
-                matches!(
-                    r,
-                    Reject::Malformed(DecodeError::WrongKind {
-                        expected: Kind::Registry,
-                        found: 4
-                    })
-                )
-            },
-        },
+        case("missing: no signatures", with_sigs(v6.clone(), vec![]), |r| matches!(r, Reject::BelowThreshold { tally: Tally { valid: 0, .. }, .. })),
+        case("below threshold: one of two", with_sigs(v6.clone(), vec![s(0)]), |r| below(1, 0, 0, 0)(r)),
+        // Refused before any signature is verified (TUF: no duplicate keyids).
+        case("duplicate: one key three times", with_sigs(v6.clone(), vec![s(0), s(0), s(0)]), |r| matches!(r, Reject::RepeatedSigner(_))),
+        case("bad: a flipped signature", with_sigs(v6.clone(), vec![s(0), flipped]), |r| below(1, 1, 0, 0)(r)),
+        case("bad: unknown keys are ignored", with_sigs(v6.clone(), vec![s(0), s(5), s(6)]), |r| below(1, 0, 2, 0)(r)),
+        case("lifted: key 1's signature over the same bytes as an ELM record", with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Elm, &body)]), |r| below(1, 1, 0, 0)(r)),
+        case("lifted: key 1's signature from a root", with_sigs(v6.clone(), vec![s(0), sig(1, Kind::Root, &body)]), |r| below(1, 1, 0, 0)(r)),
+        case("expired registry", signed(expired, &[0, 1]).encode(), |r| matches!(r, Reject::Expired { version: 6, .. })),
+        Case { now: LATER, ..case("expired trusted root (freeze)", good.clone(), |r| matches!(r, Reject::RootExpired { version: 1, .. })) },
+        case("rolled back to v4", signed(registry(4, "v4"), &[0, 1]).encode(), |r| *r == Reject::Rollback { trusted: 5, offered: 4 }),
+        case("equivocation: another v5", signed(registry(5, "other v5"), &[1, 2]).encode(), |r| matches!(r, Reject::Equivocation { version: 5, .. })),
+        case("oversized", oversized, |r| matches!(r, Reject::Malformed(DecodeError::TooLarge { .. }))),
+        case("deeply nested", nested, |r| matches!(r, Reject::Malformed(DecodeError::TooDeep { .. }))),
+        case("truncated", good[..good.len() - 7].to_vec(), |r| matches!(r, Reject::Malformed(DecodeError::Truncated))),
+        case("trailing bytes", [good.clone(), vec![0]].concat(), |r| matches!(r, Reject::Malformed(DecodeError::TrailingBytes { count: 1 }))),
+        case("random bytes", garbage, |r| matches!(r, Reject::Malformed(_))),
+        case("a root offered as a registry", signed(root(2, &[0, 1, 2], 2), &[0, 1]).encode(), |r| matches!(r, Reject::Malformed(DecodeError::WrongKind { expected: Kind::Registry, found: 1 }))),
+        case("a claim offered as a registry", signed(claim(3, "legal", NOW + 3600), &[3]).encode(), |r| matches!(r, Reject::Malformed(DecodeError::WrongKind { expected: Kind::Registry, found: 4 }))),
     ]
 }
 

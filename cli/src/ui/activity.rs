@@ -29,6 +29,22 @@ pub struct Point {
     pub tokens_per_s: f64,
 }
 
+/// One point of the validation curve: perplexity on the public validation split's first tokens.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ValidPoint {
+    pub step: u64,
+    pub ppl: f64,
+}
+
+/// A download in progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadNow {
+    pub what: String,
+    pub bytes: u64,
+    pub total: Option<u64>,
+    pub bytes_per_s: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VerdictSeen {
     pub elm: String,
@@ -62,6 +78,12 @@ pub struct Snapshot {
     /// Every `curve_stride`-th update.
     pub curve: Vec<Point>,
     pub curve_stride: u64,
+    /// Validation perplexity during training (the newest [`MAX_CURVE_POINTS`]).
+    pub valid_curve: VecDeque<ValidPoint>,
+    /// The download in progress, if any.
+    pub download: Option<DownloadNow>,
+    /// The ELM record being verified now and since when.
+    pub verifying: Option<(String, u64)>,
     pub branch: Option<String>,
     /// (parent name, weight) of the branch.
     pub parents: Vec<(String, f64)>,
@@ -179,6 +201,31 @@ impl Activity {
                     s.curve.retain(|p| p.step % stride == 0);
                 }
             }
+            Event::Validation { step, ppl, .. } => {
+                if s.valid_curve.len() >= MAX_CURVE_POINTS {
+                    s.valid_curve.pop_front();
+                }
+                s.valid_curve.push_back(ValidPoint {
+                    step: *step,
+                    ppl: *ppl,
+                });
+            }
+            Event::Download {
+                what,
+                bytes,
+                total,
+                bytes_per_s,
+                ..
+            } => {
+                s.download = Some(DownloadNow {
+                    what: what.clone(),
+                    bytes: *bytes,
+                    total: *total,
+                    bytes_per_s: *bytes_per_s,
+                });
+            }
+            Event::Fetched { .. } => s.download = None,
+            Event::Verifying { elm } => s.verifying = Some((elm.to_string(), now())),
             Event::Trained { ppl, seed_ppl } => {
                 s.valid_ppl = Some(*ppl);
                 s.seed_ppl = Some(*seed_ppl);
@@ -194,6 +241,12 @@ impl Activity {
                 reason,
             } => {
                 s.queue.remove(&elm.to_string());
+                if s.verifying
+                    .as_ref()
+                    .is_some_and(|(e, _)| *e == elm.to_string())
+                {
+                    s.verifying = None;
+                }
                 push_bounded(
                     &mut s.verdicts,
                     VerdictSeen {
@@ -267,6 +320,51 @@ mod tests {
         let last = s.curve.last().map_or(0, |p| p.step);
         assert!(last > 9_000, "{last}");
         assert_eq!(s.step, 10_000);
+    }
+
+    #[test]
+    fn validation_downloads_and_verifications_are_recorded() {
+        let a = Activity::new("volunteer");
+        for step in [0u64, 10, 20] {
+            a.on(&Event::Validation {
+                step,
+                ppl: 100.0 - step as f64,
+                tokens: 2047,
+            });
+        }
+        let id = ContentId::of(b"weights");
+        a.on(&Event::Download {
+            what: "seed".into(),
+            id,
+            bytes: 4096,
+            total: None,
+            bytes_per_s: 1000.0,
+        });
+        a.on(&Event::Verifying { elm: id });
+        let s = a.snapshot();
+        let steps: Vec<u64> = s.valid_curve.iter().map(|p| p.step).collect();
+        assert_eq!(steps, [0, 10, 20]);
+        assert_eq!(s.download.as_ref().map(|d| d.bytes), Some(4096));
+        assert_eq!(
+            s.verifying.as_ref().map(|v| v.0.clone()),
+            Some(id.to_string())
+        );
+        a.on(&Event::Fetched {
+            what: "seed".into(),
+            id,
+            bytes: 8192,
+            secs: 1.0,
+            held_already: false,
+        });
+        a.on(&Event::Verdict {
+            elm: id,
+            accepted: true,
+            measured_ppl: Some(50.0),
+            reason: "accepted".into(),
+        });
+        let s = a.snapshot();
+        assert!(s.download.is_none());
+        assert!(s.verifying.is_none());
     }
 
     #[test]

@@ -30,27 +30,16 @@ pub const MAX_ENSEMBLE_TOKENS: usize = 64;
 /// Largest report.json read.
 const MAX_REPORT_BYTES: u64 = 4 << 20;
 
+/// The four pages: (path, page name, title). Each is `static/page.html` with its name and title
+/// filled in; the page's script draws the rest from `/api/<name>`.
 const PAGES: &[(&str, &str, &str)] = &[
-    (
-        "/",
-        "text/html; charset=utf-8",
-        include_str!("static/index.html"),
-    ),
-    (
-        "/domains",
-        "text/html; charset=utf-8",
-        include_str!("static/domains.html"),
-    ),
-    (
-        "/node",
-        "text/html; charset=utf-8",
-        include_str!("static/node.html"),
-    ),
-    (
-        "/forest",
-        "text/html; charset=utf-8",
-        include_str!("static/forest.html"),
-    ),
+    ("/", "network", "the network"),
+    ("/domains", "domains", "domains"),
+    ("/node", "node", "this node"),
+    ("/forest", "forest", "the forest"),
+];
+
+const ASSETS: &[(&str, &str, &str)] = &[
     (
         "/ui.js",
         "text/javascript; charset=utf-8",
@@ -63,9 +52,26 @@ const PAGES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// A page's HTML: the shared template with the page's name, title and (for the forest) the
+/// ensemble box. Only these constants are put in; nothing from the network.
+fn page_html(name: &str, title: &str) -> String {
+    let extra = if name == "forest" {
+        include_str!("static/ensemble-box.html")
+    } else {
+        ""
+    };
+    include_str!("static/page.html")
+        .replace("{{title}}", title)
+        .replace("{{page}}", name)
+        .replace("{{extra}}", extra)
+}
+
 /// Answers one request.
 pub(super) async fn route(state: Arc<State>, req: Request) -> Response {
-    if let Some(&(_, ty, body)) = PAGES.iter().find(|(p, _, _)| *p == req.path) {
+    if let Some(&(_, name, title)) = PAGES.iter().find(|(p, _, _)| *p == req.path) {
+        return Response::new(200, "text/html; charset=utf-8", page_html(name, title));
+    }
+    if let Some(&(_, ty, body)) = ASSETS.iter().find(|(p, _, _)| *p == req.path) {
         return Response::new(200, ty, body.as_bytes());
     }
     let doc = match req.path.as_str() {
@@ -114,9 +120,11 @@ async fn network(state: &State) -> anyhow::Result<Value> {
     let mut peers = Vec::new();
     for p in connected.iter().take(MAX_PEERS_SHOWN) {
         let score = node.client().peer_score(*p).await.ok().flatten();
+        let agent = node.client().peer_agent(*p).await.ok().flatten();
         peers.push(json!({
             "peer": p.to_string(),
             "node": node_of(p),
+            "agent": agent,
             "score": score.filter(|s| s.is_finite()),
         }));
     }
@@ -296,6 +304,7 @@ async fn node(state: &State) -> anyhow::Result<Value> {
         "data_dir": state.config.data_dir.display().to_string(),
         "activity": a,
         "bytes_received": node.blobs().bytes_received(),
+        "bytes_served": node.blobs().bytes_served(),
         "peers_connected": node.client().connected_peers().await.map(|p| p.len()).ok(),
     }))
 }

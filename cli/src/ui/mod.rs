@@ -7,7 +7,8 @@
 //!   observations (phase, training curve, verdicts, verification queue);
 //! - `api`: the JSON documents, built from the running node, the activity and a forest
 //!   directory;
-//! - `static/`: the pages, one script and one style sheet, compiled into the binary. The script
+//! - `static/`: one page template (`page.html`, filled in with each page's name and title), the
+//!   forest page's ensemble box, one script and one style sheet, compiled into the binary. The script
 //!   builds the page with `textContent` and `createElement` only, never `innerHTML`, so every
 //!   string that came from the network (domain descriptions, ids, reasons) is shown as text;
 //!   the content security policy allows only this server's own script besides.
@@ -143,8 +144,29 @@ impl Drop for Ui {
     }
 }
 
+/// The events a long-running role reports to: the reporter's, and the web UI's too when
+/// `--ui` asks for one (started here; keep the returned UI alive while the role runs).
+pub(crate) async fn role_events(
+    args: &UiArgs,
+    node: &Node,
+    role: &str,
+    data_dir: &std::path::Path,
+    status: &crate::net::StatusFile,
+    reporter: &std::sync::Arc<crate::report::Reporter>,
+) -> Result<(Option<Ui>, btm_roles::Events)> {
+    let ui = start_ui(args, node, role, data_dir, Some(status), |m| {
+        reporter.line(m)
+    })
+    .await?;
+    let events = match &ui {
+        Some(ui) => ui.tee(reporter.events()),
+        None => reporter.events(),
+    };
+    Ok((ui, events))
+}
+
 /// Starts the UI when `--ui` was given, says where, and records its address in `status.json`.
-pub async fn start_if_asked(
+async fn start_ui(
     args: &UiArgs,
     node: &Node,
     role: &str,

@@ -190,8 +190,8 @@ function renderNetwork(d) {
       h('p', { class: 'note' }, 'Sizes of data this node holds; "-" where it has not downloaded it.')),
     section(`Peers connected: ${d.peers_connected}`,
       h('span', { id: 'peers-connected', hidden: true }, d.peers_connected),
-      table(['peer', 'node', ['gossip score', 'num']],
-        (d.peers || []).map((p) => h('tr', null, cell(h('span', { class: 'id' }, p.peer)), cell(p.node ? id(p.node) : '-'), numCell(p.score, 2))))),
+      table(['peer', 'node', 'agent', ['gossip score', 'num']],
+        (d.peers || []).map((p) => h('tr', null, cell(h('span', { class: 'id' }, p.peer)), cell(p.node ? id(p.node) : '-'), cell(p.agent || '-'), numCell(p.score, 2))))),
   ];
 }
 
@@ -269,11 +269,13 @@ function renderNode(d) {
         ['role', a.role],
         ['doing', a.phase, 'phase'],
         ['for', duration(d.now - a.phase_since)],
-        ['downloading', a.phase === 'downloading' && a.fetching ? a.fetching : '-'],
+        ['downloading', a.download ? `${a.download.what}: ${bytes(a.download.bytes)}${a.download.total ? ' of ' + bytes(a.download.total) : ''} at ${bytes(a.download.bytes_per_s)}/s` : (a.phase === 'downloading' && a.fetching ? a.fetching : '-'), 'download'],
+        ['verifying', a.verifying ? [id(a.verifying[0]), ` for ${duration(d.now - a.verifying[1])}`] : '-', 'verifying'],
         ['domain', a.domain || '-', 'domain'],
         ['registry version', a.registry_version === null ? '-' : a.registry_version],
         ['peers connected', d.peers_connected === null ? '-' : d.peers_connected],
         ['bytes downloaded', bytes(d.bytes_received)],
+        ['bytes served', bytes(d.bytes_served), 'bytes-served'],
         ['data dir', h('code', null, d.data_dir)],
       ])),
       section('Training', facts([
@@ -289,6 +291,8 @@ function renderNode(d) {
     section('Training curve: loss against updates',
       lineChart(pts, { label: 'training loss', xLabel: 'update', marks }),
       isNum(a.valid_ppl) ? h('p', null, `Validation perplexity after training: ${num(a.valid_ppl, 2)} (the seed: ${num(a.seed_ppl, 2)}), measured as verifiers measure it.`) : null),
+    section('Validation perplexity against updates (public validation split, first tokens)',
+      lineChart((a.valid_curve || []).map((p) => [p.step, p.ppl]), { label: 'validation perplexity', xLabel: 'update', height: 180 })),
     section('Throughput: tokens per second against updates', lineChart(tput, { label: 'throughput', xLabel: 'update', yFromZero: true, height: 160 })),
     section(`Verification queue: ${queue.length}`,
       queue.length === 0 ? h('p', { class: 'mute' }, 'nothing waiting') :

@@ -15,17 +15,10 @@ use btm_model::tokenizer::Tokenizer;
 use btm_model::weights;
 
 fn btm(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_btm-node"))
-        .args(args)
-        .output()
-        .expect("run btm-node");
-    assert!(
-        o.status.success(),
-        "btm-node {args:?}: {}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+    btm_testkit::output_ok(
+        Command::new(env!("CARGO_BIN_EXE_btm-node")).args(args),
+        &format!("btm-node {args:?}"),
+    )
 }
 
 fn s(p: &Path) -> &str {
@@ -176,20 +169,15 @@ fn check_in_transformers(py: &Path, elm: &Path, d: &Path) {
     let btm_json = d.join("btm.json");
     std::fs::write(&btm_json, &eval.stdout).expect("write eval");
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let check = Command::new(py)
-        .env("HF_HUB_OFFLINE", "1")
-        .arg(checkout.join("scripts").join("check_hf_export.py"))
-        .arg(elm)
-        .arg(checkout.join("data/corpus/bible_kjv/valid.jsonl.zst"))
-        .arg("512")
-        .arg(&btm_json)
-        .output()
-        .expect("run check_hf_export.py");
-    assert!(
-        check.status.success(),
-        "transformers and btm-node disagree: {}\n{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
+    let check = btm_testkit::output_ok(
+        Command::new(py)
+            .env("HF_HUB_OFFLINE", "1")
+            .arg(checkout.join("scripts").join("check_hf_export.py"))
+            .arg(elm)
+            .arg(checkout.join("data/corpus/bible_kjv/valid.jsonl.zst"))
+            .arg("512")
+            .arg(&btm_json),
+        "check_hf_export.py (transformers and btm-node must agree)",
     );
     eprintln!("{}", String::from_utf8_lossy(&check.stdout).trim());
 }

@@ -303,16 +303,12 @@ fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
         .expect("fetch")
         .expect("not stopped");
         assert_eq!(fetched.len(), 1, "{fetched:?}");
-        let report = Command::new(env!("CARGO_BIN_EXE_btm-node"))
-            .args(["--json", "forest", "report", "--max-tokens", "256"])
-            .args(["--prior-blocks", "2", "--forest"])
-            .arg(&forest_dir)
-            .output()
-            .expect("run forest report");
-        assert!(
-            report.status.success(),
-            "forest report: {}",
-            String::from_utf8_lossy(&report.stderr)
+        btm_testkit::output_ok(
+            Command::new(env!("CARGO_BIN_EXE_btm-node"))
+                .args(["--json", "forest", "report", "--max-tokens", "256"])
+                .args(["--prior-blocks", "2", "--forest"])
+                .arg(&forest_dir),
+            "forest report",
         );
         cnode.shutdown().await;
         let setup = started.elapsed();
@@ -463,15 +459,11 @@ fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
         mnode.shutdown().await;
 
         // `btm-node status` reads the same state from the volunteer's data directory.
-        let st = Command::new(env!("CARGO_BIN_EXE_btm-node"))
-            .args(["--json", "status", "--data-dir"])
-            .arg(&vdir)
-            .output()
-            .expect("run btm-node status");
-        assert!(
-            st.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&st.stderr)
+        let st = btm_testkit::output_ok(
+            Command::new(env!("CARGO_BIN_EXE_btm-node"))
+                .args(["--json", "status", "--data-dir"])
+                .arg(&vdir),
+            "btm-node status",
         );
         let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
         assert_eq!(st["registry_version"].as_u64(), Some(version), "{st}");

@@ -208,6 +208,19 @@ fn refusal(e: &Invalid) -> MessageAcceptance {
     }
 }
 
+/// Gossip verdict of a message whose record we tried to adopt: `Accept` when it was, `Ignore`
+/// when it was not newer after all or could not be stored (our failure, not the relay's).
+fn adopted<T, E: std::fmt::Display>(r: Result<Decision<T>, E>, what: &str) -> MessageAcceptance {
+    match r {
+        Ok(Decision::Accept(_)) => MessageAcceptance::Accept,
+        Ok(_) => MessageAcceptance::Ignore,
+        Err(e) => {
+            tracing::warn!(error = %e, "storing {what}");
+            MessageAcceptance::Ignore
+        }
+    }
+}
+
 fn observe(tx: &broadcast::Sender<Observed>, o: Observed) {
     let _ = tx.send(o);
 }
@@ -1268,14 +1281,7 @@ impl EventLoop {
     /// A root (rotation) on the registry topic.
     fn on_root_message(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
         match validate::check_root(&self.view(), None, data) {
-            Ok(Freshness::Newer) => match self.adopt_root(data) {
-                Ok(Decision::Accept(_)) => MessageAcceptance::Accept,
-                Ok(_) => MessageAcceptance::Ignore,
-                Err(e) => {
-                    tracing::warn!(error = %e, "storing a root");
-                    MessageAcceptance::Ignore
-                }
-            },
+            Ok(Freshness::Newer) => adopted(self.adopt_root(data), "a root"),
             Ok(_) => MessageAcceptance::Ignore,
             Err(e) => {
                 self.refused("root", Some(source), e.to_string());
@@ -1289,14 +1295,7 @@ impl EventLoop {
             return self.on_root_message(source, data);
         }
         match validate::check_registry(&self.view(), data) {
-            Ok(Freshness::Newer) => match self.adopt_registry(data) {
-                Ok(Decision::Accept(_)) => MessageAcceptance::Accept,
-                Ok(_) => MessageAcceptance::Ignore,
-                Err(e) => {
-                    tracing::warn!(error = %e, "storing a registry");
-                    MessageAcceptance::Ignore
-                }
-            },
+            Ok(Freshness::Newer) => adopted(self.adopt_registry(data), "a registry"),
             Ok(_) => MessageAcceptance::Ignore,
             Err(e) => {
                 // Equivocation is recorded as evidence by the store.

@@ -1412,15 +1412,7 @@ fn a_newcomer_among_liars_trusts_the_newest_valid_registry() {
                 .expect("put");
         }
         for l in &liars {
-            assert_eq!(
-                l.registry()
-                    .await
-                    .expect("registry")
-                    .expect("v1")
-                    .record()
-                    .version,
-                1
-            );
+            assert_eq!(trusted_version(l).await, Some(1));
         }
 
         // The newcomer knows three liars and one honest peer.

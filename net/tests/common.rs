@@ -300,6 +300,15 @@ pub async fn publish_world(maintainer: &Node) {
 }
 
 /// Waits until `node` has a verdict on `elm`; returns whether it accepted.
+/// The version of the registry `node` trusts (None before it trusts one).
+pub async fn trusted_version(node: &Node) -> Option<u64> {
+    node.registry()
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.record().version)
+}
+
 pub async fn wait_verdict(node: &Node, elm: ContentId) -> bool {
     let n = node.clone();
     wait_for("a verdict", Duration::from_secs(90), move || {

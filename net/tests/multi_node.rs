@@ -471,15 +471,7 @@ fn a_partition_heals_through_a_restarted_bridge() {
         assert!(wait_verdict(&b[1], elm).await, "B rejected an honest ELM");
         // The partition held.
         for y in &b {
-            assert_eq!(
-                y.registry()
-                    .await
-                    .expect("registry")
-                    .expect("v1")
-                    .record()
-                    .version,
-                1
-            );
+            assert_eq!(trusted_version(y).await, Some(1));
         }
         for x in &a {
             assert!(x.verdict(&elm).expect("verdict").is_none());
@@ -495,12 +487,7 @@ fn a_partition_heals_through_a_restarted_bridge() {
         let everyone: Vec<btm_net::Node> = group.iter().cloned().chain([bridge.clone()]).collect();
         let trainer = b[0].node_id();
         let converged = |n: btm_net::Node| async move {
-            let v2 = n
-                .registry()
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.record().version == 2);
+            let v2 = trusted_version(&n).await == Some(2);
             let verified = n
                 .verdict(&elm)
                 .ok()
@@ -537,11 +524,7 @@ fn a_partition_heals_through_a_restarted_bridge() {
                         n.client().connected_peers().await
                     );
                     state.push((
-                        n.registry()
-                            .await
-                            .ok()
-                            .flatten()
-                            .map(|r| r.record().version),
+                        trusted_version(n).await,
                         n.verdict(&elm).ok().flatten().map(|a| a.verdict),
                     ));
                 }

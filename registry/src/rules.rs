@@ -302,26 +302,32 @@ fn signed_by_threshold<R: Record>(
 
 /// The trusted root has not expired ("expired" means `now >= expires`).
 fn root_live(root: &Root, now: u64) -> Result<(), Reject> {
-    if now >= root.expires {
-        return Err(Reject::RootExpired {
-            version: root.version,
-            expires: root.expires,
-            now,
-        });
-    }
-    Ok(())
+    live(root.version, root.expires, now, true)
 }
 
 /// A registry has not expired.
 fn registry_live(registry: &Registry, now: u64) -> Result<(), Reject> {
-    if now >= registry.expires {
-        return Err(Reject::Expired {
-            version: registry.version,
-            expires: registry.expires,
-            now,
-        });
+    live(registry.version, registry.expires, now, false)
+}
+
+/// A root (`is_root`) or registry of `version` has not expired.
+fn live(version: u64, expires: u64, now: u64, is_root: bool) -> Result<(), Reject> {
+    if now < expires {
+        return Ok(());
     }
-    Ok(())
+    Err(if is_root {
+        Reject::RootExpired {
+            version,
+            expires,
+            now,
+        }
+    } else {
+        Reject::Expired {
+            version,
+            expires,
+            now,
+        }
+    })
 }
 
 fn decided<T>(r: Result<Decision<T>, Reject>) -> Decision<T> {

@@ -307,3 +307,20 @@ pub fn namespace_available(
     eprintln!("SKIPPED {test}: no {what} ({why}); set BTM_REQUIRE_NETNS=1 to require it");
     false
 }
+
+/// Runs `cmd` to its end and returns its output; panics, showing the status and both streams,
+/// unless it exited successfully. `what` names the command in the message.
+pub fn output_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => panic!("running {what}: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -22,18 +22,10 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = Command::new(exe())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run btm-node-e2e");
-    assert!(
-        out.status.success(),
-        "btm-node {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    btm_testkit::output_ok(
+        Command::new(exe()).args(args).stdin(Stdio::null()),
+        &format!("btm-node {args:?}"),
+    )
 }
 
 /// A child process, killed when dropped; its output goes to `<log>`.

@@ -188,20 +188,11 @@ fn web_ui_in_chromium_shows_live_state_and_hostile_records_as_text() {
 
         // The maintainers' node: registry v1, then v2 with hostile domain descriptions.
         let mnode = node(&dir.path().join("m"), &root, None).await;
-        let maintainer = Maintainer::new(MaintainerConfig {
-            keys: vec![maintainer_key.clone()],
-            seed: SeedFiles::load(&seed_dir).expect("seed files"),
-            registry: None,
-            rotate_roots: vec![],
+        let maintainer = Maintainer::new(MaintainerConfig::small_network(
+            vec![maintainer_key.clone()],
+            SeedFiles::load(&seed_dir).expect("seed files"),
             domains,
-            eval_tokens: 512,
-            tolerance_ppm: 10_000,
-            expires_days: 1,
-            accept_verified: true,
-            withheld_share: 0.25,
-            min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
-            max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
-        });
+        ));
         maintainer
             .publish(&mnode, &Events::ignore())
             .await

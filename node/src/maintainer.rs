@@ -122,6 +122,34 @@ pub const DEFAULT_WITHHELD_SHARE: f64 = 0.1;
 pub const DEFAULT_MIN_GAIN_PPM: u32 = 10_000;
 pub const DEFAULT_MAX_MEMORISATION_PPM: u32 = 1_250_000;
 
+impl MaintainerConfig {
+    /// Settings for a small network of tiny models (tests, local trials): verifiers score 512
+    /// validation tokens per domain within 1%, registry versions last a day, verified ELMs are
+    /// accepted, a quarter of each domain's training documents is withheld (with 40 documents,
+    /// a pool the size of `valid`, so that which few documents it holds does not dominate the
+    /// memorisation ratio), and the default acceptance margins apply.
+    pub fn small_network(
+        keys: Vec<SigningKey>,
+        seed: SeedFiles,
+        domains: Vec<DomainFiles>,
+    ) -> MaintainerConfig {
+        MaintainerConfig {
+            keys,
+            seed,
+            registry: None,
+            rotate_roots: vec![],
+            domains,
+            eval_tokens: 512,
+            tolerance_ppm: 10_000,
+            expires_days: 1,
+            accept_verified: true,
+            withheld_share: 0.25,
+            min_gain_ppm: DEFAULT_MIN_GAIN_PPM,
+            max_memorisation_ppm: DEFAULT_MAX_MEMORISATION_PPM,
+        }
+    }
+}
+
 /// A domain's training data split in two, both as JSONL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Carved {

@@ -51,23 +51,11 @@ pub fn fixture() -> &'static Fixture {
 
 impl Fixture {
     pub fn maintainer_config(&self) -> MaintainerConfig {
-        MaintainerConfig {
-            keys: vec![self.maintainer.clone()],
-            seed: SeedFiles::load(&self.seed_dir).expect("seed files"),
-            registry: None,
-            rotate_roots: vec![],
-            domains: self.domains.clone(),
-            eval_tokens: 512,
-            tolerance_ppm: 10_000,
-            expires_days: 1,
-            accept_verified: true,
-            // A quarter of the 40 training documents: a pool the size of `valid` (10), so that
-            // the memorisation ratio of honest ELMs is not dominated by which few documents
-            // the pool holds.
-            withheld_share: 0.25,
-            min_gain_ppm: btm_roles::maintainer::DEFAULT_MIN_GAIN_PPM,
-            max_memorisation_ppm: btm_roles::maintainer::DEFAULT_MAX_MEMORISATION_PPM,
-        }
+        MaintainerConfig::small_network(
+            vec![self.maintainer.clone()],
+            SeedFiles::load(&self.seed_dir).expect("seed files"),
+            self.domains.clone(),
+        )
     }
 }
 

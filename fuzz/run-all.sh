@@ -27,8 +27,8 @@ for t in "${targets[@]}"; do
   log="runs/$t.log"
   start=$(date +%s.%N)
   set +e
-  (cd "$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run -O -s "${SANITIZER:-none}" "$t" "$OLDPWD/runs/$t" "$OLDPWD/corpus/$t" -- \
-      -runs="$RUNS" -max_total_time="$SECS" -print_final_stats=1) > "$log" 2>&1
+  RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir "$dir" -O -s "${SANITIZER:-none}" "$t" "$PWD/runs/$t" "$PWD/corpus/$t" -- \
+      -runs="$RUNS" -max_total_time="$SECS" -print_final_stats=1 > "$log" 2>&1
   rc=$?
   set -e
   end=$(date +%s.%N)

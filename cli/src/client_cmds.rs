@@ -269,11 +269,15 @@ fn write_verification(node: &Node, out: &Path, rows: &[btm_roles::FetchedElm]) -
         );
     }
     fsutil::write_atomic(
-        &out.join(crate::hf_export::VERIFICATION_FILE),
+        &out.join(VERIFICATION_FILE),
         &serde_json::to_vec_pretty(&serde_json::Value::Object(doc))?,
     )?;
     Ok(())
 }
+
+/// What `fetch` records about each ELM's verification (`<forest>/verification.json`); the
+/// model cards of `forest export-hf` read it.
+pub const VERIFICATION_FILE: &str = "verification.json";
 
 // ---- forest report -----------------------------------------------------------------------
 

@@ -18,9 +18,6 @@ use serde_json::{Value, json};
 
 use crate::open::open_with_elms;
 
-/// What `fetch` records about each ELM's verification (`<forest>/verification.json`).
-pub const VERIFICATION_FILE: &str = "verification.json";
-
 #[derive(Debug, Args)]
 pub struct ExportHfArgs {
     /// The forest (directory or forest.json), e.g. from `btm-node fetch`.
@@ -111,7 +108,7 @@ pub fn export_hf(a: ExportHfArgs, json: bool) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let licences = licences();
     let verification: BTreeMap<String, Value> =
-        fsutil::read_limited(&forest.dir().join(VERIFICATION_FILE), 16 << 20)
+        fsutil::read_limited(&forest.dir().join(crate::client_cmds::VERIFICATION_FILE), 16 << 20)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();

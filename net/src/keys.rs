@@ -102,7 +102,12 @@ impl Topic {
     }
 }
 
+/// 32 bytes as 64 lower-case hex digits, the only spelling keys use: with upper case allowed,
+/// one record could be stored under many DHT keys.
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
     s.parse::<ContentId>().ok().map(|c| c.0)
 }
 
@@ -243,5 +248,24 @@ mod tests {
         for t in Topic::ALL {
             assert_eq!(Topic::parse(&net, &t.string(&net)), Some(t));
         }
+    }
+
+    /// One key, one spelling: hex in keys is lower case only. Found by the `record_key` fuzz
+    /// target (an upper-case digit in a claim's node id parsed to the same key as the
+    /// lower-case one, so one record could be stored under many DHT keys).
+    #[test]
+    fn keys_with_upper_case_hex_are_refused() {
+        let net = NetworkId(ContentId::of(b"root"));
+        let node = btm_protocol::PublicKey([0xab; 32]);
+        let id = ContentId([0xcd; 32]);
+        let upper = |s: String| s.to_uppercase();
+        let claim = format!("btm/1/{net}/claim/legal/{}", upper(node.to_string()));
+        let elm = format!("btm/1/{net}/elm/{}", upper(id.to_string()));
+        let addr = format!("btm/1/{net}/addr/{}", upper(node.to_string()));
+        for k in [claim, elm, addr] {
+            assert_eq!(RecordKey::parse(&net, k.as_bytes()), None, "{k}");
+        }
+        let blob = format!("btm/1/{net}/blob/{}", upper(id.to_string()));
+        assert_eq!(ProviderKey::parse(&net, blob.as_bytes()), None, "{blob}");
     }
 }

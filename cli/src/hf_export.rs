@@ -107,11 +107,13 @@ pub fn export_hf(a: ExportHfArgs, json: bool) -> Result<()> {
     let device = DeviceKind::Cpu.device()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let licences = licences();
-    let verification: BTreeMap<String, Value> =
-        fsutil::read_limited(&forest.dir().join(crate::client_cmds::VERIFICATION_FILE), 16 << 20)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+    let verification: BTreeMap<String, Value> = fsutil::read_limited(
+        &forest.dir().join(crate::client_cmds::VERIFICATION_FILE),
+        16 << 20,
+    )
+    .ok()
+    .and_then(|b| serde_json::from_slice(&b).ok())
+    .unwrap_or_default();
     let mut written = Vec::new();
     for (i, e) in forest.elms.iter().enumerate() {
         let dir = a.out.join(folder(&e.name));

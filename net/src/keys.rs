@@ -105,7 +105,10 @@ impl Topic {
 /// 32 bytes as 64 lower-case hex digits, the only spelling keys use: with upper case allowed,
 /// one record could be stored under many DHT keys.
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     s.parse::<ContentId>().ok().map(|c| c.0)

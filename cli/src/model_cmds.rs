@@ -12,7 +12,7 @@ use btm_model::tokenizer::Tokenizer;
 use btm_model::train::{StepStats, TrainConfig, Trainer};
 use btm_model::{Gpt, Preset, weights};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::sampling::GenerationArgs;
@@ -67,13 +67,9 @@ impl ScoreBar {
     pub(crate) fn new(shown: bool, scorings: u64) -> ScoreBar {
         let bar = shown.then(|| {
             let bar = ProgressBar::new(scorings);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} score [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            bar.set_style(crate::report::bar_style(
+                "{spinner} score [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            ));
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
             bar
         });
@@ -129,13 +125,9 @@ impl TrainBar {
         if self.bar.is_none() || self.run != run {
             self.finish();
             let bar = ProgressBar::new(s.steps);
-            bar.set_style(
-                ProgressStyle::with_template(&format!(
-                    "{{spinner}} {run} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})"
-                ))
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            bar.set_style(crate::report::bar_style(&format!(
+                "{{spinner}} {run} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})"
+            )));
             self.run = run.to_string();
             self.bar = Some(bar);
             self.ema_tps = None;

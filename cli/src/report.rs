@@ -24,7 +24,7 @@ pub fn phase_name(p: Phase) -> &'static str {
 }
 
 /// A bar style from an indicatif template (the default bar if the template is wrong).
-fn bar_style(template: &str) -> indicatif::ProgressStyle {
+pub(crate) fn bar_style(template: &str) -> indicatif::ProgressStyle {
     indicatif::ProgressStyle::with_template(template)
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ")

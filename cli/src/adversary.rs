@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use btm_net::{Client, NetworkId, Node, RecordKey, Topic};
+use btm_net::{Client, DhtKey, NetworkId, Node, RecordKey, Topic};
 use btm_protocol::{
     Attestation, ContentId, ElmRecord, EvalPool, Parent, PublicKey, SeedManifest, Signed, Verdict,
 };

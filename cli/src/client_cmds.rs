@@ -7,7 +7,6 @@
 //! re-scored perplexity) before `fetch` uses it; `--unverified` takes the others as well.
 
 use btm_model::files::{TOKENIZER_FILE, WEIGHTS_FILE};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,15 +16,16 @@ use btm_model::device::DeviceKind;
 use btm_model::forest::average;
 use btm_model::forest::ensemble::{self, Ensemble};
 use btm_model::forest::posterior::{PriorConfig, Weighting};
+use btm_model::forest::report::{self, ForestReport, ReportConfig, ReportRow};
 use btm_model::forest::{Forest, manifest};
 use btm_model::generate::SampleConfig;
-use btm_model::{eval, fsutil, weights};
+use btm_model::{eval, fsutil};
 use btm_net::Node;
 use btm_roles::{Client, ClientConfig, Events, FetchRequest, Listing, Stop};
 use clap::Args;
 use serde::Serialize;
 
-use crate::net::{self, ConfigFile, NetArgs, NodeSettings, Say, short};
+use crate::net::{self, ConfigFile, NetArgs, NodeSettings, short};
 use crate::open::open_with_elms;
 use crate::plot::{self, PALETTE};
 use crate::report::Reporter;
@@ -309,28 +309,6 @@ pub struct ReportArgs {
     device: DeviceKind,
 }
 
-/// Perplexities of one domain.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct ReportRow {
-    pub domain: String,
-    pub seed: f64,
-    /// ELM name -> perplexity.
-    pub elms: BTreeMap<String, f64>,
-    /// The ELM trained on this domain, if any.
-    pub own_elm: Option<f64>,
-    pub ensemble: f64,
-    pub average_posterior: f64,
-    pub average_uniform: f64,
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct ForestReport {
-    pub split: String,
-    pub tokens_per_domain: usize,
-    pub elms: Vec<String>,
-    pub rows: Vec<ReportRow>,
-}
-
 pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     let (forest, tok) = open_with_elms(&a.forest)?;
     let device = a.device.device()?;
@@ -347,92 +325,27 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     } else {
         a.domain.clone()
     };
-    let say = Say::new("report", json);
-    let seed = forest
-        .seed
-        .as_ref()
-        .context("the forest has no seed (fetch it, or `forest create --seed`)")?;
-    let seed_model = weights::load(&forest.resolve(seed), Some(&forest.architecture), &device)?;
-    let n_ctx = forest.architecture.n_ctx;
-    let elm_models = (0..forest.elms.len())
-        .map(|i| forest.load_elm(i, &device))
-        .collect::<Result<Vec<_>, _>>()?;
-    let tmp = tempfile::tempdir()?;
-    // Uniform average, once.
-    let uniform_path = tmp.path().join("uniform.safetensors");
-    let all: Vec<(usize, f64)> = (0..forest.elms.len()).map(|i| (i, 1.0)).collect();
-    average::average_members(&forest, &all, &uniform_path)?;
-    let uniform = weights::load(&uniform_path, Some(&forest.architecture), &device)?;
-    let ppl = |m: &btm_model::Gpt, t: &[u32]| -> Result<f64> {
-        Ok(eval::evaluate(m, None, t, 8, &device)?.perplexity)
-    };
-    let mut rows = Vec::new();
-    // Per domain: the ensemble, every ELM, the seed and the two averages.
-    let bar =
-        crate::model_cmds::ScoreBar::new(!json, (domains.len() * (forest.elms.len() + 4)) as u64);
-    for d in &domains {
-        bar.suspend(|| say.line(format!("scoring {d}")));
-        let docs = corpus.documents(d, a.split)?;
-        let (mut test, _) = data::tokenize_documents(&tok, &docs, Some(a.max_tokens * 8))?;
-        test.truncate(a.max_tokens + 1);
-        let dev_docs = corpus.documents(d, Split::Valid)?;
-        let (dev, _) = data::tokenize_documents(&tok, &dev_docs, Some(a.prior_blocks * n_ctx * 8))?;
-        let prior = ensemble::cached_prior(
-            &forest,
-            &dev,
-            &PriorConfig {
-                max_blocks: a.prior_blocks,
-                ..PriorConfig::default()
-            },
-            8,
-            &device,
-        )?;
-        let (ens, _) =
-            Ensemble::from_forest(&forest, Some(&prior), None, Weighting::Posterior, &device)?;
-        bar.scoring(format!("{d}: ensemble"));
-        let ensemble_ppl = ens.evaluate(None, &test, 8)?.perplexity;
-        bar.done();
-        let post_path = tmp.path().join("posterior.safetensors");
-        let members: Vec<(usize, f64)> = prior.iter().copied().enumerate().collect();
-        average::average_members(&forest, &members, &post_path)?;
-        let post = weights::load(&post_path, Some(&forest.architecture), &device)?;
-        let mut elms = BTreeMap::new();
-        let mut own = None;
-        for (e, m) in forest.elms.iter().zip(&elm_models) {
-            bar.scoring(format!("{d}: ELM {}", e.name));
-            let p = ppl(m, &test)?;
-            bar.done();
-            if e.domains.iter().any(|x| x == d) {
-                own = Some(own.map_or(p, |o: f64| o.min(p)));
-            }
-            elms.insert(e.name.clone(), p);
-        }
-        bar.scoring(format!("{d}: seed and averages"));
-        let seed = ppl(&seed_model, &test)?;
-        bar.done();
-        let average_posterior = ppl(&post, &test)?;
-        bar.done();
-        let average_uniform = ppl(&uniform, &test)?;
-        bar.done();
-        rows.push(ReportRow {
-            domain: d.clone(),
-            seed,
-            elms,
-            own_elm: own,
-            ensemble: ensemble_ppl,
-            average_posterior,
-            average_uniform,
-        });
+    if forest.seed.is_none() {
+        bail!("the forest has no seed (fetch it, or `forest create --seed`)");
     }
-    let report = ForestReport {
-        split: a.split.to_string(),
-        tokens_per_domain: a.max_tokens,
-        elms: forest.names().iter().map(ToString::to_string).collect(),
-        rows,
+    let cfg = ReportConfig {
+        split: a.split,
+        max_tokens: a.max_tokens,
+        prior_blocks: a.prior_blocks,
+        domains,
     };
+    let bar = crate::model_cmds::ScoreBar::new(!json, report::scorings(&forest, cfg.domains.len()));
+    let mut started = false;
+    let report = ForestReport::measure(&forest, &tok, &corpus, &cfg, &device, |what| {
+        if std::mem::replace(&mut started, true) {
+            bar.done();
+        }
+        bar.scoring(what);
+    })?;
+    drop(bar);
     let out = a.out.clone().unwrap_or_else(|| forest.dir().to_path_buf());
     std::fs::create_dir_all(&out)?;
-    let md = report_markdown(&report);
+    let md = report.markdown();
     fsutil::write_atomic(
         &out.join("report.json"),
         &serde_json::to_vec_pretty(&report)?,
@@ -451,46 +364,6 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The report as a Markdown table: one row per domain, best value in bold.
-pub fn report_markdown(r: &ForestReport) -> String {
-    let mut s = format!(
-        "Perplexity on the {} split ({} tokens per domain; lower is better)\n\n| domain | seed |",
-        r.split, r.tokens_per_domain
-    );
-    for e in &r.elms {
-        s.push_str(&format!(" ELM {e} |"));
-    }
-    s.push_str(" ensemble | avg (posterior) | avg (uniform) |\n|---|---:|");
-    for _ in &r.elms {
-        s.push_str("---:|");
-    }
-    s.push_str("---:|---:|---:|\n");
-    for row in &r.rows {
-        let mut vals = vec![row.seed];
-        vals.extend(
-            r.elms
-                .iter()
-                .map(|e| row.elms.get(e).copied().unwrap_or(f64::NAN)),
-        );
-        vals.extend([row.ensemble, row.average_posterior, row.average_uniform]);
-        let best = vals
-            .iter()
-            .copied()
-            .filter(|v| v.is_finite())
-            .fold(f64::INFINITY, f64::min);
-        s.push_str(&format!("| {} |", row.domain));
-        for v in vals {
-            if v == best {
-                s.push_str(&format!(" **{v:.2}** |"));
-            } else {
-                s.push_str(&format!(" {v:.2} |"));
-            }
-        }
-        s.push('\n');
-    }
-    s
 }
 
 /// Grouped bars per domain: seed, the domain's own ELM, ensemble, posterior and uniform averages.

@@ -26,9 +26,9 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::client_cmds::{ForestReport, report_markdown};
 use crate::net::{NetworkFile, Status, StatusFile};
 use crate::table::{left, line, num, right};
+use btm_model::forest::report::ForestReport;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -659,7 +659,7 @@ pub fn demo(a: DemoArgs, json: bool) -> Result<()> {
         println!("{}  {}", line(&cols, &cells), v.verified_by.join(", "));
     }
     println!();
-    println!("{}", report_markdown(&result.report));
+    println!("{}", result.report.markdown());
     let stages: Vec<String> = result
         .timings
         .iter()

@@ -243,31 +243,19 @@ impl Reporter {
                 "posterior of {domain}'s validation data over the accepted ELMs: {}",
                 weighted_names(weights)
             )),
-            Event::TrainingStarted {
-                domain,
-                steps,
-                tokens_per_step,
-                resumed_from,
-            } => {
-                match resumed_from {
-                    Some(k) => self.line(format!(
-                        "resuming the run on {domain} at update {k}/{steps} from its checkpoint"
-                    )),
-                    None => self.line(format!(
-                        "training {steps} updates of {tokens_per_step} tokens on {domain}"
-                    )),
-                }
+            Event::TrainingStarted(t) => {
+                self.line(t.describe());
                 self.status(|s| {
-                    s.steps = *steps;
-                    s.resumed_from = *resumed_from;
+                    s.steps = t.steps;
+                    s.resumed_from = t.resumed_from;
                 });
                 if !self.json {
                     self.finish_bar();
-                    let bar = indicatif::ProgressBar::new(*steps);
+                    let bar = indicatif::ProgressBar::new(t.steps);
                     bar.set_style(bar_style(
                         "{spinner} train [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
                     ));
-                    bar.set_position(resumed_from.unwrap_or(0));
+                    bar.set_position(t.resumed_from.unwrap_or(0));
                     if let Ok(mut b) = self.bar.lock() {
                         *b = Some(bar);
                     }
@@ -329,24 +317,11 @@ impl Reporter {
                     s.elm = Some(elm.to_string());
                 });
             }
-            Event::Verdict {
-                elm,
-                accepted,
-                measured_ppl,
-                reason,
-            } => {
+            Event::Verdict(v) => {
                 self.finish_bar();
-                self.line(format!(
-                    "verified ELM {}: {}",
-                    short(&elm.0),
-                    match (accepted, measured_ppl) {
-                        (true, Some(p)) => format!("accepted, perplexity {p:.2}"),
-                        (true, None) => format!("accepted ({reason})"),
-                        (false, _) => format!("rejected: {reason}"),
-                    }
-                ));
+                self.line(format!("verified ELM {}: {}", short(&v.elm.0), v.outcome()));
                 self.status(|s| {
-                    s.verified.insert(elm.to_string(), *accepted);
+                    s.verified.insert(v.elm.to_string(), v.accepted);
                 });
             }
             Event::ClaimSeen {

@@ -237,13 +237,8 @@ fn a_demix_run_resumes_from_its_checkpoint_and_its_weights_round_trip() {
 #[test]
 fn the_experiment_reports_a_compute_matched_demix_row_and_skips_it_when_done() {
     let a = arch(16);
-    let cfg = Config {
-        total_steps: 12,
-        batch_size: 2,
-        lr: 3e-3,
-        prior_blocks: 4,
-        ..Config::quick()
-    };
+    let mut cfg = Config::quick();
+    (cfg.total_steps, cfg.batch_size, cfg.lr, cfg.prior_blocks) = (12, 2, 3e-3, 4);
     let train = ["bible_kjv", "python_code"];
     let streams: Vec<DomainStream> = train.iter().map(|d| stream(d, 16)).collect();
     let plan = Plan::new(&cfg, streams.len(), &a).unwrap();

@@ -590,9 +590,8 @@ fn compute_accounting_sums_correctly() {
     let dir = tempfile::tempdir().unwrap();
     let small = Config {
         total_steps: 8,
-        seed_share: 0.5,
         batch_size: 2,
-        ..Config::quick()
+        ..cfg.clone()
     };
     let plan = Plan::new(&small, 2, &a).unwrap();
     let tc = |steps| btm_model::train::TrainConfig {

@@ -291,6 +291,30 @@ pub enum Event {
     UnknownElm(ContentId),
 }
 
+/// This node's verdict on an ELM, as observers hear it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VerdictReport {
+    /// The ELM record.
+    pub elm: ContentId,
+    /// Whether this node accepts it.
+    pub accepted: bool,
+    /// The perplexity this node measured, when it scored the ELM.
+    pub measured_ppl: Option<f64>,
+    /// Why (a rejection's reason, or how an acceptance was reached).
+    pub reason: String,
+}
+
+impl VerdictReport {
+    /// The outcome in words: "accepted, perplexity 12.34", "accepted (why)" or "rejected: why".
+    pub fn outcome(&self) -> String {
+        match (self.accepted, self.measured_ppl) {
+            (true, Some(p)) => format!("accepted, perplexity {p:.2}"),
+            (true, None) => format!("accepted ({})", self.reason),
+            (false, _) => format!("rejected: {}", self.reason),
+        }
+    }
+}
+
 /// What happened, for observers (tests, the CLI's progress output). Lossy: a slow observer
 /// misses events rather than slowing the node.
 #[derive(Debug, Clone)]
@@ -312,12 +336,7 @@ pub enum Observed {
     /// A verification started (its weights are fetched, then scored).
     Verifying(ContentId),
     /// A verification finished.
-    Verdict {
-        elm: ContentId,
-        accepted: bool,
-        measured_ppl: Option<f64>,
-        reason: String,
-    },
+    Verdict(VerdictReport),
     /// An attestation was stored.
     Attestation {
         elm: ContentId,

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::client::{Command, Event, NetError, Observed};
 use crate::diversity;
 use crate::identity::node_id_of;
-use crate::keys::{NetworkId, ProviderKey, RecordKey, Topic};
+use crate::keys::{DhtKey, NetworkId, ProviderKey, RecordKey, Topic};
 use crate::limits::{Clock, ErrorBudget, Limits, RateLimiter};
 use crate::swarm::{Behaviour, BehaviourEvent};
 use crate::validate::{self, Freshness, Horizons, Invalid, View};

@@ -4,7 +4,7 @@
 //! committed corpus file through them. Not a stable API.
 
 use crate::addr::{AddrRecord, MAX_ADDRS, MAX_ENTRY, MAX_LEN};
-use crate::{NetworkId, ProviderKey, RecordKey, Topic};
+use crate::{DhtKey, NetworkId, ProviderKey, RecordKey, Topic};
 use btm_protocol::{ContentId, PublicKey, SigningKey};
 
 /// The network whose keys the `record_key` corpus holds.

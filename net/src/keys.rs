@@ -127,9 +127,24 @@ fn domain_ok(d: &str) -> Option<String> {
         .map(|_| d.to_string())
 }
 
-impl RecordKey {
+/// A Kademlia key of this network: a record key or a provider key. Its byte form is
+/// canonical: [`DhtKey::parse`] of [`DhtKey::to_bytes`] gives the key back, and any other
+/// spelling parses to `None`.
+pub trait DhtKey: Sized {
     /// The key bytes.
-    pub fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
+    fn to_bytes(&self, net: &NetworkId) -> Vec<u8>;
+
+    /// Parses key bytes of this network; `None` for anything else (such keys are refused).
+    fn parse(net: &NetworkId, bytes: &[u8]) -> Option<Self>;
+
+    /// The libp2p form.
+    fn kad(&self, net: &NetworkId) -> libp2p::kad::RecordKey {
+        libp2p::kad::RecordKey::new(&self.to_bytes(net))
+    }
+}
+
+impl DhtKey for RecordKey {
+    fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
         let p = net.prefix();
         match self {
             RecordKey::Registry => format!("{p}registry"),
@@ -143,13 +158,7 @@ impl RecordKey {
         .into_bytes()
     }
 
-    /// The libp2p form.
-    pub fn kad(&self, net: &NetworkId) -> libp2p::kad::RecordKey {
-        libp2p::kad::RecordKey::new(&self.to_bytes(net))
-    }
-
-    /// Parses key bytes of this network; `None` for anything else (such records are refused).
-    pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<RecordKey> {
+    fn parse(net: &NetworkId, bytes: &[u8]) -> Option<RecordKey> {
         match parts_of(net, bytes)?.as_slice() {
             ["registry"] => Some(RecordKey::Registry),
             // Canonical decimal only, so one version has one key.
@@ -174,9 +183,8 @@ impl RecordKey {
     }
 }
 
-impl ProviderKey {
-    /// The key bytes.
-    pub fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
+impl DhtKey for ProviderKey {
+    fn to_bytes(&self, net: &NetworkId) -> Vec<u8> {
         let p = net.prefix();
         match self {
             ProviderKey::Blob(id) => format!("{p}blob/{id}"),
@@ -186,13 +194,7 @@ impl ProviderKey {
         .into_bytes()
     }
 
-    /// The libp2p form.
-    pub fn kad(&self, net: &NetworkId) -> libp2p::kad::RecordKey {
-        libp2p::kad::RecordKey::new(&self.to_bytes(net))
-    }
-
-    /// Parses key bytes of this network.
-    pub fn parse(net: &NetworkId, bytes: &[u8]) -> Option<ProviderKey> {
+    fn parse(net: &NetworkId, bytes: &[u8]) -> Option<ProviderKey> {
         match parts_of(net, bytes)?.as_slice() {
             ["blob", id] => Some(ProviderKey::Blob(ContentId(parse_hex32(id)?))),
             ["claimants", d] => Some(ProviderKey::Claimants(domain_ok(d)?)),

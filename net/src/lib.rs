@@ -47,8 +47,8 @@ pub mod swarm;
 pub mod validate;
 pub mod verify;
 
-pub use client::{Client, Event, NetError, Observed};
+pub use client::{Client, Event, NetError, Observed, VerdictReport};
 pub use identity::Identity;
-pub use keys::{NetworkId, ProviderKey, RecordKey, Topic};
+pub use keys::{DhtKey, NetworkId, ProviderKey, RecordKey, Topic};
 pub use libp2p;
 pub use node::{Node, NodeConfig, NodeError, SyncReport};

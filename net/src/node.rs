@@ -902,12 +902,14 @@ async fn judge_and_attest(inner: &Arc<Inner>, envelope: &Signed<ElmRecord>) -> R
             tracing::warn!(error = %e, "storing our attestation");
         }
     }
-    let _ = inner.observers.send(Observed::Verdict {
-        elm,
-        accepted: verdict == Verdict::Accept,
-        measured_ppl: measured,
-        reason,
-    });
+    let _ = inner
+        .observers
+        .send(Observed::Verdict(crate::VerdictReport {
+            elm,
+            accepted: verdict == Verdict::Accept,
+            measured_ppl: measured,
+            reason,
+        }));
     let c = inner.client.clone();
     let weights = envelope.record().weights;
     let accepted = verdict == Verdict::Accept;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use btm_net::blobs::{BlobConfig, Blobs, Provider};
-use btm_net::{Identity, Node, Observed, RecordKey, Topic};
+use btm_net::{DhtKey, Identity, Node, Observed, RecordKey, Topic};
 use btm_protocol::{Claim, ContentId, Record, Root, Signed, test_key};
 use tokio::sync::broadcast;
 

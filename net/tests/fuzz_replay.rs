@@ -48,7 +48,7 @@ fn write(target: &str, files: Vec<(String, Vec<u8>)>) {
 #[ignore = "writes fuzz/corpus/{addr_record,record_key,documents,forest_manifest}; run by fuzz/seed-corpus.sh"]
 fn write_net_seed_corpus() {
     use btm_net::addr::AddrRecord;
-    use btm_net::{ProviderKey, RecordKey, Topic};
+    use btm_net::{DhtKey, ProviderKey, RecordKey, Topic};
     use btm_protocol::{ContentId, PublicKey};
 
     let key = checks::addr_key();

@@ -90,13 +90,8 @@ pub enum Event {
         domain: String,
         weights: Vec<(String, f64)>,
     },
-    /// Training starts (or resumes from `resumed_from`).
-    TrainingStarted {
-        domain: String,
-        steps: u64,
-        tokens_per_step: u64,
-        resumed_from: Option<u64>,
-    },
+    /// Training starts (or resumes).
+    TrainingStarted(TrainingStart),
     /// One optimiser update.
     Step {
         step: u64,
@@ -131,12 +126,7 @@ pub enum Event {
         again: bool,
     },
     /// This node's verdict on an ELM.
-    Verdict {
-        elm: ContentId,
-        accepted: bool,
-        measured_ppl: Option<f64>,
-        reason: String,
-    },
+    Verdict(btm_net::VerdictReport),
     /// A claim seen on the network.
     ClaimSeen {
         domain: String,
@@ -164,6 +154,37 @@ pub enum Event {
 }
 
 /// Where a role sends its events. Cloning shares the receiver.
+/// A training run that starts, or resumes from its checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainingStart {
+    /// The domain trained.
+    pub domain: String,
+    /// Optimiser updates of the whole run.
+    pub steps: u64,
+    /// Tokens per update.
+    pub tokens_per_step: u64,
+    /// The update the run resumes from, when it resumes.
+    pub resumed_from: Option<u64>,
+}
+
+impl TrainingStart {
+    /// What starts, in words.
+    pub fn describe(&self) -> String {
+        let TrainingStart {
+            domain,
+            steps,
+            tokens_per_step,
+            resumed_from,
+        } = self;
+        match resumed_from {
+            Some(k) => {
+                format!("resuming the run on {domain} at update {k}/{steps} from its checkpoint")
+            }
+            None => format!("training {steps} updates of {tokens_per_step} tokens on {domain}"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Events {
     sink: Arc<dyn Fn(&Event) + Send + Sync>,

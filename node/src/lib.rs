@@ -29,7 +29,7 @@ pub use btm_model::forest::manifest::InitKind;
 pub use client::{Client, ClientConfig, FetchRequest, FetchedElm, Listing};
 pub use common::{own_verdicts, short, wait_registry};
 pub use error::{Error, Result};
-pub use events::{Event, Events, Phase};
+pub use events::{Event, Events, Phase, TrainingStart};
 pub use maintainer::{DomainFiles, Maintainer, MaintainerConfig, Published, SeedFiles};
 pub use serve::serve;
 pub use stop::Stop;

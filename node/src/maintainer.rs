@@ -484,11 +484,11 @@ impl Maintainer {
                         events.emit(Event::Attestation { elm, verifier, accepted });
                     }
                     Ok(Observed::Verifying(elm)) => events.emit(Event::Verifying { elm }),
-                    Ok(Observed::Verdict { elm, accepted, measured_ppl, reason }) => {
-                        events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
-                        if accepted && self.config.accept_verified {
-                            pending.insert(elm);
+                    Ok(Observed::Verdict(v)) => {
+                        if v.accepted && self.config.accept_verified {
+                            pending.insert(v.elm);
                         }
+                        events.emit(Event::Verdict(v));
                     }
                     Ok(Observed::Registry { version }) => {
                         crate::common::report_registry(node, version, events).await;

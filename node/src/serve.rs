@@ -24,12 +24,12 @@ pub async fn serve(node: &Node, stop: &Stop, events: &Events) -> Result<()> {
                 if let Some(accepted) = verdict
                     && told.insert(e.id())
                 {
-                    events.emit(Event::Verdict {
+                    events.emit(Event::Verdict(btm_net::VerdictReport {
                         elm: e.id(),
                         accepted,
                         measured_ppl: None,
                         reason: "verified earlier".into(),
-                    });
+                    }));
                 }
             }
         }
@@ -40,9 +40,9 @@ pub async fn serve(node: &Node, stop: &Stop, events: &Events) -> Result<()> {
         tokio::select! {
             _ = stop.wait() => break,
             ev = observed.recv() => match ev {
-                Ok(Observed::Verdict { elm, accepted, measured_ppl, reason }) => {
-                    told.insert(elm);
-                    events.emit(Event::Verdict { elm, accepted, measured_ppl, reason });
+                Ok(Observed::Verdict(v)) => {
+                    told.insert(v.elm);
+                    events.emit(Event::Verdict(v));
                 }
                 Ok(Observed::Verifying(elm)) => events.emit(Event::Verifying { elm }),
                 Ok(Observed::Registry { version }) => {

@@ -725,12 +725,12 @@ fn train_blocking(
     let data = Mixture::new(vec![stream], job.cfg.seed)?;
     let mut trainer = Trainer::new(init_model, job.cfg.clone(), &device, Some(&job.run_dir))?;
     let start = trainer.state.step;
-    events.emit(Event::TrainingStarted {
+    events.emit(Event::TrainingStarted(crate::TrainingStart {
         domain: job.domain.clone(),
         steps: job.cfg.steps,
         tokens_per_step: job.cfg.tokens_per_step(arch.n_ctx),
         resumed_from: (start > 0).then_some(start),
-    });
+    }));
     let steps = job.cfg.steps;
     let curve = ValidationCurve::new(&tok, &job, arch.n_ctx, &device, events);
     curve.score(&trainer);

@@ -148,7 +148,7 @@ fn volunteers_branch_train_announce_and_are_accepted() {
         let ev = rec4.all();
         assert!(
             ev.iter().any(
-                |e| matches!(e, Event::TrainingStarted { resumed_from: Some(k), .. } if *k >= 5)
+                |e| matches!(e, Event::TrainingStarted(t) if t.resumed_from.is_some_and(|k| k >= 5))
             ),
             "resumed from the checkpoint: {ev:?}"
         );
@@ -176,7 +176,18 @@ fn volunteers_branch_train_announce_and_are_accepted() {
                 .all(|p| accepted_weights.contains(&p.weights))
         );
         wait_accepted(&mnode, env4.id()).await;
-        assert!(m_events.all().iter().any(|e| matches!(e, Event::Published { added, .. } if added.iter().any(|(id, _)| *id == env4.id()))));
+        // The maintainer reports the version after offering it, so the event may trail the
+        // registry that peers already see.
+        let published = |e: &Event| matches!(e, Event::Published { added, .. } if added.iter().any(|(id, _)| *id == env4.id()));
+        btm_testkit::wait_for(
+            "the maintainer's Published event",
+            Duration::from_secs(10),
+            || {
+                let seen = m_events.all().iter().any(published);
+                async move { seen }
+            },
+        )
+        .await;
 
         // A client fetches the four verified ELMs as a forest.
         let cdir = tempfile::tempdir().unwrap();

@@ -190,82 +190,50 @@ fn malformed_claims_table() {
     }
 }
 
-/// Each record breaks a field rule: decoding its encoding, and `validate`, fail with `want`.
-fn refused<R: Record>(cases: impl IntoIterator<Item = (&'static str, R, &'static str)>) {
-    for (what, record, want) in cases {
+/// Each case breaks one field rule of the fixture `base` builds: decoding its encoding, and
+/// `validate`, fail with `want`.
+type Case<R> = (&'static str, fn(&mut R), &'static str);
+
+fn refused<R: Record>(base: fn() -> R, cases: &[Case<R>]) {
+    for (what, break_it, want) in cases {
+        let mut record = base();
+        break_it(&mut record);
         let e = R::decode(&record.encode()).expect_err(what);
-        assert_eq!(kind_of(&e), want, "{what}: {e:?}");
+        assert_eq!(kind_of(&e), *want, "{what}: {e:?}");
         assert_eq!(
             record.validate().map_err(|e| kind_of(&e)),
-            Err(want.to_owned()),
+            Err((*want).to_owned()),
             "{what}"
         );
     }
 }
 
+#[rustfmt::skip]
 #[test]
 fn record_rules_table() {
-    let mut unsorted = fixtures::root();
-    unsorted.keys.reverse();
-    let mut duplicated = fixtures::root();
-    duplicated.keys.push(duplicated.keys[2]);
-    let mut zero_threshold = fixtures::root();
-    zero_threshold.threshold = 0;
-    let mut high_threshold = fixtures::root();
-    high_threshold.threshold = 4;
-    let mut no_keys = fixtures::root();
-    no_keys.keys.clear();
-    no_keys.threshold = 1;
-    let mut version0 = fixtures::root();
-    version0.version = 0;
-    refused([
-        ("unsorted keys", unsorted, "NotSorted"),
-        ("duplicate keys", duplicated, "NotSorted"),
-        ("threshold 0", zero_threshold, "Invalid"),
-        ("threshold over the key count", high_threshold, "Invalid"),
-        ("no keys", no_keys, "Invalid"),
-        ("version 0", version0, "Invalid"),
+    refused(fixtures::root, &[
+        ("unsorted keys", |r| r.keys.reverse(), "NotSorted"),
+        ("duplicate keys", |r| r.keys.push(r.keys[2]), "NotSorted"),
+        ("threshold 0", |r| r.threshold = 0, "Invalid"),
+        ("threshold over the key count", |r| r.threshold = 4, "Invalid"),
+        ("no keys", |r| { r.keys.clear(); r.threshold = 1 }, "Invalid"),
+        ("version 0", |r| r.version = 0, "Invalid"),
     ]);
-
-    let mut unknown_domain = fixtures::registry();
-    unknown_domain.elms[0].domain = "medicine".into();
-    let mut unsorted_domains = fixtures::registry();
-    unsorted_domains.domains.reverse();
-    let mut bad_eval = fixtures::registry();
-    bad_eval.domains[0].eval.block_size = 0;
-    let mut bad_arch = fixtures::registry();
-    if let Some(seed) = bad_arch.seed.as_mut() {
-        seed.architecture.heads = 7;
-    }
-    let mut no_gain_possible = fixtures::registry();
-    no_gain_possible.domains[0].eval.min_gain_ppm = PPM_ONE;
-    let mut memorisation_below_one = fixtures::registry();
-    memorisation_below_one.domains[0].eval.max_memorisation_ppm = PPM_ONE - 1;
-    let mut schedule_overrun = fixtures::registry();
-    if let Some(seed) = schedule_overrun.seed.as_mut() {
-        seed.schedule.step = seed.schedule.total + 1;
-    }
-    refused([
-        ("ELM of an unknown domain", unknown_domain, "Invalid"),
-        ("domains not sorted", unsorted_domains, "NotSorted"),
-        ("block size 0", bad_eval, "Invalid"),
-        ("d_model not divisible by heads", bad_arch, "Invalid"),
-        ("a gain of 100% required", no_gain_possible, "Invalid"),
-        (
-            "memorisation ratio below 1",
-            memorisation_below_one,
-            "Invalid",
-        ),
-        ("seed past its schedule's end", schedule_overrun, "Invalid"),
+    refused(fixtures::registry, &[
+        ("ELM of an unknown domain", |r| r.elms[0].domain = "medicine".into(), "Invalid"),
+        ("domains not sorted", |r| r.domains.reverse(), "NotSorted"),
+        ("block size 0", |r| r.domains[0].eval.block_size = 0, "Invalid"),
+        ("d_model not divisible by heads", |r| r.seed.as_mut().unwrap().architecture.heads = 7, "Invalid"),
+        ("a gain of 100% required", |r| r.domains[0].eval.min_gain_ppm = PPM_ONE, "Invalid"),
+        ("memorisation ratio below 1", |r| r.domains[0].eval.max_memorisation_ppm = PPM_ONE - 1, "Invalid"),
+        ("seed past its schedule's end", |r| {
+            let seed = r.seed.as_mut().unwrap();
+            seed.schedule.step = seed.schedule.total + 1;
+        }, "Invalid"),
     ]);
-
-    let mut weights = fixtures::elm();
-    weights.parents[0].weight_ppm += 1;
-    let mut orphan = fixtures::elm();
-    orphan.parents.clear();
-    refused([
-        ("weights sum to 1000001", weights, "Invalid"),
-        ("no parents", orphan, "Invalid"),
+    refused(fixtures::elm, &[
+        ("weights sum to 1000001", |r| r.parents[0].weight_ppm += 1, "Invalid"),
+        ("no parents", |r| r.parents.clear(), "Invalid"),
     ]);
 
     let mut bad_verdict = fixtures::attestation().encode();

@@ -47,10 +47,8 @@ pub struct DownloadNow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VerdictSeen {
-    pub elm: String,
-    pub accepted: bool,
-    pub measured_ppl: Option<f64>,
-    pub reason: String,
+    #[serde(flatten)]
+    pub verdict: btm_net::VerdictReport,
     pub at: u64,
 }
 
@@ -63,16 +61,22 @@ pub struct Note {
 /// The recorded state (serialised as part of `/api/node`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
+    /// volunteer, maintainer or client.
     pub role: String,
+    /// The role's phase, and since when (unix seconds).
     pub phase: String,
     pub phase_since: u64,
     /// What is being downloaded (during the downloading phase).
     pub fetching: Option<String>,
+    /// The domain this node trains (or trained).
     pub domain: Option<String>,
+    /// Training: the current update of `steps`, from `resumed_from` when the run resumed.
     pub step: u64,
     pub steps: u64,
     pub resumed_from: Option<u64>,
+    /// Tokens per update.
     pub tokens_per_step: u64,
+    /// The last update's loss and the throughput.
     pub loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
     /// Every `curve_stride`-th update.
@@ -84,14 +88,18 @@ pub struct Snapshot {
     pub download: Option<DownloadNow>,
     /// The ELM record being verified now and since when.
     pub verifying: Option<(String, u64)>,
+    /// How the ELM branched, in words.
     pub branch: Option<String>,
     /// (parent name, weight) of the branch.
     pub parents: Vec<(String, f64)>,
     /// Validation perplexity of the trained ELM and of the seed, measured as verifiers do.
     pub valid_ppl: Option<f64>,
     pub seed_ppl: Option<f64>,
+    /// The ELM record this node announced.
     pub announced: Option<String>,
+    /// The newest registry version this node trusts.
     pub registry_version: Option<u64>,
+    /// This node's newest verdicts and notes.
     pub verdicts: VecDeque<VerdictSeen>,
     pub notes: VecDeque<Note>,
     /// ELM record id -> when it was queued for verification (no verdict yet).
@@ -167,17 +175,12 @@ impl Activity {
                 );
                 s.parents = parents.clone();
             }
-            Event::TrainingStarted {
-                domain,
-                steps,
-                tokens_per_step,
-                resumed_from,
-            } => {
-                s.domain = Some(domain.clone());
-                s.steps = *steps;
-                s.tokens_per_step = *tokens_per_step;
-                s.resumed_from = *resumed_from;
-                s.step = resumed_from.unwrap_or(0);
+            Event::TrainingStarted(t) => {
+                s.domain = Some(t.domain.clone());
+                s.steps = t.steps;
+                s.tokens_per_step = t.tokens_per_step;
+                s.resumed_from = t.resumed_from;
+                s.step = t.resumed_from.unwrap_or(0);
             }
             Event::Step {
                 step,
@@ -234,29 +237,17 @@ impl Activity {
                 s.announced = Some(elm.to_string());
                 s.domain = Some(domain.clone());
             }
-            Event::Verdict {
-                elm,
-                accepted,
-                measured_ppl,
-                reason,
-            } => {
-                s.queue.remove(&elm.to_string());
-                if s.verifying
-                    .as_ref()
-                    .is_some_and(|(e, _)| *e == elm.to_string())
-                {
+            Event::Verdict(v) => {
+                let elm = v.elm.to_string();
+                s.queue.remove(&elm);
+                if s.verifying.as_ref().is_some_and(|(e, _)| *e == elm) {
                     s.verifying = None;
                 }
-                push_bounded(
-                    &mut s.verdicts,
-                    VerdictSeen {
-                        elm: elm.to_string(),
-                        accepted: *accepted,
-                        measured_ppl: *measured_ppl,
-                        reason: reason.clone(),
-                        at: now(),
-                    },
-                );
+                let seen = VerdictSeen {
+                    verdict: v.clone(),
+                    at: now(),
+                };
+                push_bounded(&mut s.verdicts, seen);
             }
             Event::Note { message } => push_bounded(
                 &mut s.notes,
@@ -291,7 +282,7 @@ impl Activity {
         loop {
             match rx.recv().await {
                 Ok(Observed::ElmQueued(id)) => self.queued(id),
-                Ok(Observed::Verdict { elm, .. }) => self.judged(elm),
+                Ok(Observed::Verdict(v)) => self.judged(v.elm),
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
             }
@@ -356,12 +347,12 @@ mod tests {
             secs: 1.0,
             held_already: false,
         });
-        a.on(&Event::Verdict {
+        a.on(&Event::Verdict(btm_net::VerdictReport {
             elm: id,
             accepted: true,
             measured_ppl: Some(50.0),
             reason: "accepted".into(),
-        });
+        }));
         let s = a.snapshot();
         assert!(s.download.is_none());
         assert!(s.verifying.is_none());

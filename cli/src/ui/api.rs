@@ -12,12 +12,12 @@ use btm_model::forest::ensemble::Ensemble;
 use btm_model::forest::posterior::Weighting;
 use btm_model::generate::SampleConfig;
 use btm_net::libp2p::PeerId;
-use btm_protocol::{ContentId, EvalPool, Verdict, milli_to_ppl};
+use btm_protocol::{Attestation, Claim, ContentId, EvalPool, NodeId, Verdict, milli_to_ppl};
 use serde_json::{Value, json};
 
 use super::State;
 use super::http::{Request, Response};
-use crate::client_cmds::ForestReport;
+use btm_model::forest::report::ForestReport;
 
 /// Peers listed on the network page (with their scores).
 const MAX_PEERS_SHOWN: usize = 64;
@@ -213,19 +213,7 @@ async fn domains(state: &State) -> anyhow::Result<Value> {
             .map(Vec::as_slice)
             .unwrap_or_default()
             .iter()
-            .map(|c| {
-                let c = c.record();
-                json!({
-                    "node": c.node.to_string(),
-                    "me": c.node == me,
-                    "lease_left_secs": c.lease_expires.saturating_sub(t),
-                    "held_secs": t.saturating_sub(c.first_claimed),
-                    "progress": c.progress.map(|p| json!({
-                        "step": p.step,
-                        "loss": p.loss_milli as f64 / 1000.0,
-                    })),
-                })
-            })
+            .map(|c| claim_json(c.record(), me, t))
             .collect();
         let mut listed = Vec::new();
         for (env, atts) in elms.iter().filter(|(e, _)| e.record().domain == d.name) {
@@ -251,20 +239,7 @@ async fn domains(state: &State) -> anyhow::Result<Value> {
                 .collect();
             let verdicts: Vec<Value> = atts
                 .iter()
-                .map(|a| {
-                    let a = a.record();
-                    json!({
-                        "verifier": a.verifier.to_string(),
-                        "me": a.verifier == me,
-                        "accepted": a.verdict == Verdict::Accept,
-                        "measured_ppl": (a.measured_ppl_milli > 0)
-                            .then(|| milli_to_ppl(a.measured_ppl_milli)),
-                        "pool": match a.pool {
-                            EvalPool::Public => "public",
-                            EvalPool::Withheld => "withheld",
-                        },
-                    })
-                })
+                .map(|a| attestation_json(a.record(), me))
                 .collect();
             listed.push(json!({
                 "id": id.to_string(),
@@ -291,6 +266,32 @@ async fn domains(state: &State) -> anyhow::Result<Value> {
         "seed": seed_weights.map(|s| s.to_string()),
         "domains": out,
     }))
+}
+
+/// A claim on the network page; `me` is this node, `t` now.
+fn claim_json(c: &Claim, me: NodeId, t: u64) -> Value {
+    json!({
+        "node": c.node.to_string(),
+        "me": c.node == me,
+        "lease_left_secs": c.lease_expires.saturating_sub(t),
+        "held_secs": t.saturating_sub(c.first_claimed),
+        "progress": c.progress.map(|p| json!({"step": p.step, "loss": p.loss_milli as f64 / 1000.0})),
+    })
+}
+
+/// A verifier's attestation on the network page.
+fn attestation_json(a: &Attestation, me: NodeId) -> Value {
+    let pool = match a.pool {
+        EvalPool::Public => "public",
+        EvalPool::Withheld => "withheld",
+    };
+    json!({
+        "verifier": a.verifier.to_string(),
+        "me": a.verifier == me,
+        "accepted": a.verdict == Verdict::Accept,
+        "measured_ppl": (a.measured_ppl_milli > 0).then(|| milli_to_ppl(a.measured_ppl_milli)),
+        "pool": pool,
+    })
 }
 
 /// `GET /api/node`: what this node is doing.

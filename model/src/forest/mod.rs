@@ -32,6 +32,7 @@ pub mod ensemble;
 mod error;
 pub mod manifest;
 pub mod posterior;
+pub mod report;
 
 pub use average::peak_rss_bytes;
 pub use ensemble::Ensemble;

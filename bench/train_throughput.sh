@@ -4,7 +4,7 @@
 #
 #   bash bench/train_throughput.sh                # preset small, 2 threads
 #   PRESET=tiny THREADS=2 bash bench/train_throughput.sh
-#   BTM_X86V4=path BTM_NDARRAY=path bash bench/train_throughput.sh   # more burn CPU backends
+#   BTM_GENERIC=path BTM_NDARRAY=path bash bench/train_throughput.sh   # more burn CPU backends
 #
 # Needs: a release build of btm-node (BTM=path, default target/release/btm-node) and a Python with
 # torch (PY=path; see BENCHMARKS.md). TORCH_GPT defaults to ../shared/bench/torch_gpt.py.
@@ -15,7 +15,9 @@ THREADS=${THREADS:-2}
 BATCH=${BATCH:-8}
 STEPS=${STEPS:-12}
 BTM=${BTM:-target/release/btm-node}
-BTM_X86V4=${BTM_X86V4:-}
+# A binary built with `--no-default-features` (gemm without its AVX-512 kernels, the default
+# before 2026-12-02) measures what runtime dispatch to AVX-512 gains.
+BTM_GENERIC=${BTM_GENERIC:-}
 # A binary built with `--features ndarray` also measures burn's deprecated ndarray backend.
 BTM_NDARRAY=${BTM_NDARRAY:-}
 PY=${PY:-python3}
@@ -34,15 +36,16 @@ rows=()
 run_btm() {  # label binary [device]
   local out
   out=$(RAYON_NUM_THREADS=$THREADS "$2" bench --preset "$PRESET" --batch "$BATCH" --steps "$STEPS" --warmup 2 --matmul 2048 --device "${3:-cpu}")
-  echo "$out" | grep -E '^(MATMUL|RESULT)' >&2
-  local tps gf peak
+  echo "$out" | grep -E '^(MATMUL|RESULT|KERNELS)' >&2
+  local tps gf peak kernels
+  kernels=$(echo "$out" | sed -n 's/^KERNELS //p')
   tps=$(echo "$out" | sed -n 's/^RESULT.*tokens_per_s=\([0-9.]*\).*/\1/p')
   gf=$(echo "$out" | sed -n 's/^RESULT.*gflops=\([0-9.]*\).*/\1/p')
   peak=$(echo "$out" | sed -n 's/^MATMUL.*gflops=\([0-9.]*\).*/\1/p')
-  rows+=("$1|$tps|$gf|$peak")
+  rows+=("$1${kernels:+ ($kernels)}|$tps|$gf|$peak")
 }
 run_btm "burn flex" "$BTM"
-if [ -n "$BTM_X86V4" ]; then run_btm "burn flex + x86-v4" "$BTM_X86V4"; fi
+if [ -n "$BTM_GENERIC" ]; then run_btm "burn flex, no AVX-512 kernels" "$BTM_GENERIC"; fi
 if [ -n "$BTM_NDARRAY" ]; then run_btm "burn ndarray" "$BTM_NDARRAY" ndarray; fi
 
 tout=$("$PY" "$TORCH_GPT" $shape --batch "$BATCH" --steps "$STEPS" --threads "$THREADS")

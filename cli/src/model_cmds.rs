@@ -663,7 +663,6 @@ pub struct BenchArgs {
 pub fn bench(a: BenchArgs, json: bool) -> Result<()> {
     let device = a.device.device()?;
     let backend = match a.device {
-        DeviceKind::Cpu if cfg!(feature = "x86-v4") => "burn-flex+x86-v4".to_string(),
         DeviceKind::Cpu => "burn-flex".to_string(),
         other => format!("burn-{other}"),
     };
@@ -679,7 +678,12 @@ pub fn bench(a: BenchArgs, json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"train": r, "matmul_gflops": peak, "matmul_n": a.matmul})
+            serde_json::json!({
+                "train": r,
+                "matmul_gflops": peak,
+                "matmul_n": a.matmul,
+                "cpu_kernels": btm_model::bench::cpu_kernels(),
+            })
         );
     } else {
         for (i, ms) in r.steps_ms.iter().enumerate() {
@@ -687,6 +691,9 @@ pub fn bench(a: BenchArgs, json: bool) -> Result<()> {
         }
         if let Some(p) = peak {
             println!("MATMUL n={} gflops={p:.1}", a.matmul);
+        }
+        if matches!(a.device, DeviceKind::Cpu) {
+            println!("KERNELS {}", btm_model::bench::cpu_kernels());
         }
         println!(
             "RESULT backend={} tokens_per_s={:.0} step_ms={:.1} gflops={:.1} params={}",

@@ -96,3 +96,34 @@ pub fn matmul_gflops(n: usize, reps: usize, device: &Device) -> f64 {
     }
     2.0 * (n as f64).powi(3) / best / 1e9
 }
+
+/// The matrix kernels the CPU backend (burn-flex, through gemm) dispatches to on this machine.
+/// gemm picks them at run time; its AVX-512 kernels are compiled in with the `x86-v4` feature
+/// (on by default).
+pub fn cpu_kernels() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        // gemm's x86-v4 level: pulp's V4 (AVX-512 F, BW, CD, DQ and VL).
+        let avx512 = has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512cd")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        if avx512 && cfg!(feature = "x86-v4") {
+            "AVX-512 (x86-64-v4)"
+        } else if has!("avx2") && has!("fma") {
+            if avx512 {
+                "AVX2+FMA (x86-64-v3; AVX-512 present but not compiled in)"
+            } else {
+                "AVX2+FMA (x86-64-v3)"
+            }
+        } else {
+            "SSE2 (x86-64 baseline)"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "the target's SIMD (NEON on aarch64)"
+    }
+}

@@ -4,7 +4,8 @@
 #
 #   bash bench/train_throughput.sh                # preset small, 2 threads
 #   PRESET=tiny THREADS=2 bash bench/train_throughput.sh
-#   BTM_GENERIC=path BTM_NDARRAY=path bash bench/train_throughput.sh   # more burn CPU backends
+#   BTM_X86V4=path BTM_NDARRAY=path bash bench/train_throughput.sh   # more burn CPU backends
+#   EXTRA="label=path;label=path" bash bench/train_throughput.sh     # more binaries
 #
 # Needs: a release build of btm-node (BTM=path, default target/release/btm-node) and a Python with
 # torch (PY=path; see BENCHMARKS.md). TORCH_GPT defaults to ../shared/bench/torch_gpt.py.
@@ -15,9 +16,10 @@ THREADS=${THREADS:-2}
 BATCH=${BATCH:-8}
 STEPS=${STEPS:-12}
 BTM=${BTM:-target/release/btm-node}
-# A binary built with `--no-default-features` (gemm without its AVX-512 kernels, the default
-# before 2026-12-02) measures what runtime dispatch to AVX-512 gains.
-BTM_GENERIC=${BTM_GENERIC:-}
+# A binary built with `--features x86-v4` (gemm's AVX-512 kernels, chosen at run time).
+BTM_X86V4=${BTM_X86V4:-}
+# More binaries, each "label=path", separated by semicolons, e.g. builds of other profiles.
+EXTRA=${EXTRA:-}
 # A binary built with `--features ndarray` also measures burn's deprecated ndarray backend.
 BTM_NDARRAY=${BTM_NDARRAY:-}
 PY=${PY:-python3}
@@ -45,7 +47,9 @@ run_btm() {  # label binary [device]
   rows+=("$1${kernels:+ ($kernels)}|$tps|$gf|$peak")
 }
 run_btm "burn flex" "$BTM"
-if [ -n "$BTM_GENERIC" ]; then run_btm "burn flex, no AVX-512 kernels" "$BTM_GENERIC"; fi
+if [ -n "$BTM_X86V4" ]; then run_btm "burn flex + x86-v4" "$BTM_X86V4"; fi
+IFS=';' read -ra extras <<<"$EXTRA"
+for e in "${extras[@]}"; do run_btm "${e%%=*}" "${e#*=}"; done
 if [ -n "$BTM_NDARRAY" ]; then run_btm "burn ndarray" "$BTM_NDARRAY" ndarray; fi
 
 tout=$("$PY" "$TORCH_GPT" $shape --batch "$BATCH" --steps "$STEPS" --threads "$THREADS")

@@ -98,8 +98,8 @@ pub fn matmul_gflops(n: usize, reps: usize, device: &Device) -> f64 {
 }
 
 /// The matrix kernels the CPU backend (burn-flex, through gemm) dispatches to on this machine.
-/// gemm picks them at run time; its AVX-512 kernels are compiled in with the `x86-v4` feature
-/// (on by default).
+/// gemm picks them at run time; its AVX-512 kernels are compiled in only with the `x86-v4`
+/// feature (off by default: slower than its AVX2 kernels where we measured, BENCHMARKS.md).
 pub fn cpu_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
@@ -114,7 +114,7 @@ pub fn cpu_kernels() -> &'static str {
             "AVX-512 (x86-64-v4)"
         } else if has!("avx2") && has!("fma") {
             if avx512 {
-                "AVX2+FMA (x86-64-v3; AVX-512 present but not compiled in)"
+                "AVX2+FMA (x86-64-v3; the CPU has AVX-512, the x86-v4 feature is off)"
             } else {
                 "AVX2+FMA (x86-64-v3)"
             }

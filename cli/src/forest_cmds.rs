@@ -490,9 +490,31 @@ pub struct ExperimentArgs {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
-    /// Branches continue the seed's optimiser state and LR schedule (the released code) instead of restarting it (the paper).
+    /// How the budget is split: update-matched (the released code: the seed is the dense run's
+    /// checkpoint at s*B, each ELM trains (1-s)*B updates at 1/E of the batch) or full-batch
+    /// (round one: (1-s)*B/E full-batch updates per ELM after a separate seed run).
+    #[arg(long, default_value = "update-matched")]
+    protocol: experiment::Protocol,
+    /// What a branch does with the seed's optimiser: continue its Adam state and LR schedule
+    /// (the released code) or start afresh (default: continue for update-matched, fresh for
+    /// full-batch, as each was run).
+    #[arg(long, value_parser = ["continue", "fresh"])]
+    optimizer: Option<String>,
+    /// Seed of the initialisation and the data order (the first of --seeds).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run the whole experiment with this many seeds (seed, seed+1, ...) in OUT/seed<k>, then
+    /// write each system's mean and standard deviation and the findings' verdicts to
+    /// OUT/summary.{json,md}. Finished seeds are not rerun.
     #[arg(long)]
-    continue_seed_optimizer: bool,
+    seeds: Option<usize>,
+    /// Dev blocks per domain for the cached prior.
+    #[arg(long)]
+    prior_blocks: Option<usize>,
+    /// Also score every domain of this corpus (same layout; valid and test splits suffice) as
+    /// text the forest never trained on, with its own cached prior (repeatable).
+    #[arg(long = "eval-corpus", value_name = "DIR")]
+    eval_corpus: Vec<PathBuf>,
     /// Test tokens per domain.
     #[arg(long)]
     eval_tokens: Option<usize>,
@@ -517,51 +539,209 @@ pub fn experiment(a: ExperimentArgs, json: bool) -> Result<()> {
         experiment::Config::standard()
     };
     let baselines = !a.no_baselines;
+    let optimizer = match (a.optimizer.as_deref(), a.protocol) {
+        (Some("continue"), _) | (None, experiment::Protocol::UpdateMatched) => {
+            OptimizerInit::ContinueSeed
+        }
+        _ => OptimizerInit::Fresh,
+    };
     let cfg = experiment::Config {
         seed_share: a.seed_share.unwrap_or(base.seed_share),
+        protocol: a.protocol,
         total_steps: a.steps.unwrap_or(base.total_steps),
         batch_size: a.batch_size.unwrap_or(base.batch_size),
         preset: a.preset.unwrap_or(base.preset),
         lr: a.lr.unwrap_or(base.lr),
         eval_tokens: a.eval_tokens.unwrap_or(base.eval_tokens),
+        prior_blocks: a.prior_blocks.unwrap_or(base.prior_blocks),
         top_k: a.top_k.unwrap_or(base.top_k),
-        optimizer: if a.continue_seed_optimizer {
-            OptimizerInit::ContinueSeed
-        } else {
-            base.optimizer
-        },
+        optimizer,
+        seed: a.seed,
+        eval_corpora: a.eval_corpus.clone(),
         random_split: base.random_split && baselines,
         no_seed: base.no_seed && baselines,
         demix: base.demix && baselines,
         ..base
     };
     let device = a.device.device()?;
-    let bar = std::cell::RefCell::new(TrainBar::new(!json));
-    let report = experiment::run(
-        &cfg,
-        &corpus(&a.corpus),
-        &a.out,
-        &device,
-        &mut |m| {
-            if !json {
-                bar.borrow().suspend(|| eprintln!("{m}"));
-            }
-        },
-        &mut |run, s| bar.borrow_mut().update(run, s),
-    )?;
-    bar.borrow_mut().finish();
-    let [js, md, png] = experiment::report_paths(&a.out);
-    plot(&report, &png)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", experiment::markdown(&report));
-        println!(
-            "wrote {}, {} and {}",
-            js.display(),
-            md.display(),
-            png.display()
+    let corpus = corpus(&a.corpus);
+    let runs: Vec<(experiment::Config, PathBuf)> = match a.seeds {
+        None => vec![(cfg, a.out.clone())],
+        Some(0) => anyhow::bail!("--seeds must be at least 1"),
+        Some(n) => (0..n as u64)
+            .map(|k| {
+                let seed = a.seed + k;
+                (
+                    experiment::Config {
+                        seed,
+                        ..cfg.clone()
+                    },
+                    a.out.join(format!("seed{seed}")),
+                )
+            })
+            .collect(),
+    };
+    let mut reports = Vec::new();
+    for (cfg, out) in &runs {
+        let bar = std::cell::RefCell::new(TrainBar::new(!json));
+        let report = experiment::run(
+            cfg,
+            &corpus,
+            out,
+            &device,
+            &mut |m| {
+                if !json {
+                    bar.borrow().suspend(|| eprintln!("{m}"));
+                }
+            },
+            &mut |run, s| bar.borrow_mut().update(run, s),
+        )?;
+        bar.borrow_mut().finish();
+        let [js, md, png] = experiment::report_paths(out);
+        plot(&report, &png)?;
+        if !json {
+            println!("{}", experiment::markdown(&report));
+            println!(
+                "wrote {}, {} and {}",
+                js.display(),
+                md.display(),
+                png.display()
+            );
+        }
+        reports.push(report);
+    }
+    if a.seeds.is_some() {
+        let summary = experiment::seeds::Summary::of(&reports);
+        let (js, md) = (a.out.join("summary.json"), a.out.join("summary.md"));
+        btm_model::fsutil::write_atomic(&js, &serde_json::to_vec_pretty(&summary)?)?;
+        btm_model::fsutil::write_atomic(&md, summary.markdown().as_bytes())?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            println!("{}", summary.markdown());
+            println!("wrote {} and {}", js.display(), md.display());
+        }
+    } else if json {
+        println!("{}", serde_json::to_string_pretty(&reports[0])?);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ExperimentPlotArgs {
+    /// Finished experiment directories: each holds results.json, or seed<k>/results.json from
+    /// --seeds.
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// The x axis: training FLOPs (a budget curve) or the seed share (a sweep).
+    #[arg(long, default_value = "flops", value_parser = ["flops", "seed-share"])]
+    x: String,
+    /// Output PNG.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The reports of a finished experiment directory: `dir/results.json`, else every
+/// `dir/seed<k>/results.json`.
+fn finished_reports(dir: &std::path::Path) -> Result<Vec<experiment::Report>> {
+    let read = |p: &std::path::Path| -> Result<experiment::Report> {
+        serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not an experiment report", p.display()))
+    };
+    let single = dir.join("results.json");
+    if single.exists() {
+        return Ok(vec![read(&single)?]);
+    }
+    let mut seeds: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seed"))
+                && p.join("results.json").exists()
+        })
+        .collect();
+    seeds.sort();
+    if seeds.is_empty() {
+        bail!(
+            "{} holds no finished experiment (results.json or seed<k>/results.json)",
+            dir.display()
         );
+    }
+    seeds
+        .iter()
+        .map(|p| read(&p.join("results.json")))
+        .collect()
+}
+
+pub fn experiment_plot(a: ExperimentPlotArgs, json: bool) -> Result<()> {
+    use experiment::seeds::{Side, paired_diff};
+    const SERIES: [&str; 4] = [
+        "btm_ensemble",
+        "btm_ensemble_prev_token",
+        "btm_average_posterior",
+        "btm_seed_member_ensemble",
+    ];
+    let by_flops = a.x == "flops";
+    let mut points = Vec::new();
+    let mut rows = Vec::new();
+    for dir in &a.dirs {
+        let runs = finished_reports(dir)?;
+        let c = &runs[0].config;
+        let (x, label) = if by_flops {
+            (runs[0].plan.dense_flops(), format!("B={}", c.total_steps))
+        } else {
+            (c.seed_share, format!("s={}", c.seed_share))
+        };
+        let series: Vec<[(f64, f64); 2]> = SERIES
+            .iter()
+            .map(|name| {
+                [Side::InDomain, Side::OutOfDomain].map(|side| {
+                    paired_diff(&runs, name, "dense", side)
+                        .map_or((f64::NAN, 0.0), |d| (d.mean, d.sd))
+                })
+            })
+            .collect();
+        rows.push(serde_json::json!({
+            "dir": dir, "x": x, "label": label, "seeds": runs.len(),
+            "series": SERIES.iter().zip(&series).map(|(n, s)| serde_json::json!({
+                "system": n, "in_pct": s[0].0, "in_sd": s[0].1, "out_pct": s[1].0, "out_sd": s[1].1,
+            })).collect::<Vec<_>>(),
+        }));
+        points.push(crate::plot::ComparePoint { x, label, series });
+    }
+    points.sort_by(|p, q| p.x.total_cmp(&q.x));
+    let (title, x_name) = if by_flops {
+        (
+            "BTM minus the compute-matched dense LM against the budget",
+            "training FLOPs (log)",
+        )
+    } else {
+        (
+            "BTM minus the compute-matched dense LM against the seed share",
+            "seed share",
+        )
+    };
+    crate::plot::plot_compare(title, x_name, by_flops, &SERIES, &points, &a.out)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "| point | system | in domain vs dense | out of domain vs dense |\n|---|---|---:|---:|"
+        );
+        for p in &points {
+            for (name, s) in SERIES.iter().zip(&p.series) {
+                println!(
+                    "| {} | {} | {:+.1}% ± {:.1} | {:+.1}% ± {:.1} |",
+                    p.label, name, s[0].0, s[0].1, s[1].0, s[1].1
+                );
+            }
+        }
+        println!("wrote {}", a.out.display());
     }
     Ok(())
 }

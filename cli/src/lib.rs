@@ -68,6 +68,8 @@ enum Command {
     Forest(forest_cmds::ForestCmd),
     /// The compute-matched BTM experiment: dense LM, ELMforest (ensemble and averages), random splits, no seed.
     Experiment(forest_cmds::ExperimentArgs),
+    /// Plot BTM minus the dense LM over finished experiments (a budget curve or a seed-share sweep).
+    ExperimentPlot(forest_cmds::ExperimentPlotArgs),
     /// Maintainer and node keys.
     #[command(subcommand)]
     Keys(maintainer::KeysCmd),
@@ -147,6 +149,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => model_cmds::bench(a, cli.json),
         Command::Forest(c) => forest_cmds::run_forest(c, cli.json),
         Command::Experiment(a) => forest_cmds::experiment(a, cli.json),
+        Command::ExperimentPlot(a) => forest_cmds::experiment_plot(a, cli.json),
         Command::Keys(c) => maintainer::run_keys(c, cli.json),
         Command::Registry(c) => maintainer::run_registry(c, cli.json),
         Command::Join(a) => join::join(a, cli.json),

@@ -195,3 +195,146 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }
+
+/// One point of a comparison plot: an x value and, per panel (in, out of domain), the mean and
+/// standard deviation of each series.
+pub struct ComparePoint {
+    /// The x value (training FLOPs or seed share).
+    pub x: f64,
+    /// Label under the point.
+    pub label: String,
+    /// `series[s][panel]` = (mean, sd) of series `s`.
+    pub series: Vec<[(f64, f64); 2]>,
+}
+
+/// Draws a comparison of finished experiments: per panel (in domain, out of domain), each
+/// series' relative difference to the dense LM in percent (mean ± sd over seeds, as error bars)
+/// against `x_name`; the zero line is the dense LM.
+pub fn plot_compare(
+    title: &str,
+    x_name: &str,
+    log_x: bool,
+    series: &[&str],
+    points: &[ComparePoint],
+    path: &Path,
+) -> Result<()> {
+    let (w, h) = (1100u32, 560u32);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    text(&root, title, 20, 8, &BLACK);
+    let xs: Vec<f64> = points
+        .iter()
+        .map(|p| if log_x { p.x.log10() } else { p.x })
+        .collect();
+    let (mut xmin, mut xmax) = (
+        xs.iter().copied().fold(f64::INFINITY, f64::min),
+        xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    if !(xmax > xmin) {
+        xmin -= 0.5;
+        xmax += 0.5;
+    }
+    let xpad = 0.1 * (xmax - xmin);
+    let (xmin, xmax) = (xmin - xpad, xmax + xpad);
+    for (panel, ptitle) in [(0usize, "in domain"), (1, "out of domain")] {
+        let x0 = 80 + panel as i32 * 540;
+        let (pw, ph, y0) = (440i32, 380i32, 40i32);
+        let mut ys = vec![0.0f64];
+        for p in points {
+            for s in &p.series {
+                let (m, sd) = s[panel];
+                if m.is_finite() {
+                    ys.push(m - sd);
+                    ys.push(m + sd);
+                }
+            }
+        }
+        let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min);
+        let ymax = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let pad = 0.08 * (ymax - ymin).max(1.0);
+        let (ymin, ymax) = (ymin - pad, ymax + pad);
+        let px = |x: f64| x0 + (((x - xmin) / (xmax - xmin)) * pw as f64) as i32;
+        let py = |y: f64| y0 + ph - (((y - ymin) / (ymax - ymin)) * ph as f64) as i32;
+        let axis = ShapeStyle::from(&BLACK).stroke_width(1);
+        let _ = root.draw(&Rectangle::new([(x0, y0), (x0 + pw, y0 + ph)], axis));
+        text(
+            &root,
+            &format!("{ptitle}: % vs dense"),
+            x0 + 10,
+            y0 - 14,
+            &BLACK,
+        );
+        let zero = ShapeStyle::from(&RGBColor(150, 150, 150)).stroke_width(1);
+        let _ = root.draw(&PathElement::new(
+            vec![(x0, py(0.0)), (x0 + pw, py(0.0))],
+            zero,
+        ));
+        for i in 0..=4 {
+            let yv = ymin + (ymax - ymin) * i as f64 / 4.0;
+            let y = py(yv);
+            let _ = root.draw(&PathElement::new(vec![(x0 - 4, y), (x0, y)], axis));
+            text(&root, &format!("{yv:+.1}%"), x0 - 64, y - 4, &BLACK);
+        }
+        for (p, &x) in points.iter().zip(&xs) {
+            let _ = root.draw(&PathElement::new(
+                vec![(px(x), y0 + ph), (px(x), y0 + ph + 4)],
+                axis,
+            ));
+            text(
+                &root,
+                &p.label,
+                px(x) - 4 * p.label.len() as i32,
+                y0 + ph + 8,
+                &BLACK,
+            );
+        }
+        text(
+            &root,
+            x_name,
+            x0 + pw / 2 - 4 * x_name.len() as i32,
+            y0 + ph + 24,
+            &BLACK,
+        );
+        for (k, _) in series.iter().enumerate() {
+            let color = PALETTE[(k + 1) % PALETTE.len()];
+            let style = ShapeStyle::from(&color).stroke_width(2);
+            let pts: Vec<(i32, i32)> = points
+                .iter()
+                .zip(&xs)
+                .filter(|(p, _)| p.series[k][panel].0.is_finite())
+                .map(|(p, &x)| (px(x) + 3 * k as i32, py(p.series[k][panel].0)))
+                .collect();
+            let _ = root.draw(&PathElement::new(pts.clone(), style));
+            for ((p, _), &(x, y)) in points
+                .iter()
+                .zip(&xs)
+                .filter(|(p, _)| p.series[k][panel].0.is_finite())
+                .zip(&pts)
+            {
+                let (m, sd) = p.series[k][panel];
+                let _ = root.draw(&PathElement::new(
+                    vec![(x, py(m - sd)), (x, py(m + sd))],
+                    style,
+                ));
+                let _ = root.draw(&Circle::new((x, y), 4, color.filled()));
+            }
+        }
+    }
+    for (k, name) in series.iter().enumerate() {
+        let color = PALETTE[(k + 1) % PALETTE.len()];
+        let (x, y) = (80 + (k as i32 % 3) * 340, 470 + (k as i32 / 3) * 20);
+        let _ = root.draw(&Circle::new((x + 4, y + 4), 4, color.filled()));
+        text(&root, name, x + 16, y, &color);
+    }
+    text(
+        &root,
+        "mean +- sd over seeds of (system - dense) / dense; below zero: better than the dense LM",
+        20,
+        h as i32 - 16,
+        &BLACK,
+    );
+    root.present()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}

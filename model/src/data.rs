@@ -301,6 +301,8 @@ impl DomainStream {
 pub struct Mixture {
     domains: Vec<DomainStream>,
     seed: u64,
+    /// The key of each domain's block permutation: its index in the mixture it was made in.
+    keys: Vec<u64>,
 }
 
 impl Mixture {
@@ -314,7 +316,42 @@ impl Mixture {
                 "all domains of a mixture must share n_ctx".into(),
             ));
         }
-        Ok(Mixture { domains, seed })
+        let keys = (0..domains.len() as u64).collect();
+        Ok(Mixture {
+            domains,
+            seed,
+            keys,
+        })
+    }
+
+    /// Domain `d` of this mixture alone, in the same block order: sample `k` of the result is
+    /// the `k`-th block that this mixture reads from domain `d`. An ELM branched from a seed
+    /// trained on this mixture continues its domain where the seed left it by starting at the
+    /// number of blocks the seed read from it ([`Mixture::blocks_read`]).
+    pub fn only(&self, d: usize) -> Result<Mixture, Error> {
+        let Some(dom) = self.domains.get(d) else {
+            return Err(Error::Data(format!(
+                "the mixture has {} domains, not {}",
+                self.domains.len(),
+                d + 1
+            )));
+        };
+        Ok(Mixture {
+            domains: vec![dom.clone()],
+            seed: self.seed,
+            keys: vec![self.keys[d]],
+        })
+    }
+
+    /// How many blocks of domain `d` the first `samples` samples of this mixture hold.
+    pub fn blocks_read(&self, d: usize, samples: u64) -> u64 {
+        let nd = self.domains.len() as u64;
+        let d = d as u64;
+        if samples <= d {
+            0
+        } else {
+            (samples - d).div_ceil(nd)
+        }
     }
 
     /// The context length.
@@ -336,7 +373,7 @@ impl Mixture {
         let dom = &self.domains[d];
         let n = dom.num_blocks() as u64;
         let epoch = j / n;
-        let perm = permutation(n as usize, self.seed, d as u64, epoch);
+        let perm = permutation(n as usize, self.seed, self.keys[d], epoch);
         dom.block(perm[(j % n) as usize])
     }
 
@@ -448,6 +485,42 @@ mod tests {
         // A different seed gives a different order.
         let other = Mixture::new(vec![stream("a", 100, 4), stream("b", 1000, 4)], 8).unwrap();
         assert!((0..20).any(|k| m.sample(k) != other.sample(k)));
+    }
+
+    #[test]
+    fn one_domain_of_a_mixture_continues_where_the_mixture_left_it() {
+        let m = Mixture::new(
+            vec![
+                stream("a", 100, 4),
+                offset_stream("b", 100, 200, 4),
+                offset_stream("c", 300, 60, 4),
+            ],
+            3,
+        )
+        .unwrap();
+        for d in 0..3 {
+            let alone = m.only(d).unwrap();
+            // Every block the mixture reads from domain d, in order, over several epochs.
+            let from_mix: Vec<&[u32]> = (0..120u64)
+                .filter(|k| k % 3 == d as u64)
+                .map(|k| m.sample(k))
+                .collect();
+            let from_alone: Vec<&[u32]> = (0..from_mix.len() as u64)
+                .map(|k| alone.sample(k))
+                .collect();
+            assert_eq!(from_mix, from_alone, "domain {d}");
+            // After 10 samples the mixture has read 4 blocks of a and 3 of b and c, so the
+            // one-domain stream goes on at that block.
+            let read = m.blocks_read(d, 10);
+            assert_eq!(read, [4, 3, 3][d]);
+            let next_in_mix = (10..).find(|k| k % 3 == d as u64).unwrap();
+            assert_eq!(alone.sample(read), m.sample(next_in_mix));
+        }
+        assert_eq!(m.blocks_read(2, 2), 0);
+        assert!(m.only(3).is_err());
+        // A one-domain mixture made afresh shuffles with key 0: only domain 0 agrees.
+        let fresh = Mixture::new(vec![offset_stream("b", 100, 200, 4)], 3).unwrap();
+        assert!((0..20).any(|k| fresh.sample(k) != m.only(1).unwrap().sample(k)));
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Seed of the data order.
     pub seed: u64,
+    /// Sample position in the data of this run's first block: an ELM that reads its domain on
+    /// from where the seed left it starts at the blocks the seed read
+    /// ([`crate::data::Mixture::blocks_read`]).
+    #[serde(default)]
+    pub data_offset: u64,
     /// Save a checkpoint every this many updates (0: only at the end).
     pub checkpoint_every: u64,
 }
@@ -87,6 +92,7 @@ impl Default for TrainConfig {
             weight_decay: 0.1,
             grad_clip: 0.1,
             seed: 0,
+            data_offset: 0,
             checkpoint_every: 100,
         }
     }
@@ -472,7 +478,7 @@ impl TrainState {
     fn start(cfg: TrainConfig) -> Self {
         TrainState {
             step: 0,
-            data_position: 0,
+            data_position: cfg.data_offset,
             tokens: 0,
             flops: 0.0,
             last_loss: None,
@@ -480,7 +486,7 @@ impl TrainState {
             rng: RngState {
                 kind: "chacha8(seed, domain, epoch) permutations".into(),
                 seed: cfg.seed,
-                position: 0,
+                position: cfg.data_offset,
             },
             config: cfg,
         }
@@ -634,6 +640,14 @@ impl<M: Trainable> Trainer<M> {
         let Some(dir) = &self.run_dir else {
             return Ok(None);
         };
+        let path = dir.join(CHECKPOINT_FILE);
+        self.write_checkpoint(&path)?;
+        Ok(Some(path))
+    }
+
+    /// Writes the checkpoint that [`Self::save_checkpoint`] writes to `path` instead (a branch
+    /// point of this run that another run continues from, say).
+    pub fn write_checkpoint(&self, path: &Path) -> Result<(), Error> {
         let tensors = weights::module_tensors(&self.model);
         let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (kind, list) in [("m", &self.adam.m), ("v", &self.adam.v)] {
@@ -670,9 +684,7 @@ impl<M: Trainable> Trainer<M> {
             serde_json::to_string(&self.state)?,
         );
         let bytes = weights::write_safetensors(entries, &meta)?;
-        let path = dir.join(CHECKPOINT_FILE);
-        fsutil::write_atomic(&path, &bytes)?;
-        Ok(Some(path))
+        fsutil::write_atomic(path, &bytes)
     }
 
     /// Whether every update has been done.

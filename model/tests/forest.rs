@@ -542,6 +542,7 @@ fn compute_accounting_sums_correctly() {
         total_steps: 160,
         seed_share: 0.5,
         batch_size: 4,
+        protocol: btm_model::experiment::Protocol::FullBatch,
         ..Config::quick()
     };
     let p = Plan::new(&cfg, 8, &a).unwrap();

@@ -6,6 +6,7 @@ mod bundle;
 mod common;
 mod demix;
 mod eval;
+mod experiment;
 mod forest;
 mod gpt;
 mod tokenizer;

@@ -16,8 +16,9 @@
 
 pub mod demix_row;
 pub mod plan;
+pub mod seeds;
 
-pub use plan::{Config, Plan, SystemResult};
+pub use plan::{Config, Plan, Protocol, SystemResult};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,7 @@ use crate::forest::posterior::{self, PriorConfig, Weighting};
 use crate::forest::{Error, Forest};
 use crate::gpt::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::{StepStats, TrainConfig, Trainer};
+use crate::train::{CHECKPOINT_FILE, StepStats, TrainConfig, Trainer};
 use crate::{eval, fsutil, weights};
 
 /// A point of a learning curve.
@@ -75,6 +76,13 @@ pub struct Report {
     pub curves: Vec<CurvePoint>,
     /// The cached prior of each target domain over BTM's ELMs (in [`TRAIN_DOMAINS`] order).
     pub priors: BTreeMap<String, Vec<f64>>,
+    /// The same with the seed as a ninth member (last), when it was measured.
+    #[serde(default)]
+    pub seed_member_priors: BTreeMap<String, Vec<f64>>,
+    /// Test perplexity of each member alone on each domain: `elm_matrix[domain][member]`,
+    /// the members being BTM's ELMs, `seed` and `dense`.
+    #[serde(default)]
+    pub elm_matrix: BTreeMap<String, BTreeMap<String, f64>>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -86,33 +94,72 @@ struct EvalData {
 }
 
 impl EvalData {
+    /// The bundled corpus's training and evaluation-only domains, then every domain of each
+    /// of `extra` (names must not repeat).
     fn load(
         corpus: &Corpus,
+        extra: &[PathBuf],
         tok: &Tokenizer,
         test_tokens: usize,
         dev_tokens: usize,
+        n_ctx: usize,
     ) -> Result<Self, Error> {
-        let take = |d: &str, split: Split, n: usize| -> Result<Vec<u32>, Error> {
-            let docs = corpus.documents(d, split)?;
-            let (mut t, _) = data::tokenize_documents(tok, &docs, Some(n * 8))?;
-            t.truncate(n + 1);
-            Ok(t)
-        };
-        let all: Vec<&str> = TRAIN_DOMAINS
+        let mut all: Vec<(Corpus, String)> = TRAIN_DOMAINS
             .iter()
             .chain(EVAL_DOMAINS.iter())
-            .copied()
+            .map(|d| (corpus.clone(), d.to_string()))
             .collect();
-        Ok(EvalData {
-            test: all
-                .iter()
-                .map(|d| Ok((d.to_string(), take(d, Split::Test, test_tokens)?)))
-                .collect::<Result<_, Error>>()?,
-            dev: all
-                .iter()
-                .map(|d| Ok((d.to_string(), take(d, Split::Valid, dev_tokens)?)))
-                .collect::<Result<_, Error>>()?,
-        })
+        for dir in extra {
+            let c = Corpus::new(dir);
+            let domains = c.domains()?;
+            if domains.is_empty() {
+                return Err(crate::Error::Config(format!(
+                    "the evaluation corpus {} has no domains (directories holding valid.jsonl[.zst] and test.jsonl[.zst])",
+                    dir.display()
+                ))
+                .into());
+            }
+            for d in domains {
+                if all.iter().any(|(_, x)| *x == d) {
+                    return Err(crate::Error::Config(format!(
+                        "the domain {d:?} of {} is already evaluated; rename its directory",
+                        dir.display()
+                    ))
+                    .into());
+                }
+                all.push((c.clone(), d));
+            }
+        }
+        let take = |c: &Corpus, d: &str, split: Split, n: usize| -> Result<Vec<u32>, Error> {
+            let docs = c.documents(d, split)?;
+            let (mut t, _) = data::tokenize_documents(tok, &docs, Some(n * 8))?;
+            t.truncate(n + 1);
+            if t.len() < n_ctx + 1 {
+                return Err(crate::Error::Data(format!(
+                    "the {split} split of {d:?} has {} tokens, fewer than one block of {}",
+                    t.len(),
+                    n_ctx + 1
+                ))
+                .into());
+            }
+            Ok(t)
+        };
+        let mut data = EvalData {
+            test: Vec::new(),
+            dev: Vec::new(),
+        };
+        for (c, d) in &all {
+            data.test
+                .push((d.clone(), take(c, d, Split::Test, test_tokens)?));
+            data.dev
+                .push((d.clone(), take(c, d, Split::Valid, dev_tokens)?));
+        }
+        Ok(data)
+    }
+
+    /// `v[i]` keyed by the `i`-th domain.
+    fn by_domain<T>(&self, v: Vec<T>) -> BTreeMap<String, T> {
+        self.test.iter().map(|(d, _)| d.clone()).zip(v).collect()
     }
 }
 
@@ -123,123 +170,147 @@ fn eval_model(model: &Gpt, data: &EvalData, device: &Device) -> Result<Vec<(Stri
         .collect()
 }
 
-/// A forest's ELMs scored on every domain: `test[d][j]`, `dev[d][j]` per-token log-probs.
-struct ForestScores {
+/// Members' per-token log-probs on every domain: `test[d][j]`, `dev[d][j]`, with the weights
+/// file of member `j` in `files[j]`.
+#[derive(Clone)]
+struct MemberScores {
+    names: Vec<String>,
+    files: Vec<PathBuf>,
     test: Vec<Vec<Vec<f64>>>,
     dev: Vec<Vec<Vec<f64>>>,
 }
 
-fn score_forest(forest: &Forest, data: &EvalData, device: &Device) -> Result<ForestScores, Error> {
-    let nd = data.test.len();
-    let mut s = ForestScores {
-        test: vec![Vec::new(); nd],
-        dev: vec![Vec::new(); nd],
-    };
-    for j in 0..forest.elms.len() {
-        let m = forest.load_elm(j, device)?;
-        for (d, (_, t)) in data.test.iter().enumerate() {
-            s.test[d].push(eval::token_logprobs(&m, t, 8, device)?);
-        }
-        for (d, (_, t)) in data.dev.iter().enumerate() {
-            s.dev[d].push(eval::token_logprobs(&m, t, 8, device)?);
+impl MemberScores {
+    fn new(n_domains: usize) -> Self {
+        MemberScores {
+            names: Vec::new(),
+            files: Vec::new(),
+            test: vec![Vec::new(); n_domains],
+            dev: vec![Vec::new(); n_domains],
         }
     }
-    Ok(s)
+
+    /// Scores one more member, `model` (from `file`), on every domain.
+    fn push(
+        &mut self,
+        name: &str,
+        file: &Path,
+        model: &Gpt,
+        data: &EvalData,
+        device: &Device,
+    ) -> Result<(), Error> {
+        for (d, (_, t)) in data.test.iter().enumerate() {
+            self.test[d].push(eval::token_logprobs(model, t, 8, device)?);
+        }
+        for (d, (_, t)) in data.dev.iter().enumerate() {
+            self.dev[d].push(eval::token_logprobs(model, t, 8, device)?);
+        }
+        self.names.push(name.to_string());
+        self.files.push(file.to_path_buf());
+        Ok(())
+    }
+
+    fn of_forest(forest: &Forest, data: &EvalData, device: &Device) -> Result<Self, Error> {
+        let mut s = MemberScores::new(data.test.len());
+        for (j, elm) in forest.elms.iter().enumerate() {
+            let m = forest.load_elm(j, device)?;
+            s.push(&elm.name, &forest.resolve(&elm.weights), &m, data, device)?;
+        }
+        Ok(s)
+    }
 }
 
-/// Scores a forest every way: ensembles (cached-prior posterior, top-k, previous-token, uniform)
-/// and parameter averages (cached-prior weighted, uniform). Returns the results and the priors.
+/// Scores a set of members every way: ensembles (cached-prior posterior, top-k, previous-token,
+/// uniform) and parameter averages (cached-prior weighted, uniform). Returns the results and
+/// the cached priors of every domain.
 #[allow(clippy::too_many_arguments)]
 fn forest_systems(
     prefix: &str,
-    forest: &Forest,
+    scores: &MemberScores,
+    arch: &GptConfig,
     flops: f64,
     data: &EvalData,
     cfg: &Config,
+    top_ks: &[usize],
     tmp: &Path,
     device: &Device,
     say: &mut dyn FnMut(&str),
 ) -> Result<(Vec<SystemResult>, Vec<Vec<f64>>), Error> {
+    let e = scores.files.len();
     say(&format!(
-        "{prefix}: scoring {} ELMs on {} domains",
-        forest.elms.len(),
+        "{prefix}: {e} members on {} domains",
         data.test.len()
     ));
-    let n_ctx = forest.architecture.n_ctx;
-    let scores = score_forest(forest, data, device)?;
+    let n_ctx = arch.n_ctx;
     let prior_cfg = PriorConfig {
         max_blocks: cfg.prior_blocks,
         ..PriorConfig::default()
     };
-    let e = forest.elms.len();
     let mut priors = Vec::new();
-    let mut rows: BTreeMap<&str, Vec<(String, f64)>> = BTreeMap::new();
+    let mut rows: BTreeMap<String, (usize, Vec<(String, f64)>)> = BTreeMap::new();
     for (d, (name, t)) in data.test.iter().enumerate() {
         let dev_targets = posterior::block_targets(data.dev[d].1.len(), n_ctx);
         let prior = posterior::estimate_prior(&scores.dev[d], &dev_targets, &prior_cfg);
         let targets = posterior::block_targets(t.len(), n_ctx);
         let lp = &scores.test[d];
         let ln_prior = posterior::ln_all(&prior);
-        let mut push = |k: &'static str, v: f64| rows.entry(k).or_default().push((name.clone(), v));
-        push(
-            "ensemble",
-            ppl(&posterior::mix_stream(
-                lp,
-                &targets,
-                &ln_prior,
-                Weighting::Posterior,
-            )),
-        );
-        let sel = posterior::top_k(&prior, cfg.top_k);
-        let sel_lp: Vec<Vec<f64>> = sel.iter().map(|&(j, _)| lp[j].clone()).collect();
-        let sel_prior: Vec<f64> = sel.iter().map(|s| s.1.ln()).collect();
-        push(
-            "ensemble_topk",
-            ppl(&posterior::mix_stream(
+        let mut push = |k: String, models: usize, v: f64| {
+            rows.entry(k)
+                .or_insert_with(|| (models, Vec::new()))
+                .1
+                .push((name.clone(), v))
+        };
+        let mix = |w: Weighting| ppl(&posterior::mix_stream(lp, &targets, &ln_prior, w));
+        push("ensemble".into(), e, mix(Weighting::Posterior));
+        for &k in top_ks {
+            let sel = posterior::top_k(&prior, k);
+            let sel_lp: Vec<Vec<f64>> = sel.iter().map(|&(j, _)| lp[j].clone()).collect();
+            let sel_prior: Vec<f64> = sel.iter().map(|s| s.1.ln()).collect();
+            let v = ppl(&posterior::mix_stream(
                 &sel_lp,
                 &targets,
                 &sel_prior,
                 Weighting::Posterior,
-            )),
-        );
+            ));
+            let row = if k == cfg.top_k {
+                "ensemble_topk".to_string()
+            } else {
+                format!("ensemble_top{k}")
+            };
+            push(row, k.min(e), v);
+        }
+        push("ensemble_prev_token".into(), e, mix(Weighting::PrevToken));
+        push("ensemble_uniform".into(), e, mix(Weighting::Uniform));
+        let m = average_model(&scores.files, &prior, arch, tmp, device)?;
         push(
-            "ensemble_prev_token",
-            ppl(&posterior::mix_stream(
-                lp,
-                &targets,
-                &ln_prior,
-                Weighting::PrevToken,
-            )),
-        );
-        push(
-            "ensemble_uniform",
-            ppl(&posterior::mix_stream(
-                lp,
-                &targets,
-                &ln_prior,
-                Weighting::Uniform,
-            )),
-        );
-        let m = average_model(forest, |j| prior[j], tmp, device)?;
-        push(
-            "average_posterior",
+            "average_posterior".into(),
+            1,
             ppl(&eval::token_logprobs(&m, t, 8, device)?),
         );
         priors.push(prior);
     }
+    let mut order: Vec<String> = vec!["ensemble".into(), "ensemble_topk".into()];
+    order.extend(
+        top_ks
+            .iter()
+            .filter(|&&k| k != cfg.top_k)
+            .map(|k| format!("ensemble_top{k}")),
+    );
+    order.extend(
+        [
+            "ensemble_prev_token",
+            "ensemble_uniform",
+            "average_posterior",
+        ]
+        .map(String::from),
+    );
     let mut out = Vec::new();
-    for (k, models) in [
-        ("ensemble", e),
-        ("ensemble_topk", cfg.top_k.min(e)),
-        ("ensemble_prev_token", e),
-        ("ensemble_uniform", e),
-        ("average_posterior", 1),
-    ] {
-        if let Some(r) = rows.get(k) {
-            out.push(result(&format!("{prefix}_{k}"), flops, models, r));
+    for k in order {
+        if let Some((models, r)) = rows.get(&k) {
+            out.push(result(&format!("{prefix}_{k}"), flops, *models, r));
         }
     }
-    let m = average_model(forest, |_| 1.0, tmp, device)?;
+    let m = average_model(&scores.files, &vec![1.0; e], arch, tmp, device)?;
     out.push(result(
         &format!("{prefix}_average_uniform"),
         flops,
@@ -249,18 +320,27 @@ fn forest_systems(
     Ok((out, priors))
 }
 
-/// The parameter average of a forest's ELMs, ELM `j` with weight `weight(j)`, written to
+/// The parameter average of weights files `files[j]` with weights `w[j]`, written to
 /// `tmp/average.safetensors` and loaded.
 fn average_model(
-    forest: &Forest,
-    weight: impl Fn(usize) -> f64,
+    files: &[PathBuf],
+    w: &[f64],
+    arch: &GptConfig,
     tmp: &Path,
     device: &Device,
 ) -> Result<Gpt, Error> {
-    let members: Vec<(usize, f64)> = (0..forest.elms.len()).map(|j| (j, weight(j))).collect();
+    let inputs: Vec<average::Input> = files
+        .iter()
+        .zip(w)
+        .map(|(path, &weight)| average::Input {
+            path: path.clone(),
+            weight,
+            id: None,
+        })
+        .collect();
     let path = tmp.join("average.safetensors");
-    average::average_members(forest, &members, &path)?;
-    Ok(weights::load(&path, Some(&forest.architecture), device)?)
+    average::average_files(&inputs, Some(arch), &path)?;
+    Ok(weights::load(&path, Some(arch), device)?)
 }
 
 fn mixture(streams: Vec<DomainStream>, seed: u64) -> Result<Mixture, Error> {
@@ -299,8 +379,49 @@ fn random_split(
     Ok(out)
 }
 
+/// The report in `out_dir/results.json` when that run is finished with the settings `cfg`;
+/// an error when it holds a report of other settings.
+fn finished_report(out_dir: &Path, cfg: &Config) -> Result<Option<Report>, Error> {
+    let path = out_dir.join("results.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(None);
+    };
+    let report: Report = serde_json::from_slice(&bytes).map_err(|e| {
+        crate::Error::Config(format!(
+            "{} is not an experiment report ({e}); move it away to rerun",
+            path.display()
+        ))
+    })?;
+    if &report.config != cfg {
+        return Err(crate::Error::Config(format!(
+            "{} holds a finished run with other settings; use another output directory",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(Some(report))
+}
+
+/// One ELM-to-be: its name, its data, where in that data it starts and its domains.
+struct Part {
+    name: String,
+    data: Mixture,
+    data_offset: u64,
+    domains: Vec<String>,
+}
+
+/// Writes the seed of the update-matched protocol: `t`'s weights (`model.safetensors`) and
+/// its whole training state (`checkpoint.safetensors`: Adam moments, update count and data
+/// position) into `seed_dir`, for the ELMs to continue.
+fn snapshot_seed(t: &Trainer, seed_dir: &Path) -> Result<branch::Trained, Error> {
+    std::fs::create_dir_all(seed_dir).map_err(|e| crate::Error::io(seed_dir, e))?;
+    t.write_checkpoint(&seed_dir.join(CHECKPOINT_FILE))?;
+    branch::finish(t, 0, seed_dir)
+}
+
 /// Runs the whole comparison in `out_dir`; `say` receives progress lines and `on_step` every
-/// training update with the name of its run (`dense`, `seed`, `btm/<elm>`, `demix`, ...).
+/// training update with the name of its run (`dense`, `seed`, `btm/<elm>`, `demix`, ...). A
+/// finished run (`results.json` with the same settings) is returned as it is.
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
@@ -311,6 +432,13 @@ pub fn run(
 ) -> Result<Report, Error> {
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(|e| crate::Error::io(out_dir, e))?;
+    if let Some(r) = finished_report(out_dir, cfg)? {
+        say(&format!(
+            "{}: finished before, with these settings",
+            out_dir.display()
+        ));
+        return Ok(r);
+    }
     let tok_path = out_dir.join(TOKENIZER_FILE);
     let tok = if tok_path.exists() {
         Tokenizer::load(&tok_path)?
@@ -323,13 +451,22 @@ pub fn run(
     };
     let arch = cfg.preset.config().with_vocab(tok.vocab_size());
     let plan = Plan::new(cfg, TRAIN_DOMAINS.len(), &arch)?;
+    let update_matched = cfg.protocol == Protocol::UpdateMatched;
+    let continuing = cfg.optimizer == OptimizerInit::ContinueSeed;
     say(&format!(
-        "plan: dense {} updates; seed {} + {} ELMs x {} updates; {} tokens/update; {:.3e} FLOPs each",
+        "plan ({}): dense {} updates of {} blocks; seed {} updates{}; {} ELMs x {} updates of {} blocks; {:.3e} FLOPs each",
+        cfg.protocol.name(),
         plan.dense_steps,
+        plan.batch_size,
         plan.seed_steps,
+        if update_matched {
+            " (the dense run's checkpoint)"
+        } else {
+            ""
+        },
         plan.n_elms,
         plan.elm_steps,
-        plan.tokens_per_step,
+        plan.elm_batch_size,
         plan.dense_flops()
     ));
     say("tokenising the corpus");
@@ -341,11 +478,18 @@ pub fn run(
         arch.n_ctx,
         cfg.train_bytes,
     )?;
-    let data = EvalData::load(corpus, &tok, cfg.eval_tokens, cfg.prior_blocks * arch.n_ctx)?;
+    let data = EvalData::load(
+        corpus,
+        &cfg.eval_corpora,
+        &tok,
+        cfg.eval_tokens,
+        cfg.prior_blocks * arch.n_ctx,
+        arch.n_ctx,
+    )?;
     let init = || Gpt::init(&arch, cfg.seed, device);
-    let tc = |steps: u64| TrainConfig {
+    let tc = |steps: u64, batch_size: usize| TrainConfig {
         steps,
-        batch_size: cfg.batch_size,
+        batch_size,
         lr: cfg.lr,
         seed: cfg.seed,
         checkpoint_every: 100,
@@ -356,24 +500,40 @@ pub fn run(
     let mut systems = Vec::new();
     let mut curves = Vec::new();
 
-    // Dense Transformer-LM on the balanced mix, the whole budget, with a learning curve.
+    // Dense Transformer-LM on the balanced mix, the whole budget, with a learning curve. In
+    // the update-matched protocol its checkpoint at s·B is the seed.
     let dense_dir = out_dir.join("dense");
+    let seed_dir = out_dir.join("seed");
     let mix_all = mixture(streams.clone(), cfg.seed)?;
+    let seed_from_dense = update_matched && plan.seed_steps > 0;
     say(&format!(
         "dense: {} updates on the mix of {} domains",
         plan.dense_steps,
         TRAIN_DOMAINS.len()
     ));
     let dense = train_once(&dense_dir, || {
-        let mut t = Trainer::new(init(), tc(plan.dense_steps), device, Some(&dense_dir))?;
+        let mut t = Trainer::new(
+            init(),
+            tc(plan.dense_steps, cfg.batch_size),
+            device,
+            Some(&dense_dir),
+        )?;
         let every = if cfg.curve_points > 0 {
             (plan.dense_steps / cfg.curve_points as u64).max(1)
         } else {
             u64::MAX
         };
-        let mut points = Vec::new();
+        let curve_file = dense_dir.join("curve.json");
+        let mut points: Vec<CurvePoint> = std::fs::read(&curve_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        points.retain(|p| p.flops <= t.state.flops);
         while !t.finished() {
             on_step("dense", &t.step(&mix_all)?);
+            if seed_from_dense && t.state.step == plan.seed_steps {
+                train_once(&seed_dir, || snapshot_seed(&t, &seed_dir))?;
+            }
             if t.state.step % every == 0 && !t.finished() {
                 let r = result(
                     "dense",
@@ -391,11 +551,11 @@ pub fn run(
                     mean_in: r.mean_in,
                     mean_out: r.mean_out,
                 });
+                fsutil::write_atomic(&curve_file, &serde_json::to_vec(&points)?)?;
                 t.save_checkpoint()?;
             }
         }
         t.save_checkpoint()?;
-        fsutil::write_atomic(&dense_dir.join("curve.json"), &serde_json::to_vec(&points)?)?;
         branch::finish(&t, 0, &dense_dir)
     })?;
     if let Ok(bytes) = std::fs::read(dense_dir.join("curve.json")) {
@@ -415,19 +575,35 @@ pub fn run(
         mean_in: r.mean_in,
         mean_out: r.mean_out,
     });
+    let dense_ppl: BTreeMap<String, f64> = r
+        .in_domain
+        .iter()
+        .chain(&r.out_domain)
+        .chain(&r.extra_domain)
+        .map(|(d, p)| (d.clone(), *p))
+        .collect();
     systems.push(r);
     drop(dense_model);
 
-    // The seed.
-    let seed_dir = out_dir.join("seed");
-    let continuing = cfg.optimizer == OptimizerInit::ContinueSeed;
-    let seed_cfg = TrainConfig {
-        schedule_steps: continuing.then_some(plan.seed_steps + plan.elm_steps),
-        ..tc(plan.seed_steps)
-    };
-    let seed = if plan.seed_steps > 0 {
+    // The seed: the dense run's checkpoint (update-matched), or a run of its own.
+    let seed = if plan.seed_steps == 0 {
+        None
+    } else if seed_from_dense {
+        Some(train_once(&seed_dir, || {
+            Err(crate::Error::Checkpoint(format!(
+                "the dense run in {} finished without its checkpoint at update {} (the seed); delete it to rerun",
+                dense_dir.display(),
+                plan.seed_steps
+            ))
+            .into())
+        })?)
+    } else {
+        let seed_cfg = TrainConfig {
+            schedule_steps: continuing.then_some(plan.seed_steps + plan.elm_steps),
+            ..tc(plan.seed_steps, cfg.batch_size)
+        };
         say(&format!("seed: {} updates on the mix", plan.seed_steps));
-        let s = train_once(&seed_dir, || {
+        Some(train_once(&seed_dir, || {
             branch::train(
                 Start::Fresh(init()),
                 &mix_all,
@@ -436,82 +612,101 @@ pub fn run(
                 device,
                 |s| on_step("seed", s),
             )
-        })?;
-        let m = weights::load(&s.weights, Some(&arch), device)?;
-        let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
-        say(&format!("seed: in {:.2} out {:.2}", r.mean_in, r.mean_out));
-        curves.push(CurvePoint {
-            system: "btm".into(),
-            flops: r.train_flops,
-            mean_in: r.mean_in,
-            mean_out: r.mean_out,
-        });
-        systems.push(r);
-        Some(s)
-    } else {
-        None
+        })?)
     };
     let seed_flops = seed.as_ref().map_or(0.0, |s| s.record.flops);
+    let seed_model = match &seed {
+        Some(s) => {
+            let m = weights::load(&s.weights, Some(&arch), device)?;
+            let r = result("seed", s.record.flops, 1, &eval_model(&m, &data, device)?);
+            say(&format!("seed: in {:.2} out {:.2}", r.mean_in, r.mean_out));
+            curves.push(CurvePoint {
+                system: "btm".into(),
+                flops: r.train_flops,
+                mean_in: r.mean_in,
+                mean_out: r.mean_out,
+            });
+            systems.push(r);
+            Some(m)
+        }
+        None => None,
+    };
 
-    // Trains a forest of one ELM per part (branched from the seed when `from_seed`) and scores
-    // its systems; their training FLOPs include the seed's when it branched from it.
-    let forest_rows = |name: &str,
-                       elm_steps: u64,
-                       from_seed: bool,
-                       parts: &[(String, Vec<DomainStream>)],
-                       say: &mut dyn FnMut(&str),
-                       on_step: &mut dyn FnMut(&str, &StepStats)|
-     -> Result<(Vec<SystemResult>, Vec<Vec<f64>>), Error> {
+    // Trains one ELM per part (branched from the seed when `from_seed`) into the forest
+    // `out_dir/name`; returns the forest and its training FLOPs (the seed's included when the
+    // ELMs branched from it).
+    let train_forest = |name: &str,
+                        from_seed: bool,
+                        parts: &[Part],
+                        say: &mut dyn FnMut(&str),
+                        on_step: &mut dyn FnMut(&str, &StepStats)|
+     -> Result<(Forest, f64), Error> {
         let dir = out_dir.join(name);
         let mut forest = Forest::create(&dir, arch, &tok_path)?;
-        if let (true, Some(s)) = (from_seed, &seed) {
+        let seed = seed.as_ref().filter(|_| from_seed);
+        if let Some(s) = seed {
             forest.set_seed(&s.weights)?;
         }
+        let steps = if seed.is_some() {
+            plan.elm_steps
+        } else {
+            plan.no_seed_elm_steps
+        };
         let mut flops = 0.0;
-        for (elm, part) in parts {
-            let run_dir = dir.join(elm);
-            let mix = mixture(part.clone(), cfg.seed)?;
-            say(&format!("{name}/{elm}: {elm_steps} updates"));
-            let run_name = format!("{name}/{elm}");
+        for part in parts {
+            let run_dir = dir.join(&part.name);
+            say(&format!(
+                "{name}/{}: {steps} updates of {} blocks",
+                part.name, plan.elm_batch_size
+            ));
+            let run_name = format!("{name}/{}", part.name);
             let mut on_step = |s: &StepStats| on_step(&run_name, s);
-            let trained = train_once(&run_dir, || match (&seed, from_seed) {
-                (Some(_), true) if continuing => {
+            let own = TrainConfig {
+                data_offset: part.data_offset,
+                ..tc(steps, plan.elm_batch_size)
+            };
+            let trained = train_once(&run_dir, || match seed {
+                Some(_) if continuing => {
+                    // `steps` counts from the seed's first update; the schedule goes on to B
+                    // (update-matched) or to the seed's and the ELM's updates (full-batch).
                     let c = TrainConfig {
-                        schedule_steps: Some(plan.seed_steps + plan.elm_steps),
-                        ..tc(plan.seed_steps + elm_steps)
+                        steps: plan.seed_steps + steps,
+                        schedule_steps: (!update_matched)
+                            .then_some(plan.seed_steps + plan.elm_steps),
+                        ..own
                     };
                     branch::train(
                         Start::<Gpt>::Continue(&seed_dir),
-                        &mix,
+                        &part.data,
                         c,
                         &run_dir,
                         device,
                         &mut on_step,
                     )
                 }
-                (Some(s), true) => {
+                Some(s) => {
                     let m = weights::load(&s.weights, Some(&arch), device)?;
                     branch::train(
                         Start::Fresh(m),
-                        &mix,
-                        tc(elm_steps),
+                        &part.data,
+                        own,
                         &run_dir,
                         device,
                         &mut on_step,
                     )
                 }
-                _ => branch::train(
+                None => branch::train(
                     Start::Fresh(init()),
-                    &mix,
-                    tc(elm_steps),
+                    &part.data,
+                    own,
                     &run_dir,
                     device,
                     &mut on_step,
                 ),
             })?;
             flops += trained.record.flops;
-            let (init_kind, parents) = match (&seed, from_seed) {
-                (Some(s), true) => (
+            let (init_kind, parents) = match seed {
+                Some(s) => (
                     InitKind::Seed,
                     vec![Parent {
                         name: "seed".into(),
@@ -519,12 +714,11 @@ pub fn run(
                         weight: 1.0,
                     }],
                 ),
-                _ => (InitKind::Random, vec![]),
+                None => (InitKind::Random, vec![]),
             };
-            let domains = part.iter().map(|p| p.domain.clone()).collect();
             forest.add(
-                elm,
-                domains,
+                &part.name,
+                part.domains.clone(),
                 &trained.weights,
                 &tok.id(),
                 init_kind,
@@ -533,19 +727,51 @@ pub fn run(
             )?;
         }
         forest.save()?;
-        let base = if from_seed { seed_flops } else { 0.0 };
-        forest_systems(name, &forest, base + flops, &data, cfg, &tmp, device, say)
+        let base = if seed.is_some() { seed_flops } else { 0.0 };
+        Ok((forest, base + flops))
     };
     // Of the ablations' rows, the ensembles and the posterior-weighted average.
     let headline =
         |r: &SystemResult| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior");
 
-    let domain_parts: Vec<(String, Vec<DomainStream>)> = streams
+    // BTM: one ELM per training domain, branched from the seed, trained on its domain alone
+    // (update-matched: reading on from where the seed left it).
+    let domain_parts = streams
         .iter()
-        .map(|s| (s.domain.clone(), vec![s.clone()]))
-        .collect();
-    // BTM: one ELM per training domain, branched from the seed, trained on its domain alone.
-    let (mut rs, priors) = forest_rows("btm", plan.elm_steps, true, &domain_parts, say, on_step)?;
+        .enumerate()
+        .map(|(d, s)| {
+            Ok(if update_matched {
+                Part {
+                    name: s.domain.clone(),
+                    data: mix_all.only(d)?,
+                    data_offset: mix_all.blocks_read(d, plan.seed_steps * plan.batch_size as u64),
+                    domains: vec![s.domain.clone()],
+                }
+            } else {
+                Part {
+                    name: s.domain.clone(),
+                    data: mixture(vec![s.clone()], cfg.seed)?,
+                    data_offset: 0,
+                    domains: vec![s.domain.clone()],
+                }
+            })
+        })
+        .collect::<Result<Vec<Part>, Error>>()?;
+    let (forest, btm_flops) = train_forest("btm", true, &domain_parts, say, on_step)?;
+    say(&format!("btm: scoring {} ELMs", forest.elms.len()));
+    let mut scores = MemberScores::of_forest(&forest, &data, device)?;
+    let mut top_ks = vec![cfg.top_k];
+    top_ks.extend(
+        cfg.top_k_sweep
+            .iter()
+            .copied()
+            .filter(|&k| k >= 1 && k < forest.elms.len()),
+    );
+    top_ks.sort_unstable();
+    top_ks.dedup();
+    let (mut rs, priors) = forest_systems(
+        "btm", &scores, &arch, btm_flops, &data, cfg, &top_ks, &tmp, device, say,
+    )?;
     if let Some(r) = rs.first() {
         curves.push(CurvePoint {
             system: "btm".into(),
@@ -555,6 +781,40 @@ pub fn run(
         });
     }
     systems.append(&mut rs);
+    // Each member's perplexity on every domain (forgetting, and the best single ELM for each
+    // unseen domain), with the seed and the dense LM beside them.
+    let mut elm_matrix: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    if let (Some(s), Some(m)) = (&seed, &seed_model) {
+        scores.push("seed", &s.weights, m, &data, device)?;
+    }
+    for (d, (dname, _)) in data.test.iter().enumerate() {
+        let row = elm_matrix.entry(dname.clone()).or_default();
+        for (j, name) in scores.names.iter().enumerate() {
+            row.insert(name.clone(), ppl(&scores.test[d][j]));
+        }
+        if let Some(p) = dense_ppl.get(dname) {
+            row.insert("dense".into(), *p);
+        }
+    }
+    // The forest with its seed as one more member, weighted by the same posterior.
+    let mut seed_member_priors = BTreeMap::new();
+    if cfg.seed_member && seed.is_some() {
+        let (rs, p) = forest_systems(
+            "btm_seed_member",
+            &scores,
+            &arch,
+            btm_flops,
+            &data,
+            cfg,
+            &[cfg.top_k],
+            &tmp,
+            device,
+            say,
+        )?;
+        systems.extend(rs);
+        seed_member_priors = data.by_domain(p);
+    }
+    drop(scores);
 
     if cfg.random_split {
         let parts = random_split(
@@ -565,17 +825,60 @@ pub fn run(
             arch.n_ctx,
             cfg.seed,
         )?;
-        let named: Vec<(String, Vec<DomainStream>)> = parts
+        let parts = parts
             .into_iter()
             .enumerate()
-            .map(|(i, p)| (format!("split{i}"), p))
-            .collect();
-        let (rs, _) = forest_rows("random_split", plan.elm_steps, true, &named, say, on_step)?;
+            .map(|(i, p)| {
+                Ok(Part {
+                    name: format!("split{i}"),
+                    domains: p.iter().map(|s| s.domain.clone()).collect(),
+                    data: mixture(p, cfg.seed)?,
+                    data_offset: 0,
+                })
+            })
+            .collect::<Result<Vec<Part>, Error>>()?;
+        let (f, flops) = train_forest("random_split", true, &parts, say, on_step)?;
+        let scores = MemberScores::of_forest(&f, &data, device)?;
+        let (rs, _) = forest_systems(
+            "random_split",
+            &scores,
+            &arch,
+            flops,
+            &data,
+            cfg,
+            &[cfg.top_k],
+            &tmp,
+            device,
+            say,
+        )?;
         systems.extend(rs.into_iter().filter(headline));
     }
     if cfg.no_seed && plan.seed_steps > 0 {
-        let steps = plan.no_seed_elm_steps;
-        let (rs, _) = forest_rows("no_seed", steps, false, &domain_parts, say, on_step)?;
+        let parts = streams
+            .iter()
+            .map(|s| {
+                Ok(Part {
+                    name: s.domain.clone(),
+                    data: mixture(vec![s.clone()], cfg.seed)?,
+                    data_offset: 0,
+                    domains: vec![s.domain.clone()],
+                })
+            })
+            .collect::<Result<Vec<Part>, Error>>()?;
+        let (f, flops) = train_forest("no_seed", false, &parts, say, on_step)?;
+        let scores = MemberScores::of_forest(&f, &data, device)?;
+        let (rs, _) = forest_systems(
+            "no_seed",
+            &scores,
+            &arch,
+            flops,
+            &data,
+            cfg,
+            &[cfg.top_k],
+            &tmp,
+            device,
+            say,
+        )?;
         systems.extend(rs.into_iter().filter(headline));
     }
     if cfg.demix
@@ -603,19 +906,16 @@ pub fn run(
         tokenizer_id: tok.id(),
         systems,
         curves,
-        priors: TRAIN_DOMAINS
-            .iter()
-            .chain(EVAL_DOMAINS.iter())
-            .zip(priors)
-            .map(|(d, p)| (d.to_string(), p))
-            .collect(),
+        priors: data.by_domain(priors),
+        seed_member_priors,
+        elm_matrix,
         seconds: started.elapsed().as_secs_f64(),
     };
+    fsutil::write_atomic(&out_dir.join("results.md"), markdown(&report).as_bytes())?;
     fsutil::write_atomic(
         &out_dir.join("results.json"),
         &serde_json::to_vec_pretty(&report)?,
     )?;
-    fsutil::write_atomic(&out_dir.join("results.md"), markdown(&report).as_bytes())?;
     Ok(report)
 }
 
@@ -625,38 +925,64 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let c = &r.config;
     s.push_str(&format!(
-        "Preset `{}` ({} parameters, n_ctx {}), budget {} updates of {} tokens ({:.3e} training FLOPs), seed share {:.0}%, \
-         ELMs {} x {} updates, optimiser at branch: {:?}, {} test tokens per domain, cached prior from {} dev blocks, top-k k = {}. \
-         Wall clock {:.0} s.\n\n",
+        "Preset `{}` ({} parameters, n_ctx {}), budget {} updates of {} blocks ({:.3e} training FLOPs), protocol {}, \
+         seed share {:.0}% ({} updates{}), ELMs {} x {} updates of {} blocks, optimiser at branch: {:?}, {} test tokens per domain, \
+         cached prior from {} dev blocks, top-k k = {}, seed {}. Wall clock {:.0} s.\n\n",
         c.preset,
         r.params,
         r.architecture.n_ctx,
         r.plan.dense_steps,
-        r.plan.tokens_per_step,
+        c.batch_size,
         r.plan.dense_flops(),
+        c.protocol.name(),
         100.0 * c.seed_share,
+        r.plan.seed_steps,
+        if c.protocol == Protocol::UpdateMatched {
+            ", the dense run's checkpoint"
+        } else {
+            ""
+        },
         r.plan.n_elms,
         r.plan.elm_steps,
+        r.plan.elm_batch_size,
         c.optimizer,
         c.eval_tokens,
         c.prior_blocks,
         c.top_k,
+        c.seed,
         r.seconds
     ));
-    s.push_str("| system | train FLOPs | models run / token | in-domain ppl (mean of 8) | out-of-domain ppl (mean of 4) |\n");
-    s.push_str("|---|---:|---:|---:|---:|\n");
+    let extra = r.systems.iter().any(|x| !x.extra_domain.is_empty());
+    s.push_str(
+        "| system | train FLOPs | models run / token | in-domain ppl (mean of 8) | out-of-domain ppl (mean of 4) |",
+    );
+    s.push_str(if extra {
+        " extra corpora ppl (mean) |\n|---|---:|---:|---:|---:|---:|\n"
+    } else {
+        "\n|---|---:|---:|---:|---:|\n"
+    });
     for x in &r.systems {
         s.push_str(&format!(
-            "| {} | {:.3e} | {} | {:.2} | {:.2} |\n",
+            "| {} | {:.3e} | {} | {:.2} | {:.2} |",
             x.name, x.train_flops, x.inference_models, x.mean_in, x.mean_out
         ));
+        if extra {
+            s.push_str(&format!(" {:.2} |", x.mean_extra));
+        }
+        s.push('\n');
     }
     let domains: Vec<&String> = r
         .systems
         .first()
-        .map(|x| x.in_domain.keys().chain(x.out_domain.keys()).collect())
+        .map(|x| {
+            x.in_domain
+                .keys()
+                .chain(x.out_domain.keys())
+                .chain(x.extra_domain.keys())
+                .collect()
+        })
         .unwrap_or_default();
-    s.push_str("\nPer-domain test perplexity (the last four are never trained on):\n\n| system |");
+    s.push_str("\nPer-domain test perplexity (the training domains, then the evaluation-only ones):\n\n| system |");
     for d in &domains {
         s.push_str(&format!(" {d} |"));
     }
@@ -670,9 +996,68 @@ pub fn markdown(r: &Report) -> String {
                 .in_domain
                 .get(*d)
                 .or_else(|| x.out_domain.get(*d))
+                .or_else(|| x.extra_domain.get(*d))
                 .copied()
                 .unwrap_or(f64::NAN);
             s.push_str(&format!(" {v:.2} |"));
+        }
+        s.push('\n');
+    }
+    s.push_str(&matrix_markdown(&r.elm_matrix));
+    s
+}
+
+/// The member x domain perplexity table: one row per domain, one column per member; the best
+/// ELM of each domain in bold.
+pub fn matrix_markdown(m: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
+    let mut s = String::new();
+    let Some(first) = m.values().next() else {
+        return s;
+    };
+    // Training domains first (their own ELM on the diagonal), then the evaluation-only ones.
+    let domains: Vec<&String> = TRAIN_DOMAINS
+        .iter()
+        .chain(EVAL_DOMAINS.iter())
+        .filter_map(|d| m.get_key_value(*d).map(|(k, _)| k))
+        .chain(m.keys().filter(|k| {
+            !TRAIN_DOMAINS.contains(&k.as_str()) && !EVAL_DOMAINS.contains(&k.as_str())
+        }))
+        .collect();
+    let mut members: Vec<&String> = first
+        .keys()
+        .filter(|k| *k != "seed" && *k != "dense")
+        .collect();
+    members.sort_by_key(|k| {
+        TRAIN_DOMAINS
+            .iter()
+            .position(|d| d == k)
+            .unwrap_or(usize::MAX)
+    });
+    let extra: Vec<&String> = first
+        .keys()
+        .filter(|k| *k == "seed" || *k == "dense")
+        .collect();
+    s.push_str("\nEach model alone, test perplexity (rows: the text; columns: the ELM trained on that domain, the seed and the dense LM; bold: the best ELM):\n\n| text \\ model |");
+    for k in members.iter().chain(&extra) {
+        s.push_str(&format!(" {k} |"));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(members.len() + extra.len()));
+    s.push('\n');
+    for d in domains {
+        let row = &m[d];
+        let best = members
+            .iter()
+            .filter_map(|k| row.get(*k).map(|v| (*k, *v)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(k, _)| k);
+        s.push_str(&format!("| {d} |"));
+        for k in members.iter().chain(&extra) {
+            match row.get(*k) {
+                Some(v) if Some(*k) == best => s.push_str(&format!(" **{v:.2}** |")),
+                Some(v) => s.push_str(&format!(" {v:.2} |")),
+                None => s.push_str(" |"),
+            }
         }
         s.push('\n');
     }

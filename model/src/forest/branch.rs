@@ -8,9 +8,10 @@
 //!   from a random initialisation ([`InitKind::Random`], the "no seed phase" ablation); the
 //!   manifest records which ([`super::manifest::ForestElm::init`]).
 //! - Each ELM then trains on its own domain only ([`train`] on a one-domain [`Mixture`]),
-//!   independently of every other. The paper restarts the optimiser (fresh Adam moments, a
-//!   new warm-up); [`OptimizerInit::ContinueSeed`] is the released code's behaviour: the seed's
-//!   Adam moments and LR schedule carry on ([`Start::Continue`]).
+//!   independently of every other. [`OptimizerInit::Fresh`] restarts the optimiser (fresh Adam
+//!   moments, a new warm-up); [`OptimizerInit::ContinueSeed`] is the released code's behaviour
+//!   (the paper is silent): the seed's Adam moments and LR schedule carry on
+//!   ([`Start::Continue`]).
 
 use std::path::{Path, PathBuf};
 
@@ -29,11 +30,13 @@ use crate::{content_id, fsutil};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerInit {
-    /// The paper: fresh Adam moments and a new warm-up/decay schedule over the ELM's updates.
+    /// Fresh Adam moments and a new warm-up/decay schedule over the ELM's updates (round one's
+    /// choice; the paper does not say).
     #[default]
     Fresh,
-    /// The released code: continue the seed's Adam moments and LR schedule (the seed must
-    /// have been trained with `schedule_steps` covering the branch's updates too).
+    /// The released code: continue the seed's Adam moments and LR schedule (the seed's schedule
+    /// must cover the branch's updates too: the experiment's update-matched protocol makes the
+    /// seed the dense run's checkpoint, whose schedule is the whole budget).
     ContinueSeed,
 }
 

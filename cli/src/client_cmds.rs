@@ -286,7 +286,7 @@ pub struct ReportArgs {
     /// The forest (directory or forest.json), e.g. from `btm-node fetch`.
     #[arg(long, default_value = "runs/forest")]
     forest: PathBuf,
-    /// Domains to evaluate (default: the domains of the forest's ELMs).
+    /// Domains to evaluate (default: the domains of the forest's ELMs, then the corpus's evaluation-only domains).
     #[arg(long, value_delimiter = ',')]
     domain: Vec<String>,
     /// Split to score.
@@ -312,15 +312,31 @@ pub struct ReportArgs {
 pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     let (forest, tok) = open_with_elms(&a.forest)?;
     let device = a.device.device()?;
-    let corpus = match &a.corpus {
-        Some(c) => Corpus::new(c),
-        None if forest.dir().join("data").is_dir() => Corpus::new(forest.dir().join("data")),
-        None => Corpus::bundled(),
+    // The forest's fetched data first, then the bundled corpus for the domains it lacks (the
+    // evaluation-only ones).
+    let corpora = match &a.corpus {
+        Some(c) => vec![Corpus::new(c)],
+        None if forest.dir().join("data").is_dir() => {
+            vec![Corpus::new(forest.dir().join("data")), Corpus::bundled()]
+        }
+        None => vec![Corpus::bundled()],
     };
     let domains: Vec<String> = if a.domain.is_empty() {
         let mut d: Vec<String> = forest.elms.iter().flat_map(|e| e.domains.clone()).collect();
         d.sort();
         d.dedup();
+        // Text no ELM trained on: the corpus's evaluation-only domains, where present.
+        let unseen: Vec<String> = data::EVAL_DOMAINS
+            .iter()
+            .filter(|e| {
+                !d.iter().any(|x| x == *e)
+                    && corpora
+                        .iter()
+                        .any(|c| c.path(e, a.split).is_ok() && c.path(e, Split::Valid).is_ok())
+            })
+            .map(|e| e.to_string())
+            .collect();
+        d.extend(unseen);
         d
     } else {
         a.domain.clone()
@@ -336,7 +352,7 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     };
     let bar = crate::model_cmds::ScoreBar::new(!json, report::scorings(&forest, cfg.domains.len()));
     let mut started = false;
-    let report = ForestReport::measure(&forest, &tok, &corpus, &cfg, &device, |what| {
+    let report = ForestReport::measure(&forest, &tok, &corpora, &cfg, &device, |what| {
         if std::mem::replace(&mut started, true) {
             bar.done();
         }
@@ -366,13 +382,15 @@ pub fn report(a: ReportArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Grouped bars per domain: seed, the domain's own ELM, ensemble, posterior and uniform averages.
+/// Grouped bars per domain: seed, the domain's own ELM, ensemble (without and with the seed),
+/// posterior and uniform averages.
 fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let series = [
         "seed",
         "own ELM",
         "ensemble",
+        "ensemble + seed",
         "avg posterior",
         "avg uniform",
     ];
@@ -380,7 +398,8 @@ fn plot_report(r: &ForestReport, path: &Path) -> Result<()> {
         0 => row.seed,
         1 => row.own_elm.unwrap_or(f64::NAN),
         2 => row.ensemble,
-        3 => row.average_posterior,
+        3 => row.ensemble_with_seed,
+        4 => row.average_posterior,
         _ => row.average_uniform,
     };
     let n = r.rows.len().max(1);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use btm_model::forest::average::{self, Input};
 use btm_model::forest::ensemble::{self, Ensemble};
-use btm_model::forest::manifest::{ForestElm, InitKind, Parent};
+use btm_model::forest::manifest::{self, ForestElm, InitKind, Parent};
 use btm_model::forest::posterior::{self, PriorConfig, Weighting};
 use btm_model::forest::{self, Error, Forest};
 use btm_model::generate::SampleConfig;
@@ -225,6 +225,36 @@ fn the_cached_prior_starts_uniform_and_moves_by_an_ema_of_block_final_posteriors
         },
     );
     assert_close(limited[0], 0.7 * 0.5 + 0.3 * post0, 1e-12, "one block only");
+}
+
+#[test]
+fn the_seed_joins_the_members_only_when_the_forest_has_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut f, models) = forest_of(dir.path(), 2);
+    let err = f.with_seed_member().unwrap_err();
+    assert!(matches!(err, Error::NoSeed(_)), "{err}");
+    assert!(err.to_string().contains("no seed"), "{err}");
+    let seed = Gpt::init(&arch(), 7, &cpu());
+    let p = dir.path().join("seed.safetensors");
+    weights::save(&seed, &p).unwrap();
+    f.set_seed(&p).unwrap();
+    let g = f.with_seed_member().unwrap();
+    assert_eq!(g.names(), ["elm0", "elm1", manifest::SEED_MEMBER]);
+    assert_eq!(f.elms.len(), 2, "the forest itself is unchanged");
+    // All weight on the seed member gives the seed's log-probabilities; on ELM 0, ELM 0's.
+    let t = tokens(50, 5);
+    for (j, m) in [(2usize, &seed), (0, &models[0])] {
+        let got =
+            ensemble::score_forest(&g, &[(j, 1.0)], &t, Weighting::Posterior, 4, &cpu()).unwrap();
+        let alone = eval::token_logprobs(m, &t, 4, &cpu()).unwrap();
+        for (a, b) in got.iter().zip(&alone) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+    // A forest that already has a member named "seed" is refused rather than shadowed.
+    let mut h = f.clone();
+    add_random_elm(&mut h, dir.path(), "seed", vec![], &models[1]);
+    assert!(matches!(h.with_seed_member(), Err(Error::DuplicateElm(_))));
 }
 
 #[test]

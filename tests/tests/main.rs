@@ -328,9 +328,13 @@ fn demo_network_trains_verifies_and_the_ensemble_beats_the_seed() {
         );
         assert!(v["claimed_ppl"].as_f64().unwrap() < v["seed_ppl"].as_f64().unwrap());
     }
+    // The report scores the forest's 3 domains and the corpus's 4 evaluation-only ones.
     let rows = r["report"]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
-    for row in rows {
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    let (own, unseen): (Vec<&Value>, Vec<&Value>) =
+        rows.iter().partition(|row| !row["own_elm"].is_null());
+    assert_eq!(own.len(), 3);
+    for row in own {
         let seed = row["seed"].as_f64().unwrap();
         let ens = row["ensemble"].as_f64().unwrap();
         assert!(
@@ -338,6 +342,23 @@ fn demo_network_trains_verifies_and_the_ensemble_beats_the_seed() {
             "ensemble {ens} not below the seed {seed} on {}",
             row["domain"]
         );
+    }
+    let mut names: Vec<&str> = unseen
+        .iter()
+        .map(|r| r["domain"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["bible_web", "dict_foldoc", "licenses", "rust_code"]);
+    for row in rows {
+        for k in [
+            "seed",
+            "ensemble",
+            "ensemble_with_seed",
+            "average_posterior",
+        ] {
+            let v = row[k].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 1.0, "{k} on {}: {v}", row["domain"]);
+        }
     }
     assert!(demo.join("forest/report.png").exists());
 }

@@ -46,6 +46,11 @@ pub enum Error {
     /// An operation that needs ELMs on an empty forest (or an empty selection).
     #[error("no ELMs to {0}")]
     Empty(&'static str),
+    /// An operation that needs the forest's seed on a forest without one.
+    #[error(
+        "the forest has no seed LM (to {0}); create it with one (`forest create --seed`) or fetch it from a network"
+    )]
+    NoSeed(&'static str),
     /// Mixture or averaging weights that are not a usable distribution.
     #[error("bad weights: {0}")]
     BadWeights(String),

@@ -16,6 +16,9 @@ use crate::config::GptConfig;
 use crate::gpt::Gpt;
 use crate::{content_id, fsutil, weights};
 
+/// The member name of the seed in [`Forest::with_seed_member`].
+pub const SEED_MEMBER: &str = "seed";
+
 /// The `format` field of a manifest.
 pub const FORMAT: &str = "btm-forest/1";
 pub use crate::files::MANIFEST_FILE;
@@ -239,6 +242,29 @@ impl Forest {
         } else {
             self.dir.join(p)
         }
+    }
+
+    /// This forest with its seed as one more member, named [`SEED_MEMBER`] and last, so that
+    /// ensembles and averages weigh the seed by the same domain posterior as the ELMs (as
+    /// FlexOlmo keeps its public model among its experts). In memory only; nothing is written.
+    pub fn with_seed_member(&self) -> Result<Forest, Error> {
+        let seed = self
+            .seed
+            .clone()
+            .ok_or(Error::NoSeed("ensemble it with its ELMs"))?;
+        if self.elms.iter().any(|e| e.name == SEED_MEMBER) {
+            return Err(Error::DuplicateElm(SEED_MEMBER.to_string()));
+        }
+        let mut f = self.clone();
+        f.elms.push(ForestElm {
+            name: SEED_MEMBER.to_string(),
+            domains: Vec::new(),
+            weights: seed,
+            init: InitKind::Random,
+            parents: Vec::new(),
+            train: None,
+        });
+        Ok(f)
     }
 
     /// Names of the members.

@@ -47,10 +47,18 @@ pub struct ReportRow {
     pub own_elm: Option<f64>,
     /// The ensemble under the domain's cached prior.
     pub ensemble: f64,
+    /// The ensemble of the ELMs and the seed under the domain's cached prior over all of them
+    /// ([`Forest::with_seed_member`]).
+    #[serde(default = "nan")]
+    pub ensemble_with_seed: f64,
     /// The parameter average weighted by the domain's cached prior.
     pub average_posterior: f64,
     /// The uniform parameter average.
     pub average_uniform: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// A whole report: one row per domain.
@@ -66,27 +74,27 @@ pub struct ForestReport {
     pub rows: Vec<ReportRow>,
 }
 
-/// The scorings a report makes, for a progress bar: per domain, the ensemble, every ELM, the
-/// seed and the two averages.
+/// The scorings a report makes, for a progress bar: per domain, the ensemble, the ensemble
+/// with the seed, every ELM, the seed and the two averages.
 pub fn scorings(forest: &Forest, domains: usize) -> u64 {
-    (domains * (forest.elms.len() + 4)) as u64
+    (domains * (forest.elms.len() + 5)) as u64
 }
 
 impl ForestReport {
-    /// Scores the forest on `cfg.domains` of `corpus`. `progress` hears the name of each scoring
-    /// before it starts (as many as [`scorings`]).
+    /// Scores the forest on `cfg.domains`, each read from the first of `corpora` that holds
+    /// its split. `progress` hears the name of each scoring before it starts (as many as
+    /// [`scorings`]).
     pub fn measure(
         forest: &Forest,
         tok: &Tokenizer,
-        corpus: &Corpus,
+        corpora: &[Corpus],
         cfg: &ReportConfig,
         device: &Device,
         mut progress: impl FnMut(String),
     ) -> Result<ForestReport, Error> {
-        let seed = forest.seed.as_ref().ok_or(Error::Empty(
-            "report on without a seed (the forest has none)",
-        ))?;
+        let seed = forest.seed.as_ref().ok_or(Error::NoSeed("report on"))?;
         let seed_model = weights::load(&forest.resolve(seed), Some(&forest.architecture), device)?;
+        let with_seed = forest.with_seed_member()?;
         let elm_models = (0..forest.elms.len())
             .map(|i| forest.load_elm(i, device))
             .collect::<Result<Vec<_>, _>>()?;
@@ -102,6 +110,13 @@ impl ForestReport {
         let n_ctx = forest.architecture.n_ctx;
         let mut rows = Vec::new();
         for d in &cfg.domains {
+            let corpus = corpora
+                .iter()
+                .find(|c| c.path(d, cfg.split).is_ok() && c.path(d, Split::Valid).is_ok())
+                .or(corpora.first())
+                .ok_or(Error::Model(crate::Error::Config(
+                    "a report needs a corpus".into(),
+                )))?;
             let docs = corpus.documents(d, cfg.split)?;
             let (mut test, _) = data::tokenize_documents(tok, &docs, Some(cfg.max_tokens * 8))?;
             test.truncate(cfg.max_tokens + 1);
@@ -117,6 +132,18 @@ impl ForestReport {
                 Ensemble::from_forest(forest, Some(&prior), None, Weighting::Posterior, device)?;
             progress(format!("{d}: ensemble"));
             let ensemble_ppl = ens.evaluate(None, &test, BATCH)?.perplexity;
+            drop(ens);
+            let prior_s = ensemble::cached_prior(&with_seed, &dev, &prior_cfg, BATCH, device)?;
+            let (ens, _) = Ensemble::from_forest(
+                &with_seed,
+                Some(&prior_s),
+                None,
+                Weighting::Posterior,
+                device,
+            )?;
+            progress(format!("{d}: ensemble with the seed"));
+            let ensemble_with_seed = ens.evaluate(None, &test, BATCH)?.perplexity;
+            drop(ens);
             let post = average(&prior)?;
             let mut elms = BTreeMap::new();
             let mut own = None;
@@ -140,6 +167,7 @@ impl ForestReport {
                 elms,
                 own_elm: own,
                 ensemble: ensemble_ppl,
+                ensemble_with_seed,
                 average_posterior,
                 average_uniform,
             });
@@ -161,11 +189,11 @@ impl ForestReport {
         for e in &self.elms {
             s.push_str(&format!(" ELM {e} |"));
         }
-        s.push_str(" ensemble | avg (posterior) | avg (uniform) |\n|---|---:|");
+        s.push_str(" ensemble | ensemble + seed | avg (posterior) | avg (uniform) |\n|---|---:|");
         for _ in &self.elms {
             s.push_str("---:|");
         }
-        s.push_str("---:|---:|---:|\n");
+        s.push_str("---:|---:|---:|---:|\n");
         for row in &self.rows {
             let mut vals = vec![row.seed];
             vals.extend(
@@ -173,7 +201,12 @@ impl ForestReport {
                     .iter()
                     .map(|e| row.elms.get(e).copied().unwrap_or(f64::NAN)),
             );
-            vals.extend([row.ensemble, row.average_posterior, row.average_uniform]);
+            vals.extend([
+                row.ensemble,
+                row.ensemble_with_seed,
+                row.average_posterior,
+                row.average_uniform,
+            ]);
             let best = vals
                 .iter()
                 .copied()
@@ -188,6 +221,32 @@ impl ForestReport {
                 }
             }
             s.push('\n');
+        }
+        for (what, own) in [
+            ("the forest's domains", true),
+            ("domains no ELM trained on", false),
+        ] {
+            let rows: Vec<&ReportRow> = self
+                .rows
+                .iter()
+                .filter(|r| r.own_elm.is_some() == own)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mean = |f: fn(&ReportRow) -> f64| {
+                rows.iter().map(|r| f(r)).sum::<f64>() / rows.len() as f64
+            };
+            s.push_str(&format!(
+                "\nMean over {what} ({}): seed {:.2}, ensemble {:.2} ({:.2}x the seed), ensemble + seed {:.2} ({:.2}x), avg (posterior) {:.2}.\n",
+                rows.len(),
+                mean(|r| r.seed),
+                mean(|r| r.ensemble),
+                mean(|r| r.ensemble) / mean(|r| r.seed),
+                mean(|r| r.ensemble_with_seed),
+                mean(|r| r.ensemble_with_seed) / mean(|r| r.seed),
+                mean(|r| r.average_posterior),
+            ));
         }
         s
     }

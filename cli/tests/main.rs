@@ -188,3 +188,93 @@ fn missing_file_is_reported_once() {
     );
     assert!(err.contains("forest create"), "no advice: {err}");
 }
+
+/// `experiment --seeds 2` runs two seeds, writes the summary with each finding's verdict, skips
+/// finished seeds when run again, and `experiment-plot` draws the finished runs.
+#[test]
+fn experiment_with_seeds_summarises_and_plots() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let out = home.path().join("exp");
+    let out_s = out.to_str().expect("UTF-8 temp path");
+    let args = [
+        "experiment",
+        "--quick",
+        "--steps",
+        "16",
+        "--eval-tokens",
+        "256",
+        "--prior-blocks",
+        "2",
+        "--no-baselines",
+        "--seeds",
+        "2",
+        "--out",
+        out_s,
+    ];
+    let o = isolated(&exe(), home.path())
+        .args(args)
+        .output()
+        .expect("run btm-node experiment");
+    assert!(o.status.success(), "{}", text(&o));
+    for f in [
+        "seed0/results.json",
+        "seed1/results.json",
+        "summary.json",
+        "summary.md",
+    ] {
+        assert!(out.join(f).exists(), "no {f}: {}", text(&o));
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["seeds"], serde_json::json!([0, 1]));
+    let finding = summary["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["better"] == "btm_ensemble" && f["worse"] == "dense" && f["side"] == "in_domain"
+        })
+        .expect("the first finding");
+    assert_eq!(finding["diff_pct"]["n"], 2);
+    assert!(
+        ["reproduced", "contradicted", "inconclusive"]
+            .contains(&finding["verdict"].as_str().unwrap())
+    );
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        md.contains("ELMforest beats the compute-matched Transformer-LM"),
+        "{md}"
+    );
+
+    // Again: both seeds are found finished; nothing trains.
+    let again = isolated(&exe(), home.path())
+        .args(args)
+        .output()
+        .expect("rerun btm-node experiment");
+    assert!(again.status.success(), "{}", text(&again));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.matches("finished before").count(), 2, "{err}");
+    assert!(!err.contains("dense: 16 updates"), "{err}");
+
+    let png = home.path().join("plot.png");
+    let p = isolated(&exe(), home.path())
+        .args(["experiment-plot", "--x", "seed-share", "--out"])
+        .arg(&png)
+        .arg(&out)
+        .output()
+        .expect("run btm-node experiment-plot");
+    assert!(p.status.success(), "{}", text(&p));
+    assert!(String::from_utf8_lossy(&p.stdout).contains("| s=0.5 | btm_ensemble |"));
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+    // A directory with no finished run is an error that names it.
+    let empty = home.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = isolated(&exe(), home.path())
+        .args(["experiment-plot", "--out"])
+        .arg(&png)
+        .arg(&empty)
+        .output()
+        .expect("run btm-node experiment-plot");
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no finished experiment"));
+}

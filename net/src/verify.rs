@@ -255,8 +255,36 @@ impl Verifier {
         Ok(tokens)
     }
 
-    fn perplexity(&self, model: &Gpt, tokens: &[u32], block_size: u32) -> Result<f64, Failure> {
-        perplexity(model, tokens, block_size, self.batch, &self.device)
+    /// Perplexity on `windows` of `tokens`: one contiguous window is scored in blocks
+    /// ([`perplexity`]); spread windows each on its own.
+    fn windows_perplexity(
+        &self,
+        model: &Gpt,
+        tokens: &[u32],
+        windows: &[std::ops::Range<usize>],
+        block_size: u32,
+    ) -> Result<f64, Failure> {
+        if let [w] = windows {
+            return perplexity(
+                model,
+                &tokens[w.clone()],
+                block_size,
+                self.batch,
+                &self.device,
+            );
+        }
+        let mut nll = 0.0;
+        let mut n = 0usize;
+        for w in windows {
+            let lp = btm_model::eval::token_logprobs(model, &tokens[w.clone()], 1, &self.device)
+                .map_err(|e| Failure::Local(e.to_string()))?;
+            nll -= lp.iter().sum::<f64>();
+            n += lp.len();
+        }
+        if n == 0 {
+            return Err(Failure::Local("nothing to score".into()));
+        }
+        Ok((nll / n as f64).exp())
     }
 
     /// Acceptance's measurement (maintainers only): checks the weights as [`Verifier::measure`]
@@ -386,21 +414,23 @@ impl Verifier {
         valid_data: &[u8],
     ) -> Result<Measured, Failure> {
         let ev = domain.eval;
-        let tokens = self.eval_tokens(domain.valid, valid_data, ev.max_eval_tokens)?;
+        let all = self.eval_tokens(domain.valid, valid_data, u64::MAX)?;
+        let block = (ev.block_size as usize).clamp(1, self.config.n_ctx);
+        let windows = scored_windows(all.len(), block, ev.max_eval_tokens);
         let key = (domain.valid, ev.block_size, ev.max_eval_tokens);
         let seed_ppl = match self.seed_ppl.get(&key) {
             Some(p) => *p,
             None => {
-                let p = self.perplexity(&self.seed_model, &tokens, ev.block_size)?;
+                let p = self.windows_perplexity(&self.seed_model, &all, &windows, ev.block_size)?;
                 self.seed_ppl.insert(key, p);
                 p
             }
         };
-        let measured = self.perplexity(model, &tokens, ev.block_size)?;
+        let measured = self.windows_perplexity(model, &all, &windows, ev.block_size)?;
         Ok(Measured {
             ppl: measured,
             seed_ppl,
-            tokens: tokens.len() as u64 - 1,
+            tokens: windows.iter().map(|w| w.len() as u64 - 1).sum(),
         })
     }
 }
@@ -426,8 +456,37 @@ pub fn judge(claimed_milli: u64, tolerance_ppm: u32, m: &Measured) -> Result<(),
     Ok(())
 }
 
+/// The token ranges of a `valid` split of `n` tokens that the quality check scores: the whole
+/// split when it has at most `max_eval_tokens + 1` tokens (one range, scored in blocks);
+/// otherwise `max(1, max_eval_tokens / block)` windows of `block + 1` tokens spread evenly over
+/// it, the first at its start and the last at its end, so that the score represents the
+/// whole split and not its first few documents (specs/network.md, section 7).
+pub fn scored_windows(n: usize, block: usize, max_eval_tokens: u64) -> Vec<std::ops::Range<usize>> {
+    let block = block.max(1);
+    let max = usize::try_from(max_eval_tokens).unwrap_or(usize::MAX);
+    if n < 2 {
+        return Vec::new();
+    }
+    if n <= max.saturating_add(1) || n < block + 1 {
+        return vec![0..n];
+    }
+    let k = (max / block).max(1);
+    let last = n - block - 1;
+    (0..k)
+        .map(|i| {
+            let start = if k == 1 {
+                0
+            } else {
+                ((i as u128 * last as u128) / (k as u128 - 1)) as usize
+            };
+            start..start + block + 1
+        })
+        .collect()
+}
+
 /// Perplexity of `model` on `tokens` in non-overlapping blocks of `min(block_size, n_ctx)`
-/// predicted tokens. This is what trainers must report as `claimed_valid_ppl_milli`.
+/// predicted tokens. On the windows of [`scored_windows`], this is what trainers must report
+/// as `claimed_valid_ppl_milli`.
 pub fn perplexity(
     model: &Gpt,
     tokens: &[u32],
@@ -534,5 +593,24 @@ mod tests {
         ));
         let nan = Measured { ppl: f64::NAN, ..m };
         assert!(judge(100_000, 10_000, &nan).is_err());
+    }
+
+    #[test]
+    fn scored_windows_cover_a_short_split_whole_and_spread_over_a_long_one() {
+        // At most max + 1 tokens: the whole split, one range (scored in blocks).
+        assert_eq!(scored_windows(100, 16, 99), vec![0..100]);
+        assert_eq!(
+            scored_windows(1, 16, 99),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+        // Longer: max / block windows of block + 1 tokens from the start to the end.
+        let w = scored_windows(10_000, 16, 64);
+        assert_eq!(w.len(), 4);
+        assert_eq!(w[0], 0..17);
+        assert_eq!(w[3], 10_000 - 17..10_000);
+        assert!(w.iter().all(|r| r.len() == 17));
+        assert!(w.windows(2).all(|p| p[1].start > p[0].end));
+        // One window when max < block.
+        assert_eq!(scored_windows(10_000, 16, 8), vec![0..17]);
     }
 }

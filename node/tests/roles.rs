@@ -260,9 +260,10 @@ fn train_on(jsonl: &[u8], steps: u64) -> Vec<u8> {
 
 /// Issue 13, acceptance on withheld data: the maintainers carve a verification pool out of a
 /// domain's training data before any blob is made and commit to it in the registry. An ELM
-/// trained on the domain's (published) training data is accepted; one trained on the public
-/// `valid` split, which verifiers' quick checks use, and one that memorised it, are refused,
-/// though both look good on that split.
+/// trained on the domain's (published) training data is accepted; one trained on the windows
+/// of the public `valid` split that verifiers' quick checks score is refused though it looks
+/// better there, and so is one overfit to them; one trained on all of `valid` (more data of the
+/// domain, better on the withheld pool too) is accepted.
 #[test]
 fn acceptance_rests_on_data_the_trainer_never_had() {
     let f = fixture();
@@ -328,37 +329,58 @@ fn acceptance_rests_on_data_the_trainer_never_had() {
         );
         (m, verdict)
     };
-    // The cheaters train on what verifiers' public checks score: the start of `valid`.
-    let scored: String = btm_net::verify::parse_documents(&valid)
-        .expect("valid")
+    // The cheaters train on exactly what verifiers' public checks score: the windows of
+    // `valid` that `scored_windows` spreads over the split (public and deterministic).
+    let tok =
+        btm_model::tokenizer::Tokenizer::from_bytes(&seed_files.tokenizer).expect("tokenizer");
+    let docs = btm_net::verify::parse_documents(&valid).expect("valid");
+    let (tokens, _) = btm_model::data::tokenize_documents(&tok, &docs, None).expect("tokens");
+    let windows = btm_net::verify::scored_windows(tokens.len(), 32, 2048);
+    assert!(
+        windows.len() > 1,
+        "the fixture's valid split is longer than what is scored"
+    );
+    let scored: String = windows
+        .iter()
+        .map(|w| {
+            let text = tok.decode(&tokens[w.clone()]).expect("decode");
+            format!(
+                "{}\n",
+                serde_json::json!({"id": format!("w{}", w.start), "text": text})
+            )
+        })
+        .collect();
+    let whole: String = docs
         .iter()
         .map(|d| d.text.as_str())
         .collect::<Vec<_>>()
-        .join("\n")
-        .chars()
-        .take(10_000)
-        .collect();
-    let scored = format!("{}\n", serde_json::json!({"id": "scored", "text": scored}));
+        .join("\n");
+    let whole = format!("{}\n", serde_json::json!({"id": "valid", "text": whole}));
+    let memorised = train_on(whole.as_bytes(), 2000);
     let honest = train_on(&published, 400);
     let on_valid = train_on(scored.as_bytes(), 400);
-    let memorised = train_on(scored.as_bytes(), 2000);
+    let overfit = train_on(scored.as_bytes(), 1000);
     let (h, verdict) = check("honest", &honest, 1);
     assert!(verdict.is_ok(), "the honest ELM was refused: {verdict:?}");
     // Windows are sampled afresh: another sample, the same verdict.
     assert!(check("honest, other windows", &honest, 2).1.is_ok());
-    for (name, w) in [
-        ("trained on valid", &on_valid),
-        ("memorised valid", &memorised),
-    ] {
-        let (m, verdict) = check(name, w, 3);
-        // On the public split it looks better than the honest ELM...
-        assert!(m.public_ppl < h.public_ppl, "{name}: {m:?} vs {h:?}");
-        // ...and is refused on the withheld pool.
-        assert!(
-            matches!(verdict, Err(btm_net::verify::Failure::Memorised { .. })),
-            "{name} was not refused as memorised: {verdict:?}"
-        );
-    }
+    // Trained on what is scored: on the public split it looks better than the honest ELM...
+    let (m, verdict) = check("trained on the scored windows", &on_valid, 3);
+    assert!(m.public_ppl < h.public_ppl, "{m:?} vs {h:?}");
+    // ...and is refused on the withheld pool.
+    assert!(
+        matches!(verdict, Err(btm_net::verify::Failure::Memorised { .. })),
+        "not refused as memorised: {verdict:?}"
+    );
+    // Trained on them until it is good for nothing else: refused too.
+    let (_, verdict) = check("overfit to the scored windows", &overfit, 3);
+    assert!(verdict.is_err(), "the overfit ELM was accepted");
+    // Trained on the whole public split, which is more data of the domain: better on the
+    // withheld pool as well, so accepted. Acceptance judges what the ELM does on data its
+    // trainer never had, not which public data it used.
+    let (m, verdict) = check("trained on all of valid", &memorised, 3);
+    assert!(verdict.is_ok(), "{verdict:?}");
+    assert!(m.withheld_ppl < h.withheld_ppl, "{m:?} vs {h:?}");
     // A pool that does not match the registry's commitment is not used.
     assert!(
         v.measure_withheld(

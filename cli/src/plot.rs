@@ -231,7 +231,10 @@ pub fn plot_compare(
         xs.iter().copied().fold(f64::INFINITY, f64::min),
         xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     );
-    if !(xmax > xmin) {
+    if !xmin.is_finite() || !xmax.is_finite() || xmax <= xmin {
+        if !xmin.is_finite() || !xmax.is_finite() {
+            (xmin, xmax) = (0.0, 0.0);
+        }
         xmin -= 0.5;
         xmax += 0.5;
     }

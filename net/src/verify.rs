@@ -468,7 +468,7 @@ pub fn scored_windows(n: usize, block: usize, max_eval_tokens: u64) -> Vec<std::
         return Vec::new();
     }
     if n <= max.saturating_add(1) || n < block + 1 {
-        return vec![0..n];
+        return std::iter::once(0..n).collect();
     }
     let k = (max / block).max(1);
     let last = n - block - 1;
@@ -598,7 +598,10 @@ mod tests {
     #[test]
     fn scored_windows_cover_a_short_split_whole_and_spread_over_a_long_one() {
         // At most max + 1 tokens: the whole split, one range (scored in blocks).
-        assert_eq!(scored_windows(100, 16, 99), vec![0..100]);
+        assert_eq!(
+            scored_windows(100, 16, 99),
+            std::iter::once(0..100).collect::<Vec<_>>()
+        );
         assert_eq!(
             scored_windows(1, 16, 99),
             Vec::<std::ops::Range<usize>>::new()
@@ -611,6 +614,9 @@ mod tests {
         assert!(w.iter().all(|r| r.len() == 17));
         assert!(w.windows(2).all(|p| p[1].start > p[0].end));
         // One window when max < block.
-        assert_eq!(scored_windows(10_000, 16, 8), vec![0..17]);
+        assert_eq!(
+            scored_windows(10_000, 16, 8),
+            std::iter::once(0..17).collect::<Vec<_>>()
+        );
     }
 }

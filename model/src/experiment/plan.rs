@@ -198,7 +198,7 @@ impl Plan {
         let seed_steps = (cfg.seed_share * cfg.total_steps as f64).round() as u64;
         let (elm_steps, no_seed_elm_steps, elm_batch_size) = match cfg.protocol {
             Protocol::UpdateMatched => {
-                if cfg.batch_size % e as usize != 0 {
+                if !cfg.batch_size.is_multiple_of(e as usize) {
                     return Err(bad(format!(
                         "the update-matched protocol trains each of the {e} ELMs at 1/{e} of the dense batch: \
                          batch_size {} must be a multiple of {e} (whole blocks)",

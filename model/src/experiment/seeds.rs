@@ -279,6 +279,15 @@ pub fn verdict(d: &Stat) -> Verdict {
     }
 }
 
+impl Summary {
+    /// The finding of `better` against `worse` on `side`, when the summary has it.
+    pub fn finding(&self, better: &str, worse: &str, side: Side) -> Option<&Finding> {
+        self.findings
+            .iter()
+            .find(|f| f.better == better && f.worse == worse && f.side == side)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,14 +307,5 @@ mod tests {
         let s = Stat::of(&[1.0, 2.0, 3.0, 4.0]);
         assert!((s.mean - 2.5).abs() < 1e-12);
         assert!((s.sd - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
-    }
-}
-
-impl Summary {
-    /// The finding of `better` against `worse` on `side`, when the summary has it.
-    pub fn finding(&self, better: &str, worse: &str, side: Side) -> Option<&Finding> {
-        self.findings
-            .iter()
-            .find(|f| f.better == better && f.worse == worse && f.side == side)
     }
 }

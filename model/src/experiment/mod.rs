@@ -221,8 +221,8 @@ impl MemberScores {
 }
 
 /// Scores a set of members every way: ensembles (cached-prior posterior, top-k, previous-token,
-/// uniform) and parameter averages (cached-prior weighted, uniform). Returns the results and
-/// the cached priors of every domain.
+/// uniform) and parameter averages (cached-prior weighted, and uniform when `uniform_average`).
+/// Returns the results and the cached priors of every domain.
 #[allow(clippy::too_many_arguments)]
 fn forest_systems(
     prefix: &str,
@@ -232,6 +232,7 @@ fn forest_systems(
     data: &EvalData,
     cfg: &Config,
     top_ks: &[usize],
+    uniform_average: bool,
     tmp: &Path,
     device: &Device,
     say: &mut dyn FnMut(&str),
@@ -310,13 +311,15 @@ fn forest_systems(
             out.push(result(&format!("{prefix}_{k}"), flops, *models, r));
         }
     }
-    let m = average_model(&scores.files, &vec![1.0; e], arch, tmp, device)?;
-    out.push(result(
-        &format!("{prefix}_average_uniform"),
-        flops,
-        1,
-        &eval_model(&m, data, device)?,
-    ));
+    if uniform_average {
+        let m = average_model(&scores.files, &vec![1.0; e], arch, tmp, device)?;
+        out.push(result(
+            &format!("{prefix}_average_uniform"),
+            flops,
+            1,
+            &eval_model(&m, data, device)?,
+        ));
+    }
     Ok((out, priors))
 }
 
@@ -408,6 +411,18 @@ struct Part {
     data: Mixture,
     data_offset: u64,
     domains: Vec<String>,
+}
+
+impl Part {
+    /// One domain's stream alone, read from its start.
+    fn alone(s: &DomainStream, seed: u64) -> Result<Self, Error> {
+        Ok(Part {
+            name: s.domain.clone(),
+            data: mixture(vec![s.clone()], seed)?,
+            data_offset: 0,
+            domains: vec![s.domain.clone()],
+        })
+    }
 }
 
 /// Writes the seed of the update-matched protocol: `t`'s weights (`model.safetensors`) and
@@ -730,9 +745,34 @@ pub fn run(
         let base = if seed.is_some() { seed_flops } else { 0.0 };
         Ok((forest, base + flops))
     };
-    // Of the ablations' rows, the ensembles and the posterior-weighted average.
-    let headline =
-        |r: &SystemResult| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior");
+    // An ablation: trains its forest and keeps, of its rows, the ensemble and the
+    // posterior-weighted average (the uniform average is not computed).
+    let ablation = |name: &str,
+                    from_seed: bool,
+                    parts: &[Part],
+                    say: &mut dyn FnMut(&str),
+                    on_step: &mut dyn FnMut(&str, &StepStats)|
+     -> Result<Vec<SystemResult>, Error> {
+        let (f, flops) = train_forest(name, from_seed, parts, say, on_step)?;
+        let scores = MemberScores::of_forest(&f, &data, device)?;
+        let (rs, _) = forest_systems(
+            name,
+            &scores,
+            &arch,
+            flops,
+            &data,
+            cfg,
+            &[cfg.top_k],
+            false,
+            &tmp,
+            device,
+            say,
+        )?;
+        Ok(rs
+            .into_iter()
+            .filter(|r| r.name.ends_with("_ensemble") || r.name.ends_with("average_posterior"))
+            .collect())
+    };
 
     // BTM: one ELM per training domain, branched from the seed, trained on its domain alone
     // (update-matched: reading on from where the seed left it).
@@ -748,12 +788,7 @@ pub fn run(
                     domains: vec![s.domain.clone()],
                 }
             } else {
-                Part {
-                    name: s.domain.clone(),
-                    data: mixture(vec![s.clone()], cfg.seed)?,
-                    data_offset: 0,
-                    domains: vec![s.domain.clone()],
-                }
+                Part::alone(s, cfg.seed)?
             })
         })
         .collect::<Result<Vec<Part>, Error>>()?;
@@ -770,7 +805,7 @@ pub fn run(
     top_ks.sort_unstable();
     top_ks.dedup();
     let (mut rs, priors) = forest_systems(
-        "btm", &scores, &arch, btm_flops, &data, cfg, &top_ks, &tmp, device, say,
+        "btm", &scores, &arch, btm_flops, &data, cfg, &top_ks, true, &tmp, device, say,
     )?;
     if let Some(r) = rs.first() {
         curves.push(CurvePoint {
@@ -807,6 +842,7 @@ pub fn run(
             &data,
             cfg,
             &[cfg.top_k],
+            true,
             &tmp,
             device,
             say,
@@ -837,49 +873,14 @@ pub fn run(
                 })
             })
             .collect::<Result<Vec<Part>, Error>>()?;
-        let (f, flops) = train_forest("random_split", true, &parts, say, on_step)?;
-        let scores = MemberScores::of_forest(&f, &data, device)?;
-        let (rs, _) = forest_systems(
-            "random_split",
-            &scores,
-            &arch,
-            flops,
-            &data,
-            cfg,
-            &[cfg.top_k],
-            &tmp,
-            device,
-            say,
-        )?;
-        systems.extend(rs.into_iter().filter(headline));
+        systems.extend(ablation("random_split", true, &parts, say, on_step)?);
     }
     if cfg.no_seed && plan.seed_steps > 0 {
         let parts = streams
             .iter()
-            .map(|s| {
-                Ok(Part {
-                    name: s.domain.clone(),
-                    data: mixture(vec![s.clone()], cfg.seed)?,
-                    data_offset: 0,
-                    domains: vec![s.domain.clone()],
-                })
-            })
+            .map(|s| Part::alone(s, cfg.seed))
             .collect::<Result<Vec<Part>, Error>>()?;
-        let (f, flops) = train_forest("no_seed", false, &parts, say, on_step)?;
-        let scores = MemberScores::of_forest(&f, &data, device)?;
-        let (rs, _) = forest_systems(
-            "no_seed",
-            &scores,
-            &arch,
-            flops,
-            &data,
-            cfg,
-            &[cfg.top_k],
-            &tmp,
-            device,
-            say,
-        )?;
-        systems.extend(rs.into_iter().filter(headline));
+        systems.extend(ablation("no_seed", false, &parts, say, on_step)?);
     }
     if cfg.demix
         && let Some(r) = demix_row::system(
